@@ -1,0 +1,170 @@
+"""Image datasets: Fashion-MNIST from IDX files, and ImageFolder trees (the ImageNet layout).
+
+Every dataset exposes the same small contract (`ImageDataset`): stable string ids per sample,
+integer targets, raw bytes per sample (for content hashes), and `(image, target)` items already
+transformed for a given model. Labels are only used for stratified sampling and evaluation;
+healing never sees them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from starfish.errors import StarfishError
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+DATASET_KINDS = ("fashion-mnist", "imagefolder")
+
+
+class ImageDataset(Protocol):
+    ids: list[str]
+    targets: list[int]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...
+
+    def sample_bytes(self, index: int) -> bytes: ...
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    """Parse an IDX file (optionally gzipped) into a uint8 tensor."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError) as exc:
+        raise StarfishError(f"cannot read IDX file {path}: {exc}; re-install the dataset") from exc
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise StarfishError(f"{path} is not an unsigned-byte IDX file; check the dataset root")
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    expected = 4 + 4 * ndim + int(torch.tensor(shape).prod())
+    if len(data) != expected:
+        raise StarfishError(f"{path} is truncated ({len(data)} of {expected} bytes); re-install the dataset")
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8).reshape(shape)
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for candidate in (root / stem, root / f"{stem}.gz"):
+        if candidate.exists():
+            return candidate
+    raise StarfishError(
+        f"Fashion-MNIST file {stem}[.gz] not found under {root}; "
+        "install it with `apt-get install dataset-fashion-mnist` or set data.root"
+    )
+
+
+class TensorTransform:
+    """Model-ready tensors from uint8 grayscale images: resize, channel count, normalization."""
+
+    def __init__(self, input_size: Sequence[int], mean: Sequence[float], std: Sequence[float]):
+        self.channels, self.height, self.width = (int(v) for v in input_size)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """`images`: uint8 (N, H, W) -> float (N, C, H', W')."""
+        x = images.unsqueeze(1).float().div_(255.0)
+        if x.shape[-2:] != (self.height, self.width):
+            x = F.interpolate(x, size=(self.height, self.width), mode="bilinear", align_corners=False)
+        x = x.expand(-1, self.channels, -1, -1)
+        return (x - self.mean) / self.std
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST read from the IDX files Debian's `dataset-fashion-mnist` installs."""
+
+    def __init__(self, root: str | Path, split: str, transform: TensorTransform):
+        if split not in FASHION_MNIST_FILES:
+            raise StarfishError(f"unknown split {split!r}; use one of {sorted(FASHION_MNIST_FILES)}")
+        root = Path(root)
+        if not root.is_dir():
+            raise StarfishError(
+                f"dataset root {root} does not exist; install Fashion-MNIST with "
+                "`apt-get install dataset-fashion-mnist` or set data.root"
+            )
+        image_stem, label_stem = FASHION_MNIST_FILES[split]
+        self.images = _read_idx(_find_idx(root, image_stem))
+        labels = _read_idx(_find_idx(root, label_stem))
+        if labels.shape[0] != self.images.shape[0]:
+            raise StarfishError(f"{root}: {self.images.shape[0]} images but {labels.shape[0]} labels")
+        self.targets = labels.long().tolist()
+        self.ids = [f"{split}/{i:05d}" for i in range(len(self.targets))]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[index : index + 1])[0], self.targets[index]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """Batched fetch: one vectorized transform per batch instead of one per image."""
+        batch = self.transform(self.images[indices])
+        return [(batch[j], self.targets[i]) for j, i in enumerate(indices)]
+
+    def sample_bytes(self, index: int) -> bytes:
+        return self.images[index].numpy().tobytes()
+
+
+class ImageFolderDataset(Dataset):
+    """An ImageFolder tree (`root/<split>/<class>/<image>`), transformed with timm's eval transform."""
+
+    def __init__(self, root: str | Path, split: str, transform: Callable):
+        from torchvision.datasets import ImageFolder
+
+        split_root = Path(root) / split
+        if not split_root.is_dir():
+            raise StarfishError(
+                f"ImageFolder split {split_root} does not exist; expected root/{split}/<class>/<image> "
+                "(the ImageNet layout)"
+            )
+        try:
+            self.folder = ImageFolder(str(split_root), transform=transform)
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise StarfishError(f"cannot read ImageFolder {split_root}: {exc}") from exc
+        self.ids = [str(Path(path).relative_to(split_root)) for path, _ in self.folder.samples]
+        self.targets = [int(t) for t in self.folder.targets]
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.folder[index]
+
+    def sample_bytes(self, index: int) -> bytes:
+        return Path(self.folder.samples[index][0]).read_bytes()
+
+
+def load_dataset(kind: str, root: str | Path, split: str, model: torch.nn.Module) -> ImageDataset:
+    """Open `split` of a dataset, with items transformed for `model`'s input contract."""
+    from timm.data import create_transform, resolve_data_config
+
+    data_config = resolve_data_config({}, model=model)
+    if kind == "fashion-mnist":
+        transform = TensorTransform(data_config["input_size"], data_config["mean"], data_config["std"])
+        return FashionMNIST(root, split, transform)
+    if kind == "imagefolder":
+        return ImageFolderDataset(root, split, create_transform(**data_config, is_training=False))
+    raise StarfishError(f"unknown dataset kind {kind!r}; use one of {list(DATASET_KINDS)}")
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, indices: Sequence[int] | None = None,
+                shuffle: bool = False, seed: int = 0) -> DataLoader:
+    """A deterministic DataLoader over `dataset` (or the subset at `indices`)."""
+    data = dataset if indices is None else Subset(dataset, list(indices))
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
+

@@ -1,0 +1,153 @@
+"""Models: timm names, local checkpoints, and starfish checkpoints that carry their masks.
+
+Every model is a timm model, created by name through timm's registry; the demo ViT for
+Fashion-MNIST is registered there too, so it honours the same contract (`blocks.{i}`,
+`pretrained_cfg` with its input size and normalization).
+
+A starfish checkpoint is one `.safetensors` file: the model's state under its own keys, the
+pruning masks under `masks/<parameter name>`, and the model name in the file's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+
+from starfish.errors import StarfishError
+from starfish.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL = "starfish_vit_fmnist"
+DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "data" / "demo" / "starfish_vit_fmnist.safetensors"
+MASK_PREFIX = "masks/"
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
+
+Masks = dict[str, torch.Tensor]
+
+
+@register_model
+def starfish_vit_fmnist(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """A 4-block ViT (dim 64, 4 heads, 4x4 patches) for 28x28 grayscale Fashion-MNIST."""
+    if pretrained:
+        raise StarfishError(f"{DEMO_MODEL} has no hub weights; pass checkpoint={DEMO_CHECKPOINT}")
+    for hub_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(hub_only, None)
+    options = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4,
+                   num_heads=4, mlp_ratio=4.0)
+    options.update(kwargs)
+    model = VisionTransformer(**options)
+    model.pretrained_cfg = {
+        "architecture": DEMO_MODEL,
+        "input_size": (options["in_chans"], options["img_size"], options["img_size"]),
+        "mean": FASHION_MNIST_MEAN,
+        "std": FASHION_MNIST_STD,
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "num_classes": options["num_classes"],
+    }
+    return model
+
+
+def create_model(name: str, checkpoint: str | Path | None = None, pretrained: bool = False,
+                 num_classes: int | None = None) -> torch.nn.Module:
+    """Build timm model `name`, with weights from `checkpoint` or (online only) the hub, in eval mode."""
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise StarfishError(f"unknown model {name!r}{hint}; use a timm model name or {DEMO_MODEL!r}")
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **kwargs)
+    except StarfishError:
+        raise
+    except Exception as exc:  # hub download failures surface as many types
+        raise StarfishError(f"cannot create {name!r}: {exc}; pass a local checkpoint instead") from exc
+    if checkpoint is not None:
+        state, _, _ = read_checkpoint(checkpoint)
+        load_state_(model, state, source=str(checkpoint))
+    return model.eval()
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Masks, dict[str, str]]:
+    """Read a checkpoint: (model state, masks, metadata). Clear errors for missing or damaged files."""
+    path = Path(path)
+    if not path.is_file():
+        raise StarfishError(f"checkpoint {path} does not exist; check the path")
+    if path.suffix == ".safetensors":
+        try:
+            tensors = load_file(str(path))
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise StarfishError(f"checkpoint {path} is damaged or truncated ({exc}); write it again") from exc
+    elif path.suffix in (".pth", ".pt", ".bin"):
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated zip, pickle errors, disallowed globals
+            raise StarfishError(f"checkpoint {path} is damaged, truncated or unsafe ({exc})") from exc
+        for key in ("state_dict", "model"):
+            if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+                loaded = loaded[key]
+        if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+            raise StarfishError(f"checkpoint {path} does not hold a state dict of tensors")
+        tensors, metadata = dict(loaded), {}
+    else:
+        raise StarfishError(f"checkpoint {path}: unsupported suffix {path.suffix!r}; use .safetensors or .pth")
+    masks = {k[len(MASK_PREFIX):]: v.bool() for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
+    state = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
+    return state, masks, metadata
+
+
+def load_state_(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> torch.nn.Module:
+    """Load `state` strictly; a mismatch names the keys and shapes that differ."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+             for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
+            if items:
+                parts.append(f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}")
+        raise StarfishError(f"checkpoint {source} does not match the model ({'; '.join(parts)}); "
+                            "pass the model name the checkpoint was trained as")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, model_name: str, masks: Masks | None = None,
+                    metadata: dict[str, Any] | None = None) -> None:
+    """Write model state (+ masks) to one `.safetensors` file, atomically."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    for name, mask in (masks or {}).items():
+        tensors[MASK_PREFIX + name] = mask.detach().bool().contiguous().cpu()
+    meta = {"model": model_name, "num_classes": str(getattr(model, "num_classes", "")),
+            **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_checkpoint(path: str | Path, model_name: str | None = None) -> tuple[torch.nn.Module, Masks, str]:
+    """Rebuild a model from a starfish checkpoint: (model, masks, model name)."""
+    state, masks, metadata = read_checkpoint(path)
+    name = model_name or metadata.get("model")
+    if not name:
+        raise StarfishError(f"checkpoint {path} does not name its model; pass the model name")
+    num_classes = int(metadata["num_classes"]) if metadata.get("num_classes", "").isdigit() else None
+    model = create_model(name, num_classes=num_classes)
+    load_state_(model, state, source=str(path))
+    return model.eval(), masks, name

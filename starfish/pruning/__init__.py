@@ -1,0 +1,15 @@
+"""Pruning: pure mask functions (`masks`) and the registered pruners that apply them (`pruners`)."""
+
+from starfish.pruning.pruners import (
+    PRUNERS,
+    Pruner,
+    default_scope,
+    nm_pattern_for,
+    prune,
+    register_pruner,
+    scope_weights,
+    sparsify_,
+)
+
+__all__ = ["PRUNERS", "Pruner", "default_scope", "nm_pattern_for", "prune", "register_pruner",
+           "scope_weights", "sparsify_"]

@@ -1,0 +1,82 @@
+"""Pure mask functions: tensors in, boolean keep-masks out (True = weight kept).
+
+Every function prunes an exact count: `round(sparsity * n)` entries of each group it ranks
+(the whole tensor, each output row, or each block of M inputs). Ties are broken by position,
+so the same scores always give the same mask. Weights of any rank are ranked as
+(out_features, everything else), which is how both Linear and Conv weights are laid out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from starfish.errors import StarfishError
+
+
+def check_sparsity(sparsity: float) -> None:
+    if not 0.0 <= sparsity < 1.0:
+        raise StarfishError(f"prune.sparsity={sparsity} must be in [0, 1); e.g. 0.5 prunes half the weights")
+
+
+def _prune_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Keep-mask over a 2-D score tensor pruning the `count` lowest entries of each row."""
+    order = torch.argsort(scores, dim=-1, stable=True)
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    keep.scatter_(-1, order[..., :count], False)
+    return keep
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Prune the smallest-|w| entries of the whole tensor."""
+    check_sparsity(sparsity)
+    flat = weight.detach().abs().reshape(1, -1)
+    return _prune_lowest(flat, round(sparsity * flat.numel())).reshape(weight.shape)
+
+
+def global_magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """Prune the smallest-|w| entries over all tensors together: one threshold, per-layer rates vary."""
+    check_sparsity(sparsity)
+    flat = torch.cat([w.detach().abs().reshape(-1) for w in weights.values()]).reshape(1, -1)
+    keep = _prune_lowest(flat, round(sparsity * flat.numel())).reshape(-1)
+    masks, start = {}, 0
+    for name, weight in weights.items():
+        masks[name] = keep[start : start + weight.numel()].reshape(weight.shape)
+        start += weight.numel()
+    return masks
+
+
+def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
+    """Wanda's importance |W_ij| * ||x_j||_2, as (out, in) even for conv weights."""
+    rows = weight.detach().reshape(weight.shape[0], -1).abs()
+    if input_norm.numel() != rows.shape[1]:
+        raise StarfishError(f"wanda: {input_norm.numel()} input norms for {rows.shape[1]} weight columns")
+    return rows * input_norm.reshape(1, -1)
+
+
+def row_mask(scores: torch.Tensor, sparsity: float, shape: torch.Size) -> torch.Tensor:
+    """Prune the same count of lowest scores in every output row (Wanda's comparison group)."""
+    check_sparsity(sparsity)
+    rows = scores.reshape(shape[0], -1)
+    return _prune_lowest(rows, round(sparsity * rows.shape[1])).reshape(shape)
+
+
+def parse_nm(pattern: str) -> tuple[int, int]:
+    """'2:4' -> (2, 4): keep N of every M consecutive inputs."""
+    try:
+        n, m = (int(part) for part in pattern.split(":"))
+    except ValueError:
+        raise StarfishError(f"prune.nm={pattern!r} is not N:M (e.g. 2:4)") from None
+    if not 0 < n < m:
+        raise StarfishError(f"prune.nm={pattern!r} needs 0 < N < M (keep N of every M weights), e.g. 2:4")
+    return n, m
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the N highest of every M consecutive inputs of each output row (semi-structured N:M)."""
+    if not 0 < n < m:
+        raise StarfishError(f"N:M pruning needs 0 < N < M, got {n}:{m}")
+    rows = scores.detach().reshape(scores.shape[0], -1)
+    if rows.shape[1] % m:
+        raise StarfishError(f"N:M pruning needs the input size {rows.shape[1]} to be a multiple of M={m}")
+    groups = rows.reshape(-1, m)
+    return _prune_lowest(groups, m - n).reshape(scores.shape)

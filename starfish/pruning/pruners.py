@@ -1,0 +1,168 @@
+"""Registered pruners: each turns a model, its scope and a target sparsity into keep-masks.
+
+A pruner never changes the model; `sparsify_` applies the masks. Scope is chosen by a
+`(module name, module) -> bool` predicate; the default keeps to the Linear layers inside the
+blocks (attn.qkv, attn.proj, mlp.fc1, mlp.fc2) and the convolutions inside CNN stages, never
+the patch embedding, the stem or the head.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from starfish.capture import ActivationCapture, block_names
+from starfish.errors import StarfishError
+from starfish.pruning import masks as M
+
+log = logging.getLogger(__name__)
+
+Masks = dict[str, torch.Tensor]
+ScopePredicate = Callable[[str, nn.Module], bool]
+TRANSFORMER_LEAVES = ("qkv", "proj", "fc1", "fc2")
+NM_GROUP_SIZES = (4, 8, 10, 16, 20)
+
+
+def default_scope(model: nn.Module) -> ScopePredicate:
+    """The predicate for `model`'s default scope: prunable layers inside its blocks."""
+    prefixes = tuple(f"{name}." for name in block_names(model))
+
+    def in_scope(name: str, module: nn.Module) -> bool:
+        if not name.startswith(prefixes):
+            return False
+        if isinstance(module, nn.Linear):
+            return name.rsplit(".", 1)[-1] in TRANSFORMER_LEAVES
+        return isinstance(module, nn.Conv2d) and module.groups == 1
+
+    return in_scope
+
+
+def scope_weights(model: nn.Module, predicate: ScopePredicate | None = None) -> dict[str, nn.Parameter]:
+    """`{parameter name: weight}` of every module the predicate selects, in forward order."""
+    predicate = predicate or default_scope(model)
+    weights = {f"{name}.weight": module.weight for name, module in model.named_modules()
+               if name and predicate(name, module) and isinstance(getattr(module, "weight", None), nn.Parameter)}
+    if not weights:
+        raise StarfishError(f"the pruning scope selects no layers of {type(model).__name__}")
+    return weights
+
+
+@torch.no_grad()
+def sparsify_(model: nn.Module, masks: Masks) -> nn.Module:
+    """Zero every weight whose mask is False, in place."""
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        params[name].mul_(mask.to(params[name].dtype))
+    return model
+
+
+class Pruner(Protocol):
+    def __call__(self, model: nn.Module, weights: dict[str, nn.Parameter], sparsity: float,
+                 images: torch.Tensor | None, *, nm: str, global_ranking: bool) -> Masks: ...
+
+
+PRUNERS: dict[str, Pruner] = {}
+
+
+def register_pruner(name: str) -> Callable[[Pruner], Pruner]:
+    def decorate(fn: Pruner) -> Pruner:
+        PRUNERS[name] = fn
+        return fn
+
+    return decorate
+
+
+def get_pruner(name: str) -> Pruner:
+    if name not in PRUNERS:
+        raise StarfishError(f"unknown pruner {name!r}; use one of {sorted(PRUNERS)}")
+    return PRUNERS[name]
+
+
+@register_pruner("magnitude")
+def magnitude(model: nn.Module, weights: dict[str, nn.Parameter], sparsity: float,
+              images: torch.Tensor | None, *, nm: str = "2:4", global_ranking: bool = False) -> Masks:
+    """Smallest |w| first, per layer (every layer at exactly `sparsity`) or globally over the scope."""
+    if global_ranking:
+        return M.global_magnitude_masks(dict(weights), sparsity)
+    return {name: M.magnitude_mask(weight, sparsity) for name, weight in weights.items()}
+
+
+class InputNormAccumulator:
+    """Running sum of squared inputs per input feature of each layer (Wanda's ||x_j||_2).
+
+    Linear inputs are (..., features); conv inputs (N, C, H, W) count per channel.
+    """
+
+    def __init__(self) -> None:
+        self.sq_sums: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        flat = x.movedim(1, -1).reshape(-1, x.shape[1]) if x.ndim == 4 else x.reshape(-1, x.shape[-1])
+        self.sq_sums[name] = self.sq_sums.get(name, 0) + flat.pow(2).sum(dim=0)
+
+    def norms(self, name: str) -> torch.Tensor:
+        return self.sq_sums[name].sqrt()
+
+
+@torch.no_grad()
+def input_norms(model: nn.Module, layer_names: list[str], images: torch.Tensor,
+                batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """||x_j||_2 over all calibration tokens of the inputs to each named layer."""
+    accumulator = InputNormAccumulator()
+    with ActivationCapture(model, layer_names, inputs=True, on_value=accumulator):
+        for start in range(0, images.shape[0], batch_size):
+            model(images[start : start + batch_size])
+    return {name: accumulator.norms(name) for name in layer_names}
+
+
+@register_pruner("wanda")
+def wanda(model: nn.Module, weights: dict[str, nn.Parameter], sparsity: float,
+          images: torch.Tensor | None, *, nm: str = "2:4", global_ranking: bool = False) -> Masks:
+    """Wanda: |W| * ||x|| ranked within each output row, norms from the calibration images.
+
+    For a conv weight (out, in, kh, kw) each input channel's norm covers its kh*kw columns.
+    """
+    if images is None:
+        raise StarfishError("wanda needs calibration images; pass a calibration manifest")
+    layers = [name.removesuffix(".weight") for name in weights]
+    norms = input_norms(model, layers, images)
+    masks = {}
+    for (name, weight), layer in zip(weights.items(), layers):
+        norm = norms[layer].repeat_interleave(weight[0, 0].numel()) if weight.ndim == 4 else norms[layer]
+        masks[name] = M.row_mask(M.wanda_scores(weight, norm), sparsity, weight.shape)
+    return masks
+
+
+@register_pruner("nm")
+def n_of_m(model: nn.Module, weights: dict[str, nn.Parameter], sparsity: float,
+           images: torch.Tensor | None, *, nm: str = "2:4", global_ranking: bool = False) -> Masks:
+    """Semi-structured N:M by magnitude; `sparsity` must equal 1 - N/M."""
+    n, m = M.parse_nm(nm)
+    if abs(sparsity - (1 - n / m)) > 1e-9:
+        raise StarfishError(f"prune.nm={nm} gives sparsity {1 - n / m:g}, not prune.sparsity={sparsity:g}; "
+                            f"set prune.sparsity={1 - n / m:g} or pick another N:M")
+    return {name: M.nm_mask(weight.detach().abs(), n, m) for name, weight in weights.items()}
+
+
+def nm_pattern_for(sparsity: float) -> str:
+    """The N:M pattern with the smallest group size in NM_GROUP_SIZES that gives `sparsity` exactly."""
+    for m in NM_GROUP_SIZES:
+        n = (1 - sparsity) * m
+        if abs(n - round(n)) < 1e-9 and 0 < round(n) < m:
+            return f"{round(n)}:{m}"
+    raise StarfishError(f"no N:M pattern with M in {NM_GROUP_SIZES} gives sparsity {sparsity:g}")
+
+
+def prune(model: nn.Module, method: str, sparsity: float, images: torch.Tensor | None = None,
+          predicate: ScopePredicate | None = None, nm: str = "2:4", global_ranking: bool = False) -> Masks:
+    """Masks for `model`'s scope from the registered pruner `method` (the model is not changed)."""
+    M.check_sparsity(sparsity)
+    pruner = get_pruner(method)
+    weights = scope_weights(model, predicate)
+    masks = pruner(model, weights, sparsity, images, nm=nm, global_ranking=global_ranking)
+    log.info("%s pruned %d layers to %.3f", method, len(masks), sparsity)
+    return masks

@@ -104,9 +104,12 @@ class HealConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = 500
+    max_samples: int | None = None  # evaluate on the first N test images (None: all)
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, f"evaluate.batch_size={self.batch_size} must be >= 1")
+        _require(self.max_samples is None or self.max_samples >= 1,
+                 f"evaluate.max_samples={self.max_samples} must be >= 1 or empty")
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,6 @@ def _coerce(where: str, annotation: str, value: Any) -> Any:
     return str(value)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(PipelineConfig)}
 _SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "calibration": CalibrationConfig,
                     "prune": PruneConfig, "heal": HealConfig, "evaluate": EvalConfig, "gate": GateConfig}
 

@@ -53,13 +53,13 @@ def check_masks_hold(model: torch.nn.Module, masks: Mapping[str, torch.Tensor]) 
 
 
 def compare(dense: torch.nn.Module, candidates: Mapping[str, torch.nn.Module],
-            dataset: ImageDataset) -> dict[str, float]:
+            dataset: ImageDataset, batch_size: int = 500) -> dict[str, float]:
     """Top-1 of dense and each candidate, each candidate's recovery (top-1 / dense) and agreement."""
-    dense_preds, targets = predict(dense, dataset, desc="evaluate dense")
+    dense_preds, targets = predict(dense, dataset, batch_size, desc="evaluate dense")
     dense_top1 = float((dense_preds == targets).float().mean())
     metrics = {"dense_top1": dense_top1}
     for label, model in candidates.items():
-        preds, _ = predict(model, dataset, desc=f"evaluate {label}")
+        preds, _ = predict(model, dataset, batch_size, desc=f"evaluate {label}")
         top1 = float((preds == targets).float().mean())
         metrics[f"{label}_top1"] = top1
         metrics[f"{label}_recovery"] = top1 / dense_top1 if dense_top1 > 0 else 0.0

@@ -1,0 +1,150 @@
+"""The `starfish` command line: one subcommand per pipeline step, plus train, bench and demo.
+
+Bad input exits with status 2 and one line on stderr naming the problem and the fix; nothing
+is written in that case, since every output is written atomically at the end of its step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from starfish.errors import StarfishError
+
+log = logging.getLogger("starfish")
+DEFAULT_PARAMS = "params.yaml"
+
+
+def _config(args: argparse.Namespace):
+    from starfish.config import load_config
+
+    params = args.params
+    if params is None and Path(DEFAULT_PARAMS).is_file():
+        params = DEFAULT_PARAMS
+    log.info("config: %s%s", params or "embedded defaults", f" with {args.set}" if args.set else "")
+    return load_config(params, args.set)
+
+
+def _print(result: dict) -> None:
+    print(json.dumps(result, indent=2, sort_keys=True, default=str))
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from starfish.steps import sample
+
+    _print(sample(_config(args), args.out))
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from starfish.steps import prune_step
+
+    _print(prune_step(_config(args), args.calibration, args.out))
+
+
+def cmd_heal(args: argparse.Namespace) -> None:
+    from starfish.steps import heal_step
+
+    _print(heal_step(_config(args), args.pruned, args.calibration, args.out))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from starfish.steps import evaluate_step
+
+    _print(evaluate_step(_config(args), args.pruned, args.healed, args.out))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from starfish.steps import evaluate_step, heal_step, prune_step, sample
+
+    cfg, out = _config(args), Path(args.out)
+    sample(cfg, out / "calibration.json")
+    prune_step(cfg, out / "calibration.json", out / "pruned.safetensors")
+    heal_step(cfg, out / "pruned.safetensors", out / "calibration.json", out / "healed.safetensors")
+    metrics = evaluate_step(cfg, out / "pruned.safetensors", out / "healed.safetensors", out / "metrics.json")
+    print(f"dense top-1 {metrics['dense_top1']:.4f} | pruned {metrics['pruned_top1']:.4f} | "
+          f"healed {metrics['healed_top1']:.4f} | recovery {metrics['recovery']:.4f} | "
+          f"sparsity {metrics['sparsity']:.4f} | heal {metrics['heal_seconds']:.1f}s -> {out}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from starfish.train import TrainConfig, train
+
+    cfg = TrainConfig(model=args.model, data_root=args.data_root, epochs=args.epochs, seed=args.seed)
+    _print(train(cfg, args.out))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from starfish.bench import BenchConfig, run_bench
+
+    bench_cfg = BenchConfig(sparsities=tuple(args.sparsities), pruners=tuple(args.pruners),
+                            healers=tuple(args.healers), eval_samples=args.eval_samples)
+    run_bench(_config(args), bench_cfg, args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="starfish", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def step(name: str, fn, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--params", help=f"params file (default: ./{DEFAULT_PARAMS} if present, else built-in)")
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                       help="override one parameter, e.g. --set prune.sparsity=0.75 (repeatable)")
+        p.set_defaults(fn=fn)
+        return p
+
+    p = step("sample", cmd_sample, "write the calibration split manifest")
+    p.add_argument("--out", required=True, help="manifest path (.json)")
+    p = step("prune", cmd_prune, "prune the dense model into a checkpoint with masks")
+    p.add_argument("--calibration", required=True, help="calibration manifest (wanda uses its images)")
+    p.add_argument("--out", required=True, help="pruned checkpoint path (.safetensors)")
+    p = step("heal", cmd_heal, "heal a pruned checkpoint on the calibration split")
+    p.add_argument("--pruned", required=True)
+    p.add_argument("--calibration", required=True)
+    p.add_argument("--out", required=True, help="healed checkpoint path (.safetensors)")
+    p = step("evaluate", cmd_evaluate, "top-1 of dense, pruned and healed; recovery and sparsity")
+    p.add_argument("--pruned", required=True)
+    p.add_argument("--healed", required=True)
+    p.add_argument("--out", required=True, help="metrics path (.json)")
+    p = step("demo", cmd_demo, "sample, prune, heal and evaluate the demo model in one go")
+    p.add_argument("--out", default="out/demo")
+    p = step("bench", cmd_bench, "every healer x pruner x sparsity side by side; table, CSV, JSON, plot")
+    p.add_argument("--out", default="results/bench")
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75, 0.9, 0.95])
+    p.add_argument("--pruners", nargs="+", default=["magnitude", "wanda", "nm"])
+    p.add_argument("--healers", nargs="+",
+                   default=["none", "bias-correction", "layerwise", "logit-kd", "starfish", "starfish+warm"])
+    p.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N test images only")
+
+    p = sub.add_parser("train", help="train a model from scratch on Fashion-MNIST (makes the demo checkpoint)")
+    p.add_argument("--model", default="starfish_vit_fmnist")
+    p.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.fn(args)
+    except StarfishError as exc:
+        print(f"starfish: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("starfish: interrupted; no partial outputs were written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The pipeline's steps as plain functions over files: sample, prune, heal, evaluate.
+
+The CLI, the DVC stages and the Prefect tasks all call these, so each step exists once. Every
+step reads its inputs by path, writes its output atomically with a `.meta.json` sidecar
+(config, input hashes, metrics), and returns a small dict of paths, hashes and numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Subset
+
+from starfish.calibration import build_manifest, resolve_manifest, write_manifest
+from starfish.config import PipelineConfig
+from starfish.datasets import ImageDataset, load_dataset
+from starfish.errors import StarfishError
+from starfish.evaluate import check_masks_hold, compare, measured_sparsity
+from starfish.healing import heal_
+from starfish.io import atomic_write_bytes, atomic_write_json, read_json, sha256_file, sidecar_path,
+                        write_sidecar
+from starfish.models import create_model, load_checkpoint, save_checkpoint
+from starfish.pruning import prune, sparsify_
+
+log = logging.getLogger(__name__)
+
+
+def dense_model(cfg: PipelineConfig) -> torch.nn.Module:
+    return create_model(cfg.model.name, checkpoint=cfg.model.checkpoint, pretrained=cfg.model.pretrained,
+                        num_classes=cfg.model.num_classes)
+
+
+def dataset(cfg: PipelineConfig, split: str, model: torch.nn.Module) -> ImageDataset:
+    return load_dataset(cfg.data.kind, cfg.data.root, split, model)
+
+
+def calibration_images(cfg: PipelineConfig, manifest: str | Path, model: torch.nn.Module) -> torch.Tensor:
+    """The manifest's images as one tensor, after checking they still match its content hash."""
+    train = dataset(cfg, "train", model)
+    indices = resolve_manifest(manifest, train)
+    return torch.stack([train[i][0] for i in indices])
+
+
+def _checkpoint_sha(cfg: PipelineConfig) -> str | None:
+    return sha256_file(cfg.model.checkpoint) if cfg.model.checkpoint else None
+
+
+def sample(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
+    """Write the calibration manifest (ids + content hash) for `cfg.calibration`."""
+    model = dense_model(cfg)
+    manifest = build_manifest(dataset(cfg, "train", model), cfg.data.kind, cfg.calibration.fraction,
+                              cfg.calibration.seed)
+    write_manifest(out, manifest)
+    write_sidecar(out, config={"data": asdict(cfg.data), "calibration": asdict(cfg.calibration)})
+    log.info("calibration split: %d of %d images, hash %s", manifest["num_samples"], manifest["num_source"],
+             manifest["content_sha256"][:12])
+    return {"path": str(out), "sha256": sha256_file(out), "split_hash": manifest["content_sha256"],
+            "num_samples": manifest["num_samples"]}
+
+
+def prune_step(cfg: PipelineConfig, manifest: str | Path, out: str | Path) -> dict[str, Any]:
+    """Prune the dense model; write the pruned weights and masks as one checkpoint."""
+    model = dense_model(cfg)
+    images = calibration_images(cfg, manifest, model) if cfg.prune.method == "wanda" else None
+    masks = prune(model, cfg.prune.method, cfg.prune.sparsity, images=images, nm=cfg.prune.nm,
+                  global_ranking=cfg.prune.global_ranking)
+    sparsify_(model, masks)
+    sparsity = measured_sparsity(model, list(masks))
+    save_checkpoint(out, model, cfg.model.name, masks=masks)
+    meta = write_sidecar(out, config={"model": asdict(cfg.model), "prune": asdict(cfg.prune)},
+                         inputs={"dense_sha256": _checkpoint_sha(cfg), "manifest_sha256": sha256_file(manifest)},
+                         sparsity=sparsity)
+    log.info("pruned %d layers, measured sparsity %.4f", len(masks), sparsity["total"])
+    return {"path": str(out), "sha256": meta["sha256"], "sparsity": sparsity["total"]}
+
+
+def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out: str | Path) -> dict[str, Any]:
+    """Heal the pruned checkpoint on the calibration split; write the healed checkpoint and loss curve."""
+    dense = dense_model(cfg)
+    model, masks, name = load_checkpoint(pruned)
+    if name != cfg.model.name:
+        raise StarfishError(f"pruned checkpoint {pruned} is a {name}, but model.name is {cfg.model.name}")
+    images = calibration_images(cfg, manifest, dense)
+    start = time.perf_counter()
+    report = heal_(model, dense, masks, images, cfg.heal)
+    seconds = time.perf_counter() - start
+    check_masks_hold(model, masks)
+    save_checkpoint(out, model, name, masks=masks)
+    curve = Path(out).with_name(Path(out).stem + "_loss.csv")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["epoch", "loss"])
+    writer.writerows((i + 1, f"{v:.6f}") for i, v in enumerate(report.get("epoch_losses", [])))
+    atomic_write_bytes(curve, buffer.getvalue().encode())
+    meta = write_sidecar(out, config={"heal": asdict(cfg.heal)},
+                         inputs={"pruned_sha256": sha256_file(pruned), "manifest_sha256": sha256_file(manifest)},
+                         heal_seconds=seconds, report=report)
+    log.info("healed with %s in %.1fs", cfg.heal.method, seconds)
+    return {"path": str(out), "sha256": meta["sha256"], "heal_seconds": seconds, "loss_curve": str(curve)}
+
+
+def evaluate_step(cfg: PipelineConfig, pruned: str | Path, healed: str | Path, out: str | Path) -> dict[str, Any]:
+    """Top-1 of dense, pruned and healed on the test split; recovery, agreement and sparsity checks."""
+    dense = dense_model(cfg)
+    pruned_model, masks, _ = load_checkpoint(pruned)
+    healed_model, healed_masks, _ = load_checkpoint(healed)
+    if set(healed_masks) != set(masks) or any(not torch.equal(masks[k], healed_masks[k]) for k in masks):
+        raise StarfishError(f"{healed} carries different masks than {pruned}; heal that pruned checkpoint again")
+    check_masks_hold(healed_model, masks)
+    test = dataset(cfg, "test", dense)
+    if cfg.evaluate.max_samples is not None:
+        test = Subset(test, range(min(cfg.evaluate.max_samples, len(test))))
+    metrics = compare(dense, {"pruned": pruned_model, "healed": healed_model}, test, cfg.evaluate.batch_size)
+    sparsity = measured_sparsity(healed_model, list(masks))["total"]
+    heal_meta = read_json(sidecar_path(healed)) if sidecar_path(healed).exists() else {}
+    metrics.update({
+        "recovery": metrics["healed_recovery"],
+        "sparsity": sparsity,
+        "sparsity_target": cfg.prune.sparsity,
+        "sparsity_drift": abs(sparsity - cfg.prune.sparsity),
+        "heal_seconds": heal_meta.get("heal_seconds", 0.0),
+    })
+    atomic_write_json(out, metrics)
+    write_sidecar(out, inputs={"pruned_sha256": sha256_file(pruned), "healed_sha256": sha256_file(healed)})
+    log.info("dense %.4f  pruned %.4f  healed %.4f  recovery %.4f", metrics["dense_top1"],
+             metrics["pruned_top1"], metrics["healed_top1"], metrics["recovery"])
+    return metrics

@@ -27,6 +27,7 @@ from starfish.config import HealConfig, PipelineConfig
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold, measured_sparsity, predict
 from starfish.healing import heal_
+from starfish.models import device_of
 from starfish.io import atomic_path, atomic_write_bytes, atomic_write_json
 from starfish.pruning import nm_pattern_for, prune, sparsify_
 from starfish.steps import dataset, dense_model
@@ -61,7 +62,7 @@ class BenchConfig:
 def plain_step_seconds(model: torch.nn.Module, images: torch.Tensor, batch_size: int, steps: int) -> float:
     """Wall time of `steps` plain forward+backward passes (sum of logits) over calibration batches."""
     model = copy.deepcopy(model).eval()
-    batches = [images[i : i + batch_size] for i in range(0, images.shape[0], batch_size)]
+    batches = [images[i : i + batch_size].to(device_of(model)) for i in range(0, images.shape[0], batch_size)]
     model(batches[0]).sum().backward()  # warm-up, untimed
     start = time.perf_counter()
     for step in range(steps):

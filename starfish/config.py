@@ -40,6 +40,12 @@ class ModelConfig:
     checkpoint: str | None = "data/demo/starfish_vit_fmnist.safetensors"
     pretrained: bool = False
     num_classes: int | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        from starfish.models import resolve_device
+
+        resolve_device(self.device)
 
 
 @dataclass(frozen=True)

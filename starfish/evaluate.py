@@ -9,6 +9,7 @@ from starfish.progress import progress
 
 from starfish.datasets import ImageDataset, make_loader
 from starfish.errors import StarfishError
+from starfish.models import device_of
 
 
 @torch.no_grad()
@@ -19,7 +20,7 @@ def predict(model: torch.nn.Module, dataset: ImageDataset, batch_size: int = 500
     model.eval()
     preds, targets = [], []
     for images, labels in progress(make_loader(dataset, batch_size), desc=desc):
-        preds.append(model(images).argmax(dim=-1))
+        preds.append(model(images.to(device_of(model))).argmax(dim=-1).cpu())
         targets.append(torch.as_tensor(labels))
     model.train(was_training)
     return torch.cat(preds), torch.cat(targets)
@@ -47,7 +48,8 @@ def check_masks_hold(model: torch.nn.Module, masks: Mapping[str, torch.Tensor]) 
     """Raise if any pruned weight (mask False) is not exactly zero: healing must never revive one."""
     params = dict(model.named_parameters())
     for name, mask in masks.items():
-        revived = int((params[name].detach()[~mask] != 0).sum())
+        weight = params[name].detach().cpu()
+        revived = int((weight[~mask.cpu()] != 0).sum())
         if revived:
             raise StarfishError(f"{revived} pruned weights of {name} are non-zero; the masks were not enforced")
 

@@ -36,6 +36,23 @@ FASHION_MNIST_STD = (0.3530,)
 Masks = dict[str, torch.Tensor]
 
 
+def resolve_device(spec: str) -> torch.device:
+    """`auto` -> the GPU when there is one, else the CPU; `cuda` without a GPU is an error."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise StarfishError(f"model.device={spec!r} but no CUDA device is visible; use cpu or auto")
+    try:
+        return torch.device(spec)
+    except RuntimeError:
+        raise StarfishError(f"model.device={spec!r} is not a torch device; use auto, cpu or cuda") from None
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where the model's parameters live: inputs are moved there before each forward pass."""
+    return next(model.parameters()).device
+
+
 @register_model
 def starfish_vit_fmnist(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """A 4-block ViT (dim 64, 4 heads, 4x4 patches) for 28x28 grayscale Fashion-MNIST."""

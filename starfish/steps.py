@@ -26,15 +26,22 @@ from starfish.evaluate import check_masks_hold, compare, measured_sparsity
 from starfish.healing import heal_
 from starfish.io import (atomic_write_bytes, atomic_write_json, read_json, sha256_file, sidecar_path,
                          write_sidecar)
-from starfish.models import create_model, load_checkpoint, save_checkpoint
+from starfish.models import create_model, load_checkpoint, resolve_device, save_checkpoint
 from starfish.pruning import prune, sparsify_
 
 log = logging.getLogger(__name__)
 
 
 def dense_model(cfg: PipelineConfig) -> torch.nn.Module:
-    return create_model(cfg.model.name, checkpoint=cfg.model.checkpoint, pretrained=cfg.model.pretrained,
-                        num_classes=cfg.model.num_classes)
+    model = create_model(cfg.model.name, checkpoint=cfg.model.checkpoint, pretrained=cfg.model.pretrained,
+                         num_classes=cfg.model.num_classes)
+    return model.to(resolve_device(cfg.model.device))
+
+
+def stored_model(cfg: PipelineConfig, path: str | Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor], str]:
+    """A pruned or healed checkpoint on the configured device: (model, masks, model name)."""
+    model, masks, name = load_checkpoint(path)
+    return model.to(resolve_device(cfg.model.device)), masks, name
 
 
 def dataset(cfg: PipelineConfig, split: str, model: torch.nn.Module) -> ImageDataset:
@@ -84,7 +91,7 @@ def prune_step(cfg: PipelineConfig, manifest: str | Path, out: str | Path) -> di
 def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out: str | Path) -> dict[str, Any]:
     """Heal the pruned checkpoint on the calibration split; write the healed checkpoint and loss curve."""
     dense = dense_model(cfg)
-    model, masks, name = load_checkpoint(pruned)
+    model, masks, name = stored_model(cfg, pruned)
     if name != cfg.model.name:
         raise StarfishError(f"pruned checkpoint {pruned} is a {name}, but model.name is {cfg.model.name}")
     images = calibration_images(cfg, manifest, dense)
@@ -109,8 +116,8 @@ def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out
 def evaluate_step(cfg: PipelineConfig, pruned: str | Path, healed: str | Path, out: str | Path) -> dict[str, Any]:
     """Top-1 of dense, pruned and healed on the test split; recovery, agreement and sparsity checks."""
     dense = dense_model(cfg)
-    pruned_model, masks, _ = load_checkpoint(pruned)
-    healed_model, healed_masks, _ = load_checkpoint(healed)
+    pruned_model, masks, _ = stored_model(cfg, pruned)
+    healed_model, healed_masks, _ = stored_model(cfg, healed)
     if set(healed_masks) != set(masks) or any(not torch.equal(masks[k], healed_masks[k]) for k in masks):
         raise StarfishError(f"{healed} carries different masks than {pruned}; heal that pruned checkpoint again")
     check_masks_hold(healed_model, masks)

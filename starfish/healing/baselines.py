@@ -22,6 +22,7 @@ from torch import nn
 
 from starfish.capture import ActivationCapture
 from starfish.errors import StarfishError
+from starfish.models import device_of
 from starfish.healing import register_healer
 from starfish.healing.common import align_, kd_loss, reapply_masks_
 from starfish.progress import progress
@@ -55,7 +56,7 @@ def paired_inputs(model: nn.Module, dense: nn.Module, layer: str, images: torch.
     """Feed `consume(x_model, x_dense)` the inputs of `layer` in both models, batch by batch."""
     with ActivationCapture(model, [layer], inputs=True) as ours, ActivationCapture(dense, [layer], inputs=True) as ref:
         for start in range(0, images.shape[0], batch_size):
-            batch = images[start : start + batch_size]
+            batch = images[start : start + batch_size].to(device_of(model))
             model(batch)
             dense(batch)
             x_model, x_dense = ours.values[layer], ref.values[layer]
@@ -104,7 +105,7 @@ def masked_least_squares(gram: torch.Tensor, cross: torch.Tensor, w_dense: torch
     rhs_all = w_dense @ cross.T  # row r: C w_dense[r]
     out = torch.zeros_like(w_dense)
     for start in range(0, w_dense.shape[0], chunk):
-        k = keep[start : start + chunk].to(gram.dtype)  # (rows, d)
+        k = keep[start : start + chunk].to(gram.device, gram.dtype)  # (rows, d)
         system = gram.unsqueeze(0) * (k.unsqueeze(2) * k.unsqueeze(1))
         system = system + torch.diag_embed(k * lam + (1 - k))
         rhs = (rhs_all[start : start + chunk] * k).unsqueeze(-1)
@@ -122,7 +123,8 @@ def layerwise(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Te
     errors = {}
     for name, layer in progress(_linear_layers(model, masks, "layerwise").items(), desc="layerwise"):
         d = layer.in_features
-        stats = {"gram": torch.zeros(d, d, dtype=torch.float64), "cross": torch.zeros(d, d, dtype=torch.float64)}
+        zeros = torch.zeros(d, d, dtype=torch.float64, device=device_of(model))
+        stats = {"gram": zeros, "cross": zeros.clone()}
 
         def consume(x_model: torch.Tensor, x_dense: torch.Tensor) -> None:
             stats["gram"] += x_model.T @ x_model

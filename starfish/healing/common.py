@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from starfish.capture import ActivationCapture
+from starfish.models import device_of
 from starfish.progress import progress
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ def masked_training(model: nn.Module, masks: Masks) -> Iterator[list[nn.Paramete
             p.requires_grad_(name in masks)
         trainable = []
         for name, mask in masks.items():
-            keep = mask.to(params[name].dtype)
+            keep = mask.to(params[name].device, params[name].dtype)
             handles.append(params[name].register_hook(lambda grad, keep=keep: grad * keep))
             trainable.append(params[name])
         yield trainable
@@ -89,7 +90,7 @@ def masked_training(model: nn.Module, masks: Masks) -> Iterator[list[nn.Paramete
 def reapply_masks_(model: nn.Module, masks: Masks) -> nn.Module:
     params = dict(model.named_parameters())
     for name, mask in masks.items():
-        params[name].mul_(mask.to(params[name].dtype))
+        params[name].mul_(mask.to(params[name].device, params[name].dtype))
     return model
 
 
@@ -102,7 +103,7 @@ def cache_outputs(dense: nn.Module, names: list[str], images: torch.Tensor, batc
     with ActivationCapture(dense, names) as capture:
         for start in progress(range(0, images.shape[0], batch_size), desc="cache dense states",
                               total=math.ceil(images.shape[0] / batch_size)):
-            dense(images[start : start + batch_size])
+            dense(images[start : start + batch_size].to(device_of(dense)))
             for name in names:
                 chunks[name].append(capture.values[name].detach().to("cpu", dtype))
     return {name: torch.cat(parts) for name, parts in chunks.items()}
@@ -117,7 +118,7 @@ def align_(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tenso
     """
     dtype = getattr(torch, cfg.cache_dtype)
     targets = cache_outputs(dense, names, images, cfg.batch_size, dtype)
-    device = next(model.parameters()).device
+    device = device_of(model)
     steps_per_epoch = math.ceil(images.shape[0] / cfg.batch_size)
     total_steps = max(1, cfg.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(cfg.seed)

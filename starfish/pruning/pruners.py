@@ -16,6 +16,7 @@ from torch import nn
 
 from starfish.capture import ActivationCapture, block_names
 from starfish.errors import StarfishError
+from starfish.models import device_of
 from starfish.pruning import masks as M
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def sparsify_(model: nn.Module, masks: Masks) -> nn.Module:
     """Zero every weight whose mask is False, in place."""
     params = dict(model.named_parameters())
     for name, mask in masks.items():
-        params[name].mul_(mask.to(params[name].dtype))
+        params[name].mul_(mask.to(params[name].device, params[name].dtype))
     return model
 
 
@@ -115,7 +116,7 @@ def input_norms(model: nn.Module, layer_names: list[str], images: torch.Tensor,
     accumulator = InputNormAccumulator()
     with ActivationCapture(model, layer_names, inputs=True, on_value=accumulator):
         for start in range(0, images.shape[0], batch_size):
-            model(images[start : start + batch_size])
+            model(images[start : start + batch_size].to(device_of(model)))
     return {name: accumulator.norms(name) for name in layer_names}
 
 

@@ -1,0 +1,60 @@
+"""Shared fixtures: the repository's params and demo checkpoint, real Fashion-MNIST, small models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from starfish.datasets import FASHION_MNIST_ROOT, FashionMNIST, load_dataset
+from starfish.models import create_model
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PARAMS = REPO_ROOT / "params.yaml"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def params_path() -> Path:
+    return PARAMS
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint() -> Path:
+    """The trained demo checkpoint named by params.yaml (STARFISH_DEMO_CHECKPOINT overrides it)."""
+    override = os.environ.get("STARFISH_DEMO_CHECKPOINT")
+    if override:
+        path = Path(override)
+    else:
+        path = REPO_ROOT / yaml.safe_load(PARAMS.read_text())["model"]["checkpoint"]
+    if not path.is_file():
+        pytest.fail(f"demo checkpoint {path} is missing; train it with `starfish train --out {path}`")
+    return path
+
+
+@pytest.fixture(scope="session")
+def fmnist_root() -> Path:
+    root = Path(FASHION_MNIST_ROOT)
+    if not root.is_dir():
+        pytest.fail(f"{root} is missing; install it with `apt-get install dataset-fashion-mnist`")
+    return root
+
+
+@pytest.fixture(scope="session")
+def fmnist_train(fmnist_root: Path) -> FashionMNIST:
+    """The real Fashion-MNIST training split, transformed for the demo ViT."""
+    return load_dataset("fashion-mnist", fmnist_root, "train", create_model("starfish_vit_fmnist"))
+
+
+@pytest.fixture
+def vit() -> torch.nn.Module:
+    """The demo ViT architecture with seeded random weights, in eval mode."""
+    torch.manual_seed(0)
+    return create_model("starfish_vit_fmnist")

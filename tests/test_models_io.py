@@ -1,0 +1,176 @@
+"""Checkpoints (safetensors with masks, .pth state dicts), model names, atomic writes, sidecars."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from starfish.errors import StarfishError
+from starfish.io import atomic_path, atomic_write_bytes, atomic_write_json, read_json, sidecar_path, write_sidecar
+from starfish.models import create_model, load_checkpoint, read_checkpoint, save_checkpoint
+from starfish.pruning import prune, sparsify_
+
+
+class NotATensor:
+    """A pickled object a weights-only load must refuse."""
+
+
+def assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+
+
+def test_safetensors_roundtrip_with_masks_and_metadata(vit: nn.Module, tmp_path: Path) -> None:
+    masks = prune(vit, "magnitude", 0.5)
+    sparsify_(vit, masks)
+    path = tmp_path / "pruned.safetensors"
+    save_checkpoint(path, vit, "starfish_vit_fmnist", masks=masks, metadata={"sparsity": 0.5, "tag": ["a"]})
+    model, loaded_masks, name = load_checkpoint(path)
+    assert name == "starfish_vit_fmnist"
+    assert not model.training
+    assert_same_state(model, vit)
+    assert set(loaded_masks) == set(masks)
+    for key, mask in masks.items():
+        assert loaded_masks[key].dtype == torch.bool
+        assert torch.equal(loaded_masks[key], mask)
+    state, _, metadata = read_checkpoint(path)
+    assert not any(key.startswith("masks/") for key in state)
+    assert metadata["model"] == "starfish_vit_fmnist" and metadata["num_classes"] == "10"
+    assert json.loads(metadata["sparsity"]) == 0.5 and json.loads(metadata["tag"]) == ["a"]
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), vit(x))
+    assert [p.name for p in tmp_path.iterdir()] == ["pruned.safetensors"]
+
+
+def test_checkpoint_keeps_num_classes(tmp_path: Path) -> None:
+    model = create_model("starfish_vit_fmnist", num_classes=3)
+    save_checkpoint(tmp_path / "m.safetensors", model, "starfish_vit_fmnist")
+    loaded, masks, _ = load_checkpoint(tmp_path / "m.safetensors")
+    assert loaded.num_classes == 3 and masks == {}
+    assert_same_state(loaded, model)
+
+
+@pytest.mark.parametrize("wrap", [None, "state_dict", "model"])
+def test_pth_state_dict_loads(vit: nn.Module, tmp_path: Path, wrap: str | None) -> None:
+    path = tmp_path / "dense.pth"
+    state = vit.state_dict()
+    torch.save(state if wrap is None else {wrap: state, "epoch": 3}, path)
+    assert_same_state(create_model("starfish_vit_fmnist", checkpoint=path), vit)
+
+
+def test_pth_is_loaded_weights_only(vit: nn.Module, tmp_path: Path) -> None:
+    path = tmp_path / "unsafe.pth"
+    torch.save({**vit.state_dict(), "extra": NotATensor()}, path)
+    with pytest.raises(StarfishError, match="damaged, truncated or unsafe"):
+        create_model("starfish_vit_fmnist", checkpoint=path)
+
+
+def test_checkpoint_for_another_model_names_missing_keys(tmp_path: Path) -> None:
+    path = tmp_path / "resnet.pth"
+    torch.save(create_model("resnet10t", num_classes=10).state_dict(), path)
+    with pytest.raises(StarfishError, match="does not match the model .*missing: .*unexpected: "):
+        create_model("starfish_vit_fmnist", checkpoint=path)
+
+
+def test_checkpoint_with_other_shapes_names_the_mismatch(tmp_path: Path) -> None:
+    path = tmp_path / "five.safetensors"
+    save_checkpoint(path, create_model("starfish_vit_fmnist", num_classes=5), "starfish_vit_fmnist")
+    with pytest.raises(StarfishError, match=r"shape mismatch: head.bias: \(5,\) vs \(10,\)"):
+        create_model("starfish_vit_fmnist", checkpoint=path)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_truncated_checkpoint_raises(vit: nn.Module, tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"dense{suffix}"
+    if suffix == ".pth":
+        torch.save(vit.state_dict(), path)
+    else:
+        save_checkpoint(path, vit, "starfish_vit_fmnist")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StarfishError, match="damaged"):
+        create_model("starfish_vit_fmnist", checkpoint=path)
+    path.write_bytes(b"")
+    with pytest.raises(StarfishError, match="damaged"):
+        create_model("starfish_vit_fmnist", checkpoint=path)
+
+
+def test_missing_and_unsupported_checkpoints_raise(tmp_path: Path) -> None:
+    with pytest.raises(StarfishError, match="does not exist"):
+        create_model("starfish_vit_fmnist", checkpoint=tmp_path / "nope.safetensors")
+    (tmp_path / "weights.npz").write_bytes(b"x")
+    with pytest.raises(StarfishError, match="unsupported suffix '.npz'"):
+        create_model("starfish_vit_fmnist", checkpoint=tmp_path / "weights.npz")
+
+
+def test_unknown_model_name_raises() -> None:
+    with pytest.raises(StarfishError, match="unknown model 'no_such_model_xyz'"):
+        create_model("no_such_model_xyz")
+    with pytest.raises(StarfishError, match="has no hub weights"):
+        create_model("starfish_vit_fmnist", pretrained=True)
+
+
+def test_created_models_are_in_eval_mode() -> None:
+    assert not create_model("starfish_vit_fmnist").training
+
+
+# --- atomic writes and sidecars ----------------------------------------------------------------
+
+
+def test_atomic_path_on_failure_leaves_no_temp_and_no_target(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "out.bin"
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            assert tmp.parent == target.parent and tmp.exists()
+            raise RuntimeError("boom")
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
+
+
+def test_atomic_path_failure_keeps_the_previous_file(tmp_path: Path) -> None:
+    target = tmp_path / "out.json"
+    atomic_write_json(target, {"v": 1})
+    before = target.read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"{\"v\": ")
+            raise KeyboardInterrupt
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_failed_checkpoint_write_leaves_nothing(vit: nn.Module, tmp_path: Path) -> None:
+    target = tmp_path / "pruned.safetensors"
+    bad_masks = {"blocks.0.attn.qkv.weight": object()}  # not a tensor: fails while writing
+    with pytest.raises(AttributeError):
+        save_checkpoint(target, vit, "starfish_vit_fmnist", masks=bad_masks)  # type: ignore[dict-item]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
+    target = tmp_path / "a.bin"
+    atomic_write_bytes(target, b"x" * 100)
+    atomic_write_bytes(target, b"short")
+    assert target.read_bytes() == b"short"
+    assert os.listdir(tmp_path) == ["a.bin"]
+
+
+def test_write_sidecar_hashes_the_output(tmp_path: Path) -> None:
+    out = tmp_path / "metrics.json"
+    atomic_write_json(out, {"b": 2, "a": 1})
+    assert out.read_text() == '{\n  "a": 1,\n  "b": 2\n}\n'
+    meta = write_sidecar(out, config={"x": 1}, inputs={"in_sha256": "abc"})
+    assert sidecar_path(out) == tmp_path / "metrics.json.meta.json"
+    assert read_json(sidecar_path(out)) == meta
+    assert meta == {"file": "metrics.json", "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+                    "config": {"x": 1}, "inputs": {"in_sha256": "abc"}}

@@ -49,6 +49,8 @@ def _read_idx(path: Path) -> torch.Tensor:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise StarfishError(f"{path} is not an unsigned-byte IDX file; check the dataset root")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise StarfishError(f"{path} is truncated (header cut at {len(data)} bytes); re-install the dataset")
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     expected = 4 + 4 * ndim + int(torch.tensor(shape).prod())
     if len(data) != expected:

@@ -1,0 +1,164 @@
+"""Datasets: the IDX reader on hand-made files, clear errors, and ImageFolder trees for timm CNNs."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from timm.data import resolve_data_config
+
+from starfish.datasets import FashionMNIST, TensorTransform, _read_idx, load_dataset, make_loader
+from starfish.errors import StarfishError
+from starfish.models import create_model
+
+IMAGES = torch.tensor([[[0, 255], [51, 102]], [[10, 20], [30, 40]], [[255, 255], [0, 0]]], dtype=torch.uint8)
+LABELS = torch.tensor([3, 0, 9], dtype=torch.uint8)
+
+
+def idx_bytes(array: torch.Tensor) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.numpy().tobytes()
+
+
+def write_idx(path: Path, array: torch.Tensor, gz: bool) -> Path:
+    data = idx_bytes(array)
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def write_fmnist(root: Path, gz: bool, split: str = "train") -> None:
+    stems = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}[split]
+    root.mkdir(parents=True, exist_ok=True)
+    write_idx(root / stems[0], IMAGES, gz)
+    write_idx(root / stems[1], LABELS, gz)
+
+
+IDENTITY = TensorTransform((1, 2, 2), mean=(0.0,), std=(1.0,))
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx(tmp_path: Path, gz: bool) -> None:
+    path = write_idx(tmp_path / "images-idx3-ubyte", IMAGES, gz)
+    assert torch.equal(_read_idx(path), IMAGES)
+    assert torch.equal(_read_idx(write_idx(tmp_path / "labels-idx1-ubyte", LABELS, gz)), LABELS)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_fashion_mnist_from_idx_files(tmp_path: Path, gz: bool) -> None:
+    write_fmnist(tmp_path, gz)
+    data = FashionMNIST(tmp_path, "train", IDENTITY)
+    assert len(data) == 3
+    assert data.targets == [3, 0, 9]
+    assert data.ids == ["train/00000", "train/00001", "train/00002"]
+    image, target = data[0]
+    assert target == 3
+    assert torch.allclose(image, torch.tensor([[[0.0, 1.0], [0.2, 0.4]]]))
+    assert data.sample_bytes(1) == bytes([10, 20, 30, 40])
+    batch = data.__getitems__([2, 0])
+    assert [t for _, t in batch] == [9, 3]
+    assert torch.equal(batch[1][0], image)
+
+
+def test_transform_resizes_expands_and_normalizes() -> None:
+    transform = TensorTransform((3, 4, 4), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    out = transform(torch.full((2, 2, 2), 255, dtype=torch.uint8))
+    assert out.shape == (2, 3, 4, 4)
+    assert torch.allclose(out, torch.ones_like(out))
+
+
+def test_truncated_idx_raises(tmp_path: Path) -> None:
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(idx_bytes(IMAGES)[:-1])
+    with pytest.raises(StarfishError, match=r"is truncated \(27 of 28 bytes\)"):
+        _read_idx(path)
+    path.write_bytes(idx_bytes(IMAGES)[:9])  # cut inside the header's dimensions
+    with pytest.raises(StarfishError, match="is truncated"):
+        _read_idx(path)
+    gz = tmp_path / "x-idx3-ubyte.gz"
+    gz.write_bytes(gzip.compress(idx_bytes(IMAGES))[:-6])
+    with pytest.raises(StarfishError, match="cannot read IDX file"):
+        _read_idx(gz)
+
+
+def test_not_an_idx_file_raises(tmp_path: Path) -> None:
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(StarfishError, match="is not an unsigned-byte IDX file"):
+        _read_idx(path)
+
+
+def test_label_count_mismatch_raises(tmp_path: Path) -> None:
+    write_fmnist(tmp_path, gz=False)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", LABELS[:2], gz=False)
+    with pytest.raises(StarfishError, match="3 images but 2 labels"):
+        FashionMNIST(tmp_path, "train", IDENTITY)
+
+
+def test_missing_root_and_files_name_the_install_command(tmp_path: Path) -> None:
+    with pytest.raises(StarfishError, match="`apt-get install dataset-fashion-mnist`"):
+        FashionMNIST(tmp_path / "nowhere", "train", IDENTITY)
+    write_fmnist(tmp_path, gz=True, split="train")
+    with pytest.raises(StarfishError, match=r"t10k-images-idx3-ubyte\[.gz\] not found .*"
+                                            "`apt-get install dataset-fashion-mnist`"):
+        FashionMNIST(tmp_path, "test", IDENTITY)
+    with pytest.raises(StarfishError, match="unknown split 'val'"):
+        FashionMNIST(tmp_path, "val", IDENTITY)
+
+
+def test_unknown_dataset_kind_raises(tmp_path: Path) -> None:
+    with pytest.raises(StarfishError, match="unknown dataset kind 'cifar'"):
+        load_dataset("cifar", tmp_path, "train", create_model("starfish_vit_fmnist"))
+
+
+def test_real_fashion_mnist_matches_the_demo_model(fmnist_root: Path) -> None:
+    model = create_model("starfish_vit_fmnist")
+    test = load_dataset("fashion-mnist", fmnist_root, "test", model)
+    assert len(test) == 10000 and sorted(set(test.targets)) == list(range(10))
+    images, labels = next(iter(make_loader(test, batch_size=4)))
+    assert images.shape == (4, 1, 28, 28)
+    assert labels.tolist() == test.targets[:4]
+    with torch.no_grad():
+        assert model(images).shape == (4, 10)
+
+
+# --- ImageFolder -----------------------------------------------------------------------------
+
+
+def make_tree(root: Path) -> None:
+    for c, name in enumerate(("cat", "dog")):
+        for i in range(3):
+            path = root / "train" / name / f"img{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (40, 30), (40 * i, 100 * c, 50)).save(path)
+
+
+def test_imagefolder_with_timm_eval_transform(tmp_path: Path) -> None:
+    make_tree(tmp_path)
+    model = create_model("resnet10t", num_classes=2)
+    data = load_dataset("imagefolder", tmp_path, "train", model)
+    assert data.ids == [f"{c}/img{i}.png" for c in ("cat", "dog") for i in range(3)]
+    assert data.targets == [0, 0, 0, 1, 1, 1]
+    image, target = data[4]
+    assert target == 1
+    assert image.shape == resolve_data_config({}, model=model)["input_size"]
+    images, _ = next(iter(make_loader(data, batch_size=6)))
+    with torch.no_grad():
+        assert model(images).shape == (6, 2)
+
+
+def test_imagefolder_missing_split_raises(tmp_path: Path) -> None:
+    model = create_model("resnet10t", num_classes=2)
+    with pytest.raises(StarfishError, match="ImageFolder split .* does not exist"):
+        load_dataset("imagefolder", tmp_path, "train", model)
+    (tmp_path / "train" / "empty").mkdir(parents=True)
+    with pytest.raises(StarfishError, match="cannot read ImageFolder"):
+        load_dataset("imagefolder", tmp_path, "train", model)

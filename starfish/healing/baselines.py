@@ -42,8 +42,12 @@ def no_healing(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.T
 
 
 def _linear_layers(model: nn.Module, masks: Masks, method: str) -> dict[str, nn.Linear]:
+    """The masked layers in forward (module registration) order, whatever order `masks` comes in."""
     modules = dict(model.named_modules())
-    layers = {name: modules[name.removesuffix(".weight")] for name in masks}
+    unknown = [name for name in masks if name.removesuffix(".weight") not in modules]
+    if unknown:
+        raise StarfishError(f"{method}: masks name {unknown[0]}, which is not a layer of {type(model).__name__}")
+    layers = {f"{name}.weight": module for name, module in modules.items() if f"{name}.weight" in masks}
     bad = [name for name, layer in layers.items() if not isinstance(layer, nn.Linear)]
     if bad:
         raise StarfishError(f"{method} heals Linear layers only, not {bad[0]}; heal CNNs with starfish or logit-kd")

@@ -16,6 +16,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PARAMS = REPO_ROOT / "params.yaml"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def single_torch_thread() -> None:
+    """One intra-op thread: the test models are tiny, and on a shared CPU extra threads only spin."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -1,0 +1,335 @@
+"""Healers: masks hold, only the scope trains, hooks go away, losses and solvers hand-checked."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from starfish.calibration import stratified_indices
+from starfish.capture import ActivationCapture, block_names, state_names
+from starfish.config import HealConfig
+from starfish.datasets import FashionMNIST
+from starfish.errors import StarfishError
+from starfish.evaluate import check_masks_hold
+from starfish.healing import HEALERS, heal_
+from starfish.healing.baselines import masked_least_squares
+from starfish.healing.common import cosine_loss, masked_training, nmse_loss
+from starfish.models import create_model, load_checkpoint, save_checkpoint
+from starfish.pruning import prune, sparsify_
+
+Masks = dict[str, torch.Tensor]
+
+HEALER_CONFIGS = {
+    "none": {"method": "none"},
+    "bias-correction": {"method": "bias-correction"},
+    "layerwise": {"method": "layerwise"},
+    "logit-kd": {"method": "logit-kd"},
+    "starfish": {"method": "starfish"},
+    "starfish+warm": {"method": "starfish", "warm_start": "layerwise"},
+}
+
+
+def pruned_pair(sparsity: float = 0.5, seed: int = 0) -> tuple[nn.Module, nn.Module, Masks]:
+    """(dense, pruned copy, masks) of the demo ViT with seeded random weights."""
+    torch.manual_seed(seed)
+    dense = create_model("starfish_vit_fmnist")
+    masks = prune(dense, "magnitude", sparsity)
+    return dense, sparsify_(copy.deepcopy(dense), masks), masks
+
+
+def random_images(n: int = 16, shape: tuple[int, ...] = (1, 28, 28), seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def no_hooks(model: nn.Module) -> bool:
+    modules_clean = all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    params_clean = all(not getattr(p, "_backward_hooks", None) for p in model.parameters())
+    return modules_clean and params_clean
+
+
+def clone_masks(masks: Masks) -> Masks:
+    return {k: v.clone() for k, v in masks.items()}
+
+
+def test_every_registered_healer_is_covered() -> None:
+    assert {cfg["method"] for cfg in HEALER_CONFIGS.values()} == set(HEALERS)
+
+
+@pytest.mark.parametrize("variant", list(HEALER_CONFIGS))
+def test_healers_keep_masks_and_remove_hooks(variant: str) -> None:
+    dense, model, masks = pruned_pair()
+    before_masks = clone_masks(masks)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
+    cfg = HealConfig(**HEALER_CONFIGS[variant], epochs=2, batch_size=8)
+    report = heal_(model, dense, masks, random_images(), cfg)
+    assert isinstance(report, dict)
+    check_masks_hold(model, masks)
+    for name, mask in masks.items():
+        assert torch.equal(mask, before_masks[name]), name
+    for name, value in dense.state_dict().items():
+        assert torch.equal(value, dense_state[name]), f"{variant} changed the dense model's {name}"
+    assert no_hooks(model) and no_hooks(dense)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    if variant == "none":
+        assert changed == []
+    else:
+        assert changed, f"{variant} changed nothing"
+
+
+@pytest.mark.parametrize("variant", ["starfish", "logit-kd", "starfish+warm"])
+def test_alignment_trains_only_the_scope_weights(variant: str) -> None:
+    dense, model, masks = pruned_pair()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    heal_(model, dense, masks, random_images(), HealConfig(**HEALER_CONFIGS[variant], epochs=1, batch_size=8))
+    state = model.state_dict()
+    for name, value in state.items():
+        if name in masks:
+            continue
+        assert torch.equal(value, before[name]), f"{variant} changed {name}, which is outside the scope"
+    frozen = {"patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "cls_token", "head.weight",
+              "head.bias", "norm.weight", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"}
+    assert frozen <= set(state)
+    assert all(not torch.equal(state[name], before[name]) for name in masks), "some scope weight did not train"
+
+
+def test_requires_grad_flags_restored_after_healing() -> None:
+    dense, model, masks = pruned_pair()
+    model.head.weight.requires_grad_(False)
+    model.blocks[0].attn.qkv.weight.requires_grad_(False)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    heal_(model, dense, masks, random_images(8), HealConfig(epochs=1, batch_size=8))
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(p.grad is None or name in masks for name, p in model.named_parameters())
+
+
+def test_masked_training_restores_everything_after_an_exception() -> None:
+    _, model, masks = pruned_pair()
+    model.head.bias.requires_grad_(False)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    name = "blocks.1.mlp.fc1.weight"
+    with pytest.raises(RuntimeError, match="mid-step"):
+        with masked_training(model, masks) as trainable:
+            assert len(trainable) == len(masks)
+            assert {n for n, p in model.named_parameters() if p.requires_grad} == set(masks)
+            with torch.no_grad():
+                dict(model.named_parameters())[name].add_(1.0)  # revives pruned entries
+            raise RuntimeError("mid-step")
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert no_hooks(model)
+    check_masks_hold(model, masks)
+
+
+def test_gradients_of_pruned_entries_are_zero() -> None:
+    _, model, masks = pruned_pair()
+    with masked_training(model, masks):
+        model(random_images(2)).sum().backward()
+        for name, p in model.named_parameters():
+            if name in masks:
+                assert bool((p.grad[~masks[name]] == 0).all()), name
+                assert bool((p.grad[masks[name]] != 0).any()), name
+            else:
+                assert p.grad is None, name
+
+
+# --- capture -----------------------------------------------------------------------------------
+
+
+def test_capture_removes_hooks_after_an_exception(vit: nn.Module) -> None:
+    names = block_names(vit)
+    assert names == ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    with pytest.raises(RuntimeError):
+        with ActivationCapture(vit, names) as capture:
+            vit(random_images(2))
+            assert set(capture.values) == set(names)
+            assert capture.values["blocks.0"].shape == (2, 50, 64)
+            vit(torch.zeros(2, 3, 28, 28))  # wrong channel count: the forward pass itself raises
+    assert no_hooks(vit)
+    with pytest.raises(KeyError):
+        with ActivationCapture(vit, names, inputs=True):
+            raise KeyError("user code")
+    assert no_hooks(vit)
+
+
+def test_capture_of_unknown_modules_raises(vit: nn.Module) -> None:
+    with pytest.raises(StarfishError, match=r"cannot capture \['blocks.9'\]"):
+        ActivationCapture(vit, ["blocks.9"])
+    assert no_hooks(vit)
+
+
+def test_state_names(vit: nn.Module) -> None:
+    assert state_names(vit, "last") == ["blocks.3"]
+    assert state_names(vit, "blocks.1, norm") == ["blocks.1", "norm"]
+    with pytest.raises(StarfishError, match="heal.states='blocks.7'"):
+        state_names(vit, "blocks.7")
+    assert block_names(timm.create_model("resnet10t", num_classes=10)) == ["layer1", "layer2", "layer3", "layer4"]
+    with pytest.raises(StarfishError, match="no `blocks`, `stages` or `layer1..4`"):
+        block_names(nn.Sequential(nn.Linear(2, 2)))
+
+
+# --- losses ------------------------------------------------------------------------------------
+
+
+def test_cosine_loss_is_per_token_for_3d_states() -> None:
+    student = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    assert cosine_loss(student, torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])).item() == pytest.approx(0.5)
+    # each token is parallel to its target, though the flattened sample is not
+    assert cosine_loss(student, torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])).item() == pytest.approx(0.0, abs=1e-7)
+    opposite = torch.tensor([[[-1.0, 0.0], [0.0, -3.0]]])
+    assert cosine_loss(student, opposite).item() == pytest.approx(2.0)
+
+
+def test_cosine_loss_is_per_sample_for_4d_states() -> None:
+    student = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])  # (1, 1, 2, 2)
+    teacher = torch.tensor([[[[1.0, 0.0], [0.0, 2.0]]]])
+    # flattened: [1, 0, 0, 1] . [1, 0, 0, 2] = 3, norms sqrt(2) and sqrt(5)
+    assert cosine_loss(student, teacher).item() == pytest.approx(1 - 3 / math.sqrt(10), rel=1e-6)
+    two = torch.stack([student[0], -student[0]])
+    assert cosine_loss(two, torch.stack([student[0], student[0]])).item() == pytest.approx(1.0)
+
+
+def test_nmse_loss_per_token_and_per_sample() -> None:
+    student = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    teacher = torch.tensor([[[2.0, 0.0], [0.0, 1.0]]])
+    # tokens: ||(-1, 0)||^2 / 4 = 0.25 and 0 -> mean 0.125
+    assert nmse_loss(student, teacher).item() == pytest.approx(0.125)
+    # one sample: 1 / 5
+    assert nmse_loss(student.reshape(1, 1, 2, 2), teacher.reshape(1, 1, 2, 2)).item() == pytest.approx(0.2)
+
+
+# --- least squares and bias correction ---------------------------------------------------------
+
+
+def test_masked_least_squares_matches_lstsq_per_row() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 5, generator=g, dtype=torch.float64)
+    x_dense = x + 0.3 * torch.randn(30, 5, generator=g, dtype=torch.float64)
+    w_dense = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    keep = torch.tensor([[1, 1, 0, 0, 1], [0, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    solved = masked_least_squares(x.T @ x, x.T @ x_dense, w_dense, keep, damp=0.0, chunk=3)
+    for r in range(4):
+        cols = keep[r].nonzero().squeeze(1)
+        expected = torch.linalg.lstsq(x[:, cols], (x_dense @ w_dense[r]).unsqueeze(1)).solution.squeeze(1)
+        assert torch.allclose(solved[r, cols], expected, atol=1e-10), r
+        assert bool((solved[r, ~keep[r]] == 0).all()), r
+    # with every weight kept and equal inputs, the dense weights are the exact solution
+    full = masked_least_squares(x.T @ x, x.T @ x, w_dense, torch.ones_like(keep), damp=0.0)
+    assert torch.allclose(full, w_dense, atol=1e-10)
+
+
+def mean_outputs(model: nn.Module, layers: list[str], images: torch.Tensor) -> dict[str, torch.Tensor]:
+    with torch.no_grad(), ActivationCapture(model, layers) as capture:
+        model(images)
+        return {name: capture.values[name].double().reshape(-1, capture.values[name].shape[-1]).mean(0)
+                for name in layers}
+
+
+def test_bias_correction_matches_the_dense_mean_output() -> None:
+    dense, model, masks = pruned_pair(0.75)
+    images = random_images(8)
+    layers = [name.removesuffix(".weight") for name in masks]
+    first = layers[0]
+    assert first == "blocks.0.attn.qkv"
+    gap = (mean_outputs(model, [first], images)[first] - mean_outputs(dense, [first], images)[first]).abs().max()
+    assert gap > 1e-2  # pruning shifted the mean
+    heal_(model, dense, masks, images, HealConfig(method="bias-correction", batch_size=3))
+    ours, ref = mean_outputs(model, layers, images), mean_outputs(dense, layers, images)
+    for name in layers:  # layer by layer in forward order, so every layer's mean matches
+        assert torch.allclose(ours[name], ref[name], atol=1e-4), name
+
+
+def test_layer_by_layer_healers_follow_forward_order_for_checkpoint_masks(tmp_path: Path) -> None:
+    """Masks read back from a checkpoint come in file order; healing must still go in forward order."""
+    dense, model, masks = pruned_pair(0.75)
+    path = tmp_path / "pruned.safetensors"
+    save_checkpoint(path, model, "starfish_vit_fmnist", masks=masks)
+    loaded, loaded_masks, _ = load_checkpoint(path)
+    images = random_images(8)
+    heal_(loaded, dense, loaded_masks, images, HealConfig(method="bias-correction", batch_size=8))
+    heal_(model, dense, masks, images, HealConfig(method="bias-correction", batch_size=8))
+    for name, value in model.state_dict().items():
+        assert torch.allclose(loaded.state_dict()[name], value, atol=1e-6), name
+
+
+def test_layerwise_reduces_layer_output_error() -> None:
+    dense, model, masks = pruned_pair(0.75)
+    images = random_images(16)
+    layers = [name.removesuffix(".weight") for name in masks]
+
+    def final_error(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float((m(images) - dense(images)).pow(2).mean())
+
+    before = final_error(model)
+    report = heal_(model, dense, masks, images, HealConfig(method="layerwise", batch_size=8))
+    assert set(report["relative_weight_change"]) == set(masks)  # type: ignore[arg-type]
+    assert final_error(model) < before
+    assert len(layers) == 16
+
+
+def test_layerwise_refuses_conv_scopes() -> None:
+    torch.manual_seed(0)
+    dense = timm.create_model("resnet10t", num_classes=10).eval()
+    masks = prune(dense, "magnitude", 0.5)
+    model = sparsify_(copy.deepcopy(dense), masks)
+    for method in ("layerwise", "bias-correction"):
+        with pytest.raises(StarfishError, match="Linear layers only"):
+            heal_(model, dense, masks, random_images(2, (3, 32, 32)), HealConfig(method=method))
+
+
+# --- STARFISH ----------------------------------------------------------------------------------
+
+
+def test_starfish_loss_decreases_on_the_demo_vit(demo_checkpoint: Path, fmnist_train: FashionMNIST) -> None:
+    dense = create_model("starfish_vit_fmnist", checkpoint=demo_checkpoint)
+    masks = prune(dense, "magnitude", 0.75)
+    model = sparsify_(copy.deepcopy(dense), masks)
+    indices = stratified_indices(fmnist_train.targets, 0.002, seed=0)  # 120 real images
+    images = torch.stack([fmnist_train[i][0] for i in indices])
+    report = heal_(model, dense, masks, images, HealConfig(epochs=4, batch_size=32, lr=1e-3))
+    losses = report["epoch_losses"]
+    assert isinstance(losses, list) and len(losses) == 4
+    assert losses[-1] < losses[0]
+    assert report["states"] == ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    assert report["steps"] == 4 * math.ceil(120 / 32)
+    check_masks_hold(model, masks)
+
+
+def test_starfish_on_a_cnn_aligns_stage_outputs() -> None:
+    torch.manual_seed(0)
+    dense = timm.create_model("resnet10t", num_classes=10).eval()
+    masks = prune(dense, "magnitude", 0.5)
+    before_masks = clone_masks(masks)
+    model = sparsify_(copy.deepcopy(dense), masks)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = heal_(model, dense, masks, random_images(8, (3, 48, 48)), HealConfig(epochs=2, batch_size=4))
+    assert report["states"] == ["layer1", "layer2", "layer3", "layer4"]
+    check_masks_hold(model, masks)
+    assert all(torch.equal(masks[k], before_masks[k]) for k in masks)
+    state = model.state_dict()
+    assert all(torch.equal(v, before[k]) for k, v in state.items() if k not in masks)  # BN stats included
+    assert any(not torch.equal(state[k], before[k]) for k in masks)
+    assert no_hooks(model) and no_hooks(dense)
+
+
+@pytest.mark.parametrize("loss, states", [("nmse", "last"), ("cosine", "blocks.1,blocks.3")])
+def test_starfish_options(loss: str, states: str) -> None:
+    dense, model, masks = pruned_pair()
+    report = heal_(model, dense, masks, random_images(8), HealConfig(epochs=1, batch_size=8, loss=loss, states=states))
+    assert report["states"] == state_names(model, states)
+    check_masks_hold(model, masks)
+
+
+def test_heal_config_rejects_bad_fields() -> None:
+    with pytest.raises(StarfishError, match="unknown healer 'bogus'"):
+        HealConfig(method="bogus")
+    with pytest.raises(StarfishError, match="heal.loss='l1'"):
+        HealConfig(loss="l1")
+    with pytest.raises(StarfishError, match="heal.warm_start='kd'"):
+        HealConfig(warm_start="kd")

@@ -199,6 +199,19 @@ def from_dict(values: Mapping[str, Any]) -> PipelineConfig:
                              for name, cls in _SECTION_CLASSES.items()})
 
 
+def _override_value(section: str, name: str, raw: str) -> Any:
+    """An override's value parsed as YAML, except that text fields keep the text as typed
+    (YAML would read `prune.nm=2:4` as the base-60 integer 124)."""
+    if not raw:
+        return None
+    parsed = yaml.safe_load(raw)
+    cls = _SECTION_CLASSES.get(section)
+    annotation = {f.name: f.type for f in dataclasses.fields(cls)}.get(name, "") if cls else ""
+    if annotation.replace(" | None", "") == "str" and parsed is not None and not isinstance(parsed, str):
+        return raw
+    return parsed
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Read params.yaml (defaults if `path` is None), then apply `section.field=value` overrides."""
     values: dict[str, Any] = {}
@@ -220,5 +233,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         values.setdefault(section, {})
         if not isinstance(values[section], dict):
             raise StarfishError(f"{section} in {path} must be a mapping")
-        values[section][name] = yaml.safe_load(raw) if raw else None
+        values[section][name] = _override_value(section, name, raw)
     return from_dict(values)

@@ -1,0 +1,158 @@
+"""The `starfish` CLI end to end on real Fashion-MNIST, and its one-line errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from starfish.cli import main
+from starfish.evaluate import check_masks_hold, measured_sparsity
+from starfish.io import read_json, sha256_file, sidecar_path
+from starfish.models import create_model, load_checkpoint, save_checkpoint
+
+
+def base_args(params: Path, checkpoint: Path) -> list[str]:
+    return ["--params", str(params), "--set", f"model.checkpoint={checkpoint}", "--set", "model.device=cpu"]
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("starfish: error:")]
+
+
+def test_sample_prune_heal_evaluate(params_path: Path, demo_checkpoint: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    common = base_args(params_path, demo_checkpoint) + ["--set", "heal.epochs=1",
+                                                        "--set", "evaluate.max_samples=1000"]
+    calibration, pruned = tmp_path / "calibration.json", tmp_path / "pruned.safetensors"
+    healed, metrics_path = tmp_path / "healed.safetensors", tmp_path / "metrics.json"
+
+    assert main(["sample", *common, "--out", str(calibration)]) == 0
+    assert json.loads(capsys.readouterr().out)["num_samples"] == 240
+    assert main(["prune", *common, "--calibration", str(calibration), "--out", str(pruned)]) == 0
+    assert json.loads(capsys.readouterr().out)["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert main(["heal", *common, "--pruned", str(pruned), "--calibration", str(calibration),
+                 "--out", str(healed)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", *common, "--pruned", str(pruned), "--healed", str(healed),
+                 "--out", str(metrics_path)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+
+    for output in (calibration, pruned, healed, metrics_path):
+        assert output.is_file(), output
+        meta = read_json(sidecar_path(output))
+        assert meta["sha256"] == sha256_file(output) and meta["file"] == output.name
+    loss_curve = tmp_path / "healed_loss.csv"
+    assert loss_curve.read_text().splitlines()[0] == "epoch,loss"
+    assert len(loss_curve.read_text().splitlines()) == 2  # one epoch
+    assert not list(tmp_path.glob(".*.tmp"))
+
+    metrics = read_json(metrics_path)
+    assert metrics == printed
+    for key in ("dense_top1", "pruned_top1", "healed_top1", "recovery", "healed_agreement", "pruned_agreement",
+                "sparsity", "sparsity_target", "sparsity_drift", "heal_seconds"):
+        assert key in metrics, key
+    assert metrics["dense_top1"] > 0.5  # a trained model
+    assert 0 <= metrics["healed_top1"] <= 1 and 0 <= metrics["healed_agreement"] <= 1
+    assert metrics["recovery"] == pytest.approx(metrics["healed_top1"] / metrics["dense_top1"])
+    assert metrics["sparsity"] == pytest.approx(0.5, abs=1e-3) and metrics["sparsity_drift"] < 1e-3
+
+    manifest = read_json(calibration)
+    assert "targets" not in manifest and "labels" not in manifest
+    pruned_model, pruned_masks, _ = load_checkpoint(pruned)
+    healed_model, healed_masks, name = load_checkpoint(healed)
+    assert name == "starfish_vit_fmnist"
+    assert set(pruned_masks) == set(healed_masks) and len(healed_masks) == 16
+    assert all(torch.equal(pruned_masks[k], healed_masks[k]) for k in pruned_masks)
+    check_masks_hold(healed_model, healed_masks)
+    assert measured_sparsity(healed_model, list(healed_masks))["total"] == pytest.approx(metrics["sparsity"])
+    changed = [k for k, v in healed_model.state_dict().items() if not torch.equal(v, pruned_model.state_dict()[k])]
+    assert changed and set(changed) <= set(healed_masks)
+    heal_meta = read_json(sidecar_path(healed))
+    assert heal_meta["inputs"]["pruned_sha256"] == sha256_file(pruned)
+    assert heal_meta["config"]["heal"]["epochs"] == 1
+
+
+@pytest.fixture(scope="module")
+def bad_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad_checkpoints")
+    other = root / "other.safetensors"
+    save_checkpoint(other, create_model("starfish_vit_fmnist", num_classes=7), "starfish_vit_fmnist")
+    truncated = root / "truncated.safetensors"
+    save_checkpoint(truncated, create_model("starfish_vit_fmnist"), "starfish_vit_fmnist")
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    return {"other": other, "truncated": truncated}
+
+
+BAD_INPUTS = {
+    "sparsity 1.0": (["--set", "prune.sparsity=1.0"], "prune.sparsity=1.0 must be in [0, 1)"),
+    "sparsity -0.1": (["--set", "prune.sparsity=-0.1"], "prune.sparsity=-0.1 must be in [0, 1)"),
+    "nm 4:4": (["--set", "prune.nm=4:4"], "prune.nm='4:4' needs 0 < N < M"),
+    "unknown model": (["--set", "model.name=no_such_net"], "unknown model 'no_such_net'"),
+    "unknown pruner": (["--set", "prune.method=bogus"], "unknown pruner 'bogus'"),
+    "unknown healer": (["--set", "heal.method=bogus"], "unknown healer 'bogus'"),
+    "missing dataset root": (["--set", "data.root=/nonexistent/fmnist"],
+                             "`apt-get install dataset-fashion-mnist`"),
+    "zero calibration images": (["--set", "calibration.fraction=1e-6"], "calibration.fraction=1e-06"),
+    "mismatched checkpoint": (["--set", "model.checkpoint={other}"], "does not match the model"),
+    "truncated checkpoint": (["--set", "model.checkpoint={truncated}"], "damaged or truncated"),
+    "unknown params field": (["--set", "prune.bogus=1"], "prune: unknown field(s) ['bogus']"),
+    "non-numeric value": (["--set", "heal.epochs=abc"], "heal.epochs='abc' must be a number"),
+}
+
+
+DATA_CASES = ("missing dataset root", "zero calibration images")  # magnitude pruning reads no dataset
+CASES = [(case, "sample") for case in BAD_INPUTS] + [(case, "prune") for case in BAD_INPUTS if case not in DATA_CASES]
+
+
+@pytest.mark.parametrize("case, command", CASES)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(
+        case: str, command: str, params_path: Path, demo_checkpoint: Path, bad_checkpoints: dict[str, Path],
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    overrides, message = BAD_INPUTS[case]
+    overrides = [o.format(**bad_checkpoints) for o in overrides]
+    out_dir = tmp_path / "out"
+    out = out_dir / ("calibration.json" if command == "sample" else "pruned.safetensors")
+    args = [command, *base_args(params_path, demo_checkpoint), *overrides, "--out", str(out)]
+    if command == "prune":
+        args += ["--calibration", str(tmp_path / "calibration.json")]
+    code = main(args)
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = error_lines(captured.err)
+    assert len(lines) == 1, captured.err
+    assert message in lines[0]
+    assert captured.out == ""
+    assert not out_dir.exists()
+
+
+def test_a_manifest_that_is_missing_fails_cleanly(params_path: Path, demo_checkpoint: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out" / "pruned.safetensors"
+    code = main(["prune", *base_args(params_path, demo_checkpoint), "--set", "prune.method=wanda",
+                 "--calibration", str(tmp_path / "nope.json"), "--out", str(out)])
+    lines = error_lines(capsys.readouterr().err)
+    assert code == 2 and len(lines) == 1 and "run `starfish sample` first" in lines[0]
+    assert not out.parent.exists()
+
+
+def test_console_script_exit_status_across_a_process(params_path: Path, demo_checkpoint: Path,
+                                                     tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "starfish"
+    assert script.is_file(), f"{script} is not installed; run `pip install -e .`"
+    out = tmp_path / "pruned.safetensors"
+    result = subprocess.run(
+        [str(script), "prune", *base_args(params_path, demo_checkpoint), "--set", "prune.sparsity=1.5",
+         "--calibration", str(tmp_path / "calibration.json"), "--out", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert "prune.sparsity=1.5 must be in [0, 1)" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    assert list(tmp_path.iterdir()) == []

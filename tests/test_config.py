@@ -1,0 +1,61 @@
+"""Configuration: params.yaml and `--set` overrides validated once, errors naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from starfish.config import PipelineConfig, load_config
+from starfish.errors import StarfishError
+
+
+def test_repository_params_load(params_path: Path) -> None:
+    cfg = load_config(params_path)
+    assert cfg.calibration.fraction == 0.004 and cfg.heal.method == "starfish"
+    assert cfg.heal.lr == 6e-4 and cfg.heal.epochs == 10 and cfg.heal.batch_size == 32
+
+
+def test_overrides_are_typed_by_the_field() -> None:
+    cfg = load_config(None, ["prune.nm=1:4", "prune.sparsity=0.75", "prune.global_ranking=true",
+                             "heal.epochs=3", "model.checkpoint=null", "evaluate.max_samples="])
+    assert cfg.prune.nm == "1:4"  # not YAML's base-60 integer 64
+    assert cfg.prune.sparsity == 0.75 and cfg.prune.global_ranking is True
+    assert cfg.heal.epochs == 3 and cfg.model.checkpoint is None and cfg.evaluate.max_samples is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("prune.nm=3:2", "prune.nm='3:2' needs 0 < N < M"),
+    ("heal.epochs=1.5", "heal.epochs=1.5 must be int"),
+    ("heal.epochs=abc", "heal.epochs='abc' must be a number"),
+    ("prune.global_ranking=maybe", "prune.global_ranking='maybe' must be true or false"),
+    ("heal.bogus=1", "heal: unknown field(s) ['bogus']"),
+    ("nosuch.field=1", "unknown section(s) ['nosuch']"),
+    ("epochs=3", "must look like section.field=value"),
+    ("calibration.fraction=0", "calibration.fraction=0.0 must be in (0, 1]"),
+    ("heal.lr_min=1", "heal.lr_min=1.0"),
+    ("data.kind=mnist", "data.kind='mnist'"),
+])
+def test_bad_overrides_name_the_field(override: str, message: str) -> None:
+    with pytest.raises(StarfishError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+
+
+def test_params_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(StarfishError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prune: [1, 2\n")
+    with pytest.raises(StarfishError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n")
+    with pytest.raises(StarfishError, match="must hold a mapping"):
+        load_config(bad)
+
+
+def test_replace_revalidates() -> None:
+    cfg = PipelineConfig().replace(heal={"epochs": 2})
+    assert cfg.heal.epochs == 2 and cfg.heal.method == "starfish"
+    with pytest.raises(StarfishError, match="prune.sparsity=1.0"):
+        cfg.replace(prune={"sparsity": 1.0})

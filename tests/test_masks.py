@@ -271,3 +271,17 @@ def test_sparsify_zeros_exactly_the_masked_entries(vit: nn.Module) -> None:
 
 def test_registered_pruners() -> None:
     assert {"magnitude", "wanda", "nm"} <= set(PRUNERS)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_exact_sparsity_per_layer_on_a_cnn(method: str) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=10).eval()
+    images = torch.randn(2, 3, 32, 32)
+    masks = prune(model, method, 0.5, images=images)
+    for name, keep in masks.items():
+        rows = (~keep).reshape(keep.shape[0], -1)
+        if method == "magnitude":
+            assert int(rows.sum()) == round(0.5 * keep.numel()), name
+        else:
+            assert bool((rows.sum(dim=1) == round(0.5 * rows.shape[1])).all()), name

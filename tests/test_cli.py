@@ -156,3 +156,19 @@ def test_console_script_exit_status_across_a_process(params_path: Path, demo_che
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_with_n_of_m_and_warm_started_starfish(params_path: Path, demo_checkpoint: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["demo", *base_args(params_path, demo_checkpoint), "--set", "prune.method=nm", "--set", "prune.nm=1:4",
+            "--set", "prune.sparsity=0.75", "--set", "heal.warm_start=layerwise", "--set", "heal.epochs=1",
+            "--set", "evaluate.max_samples=500", "--out", str(tmp_path)]
+    assert main(args) == 0
+    assert "recovery" in capsys.readouterr().out
+    metrics = read_json(tmp_path / "metrics.json")
+    assert metrics["sparsity"] == pytest.approx(0.75) and metrics["sparsity_target"] == 0.75
+    healed, masks, _ = load_checkpoint(tmp_path / "healed.safetensors")
+    check_masks_hold(healed, masks)
+    for name, keep in masks.items():
+        assert bool((keep.reshape(-1, 4).sum(dim=1) == 1).all()), name
+    assert read_json(sidecar_path(tmp_path / "healed.safetensors"))["report"]["warm_start_seconds"] > 0

@@ -68,8 +68,17 @@ def sample(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
     write_sidecar(out, config={"data": asdict(cfg.data), "calibration": asdict(cfg.calibration)})
     log.info("calibration split: %d of %d images, hash %s", manifest["num_samples"], manifest["num_source"],
              manifest["content_sha256"][:12])
-    return {"path": str(out), "sha256": sha256_file(out), "split_hash": manifest["content_sha256"],
-            "num_samples": manifest["num_samples"]}
+    return split_info(out)
+
+
+def split_info(manifest: str | Path) -> dict[str, Any]:
+    """A manifest's file and content hashes and what it was drawn with (also for one made by DVC)."""
+    if not Path(manifest).is_file():
+        raise StarfishError(f"calibration manifest {manifest} does not exist; run `starfish sample` first")
+    data = read_json(manifest)
+    return {"path": str(manifest), "sha256": sha256_file(manifest), "split_hash": data["content_sha256"],
+            "num_samples": data["num_samples"], "dataset": data["dataset"], "fraction": data["fraction"],
+            "seed": data["seed"]}
 
 
 def prune_step(cfg: PipelineConfig, manifest: str | Path, out: str | Path) -> dict[str, Any]:

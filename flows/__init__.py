@@ -1,0 +1,1 @@
+"""Prefect flows that sequence the pipeline's tasks: `compress`, `sweep`, `promote`."""

@@ -1,0 +1,81 @@
+"""The compress flow: one model through sample -> prune -> heal -> evaluate -> register.
+
+`python -m flows.compress` (what `make demo` runs) works on the embedded defaults: Prefect
+without a server, MLflow in sqlite:///mlflow.db, the calibration split from the local DVC
+stage. A second run with the same inputs reuses every finished step (state `Cached`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prefect import flow
+
+from flows.common import StepStates, cli, markdown_table, publish
+from flows.promote import promote as promote_flow
+from starfish import tracking
+from starfish.config import load_config
+from tasks import evaluate, heal, prune, register, sample_calibration
+
+DEFAULT_WORKDIR = "out/compress"
+DEFAULT_CALIBRATION = "data/calibration.json"
+
+
+@flow(name="compress")
+def compress(params: str | None = "params.yaml", overrides: list[str] | None = None,
+             workdir: str = DEFAULT_WORKDIR, calibration: str = DEFAULT_CALIBRATION,
+             model_name: str | None = None, tracking_uri: str | None = None, promote: bool = True) -> dict[str, Any]:
+    """Compress one model and register it as `challenger`; with `promote`, then run the gate."""
+    cfg = load_config(params, overrides)
+    config, uri = cfg.to_dict(), tracking.tracking_uri(tracking_uri)
+    name = model_name or tracking.registered_model_name(cfg)
+    run = StepStates()
+    split = run(sample_calibration, config, calibration)
+    pruned = run(prune, config, split, workdir)
+    healed = run(heal, config, pruned, split, workdir)
+    evaluation = run(evaluate, config, pruned, healed, workdir)
+    registered = run(register, config, split, pruned, healed, evaluation, name, uri, workdir)
+    decision = promote_flow(name, registered["version"], params, overrides, uri) if promote else None
+
+    outputs = {"sample_calibration": split, "prune": pruned, "heal": healed, "evaluate": evaluation}
+    rows = [{"step": step, "state": state, "output": outputs[step]["path"] if step in outputs else registered["run_id"],
+             "sha256": outputs[step]["sha256"][:12] if step in outputs else ""} for step, state in run.states.items()]
+    metrics = [{key: evaluation[key] for key in tracking.METRICS}]
+    champion = f", champion: {'yes' if decision['promoted'] else 'no'}" if decision else ""
+    publish("compress", rows, "\n".join([
+        f"# compress: {cfg.model.name}, {cfg.prune.method} {cfg.prune.sparsity:g}, {cfg.heal.method}", "",
+        markdown_table(metrics), "",
+        f"Registered **{name}** version {registered['version']} (alias `challenger`{champion}), "
+        f"MLflow run `{registered['run_id']}` in `{uri}`.", "",
+        f"Calibration split hash `{split['split_hash']}` ({split['num_samples']} images).", "",
+        markdown_table(rows), ""]),
+        f"{name} v{registered['version']}: recovery {evaluation['recovery']:.4f}")
+    return {"calibration": split, "pruned": pruned, "healed": healed, "evaluation": evaluation,
+            "registered": registered, "promotion": decision, "states": run.states}
+
+
+def main() -> None:
+    parser = cli("Compress one model: sample, prune, heal, evaluate, register (and promote through the gate).")
+    parser.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where step outputs go")
+    parser.add_argument("--calibration", default=DEFAULT_CALIBRATION, help="calibration split path")
+    parser.add_argument("--no-promote", action="store_true", help="register as challenger only")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = compress(args.params, args.set, args.workdir, args.calibration, tracking_uri=args.tracking_uri,
+                      promote=not args.no_promote)
+    evaluation, registered = result["evaluation"], result["registered"]
+    aliases = "challenger" + (", champion" if (result["promotion"] or {}).get("promoted") else "")
+    print(f"\ndense top-1 {evaluation['dense_top1']:.4f} | pruned {evaluation['pruned_top1']:.4f} | "
+          f"healed {evaluation['healed_top1']:.4f} | recovery {evaluation['recovery']:.4f} | "
+          f"sparsity {evaluation['sparsity']:.4f} | heal {evaluation['heal_seconds']:.1f}s")
+    print(f"registered {registered['model_name']} version {registered['version']} ({aliases}), "
+          f"run {registered['run_id']}")
+    print(f"steps: {', '.join(f'{step} {state}' for step, state in result['states'].items())}")
+    print(f"report: {registered['report']}")
+    print(f"plot:   {registered['plot']}  (DVC: `dvc plots show` after `dvc repro`)")
+    print(f"MLflow: mlflow ui --backend-store-uri {registered['tracking_uri']}   then open http://127.0.0.1:5000")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""MLflow tracking and the gated model registry: the only module that imports MLflow.
+
+A compress run is recorded once, after every check passed: params, metrics, tags that pin it to
+its code and data (git commit, calibration-split hash, DVC md5), the calibration split as a
+dataset input, the masks, a report with the healing loss plot, and the healed model. The model
+version gets the alias `challenger`; `promote` moves `champion` only through the gate.
+
+Where it goes: `MLFLOW_TRACKING_URI` when set, else the embedded `sqlite:///mlflow.db`. An
+`mlflow server --artifacts-destination s3://...` in front of S3 (with `MLFLOW_S3_ENDPOINT_URL`
+and the AWS variables set for the server) sends the artifacts to S3 through boto3.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import subprocess
+import tempfile
+import warnings
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from starfish.config import GateConfig, PipelineConfig
+from starfish.errors import StarfishError
+from starfish.io import atomic_write_bytes, read_json
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+EXPERIMENT = "starfish"
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+MODEL_ARTIFACT = "model"
+METRICS = ("dense_top1", "pruned_top1", "healed_top1", "recovery", "sparsity", "sparsity_drift", "heal_seconds")
+_PACKAGES = ("torch", "timm", "safetensors", "numpy")
+
+
+def tracking_uri(explicit: str | None = None) -> str:
+    """The tracking URI in force: the argument, else `MLFLOW_TRACKING_URI`, else embedded sqlite."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def registered_model_name(cfg: PipelineConfig) -> str:
+    """One registry entry per base model: every compressed variant of it is a version there."""
+    return "starfish-" + cfg.model.name.replace("_", "-")
+
+
+def gate_failures(metrics: dict[str, Any], gate: GateConfig) -> list[str]:
+    """Why a model may not be registered at all (empty when it may)."""
+    failures = []
+    drift = metrics.get("sparsity_drift")
+    if drift is None or drift > gate.max_sparsity_drift:
+        failures.append(f"sparsity drift {drift} exceeds gate.max_sparsity_drift={gate.max_sparsity_drift}")
+    for key in METRICS:
+        if not isinstance(metrics.get(key), (int, float)):
+            failures.append(f"evaluation has no numeric {key!r}")
+    return failures
+
+
+def check_registrable(metrics: dict[str, Any], gate: GateConfig) -> None:
+    """Raise if a model failed a check: such a model is never logged nor registered."""
+    failures = gate_failures(metrics, gate)
+    if failures:
+        raise StarfishError("not registering this model: " + "; ".join(failures))
+
+
+def git_commit(cwd: str | Path = ".") -> str | None:
+    """HEAD's sha with `-dirty` appended when tracked files differ; None outside a git checkout."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sha + ("-dirty" if dirty else "")
+
+
+def write_report(out_dir: str | Path, cfg: PipelineConfig, metrics: dict[str, Any], calibration: dict[str, Any],
+                 loss_curve: str | Path) -> tuple[Path, Path]:
+    """Write `report.md` and `loss.png` (healing loss per epoch) into `out_dir`; return both paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    rows = [line.split(",") for line in Path(loss_curve).read_text().splitlines()[1:] if line]
+    figure, axis = plt.subplots(figsize=(5, 3.2))
+    axis.plot([int(r[0]) for r in rows], [float(r[1]) for r in rows], marker="o")
+    axis.set(xlabel="epoch", ylabel="alignment loss", title=f"{cfg.heal.method} healing loss")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
+    plt.close(figure)
+    plot = out_dir / "loss.png"
+    atomic_write_bytes(plot, png.getvalue())
+    lines = [
+        f"# {cfg.model.name}: {cfg.prune.method} {cfg.prune.sparsity:g} + {cfg.heal.method}",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *(f"| {key} | {metrics[key]:.4f} |" for key in METRICS),
+        "",
+        f"Calibration split: {calibration['num_samples']} images, content hash `{calibration['split_hash']}`, "
+        f"DVC md5 `{calibration['md5']}`.",
+        "",
+        "![healing loss](loss.png)",
+        "",
+    ]
+    report = out_dir / "report.md"
+    atomic_write_bytes(report, "\n".join(lines).encode())
+    return report, plot
+
+
+def _pip_requirements() -> list[str]:
+    """Pinned from what is installed, so log_model skips its slow dependency inference."""
+    pins = []
+    for package in _PACKAGES:
+        try:
+            pins.append(f"{package}=={version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(package)
+    return pins
+
+
+def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], pruned: dict[str, Any],
+                     healed: dict[str, Any], evaluation: dict[str, Any], model_name: str, uri: str,
+                     report_dir: str | Path, flow_run_id: str | None = None) -> dict[str, Any]:
+    """Record one compressed model and register it as a version with alias `challenger`.
+
+    The gate is checked first, so a model that failed a check leaves no trace in MLflow.
+    """
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+    from safetensors.torch import save_file
+
+    from starfish.steps import calibration_images, stored_model
+
+    metrics = read_json(evaluation["path"])
+    check_registrable(metrics, cfg.gate)
+    report, plot = write_report(report_dir, cfg, metrics, calibration, healed["loss_curve"])
+    model, masks, _ = stored_model(cfg.replace(model={"device": "cpu"}), healed["path"])
+    example = calibration_images(cfg, calibration["path"], model)[:2].numpy()
+    with torch.no_grad():
+        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(EXPERIMENT)
+    manifest = read_json(calibration["path"])
+    tags = {
+        "mlflow.source.git.commit": git_commit() or "unknown",
+        "starfish.calibration_split_hash": calibration["split_hash"],
+        "starfish.calibration_dvc_md5": calibration["md5"],
+        "starfish.model_name": cfg.model.name,
+        "prefect.flow_run_id": flow_run_id or "none",
+    }
+    run_name = f"{cfg.model.name}-{cfg.prune.method}{cfg.prune.sparsity:g}-{cfg.heal.method}"
+    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+        mlflow.log_params({f"{section}.{key}": value for section, fields in cfg.to_dict().items()
+                           for key, value in fields.items()})
+        mlflow.log_metrics({key: float(metrics[key]) for key in METRICS})
+        with warnings.catch_warnings():  # MLflow registers two equal local sources and warns about it
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(pd.DataFrame({"id": manifest["ids"]}), source=calibration["path"],
+                                              name="calibration", digest=calibration["split_hash"][:32])
+        mlflow.log_input(dataset, context="calibration")
+        with tempfile.TemporaryDirectory() as tmp:
+            masks_file = Path(tmp) / "masks.safetensors"
+            save_file({k: v.contiguous().to(torch.uint8) for k, v in masks.items()}, str(masks_file))
+            mlflow.log_artifact(str(masks_file), "masks")
+        for path in (report, plot, evaluation["path"], healed["loss_curve"], calibration["path"]):
+            mlflow.log_artifact(str(path), "report")
+        info = mlflow.pytorch.log_model(model, name=MODEL_ARTIFACT, input_example=example, signature=signature,
+                                        pip_requirements=_pip_requirements(), registered_model_name=model_name)
+    client = mlflow.MlflowClient(uri)
+    model_version = str(info.registered_model_version)
+    client.set_registered_model_alias(model_name, CHALLENGER, model_version)
+    client.set_model_version_tag(model_name, model_version, "recovery", f"{metrics['recovery']:.6f}")
+    log.info("registered %s version %s (alias %s) from run %s", model_name, model_version, CHALLENGER,
+             run.info.run_id)
+    return {"run_id": run.info.run_id, "model_uri": info.model_uri, "model_name": model_name,
+            "version": model_version, "report": str(report), "plot": str(plot), "tracking_uri": uri,
+            "recovery": metrics["recovery"]}
+
+
+def promote(model_name: str, gate: GateConfig, uri: str, version: str | None = None) -> dict[str, Any]:
+    """Point `champion` at a version (default: the `challenger`) if it passes the gate.
+
+    It must reach gate.min_recovery and at least the current champion's recovery, so a worse
+    challenger never replaces the champion.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(uri)
+    try:
+        candidate = (client.get_model_version(model_name, version) if version is not None
+                     else client.get_model_version_by_alias(model_name, CHALLENGER))
+    except MlflowException as exc:
+        raise StarfishError(f"no {'version ' + version if version else CHALLENGER} of {model_name} "
+                            f"in {uri}: {exc.message}") from exc
+    metrics = client.get_run(candidate.run_id).data.metrics
+    try:
+        champion = client.get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        champion = None
+    champion_recovery = client.get_run(champion.run_id).data.metrics.get("recovery") if champion else None
+    reasons = gate_failures(metrics, gate)
+    recovery = metrics.get("recovery", float("-inf"))
+    if recovery < gate.min_recovery:
+        reasons.append(f"recovery {recovery:.4f} < gate.min_recovery {gate.min_recovery}")
+    if champion is not None and champion.version != candidate.version and recovery < champion_recovery:
+        reasons.append(f"recovery {recovery:.4f} < champion v{champion.version}'s {champion_recovery:.4f}")
+    promoted = not reasons
+    if promoted:
+        client.set_registered_model_alias(model_name, CHAMPION, candidate.version)
+        log.info("%s version %s is now %s (recovery %.4f)", model_name, candidate.version, CHAMPION, recovery)
+    else:
+        log.info("%s version %s stays out: %s", model_name, candidate.version, "; ".join(reasons))
+    return {"model_name": model_name, "version": str(candidate.version), "recovery": recovery,
+            "promoted": promoted, "reasons": reasons,
+            "champion": str(candidate.version) if promoted else (str(champion.version) if champion else None)}

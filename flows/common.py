@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from prefect import Task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+
+def absolute(path: str) -> str:
+    """Paths enter cache keys absolute, so runs from different folders never share a result."""
+    return str(Path(path).resolve())
 
 
 class StepStates:

@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.common import StepStates, cli, markdown_table, publish
+from flows.common import StepStates, absolute, cli, markdown_table, publish
 from flows.promote import promote as promote_flow
 from starfish import tracking
 from starfish.config import load_config
@@ -29,6 +29,7 @@ def compress(params: str | None = "params.yaml", overrides: list[str] | None = N
     """Compress one model and register it as `challenger`; with `promote`, then run the gate."""
     cfg = load_config(params, overrides)
     config, uri = cfg.to_dict(), tracking.tracking_uri(tracking_uri)
+    workdir, calibration = absolute(workdir), absolute(calibration)
     name = model_name or tracking.registered_model_name(cfg)
     run = StepStates()
     split = run(sample_calibration, config, calibration)

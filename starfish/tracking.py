@@ -17,6 +17,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import threading
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -30,18 +31,27 @@ from starfish.io import atomic_write_bytes, read_json
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+SQLITE = "sqlite:///"
+DEFAULT_TRACKING_URI = SQLITE + "mlflow.db"
 EXPERIMENT = "starfish"
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 MODEL_ARTIFACT = "model"
 METRICS = ("dense_top1", "pruned_top1", "healed_top1", "recovery", "sparsity", "sparsity_drift", "heal_seconds")
 _PACKAGES = ("torch", "timm", "safetensors", "numpy")
+# log_model saves the model with torch.export, which keeps process-wide state: one at a time.
+_EXPORT_LOCK = threading.Lock()
 
 
 def tracking_uri(explicit: str | None = None) -> str:
-    """The tracking URI in force: the argument, else `MLFLOW_TRACKING_URI`, else embedded sqlite."""
-    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The tracking URI in force: the argument, else `MLFLOW_TRACKING_URI`, else embedded sqlite.
+
+    A relative sqlite path is made absolute, so the URI means the same store from any folder.
+    """
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith(SQLITE) and not uri[len(SQLITE):].startswith("/"):
+        uri = SQLITE + str(Path(uri[len(SQLITE):]).resolve())
+    return uri
 
 
 def registered_model_name(cfg: PipelineConfig) -> str:
@@ -129,6 +139,16 @@ def _pip_requirements() -> list[str]:
     return pins
 
 
+def _use_experiment(uri: str) -> None:
+    """Make EXPERIMENT the active one; an embedded sqlite store keeps its artifacts beside its database."""
+    import mlflow
+
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        location = (Path(uri[len(SQLITE):]).parent / "mlartifacts").as_uri() if uri.startswith(SQLITE) else None
+        mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+    mlflow.set_experiment(EXPERIMENT)
+
+
 def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], pruned: dict[str, Any],
                      healed: dict[str, Any], evaluation: dict[str, Any], model_name: str, uri: str,
                      report_dir: str | Path, flow_run_id: str | None = None) -> dict[str, Any]:
@@ -152,7 +172,7 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], pruned
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
 
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(EXPERIMENT)
+    _use_experiment(uri)
     manifest = read_json(calibration["path"])
     tags = {
         "mlflow.source.git.commit": git_commit() or "unknown",
@@ -177,8 +197,9 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], pruned
             mlflow.log_artifact(str(masks_file), "masks")
         for path in (report, plot, evaluation["path"], healed["loss_curve"], calibration["path"]):
             mlflow.log_artifact(str(path), "report")
-        info = mlflow.pytorch.log_model(model, name=MODEL_ARTIFACT, input_example=example, signature=signature,
-                                        pip_requirements=_pip_requirements(), registered_model_name=model_name)
+        with _EXPORT_LOCK:
+            info = mlflow.pytorch.log_model(model, name=MODEL_ARTIFACT, input_example=example, signature=signature,
+                                            pip_requirements=_pip_requirements(), registered_model_name=model_name)
     client = mlflow.MlflowClient(uri)
     model_version = str(info.registered_model_version)
     client.set_registered_model_alias(model_name, CHALLENGER, model_version)

@@ -64,3 +64,40 @@ def vit() -> torch.nn.Module:
     """The demo ViT architecture with seeded random weights, in eval mode."""
     torch.manual_seed(0)
     return create_model("starfish_vit_fmnist")
+
+
+# --- Pipeline (Prefect, MLflow, DVC) fixtures -------------------------------------------------
+
+PIPELINE_TEST_OVERRIDES = ["heal.epochs=1", "evaluate.max_samples=500"]
+
+
+@pytest.fixture(scope="session")
+def prefect_storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where persisted task results live for the whole session (shared with flow subprocesses)."""
+    return tmp_path_factory.mktemp("prefect-storage")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(prefect_storage: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real Prefect API on a temporary database; results persisted under `prefect_storage`."""
+    from prefect.settings import (PREFECT_HOME, PREFECT_LOCAL_STORAGE_PATH, PREFECT_SERVER_ANALYTICS_ENABLED,
+                                  temporary_settings)
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with temporary_settings(updates={PREFECT_HOME: home, PREFECT_LOCAL_STORAGE_PATH: prefect_storage,
+                                     PREFECT_SERVER_ANALYTICS_ENABLED: False}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+@pytest.fixture(scope="session")
+def pipeline_overrides(demo_checkpoint: Path) -> list[str]:
+    """The demo checkpoint by absolute path, one healing epoch, 500 test images: fast but real."""
+    return [f"model.checkpoint={demo_checkpoint}", *PIPELINE_TEST_OVERRIDES]
+
+
+@pytest.fixture(scope="session")
+def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One workdir and calibration path for the session, so equal steps are computed once."""
+    return tmp_path_factory.mktemp("pipeline")

@@ -1,0 +1,200 @@
+"""The compress flow end to end: real Prefect runs (test harness), a real MLflow sqlite store.
+
+One run with a transient fault injected into registration shows the retry; running it again
+shows every step `Cached`; a run killed mid-way and started again skips what it finished; a
+deterministic error is never retried and leaves nothing registered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.sorting import TaskRunSort
+from prefect.settings import PREFECT_API_URL
+
+from flows.compress import compress
+from starfish import steps, tracking
+from starfish.errors import StarfishError
+from starfish.io import read_json
+
+pytestmark = pytest.mark.slow
+STEPS = ["sample_calibration", "prune", "heal", "evaluate", "register"]
+
+
+@dataclass
+class FlowRun:
+    id: str
+    result: dict[str, Any]
+
+
+def run_compress(params: Path, overrides: list[str], folder: Path, uri: str, **options: Any) -> FlowRun:
+    """One real flow run; raises if the flow failed."""
+    state = compress(params=str(params), overrides=overrides, workdir=str(folder / "work"),
+                     calibration=str(folder / "calibration.json"), tracking_uri=uri, return_state=True, **options)
+    return FlowRun(str(state.state_details.flow_run_id), state.result())
+
+
+def task_runs(flow_run_id: str) -> dict[str, Any]:
+    """The flow run's own task runs by task name, read back from the Prefect API."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=100)
+    return {run.name.rsplit("-", 1)[0]: run for run in runs}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_harness, params_path: Path, pipeline_overrides: list[str], pipeline_dir: Path,
+              store: str) -> tuple[FlowRun, int]:
+    """The flow on the shared workdir, with the tracking store failing once (ConnectionError)."""
+    calls = []
+    real = tracking.log_compress_run
+
+    def flaky(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("injected: tracking server unreachable")
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tracking, "log_compress_run", flaky)
+        run = run_compress(params_path, pipeline_overrides, pipeline_dir, store)
+    return run, len(calls)
+
+
+def test_transient_fault_is_retried_and_the_flow_completes(first_run: tuple[FlowRun, int]) -> None:
+    run, calls = first_run
+    runs = task_runs(run.id)
+    assert calls == 2
+    assert runs["register"].run_count == 2 and runs["register"].state.name == "Completed"
+    assert {name: runs[name].state.name for name in STEPS} == dict.fromkeys(STEPS, "Completed")
+
+
+def test_compress_logs_and_registers_everything(first_run: tuple[FlowRun, int], store: str,
+                                                 repo_root: Path) -> None:
+    run, _ = first_run
+    split, evaluation, registered = run.result["calibration"], run.result["evaluation"], run.result["registered"]
+    client = MlflowClient(store)
+    logged = client.get_run(registered["run_id"])
+
+    manifest = read_json(split["path"])
+    assert split["split_hash"] == manifest["content_sha256"]
+    assert split["md5"] == hashlib.md5(Path(split["path"]).read_bytes()).hexdigest()
+    tags = logged.data.tags
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root, capture_output=True, text=True).stdout.strip()
+    assert tags["mlflow.source.git.commit"].startswith(head)
+    assert tags["starfish.calibration_split_hash"] == split["split_hash"]
+    assert tags["starfish.calibration_dvc_md5"] == split["md5"]
+    assert tags["starfish.model_name"] == "starfish_vit_fmnist"
+    assert tags["prefect.flow_run_id"] == run.id
+    assert logged.data.params["heal.epochs"] == "1" and logged.data.params["prune.sparsity"] == "0.5"
+    for key in tracking.METRICS:
+        assert logged.data.metrics[key] == pytest.approx(evaluation[key])
+    assert 0 < logged.data.metrics["healed_top1"] <= 1 and logged.data.metrics["sparsity"] == pytest.approx(0.5)
+
+    dataset = logged.inputs.dataset_inputs[0]
+    assert dataset.dataset.name == "calibration" and dataset.dataset.digest == split["split_hash"][:32]
+    artifacts = {a.path for folder in ("masks", "report") for a in client.list_artifacts(logged.info.run_id, folder)}
+    assert {"masks/masks.safetensors", "report/report.md", "report/loss.png", "report/metrics.json"} <= artifacts
+    assert "recovery" in Path(registered["report"]).read_text()
+
+    name = registered["model_name"]
+    challenger = client.get_model_version_by_alias(name, "challenger")
+    assert str(challenger.version) == registered["version"] and challenger.run_id == logged.info.run_id
+    promotion = run.result["promotion"]
+    assert promotion["promoted"] == (evaluation["recovery"] >= 0.95)
+
+    model = mlflow.pyfunc.load_model(f"models:/{name}@challenger")
+    assert model.metadata.signature is not None
+    images = np.zeros((3, 1, 28, 28), dtype=np.float32)
+    assert np.asarray(model.predict(images)).shape == (3, 10)
+
+    body = {"artifacts": {"flow_run_id": {"any_": [run.id]}}, "sort": "KEY_ASC", "limit": 50, "offset": 0}
+    artifacts = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter", json=body).raise_for_status().json()
+    assert {artifact["key"] for artifact in artifacts} == {"compress-table", "compress-summary"}
+
+
+def test_same_inputs_again_skip_every_step(first_run: tuple[FlowRun, int], params_path: Path,
+                                           pipeline_overrides: list[str], pipeline_dir: Path, store: str) -> None:
+    again = run_compress(params_path, pipeline_overrides, pipeline_dir, store)
+    runs = task_runs(again.id)
+    assert {name: runs[name].state.name for name in STEPS} == dict.fromkeys(STEPS, "Cached")
+    assert again.result["states"] == dict.fromkeys(STEPS, "Cached")
+    assert again.result["registered"]["run_id"] == first_run[0].result["registered"]["run_id"]
+
+
+def test_killed_run_resumes_with_finished_steps_skipped(first_run: tuple[FlowRun, int], prefect_storage: Path,
+                                                        params_path: Path, pipeline_overrides: list[str],
+                                                        tmp_path: Path, store: str, repo_root: Path) -> None:
+    """Kill a run (SIGKILL, in its own process) while it heals; the next run reuses sample and prune."""
+    command = [sys.executable, "-m", "flows.compress", "--params", str(params_path), "--workdir",
+               str(tmp_path / "work"), "--calibration", str(tmp_path / "calibration.json"), "--tracking-uri", store,
+               "--no-promote", *(arg for override in pipeline_overrides for arg in ("--set", override))]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_LOCAL_STORAGE_PATH": str(prefect_storage), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    log = (tmp_path / "killed.log").open("w")
+    process = subprocess.Popen(command, cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        pruned_record = None
+        while pruned_record is None:
+            assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "prune never finished"
+            dirs = list((tmp_path / "work").glob("prune-*"))
+            records = [p for d in dirs for p in prefect_storage.glob(d.name.split("-", 1)[1] + "*")]
+            pruned_record = records[0] if records else None
+            time.sleep(0.1)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not list((tmp_path / "work").glob("evaluate-*")), "the run got past healing before the kill"
+
+    resumed = run_compress(params_path, pipeline_overrides, tmp_path, store, promote=False)
+    runs = task_runs(resumed.id)
+    assert runs["sample_calibration"].state.name == "Cached" and runs["prune"].state.name == "Cached"
+    assert {runs[name].state.name for name in ("heal", "evaluate", "register")} == {"Completed"}
+    reference = first_run[0].result["evaluation"]
+    for key in ("dense_top1", "pruned_top1", "healed_top1", "recovery", "sparsity"):
+        assert resumed.result["evaluation"][key] == reference[key]
+
+
+def test_failed_evaluation_is_not_retried_and_nothing_is_registered(
+        prefect_harness, params_path: Path, pipeline_overrides: list[str], pipeline_dir: Path,
+        tmp_path: Path) -> None:
+    calls = []
+
+    def broken(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        calls.append(1)
+        raise StarfishError("injected: healed weights at pruned positions are non-zero")
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(steps, "evaluate_step", broken)
+        state = compress(params=str(params_path), overrides=[*pipeline_overrides, "evaluate.batch_size=250"],
+                         workdir=str(pipeline_dir / "work"), calibration=str(pipeline_dir / "calibration.json"),
+                         tracking_uri=uri, return_state=True)
+    assert state.is_failed() and calls == [1]
+    runs = task_runs(str(state.state_details.flow_run_id))
+    assert runs["evaluate"].run_count == 1 and runs["evaluate"].state.name == "Failed"
+    assert "register" not in runs
+    assert MlflowClient(uri).search_model_versions() == []

@@ -1,0 +1,140 @@
+"""DVC stages and the data-versioned rerun, in a real git + DVC project in a temp folder.
+
+`dvc repro` runs the four stages through the CLI, then reruns only what a params change
+touches. The compress flow takes its calibration split from the `calibrate` stage: a new seed
+gives a new split hash and a new MLflow run tagged with it; checking the old commit out
+again (`git checkout` + `dvc checkout`) gives back the same split hash and the same metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+
+from flows.compress import compress
+from starfish.errors import StarfishError
+
+pytestmark = pytest.mark.slow
+SCORES = ("dense_top1", "pruned_top1", "healed_top1", "recovery", "sparsity")
+
+
+def sh(repo: Path, *command: str) -> str:
+    """Run git or dvc in the project; the venv's scripts (`starfish`) first on PATH."""
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
+    if command[0] == "dvc":
+        command = (sys.executable, "-m", *command)
+    done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(command)}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def set_param(repo: Path, section: str, field: str, value: object) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params[section][field] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def locked_md5(repo: Path, path: str) -> str:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return next(out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", []) if out["path"] == path)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, demo_checkpoint: Path) -> Path:
+    """A git + DVC project holding this repository's dvc.yaml and params.yaml (fast settings)."""
+    repo = tmp_path_factory.mktemp("project")
+    shutil.copy(repo_root / "dvc.yaml", repo / "dvc.yaml")
+    (repo / "model").mkdir()
+    shutil.copy(demo_checkpoint, repo / "model" / "dense.safetensors")
+    shutil.copy(repo_root / "params.yaml", repo / "params.yaml")
+    set_param(repo, "model", "checkpoint", "model/dense.safetensors")
+    set_param(repo, "heal", "epochs", 1)
+    set_param(repo, "evaluate", "max_samples", 500)
+    sh(repo, "git", "init", "-q", "-b", "main")
+    sh(repo, "git", "config", "user.email", "ci@starfish.local")
+    sh(repo, "git", "config", "user.name", "ci")
+    sh(repo, "dvc", "init", "-q")
+    sh(repo, "dvc", "config", "core.analytics", "false")
+    sh(repo, "dvc", "remote", "add", "-d", "local", str(tmp_path_factory.mktemp("dvc-remote")))
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-q", "-m", "project")
+    return repo
+
+
+def test_dvc_repro_runs_the_stages_then_only_what_changed(project: Path) -> None:
+    first = sh(project, "dvc", "repro")
+    assert [s for s in ("calibrate", "prune", "heal", "evaluate") if f"Running stage '{s}'" in first] == \
+        ["calibrate", "prune", "heal", "evaluate"]
+    metrics = json.loads(sh(project, "dvc", "metrics", "show", "--json"))
+    scores = next(iter(metrics.values()))["data"]["out/dvc/metrics.json"]["data"]
+    assert 0 < scores["recovery"] and scores["sparsity"] == pytest.approx(0.5)
+    plots = sh(project, "dvc", "plots", "show", "--json")
+    assert "out/dvc/healed_loss.csv" in plots
+
+    assert "Running stage" not in sh(project, "dvc", "repro")
+    set_param(project, "evaluate", "max_samples", 400)
+    again = sh(project, "dvc", "repro")
+    assert "Running stage 'evaluate'" in again and "Running stage 'heal'" not in again
+    assert "Running stage 'calibrate'" not in again and "Running stage 'prune'" not in again
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "commit", "-q", "-m", "pipeline outputs")
+
+    sh(project, "dvc", "push")
+    split = project / "data" / "calibration.json"
+    md5 = locked_md5(project, "data/calibration.json")
+    split.unlink()
+    shutil.rmtree(project / ".dvc" / "cache")
+    sh(project, "dvc", "pull")
+    assert locked_md5(project, "data/calibration.json") == md5 and split.is_file()
+    assert sh(project, "dvc", "status").strip() == "Data and pipelines are up to date."
+
+
+def test_new_seed_new_split_and_old_commit_same_split_and_metrics(
+        project: Path, prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(project)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+
+    def run() -> tuple[dict, dict]:
+        result = compress(params="params.yaml", workdir="out/compress", calibration="data/calibration.json",
+                          tracking_uri=uri, promote=False)
+        logged = client.get_run(result["registered"]["run_id"])
+        return result, logged.data
+
+    first, first_logged = run()
+    old_commit = sh(project, "git", "rev-parse", "HEAD").strip()
+    split_hash = first["calibration"]["split_hash"]
+    assert first_logged.tags["starfish.calibration_split_hash"] == split_hash
+    assert first_logged.tags["starfish.calibration_dvc_md5"] == locked_md5(project, "data/calibration.json")
+    assert first_logged.tags["mlflow.source.git.commit"] == old_commit
+
+    set_param(project, "calibration", "seed", 1)
+    second, second_logged = run()
+    assert second["calibration"]["split_hash"] != split_hash
+    assert second_logged.tags["starfish.calibration_split_hash"] == second["calibration"]["split_hash"]
+    assert second_logged.tags["starfish.calibration_dvc_md5"] == locked_md5(project, "data/calibration.json")
+    assert second["registered"]["run_id"] != first["registered"]["run_id"]
+    sh(project, "git", "commit", "-q", "-am", "calibration seed 1")
+
+    sh(project, "git", "checkout", "-q", old_commit)
+    sh(project, "dvc", "checkout")
+    with temporary_settings(updates={PREFECT_TASKS_REFRESH_CACHE: True}):
+        third, third_logged = run()
+    assert third["states"] == dict.fromkeys(third["states"], "Completed")  # recomputed, not reused
+    assert third["calibration"]["split_hash"] == split_hash
+    assert third_logged.tags["starfish.calibration_split_hash"] == split_hash
+    assert third["registered"]["run_id"] not in (first["registered"]["run_id"], second["registered"]["run_id"])
+    assert {k: third_logged.metrics[k] for k in SCORES} == {k: first_logged.metrics[k] for k in SCORES}
+
+    with pytest.raises(StarfishError, match="not as overrides"):
+        compress(params="params.yaml", overrides=["calibration.seed=7"], workdir="out/compress",
+                 calibration="data/calibration.json", tracking_uri=uri, promote=False)

@@ -123,6 +123,7 @@ def test_compress_logs_and_registers_everything(first_run: tuple[FlowRun, int], 
     promotion = run.result["promotion"]
     assert promotion["promoted"] == (evaluation["recovery"] >= 0.95)
 
+    mlflow.set_tracking_uri(store)
     model = mlflow.pyfunc.load_model(f"models:/{name}@challenger")
     assert model.metadata.signature is not None
     images = np.zeros((3, 1, 28, 28), dtype=np.float32)

@@ -73,7 +73,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from starfish.train import TrainConfig, train
 
-    cfg = TrainConfig(model=args.model, data_root=args.data_root, epochs=args.epochs, seed=args.seed)
+    cfg = TrainConfig(model=args.model, data_root=args.data_root, epochs=args.epochs, seed=args.seed,
+                      lr=args.lr, warmup_epochs=args.warmup_epochs, init=args.init)
     _print(train(cfg, args.out))
 
 
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine)")
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--init", help="continue from this checkpoint (another cosine cycle) instead of scratch")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_train)
     return parser

@@ -14,7 +14,7 @@ from starfish.progress import progress
 
 from starfish.datasets import load_dataset
 from starfish.evaluate import top1_accuracy
-from starfish.io import write_sidecar
+from starfish.io import sha256_file, write_sidecar
 from starfish.models import create_model, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     seed: int = 0
+    init: str | None = None  # continue from this checkpoint (a second cosine cycle) instead of scratch
 
 
 def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -47,7 +48,7 @@ def train(cfg: TrainConfig, out: str | Path) -> dict[str, float]:
     """Train `cfg.model` on the Fashion-MNIST training set; write its checkpoint and test top-1."""
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    model = create_model(cfg.model).train()
+    model = create_model(cfg.model, checkpoint=cfg.init).train()
     train_set = load_dataset("fashion-mnist", cfg.data_root, "train", model)
     test_set = load_dataset("fashion-mnist", cfg.data_root, "test", model)
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
@@ -77,6 +78,7 @@ def train(cfg: TrainConfig, out: str | Path) -> dict[str, float]:
         acc = top1_accuracy(model, test_set)
         log.info("epoch %d/%d: test top-1 %.4f", epoch + 1, cfg.epochs, acc)
     metrics = {"test_top1": acc, "train_seconds": time.perf_counter() - start}
+    lineage = {"init_sha256": sha256_file(cfg.init)} if cfg.init else {}
     save_checkpoint(out, model.eval(), cfg.model)
-    write_sidecar(out, config=asdict(cfg), metrics=metrics)
+    write_sidecar(out, config=asdict(cfg), metrics=metrics, **lineage)
     return metrics

@@ -17,15 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
 from prefect import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.client.schemas.sorting import TaskRunSort
-from prefect.settings import PREFECT_API_URL
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
 from flows.compress import compress
 from starfish import steps, tracking
@@ -52,8 +49,7 @@ def run_compress(params: Path, overrides: list[str], folder: Path, uri: str, **o
 def task_runs(flow_run_id: str) -> dict[str, Any]:
     """The flow run's own task runs by task name, read back from the Prefect API."""
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=100)
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     return {run.name.rsplit("-", 1)[0]: run for run in runs}
 
 
@@ -129,9 +125,10 @@ def test_compress_logs_and_registers_everything(first_run: tuple[FlowRun, int], 
     images = np.zeros((3, 1, 28, 28), dtype=np.float32)
     assert np.asarray(model.predict(images)).shape == (3, 10)
 
-    body = {"artifacts": {"flow_run_id": {"any_": [run.id]}}, "sort": "KEY_ASC", "limit": 50, "offset": 0}
-    artifacts = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter", json=body).raise_for_status().json()
-    assert {artifact["key"] for artifact in artifacts} == {"compress-table", "compress-summary"}
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+    assert {artifact.key for artifact in artifacts} == {"compress-table", "compress-summary"}
 
 
 def test_same_inputs_again_skip_every_step(first_run: tuple[FlowRun, int], params_path: Path,

@@ -11,6 +11,7 @@ points at files with the content it describes. Transient errors are retried with
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -21,13 +22,13 @@ from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 from starfish import steps, tracking
-from starfish.config import from_dict
+from starfish.config import PipelineConfig, from_dict
 from starfish.errors import StarfishError
 from starfish.io import canonical_json, sha256_bytes, sha256_file
 from tasks import dvc
 
 Ref = dict[str, Any]
-ALL_SECTIONS = ("data", "model", "calibration", "prune", "heal", "evaluate", "gate")
+ALL_SECTIONS = tuple(field.name for field in fields(PipelineConfig))
 # What each step's output depends on, besides its input refs.
 STEP_SECTIONS = {
     "sample_calibration": ("data", "calibration"),

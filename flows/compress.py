@@ -7,7 +7,6 @@ stage. A second run with the same inputs reuses every finished step (state `Cach
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from prefect import flow
@@ -62,7 +61,6 @@ def main() -> None:
     parser.add_argument("--calibration", default=DEFAULT_CALIBRATION, help="calibration split path")
     parser.add_argument("--no-promote", action="store_true", help="register as challenger only")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = compress(args.params, args.set, args.workdir, args.calibration, tracking_uri=args.tracking_uri,
                       promote=not args.no_promote)
     evaluation, registered = result["evaluation"], result["registered"]

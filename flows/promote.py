@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from prefect import flow
@@ -34,7 +33,6 @@ def main() -> None:
     parser.add_argument("--model-name", default=None, help="registered model (default: from model.name)")
     parser.add_argument("--version", default=None, help="version to promote (default: the challenger)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     decision = promote(args.model_name, args.version, args.params, args.set, args.tracking_uri)
     print(f"{decision['model_name']} v{decision['version']}: "
           f"{'champion' if decision['promoted'] else 'not promoted (' + '; '.join(decision['reasons']) + ')'}")

@@ -7,7 +7,6 @@ registered. With `promote`, the best registered point then goes through the gate
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from prefect import flow
@@ -77,7 +76,6 @@ def main() -> None:
     parser.add_argument("--workdir", default="out/sweep")
     parser.add_argument("--no-promote", action="store_true")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = sweep(args.sparsities, args.healers, args.params, args.set, args.workdir,
                    tracking_uri=args.tracking_uri, promote=not args.no_promote)
     print(markdown_table(result["rows"]))

@@ -7,7 +7,6 @@ records its md5 in dvc.lock. Outside a DVC project the split is sampled directly
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -15,6 +14,7 @@ import sys
 from pathlib import Path
 
 from starfish.errors import StarfishError
+from starfish.io import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,4 @@ def reproduce(root: Path, stage: str) -> None:
 
 def file_md5(path: str | Path) -> str:
     """The md5 DVC 3 records for a file in dvc.lock (its bytes' md5)."""
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "md5")

@@ -11,6 +11,7 @@ import timm
 import torch
 from torch import nn
 
+from starfish.bench import VARIANTS
 from starfish.calibration import stratified_indices
 from starfish.capture import ActivationCapture, block_names, state_names
 from starfish.config import HealConfig
@@ -25,14 +26,7 @@ from starfish.pruning import prune, sparsify_
 
 Masks = dict[str, torch.Tensor]
 
-HEALER_CONFIGS = {
-    "none": {"method": "none"},
-    "bias-correction": {"method": "bias-correction"},
-    "layerwise": {"method": "layerwise"},
-    "logit-kd": {"method": "logit-kd"},
-    "starfish": {"method": "starfish"},
-    "starfish+warm": {"method": "starfish", "warm_start": "layerwise"},
-}
+HEALER_CONFIGS = VARIANTS  # every registered healer, plus STARFISH with the layerwise warm start
 
 
 def pruned_pair(sparsity: float = 0.5, seed: int = 0) -> tuple[nn.Module, nn.Module, Masks]:

@@ -24,8 +24,9 @@ from starfish.capture import ActivationCapture
 from starfish.errors import StarfishError
 from starfish.models import device_of
 from starfish.healing import register_healer
-from starfish.healing.common import align_, kd_loss, reapply_masks_
+from starfish.healing.common import align_, kd_loss
 from starfish.progress import progress
+from starfish.pruning import sparsify_
 
 if TYPE_CHECKING:
     from starfish.config import HealConfig
@@ -139,7 +140,7 @@ def layerwise(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Te
         solved = masked_least_squares(stats["gram"], stats["cross"], w_dense, masks[name], cfg.damp)
         layer.weight.copy_(solved.to(layer.weight.dtype))
         errors[name] = float(torch.linalg.norm(solved - w_dense) / torch.linalg.norm(w_dense))
-    reapply_masks_(model, masks)
+    sparsify_(model, masks)
     return {"relative_weight_change": errors}
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from starfish.capture import ActivationCapture
 from starfish.models import device_of
 from starfish.progress import progress
+from starfish.pruning import sparsify_
 
 if TYPE_CHECKING:
     from starfish.config import HealConfig
@@ -83,15 +84,7 @@ def masked_training(model: nn.Module, masks: Masks) -> Iterator[list[nn.Paramete
             handle.remove()
         for name, p in params.items():
             p.requires_grad_(flags[name])
-        reapply_masks_(model, masks)
-
-
-@torch.no_grad()
-def reapply_masks_(model: nn.Module, masks: Masks) -> nn.Module:
-    params = dict(model.named_parameters())
-    for name, mask in masks.items():
-        params[name].mul_(mask.to(params[name].device, params[name].dtype))
-    return model
+        sparsify_(model, masks)
 
 
 @torch.no_grad()
@@ -126,7 +119,7 @@ def align_(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tenso
     model.eval()
     start = time.perf_counter()
     with masked_training(model, masks) as trainable, ActivationCapture(model, names) as capture:
-        optimizer = torch.optim.Adam(trainable, lr=cfg.lr)
+        optimizer = torch.optim.Adam(trainable, lr=cfg.lr, foreach=True)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=cfg.lr_min)
         bar = progress(range(cfg.epochs), desc="heal")
         for _ in bar:
@@ -140,7 +133,7 @@ def align_(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tenso
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                reapply_masks_(model, masks)
+                sparsify_(model, masks)
                 scheduler.step()
                 running += loss.item()
             epoch_losses.append(running / steps_per_epoch)

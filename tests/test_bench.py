@@ -56,3 +56,16 @@ def test_tiny_bench_writes_every_output(params_path: Path, demo_checkpoint: Path
 def test_bench_rejects_unknown_healer_variants() -> None:
     with pytest.raises(StarfishError, match=r"unknown healer variant\(s\) \['bogus'\]"):
         BenchConfig(healers=("none", "bogus"))
+
+
+def test_nm_sparsity_that_does_not_fit_the_model_is_skipped(params_path: Path, demo_checkpoint: Path,
+                                                           tmp_path: Path) -> None:
+    """1:10 (sparsity 0.9) cannot tile the ViT's 64-wide inputs: that cell is skipped, the rest is measured."""
+    cfg = load_config(params_path, [f"model.checkpoint={demo_checkpoint}", "model.device=cpu", "heal.epochs=1"])
+    bench = BenchConfig(sparsities=(0.5, 0.9), pruners=("nm",), healers=("none",), eval_samples=100)
+    rows = run_bench(cfg, bench, tmp_path)
+    assert [(r["pruner"], r["sparsity"]) for r in rows] == [("nm (2:4)", 0.5)]
+    assert read_json(tmp_path / "bench.json")["complete"] is True
+    with pytest.raises(StarfishError, match="bench measured nothing"):
+        run_bench(cfg, BenchConfig(sparsities=(0.9,), pruners=("nm",), healers=("none",), eval_samples=100),
+                  tmp_path / "empty")

@@ -169,7 +169,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = summary["rows"]
+    rows = [{**r, "pruner": r["pruner"].split(" (")[0]} for r in summary["rows"]]  # one panel for all N:M
     pruners = list(dict.fromkeys(r["pruner"] for r in rows))
     fig, axes = plt.subplots(1, len(pruners), figsize=(5 * len(pruners), 4), sharey=True, squeeze=False)
     for ax, pruner in zip(axes[0], pruners):

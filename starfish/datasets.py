@@ -15,7 +15,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from starfish.errors import StarfishError
 
@@ -163,10 +163,6 @@ def load_dataset(kind: str, root: str | Path, split: str, model: torch.nn.Module
     raise StarfishError(f"unknown dataset kind {kind!r}; use one of {list(DATASET_KINDS)}")
 
 
-def make_loader(dataset: ImageDataset, batch_size: int, indices: Sequence[int] | None = None,
-                shuffle: bool = False, seed: int = 0) -> DataLoader:
-    """A deterministic DataLoader over `dataset` (or the subset at `indices`)."""
-    data = dataset if indices is None else Subset(dataset, list(indices))
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
-
+def make_loader(dataset: ImageDataset, batch_size: int) -> DataLoader:
+    """An in-order DataLoader over `dataset` (batched fetch where the dataset supports it)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)

@@ -29,7 +29,8 @@ from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold, measured_sparsity, predict
 from starfish.healing import heal_
 from starfish.models import device_of
-from starfish.io import atomic_path, atomic_write_bytes, atomic_write_json
+from starfish.io import atomic_write_bytes, atomic_write_json
+from starfish.plots import save_png, subplots
 from starfish.pruning import nm_pattern_for, prune, sparsify_
 from starfish.steps import dataset, dense_model
 from starfish.calibration import stratified_indices
@@ -164,14 +165,9 @@ def markdown_table(summary: dict[str, Any]) -> str:
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [{**r, "pruner": r["pruner"].split(" (")[0]} for r in summary["rows"]]  # one panel for all N:M
     pruners = list(dict.fromkeys(r["pruner"] for r in rows))
-    fig, axes = plt.subplots(1, len(pruners), figsize=(5 * len(pruners), 4), sharey=True, squeeze=False)
+    fig, axes = subplots(1, len(pruners), figsize=(5 * len(pruners), 4), sharey=True, squeeze=False)
     for ax, pruner in zip(axes[0], pruners):
         for healer in dict.fromkeys(r["healer"] for r in rows):
             cells = sorted((r["sparsity"], r["recovery"]) for r in rows if r["pruner"] == pruner and r["healer"] == healer)
@@ -184,9 +180,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(f"{summary['model']}: recovery vs sparsity ({summary['calibration_images']} calibration images)")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)
 
 
 def write_outputs(out: Path, summary: dict[str, Any], final: bool) -> None:

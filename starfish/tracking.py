@@ -12,7 +12,6 @@ and the AWS variables set for the server) sends the artifacts to S3 through boto
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import subprocess
@@ -28,6 +27,7 @@ import torch
 from starfish.config import GateConfig, PipelineConfig
 from starfish.errors import StarfishError
 from starfish.io import atomic_write_bytes, read_json
+from starfish.plots import save_png, subplots
 
 log = logging.getLogger(__name__)
 
@@ -93,23 +93,14 @@ def git_commit(cwd: str | Path = ".") -> str | None:
 def write_report(out_dir: str | Path, cfg: PipelineConfig, metrics: dict[str, Any], calibration: dict[str, Any],
                  loss_curve: str | Path) -> tuple[Path, Path]:
     """Write `report.md` and `loss.png` (healing loss per epoch) into `out_dir`; return both paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out_dir = Path(out_dir)
     rows = [line.split(",") for line in Path(loss_curve).read_text().splitlines()[1:] if line]
-    figure, axis = plt.subplots(figsize=(5, 3.2))
+    figure, axis = subplots(figsize=(5, 3.2))
     axis.plot([int(r[0]) for r in rows], [float(r[1]) for r in rows], marker="o")
     axis.set(xlabel="epoch", ylabel="alignment loss", title=f"{cfg.heal.method} healing loss")
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    png = io.BytesIO()
-    figure.savefig(png, format="png", dpi=100)
-    plt.close(figure)
-    plot = out_dir / "loss.png"
-    atomic_write_bytes(plot, png.getvalue())
+    plot = save_png(figure, out_dir / "loss.png", dpi=100)
     lines = [
         f"# {cfg.model.name}: {cfg.prune.method} {cfg.prune.sparsity:g} + {cfg.heal.method}",
         "",

@@ -127,20 +127,18 @@ def test_wanda_needs_images(vit: nn.Module) -> None:
 # --- N:M -------------------------------------------------------------------------------------
 
 
-def test_nm_2_of_4() -> None:
-    scores = torch.tensor([[0.1, 0.4, 0.3, 0.2, 5.0, 6.0, 7.0, 8.0],
-                           [1.0, 1.0, 1.0, 1.0, 9.0, 0.0, 0.0, 9.0]])
-    expected = mask([[F, T, T, F, F, F, T, T],
-                     [F, F, T, T, T, F, F, T]])
-    assert torch.equal(M.nm_mask(scores, 2, 4), expected)
-
-
-def test_nm_1_of_4() -> None:
-    scores = torch.tensor([[0.1, 0.4, 0.3, 0.2, 8.0, 6.0, 7.0, 5.0],
-                           [2.0, 2.0, 1.0, 1.0, 0.0, 0.0, 0.0, 3.0]])
-    expected = mask([[F, T, F, F, T, F, F, F],
-                     [F, T, F, F, F, F, F, T]])
-    assert torch.equal(M.nm_mask(scores, 1, 4), expected)
+@pytest.mark.parametrize(("n", "scores", "expected"), [
+    (2, [[0.1, 0.4, 0.3, 0.2, 5.0, 6.0, 7.0, 8.0],
+         [1.0, 1.0, 1.0, 1.0, 9.0, 0.0, 0.0, 9.0]],
+        [[F, T, T, F, F, F, T, T],
+         [F, F, T, T, T, F, F, T]]),
+    (1, [[0.1, 0.4, 0.3, 0.2, 8.0, 6.0, 7.0, 5.0],
+         [2.0, 2.0, 1.0, 1.0, 0.0, 0.0, 0.0, 3.0]],
+        [[F, T, F, F, T, F, F, F],
+         [F, T, F, F, F, F, F, T]]),
+], ids=["2:4", "1:4"])
+def test_nm_n_of_4(n: int, scores: list[list[float]], expected: list[list[bool]]) -> None:
+    assert torch.equal(M.nm_mask(torch.tensor(scores), n, 4), mask(expected))
 
 
 def test_nm_groups_are_consecutive_inputs_of_conv_weights() -> None:

@@ -1,8 +1,11 @@
 """Which internal states a model exposes, and one owner for the hooks that record them.
 
-Internal states are the outputs of a model's top-level blocks, found by name (never by tensor
-shape): `blocks.{i}` for ViT/DeiT-style models, `stages.{i}` for ConvNeXt-style models, and
-`layer1..layer4` for ResNets.
+Internal states are block outputs, found by module names and types (never by tensor shape).
+Stages are the children of the model's top-level container: `blocks.{i}` (ViT/DeiT,
+EfficientNet/MobileNet), `stages.{i}` (ConvNeXt), `layers.{i}` (Swin) or `layer1..layer4`
+(ResNet). Blocks are what a stage holds, as the STARFISH authors align them: its `.blocks`
+container (`stages.{i}.blocks.{j}`, `layers.{i}.blocks.{j}`), its children when the stage is a
+Sequential (`blocks.{i}.{j}`, `layerN.{j}`), or the stage itself when it is one block (ViT).
 """
 
 from __future__ import annotations
@@ -16,14 +19,15 @@ from starfish.errors import StarfishError
 
 _CONTAINERS = ("blocks", "stages", "layers")
 _RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+_SEQUENCES = (nn.Sequential, nn.ModuleList)
 
 
-def block_names(model: nn.Module) -> list[str]:
-    """Names of the modules whose outputs are the model's internal states, in forward order."""
+def stage_names(model: nn.Module) -> list[str]:
+    """Names of the model's stages in forward order: the coarse states, and the pruning scope's roots."""
     for container in _CONTAINERS:
-        blocks = getattr(model, container, None)
-        if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) > 0:
-            return [f"{container}.{i}" for i in range(len(blocks))]
+        stages = getattr(model, container, None)
+        if isinstance(stages, _SEQUENCES) and len(stages) > 0:
+            return [f"{container}.{child}" for child, _ in stages.named_children()]
     if all(isinstance(getattr(model, name, None), nn.Module) for name in _RESNET_STAGES):
         return list(_RESNET_STAGES)
     raise StarfishError(
@@ -32,18 +36,35 @@ def block_names(model: nn.Module) -> list[str]:
     )
 
 
+def _blocks_of(stage: nn.Module, name: str) -> list[str]:
+    """A stage's blocks: its `.blocks` container, else its children if it is a Sequential, else itself."""
+    inner = getattr(stage, "blocks", None)
+    if isinstance(inner, _SEQUENCES) and len(inner) > 0:
+        return [f"{name}.blocks.{child}" for child, _ in inner.named_children()]
+    if isinstance(stage, _SEQUENCES) and len(stage) > 0:
+        return [f"{name}.{child}" for child, _ in stage.named_children()]
+    return [name]
+
+
+def block_names(model: nn.Module) -> list[str]:
+    """Names of every block in forward order: the internal states STARFISH aligns by default."""
+    return [block for stage in stage_names(model) for block in _blocks_of(model.get_submodule(stage), stage)]
+
+
 def state_names(model: nn.Module, states: str) -> list[str]:
-    """Resolve heal.states: `blocks` (every block), `last` (the final block) or comma-separated names."""
+    """Resolve heal.states: `blocks` (every block), `stages`, `last` (final block) or comma-separated names."""
     if states == "blocks":
         return block_names(model)
+    if states == "stages":
+        return stage_names(model)
     if states == "last":
         return block_names(model)[-1:]
     names = [name.strip() for name in states.split(",") if name.strip()]
     modules = dict(model.named_modules())
     unknown = [name for name in names if name not in modules]
     if unknown or not names:
-        raise StarfishError(f"heal.states={states!r}: unknown module(s) {unknown}; use `blocks`, `last` "
-                            "or comma-separated module names")
+        raise StarfishError(f"heal.states={states!r}: unknown module(s) {unknown}; use `blocks`, `stages`, "
+                            "`last` or comma-separated module names")
     return names
 
 

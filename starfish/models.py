@@ -1,8 +1,9 @@
 """Models: timm names, local checkpoints, and starfish checkpoints that carry their masks.
 
-Every model is a timm model, created by name through timm's registry; the demo ViT for
-Fashion-MNIST is registered there too, so it honours the same contract (`blocks.{i}`,
-`pretrained_cfg` with its input size and normalization).
+Every model is a timm model, created by name through timm's registry; the two Fashion-MNIST demo
+models are registered there too, so they honour the same contract (`pretrained_cfg` with input
+size and normalization): a ViT (blocks `blocks.{i}`) and a MobileNetV1-style CNN built by timm's
+EfficientNet builder (blocks `blocks.{i}.{j}`, as in the STARFISH authors' MobileNetV1).
 
 A starfish checkpoint is one `.safetensors` file: the model's state under its own keys, the
 pruning masks under `masks/<parameter name>`, and the model name in the file's metadata.
@@ -20,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.models import register_model
+from timm.models.efficientnet import EfficientNet, decode_arch_def
 from timm.models.vision_transformer import VisionTransformer
 
 from starfish.errors import StarfishError
@@ -27,8 +29,11 @@ from starfish.io import atomic_path
 
 log = logging.getLogger(__name__)
 
+_DEMO_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"
 DEMO_MODEL = "starfish_vit_fmnist"
-DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "data" / "demo" / "starfish_vit_fmnist.safetensors"
+DEMO_CHECKPOINT = _DEMO_DIR / "starfish_vit_fmnist.safetensors"
+DEMO_CNN_MODEL = "starfish_cnn_fmnist"
+DEMO_CNN_CHECKPOINT = _DEMO_DIR / "starfish_cnn_fmnist.safetensors"
 MASK_PREFIX = "masks/"
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
@@ -53,26 +58,54 @@ def device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@register_model
-def starfish_vit_fmnist(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """A 4-block ViT (dim 64, 4 heads, 4x4 patches) for 28x28 grayscale Fashion-MNIST."""
+def _demo_options(name: str, checkpoint: Path, pretrained: bool, kwargs: dict[str, Any],
+                  defaults: dict[str, Any]) -> dict[str, Any]:
+    """Constructor options for a demo model: `defaults` overridden by `kwargs`; it has no hub weights."""
     if pretrained:
-        raise StarfishError(f"{DEMO_MODEL} has no hub weights; pass checkpoint={DEMO_CHECKPOINT}")
+        raise StarfishError(f"{name} has no hub weights; pass checkpoint={checkpoint}")
     for hub_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(hub_only, None)
-    options = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4,
-                   num_heads=4, mlp_ratio=4.0)
-    options.update(kwargs)
-    model = VisionTransformer(**options)
-    model.pretrained_cfg = {
-        "architecture": DEMO_MODEL,
-        "input_size": (options["in_chans"], options["img_size"], options["img_size"]),
+    return {**defaults, **kwargs}
+
+
+def _fashion_mnist_cfg(name: str, in_chans: int, size: int, num_classes: int) -> dict[str, Any]:
+    """The `pretrained_cfg` a demo model carries, so data loading finds its input size and normalization."""
+    return {
+        "architecture": name,
+        "input_size": (in_chans, size, size),
         "mean": FASHION_MNIST_MEAN,
         "std": FASHION_MNIST_STD,
         "crop_pct": 1.0,
         "interpolation": "bilinear",
-        "num_classes": options["num_classes"],
+        "num_classes": num_classes,
     }
+
+
+@register_model
+def starfish_vit_fmnist(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """A 4-block ViT (dim 64, 4 heads, 4x4 patches) for 28x28 grayscale Fashion-MNIST."""
+    options = _demo_options(DEMO_MODEL, DEMO_CHECKPOINT, pretrained, kwargs,
+                            dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4,
+                                 num_heads=4, mlp_ratio=4.0))
+    model = VisionTransformer(**options)
+    model.pretrained_cfg = _fashion_mnist_cfg(DEMO_MODEL, options["in_chans"], options["img_size"],
+                                              options["num_classes"])
+    return model
+
+
+# MobileNetV1 stages (depthwise 3x3 + pointwise 1x1, no skip) sized for 28x28: the stem (stride 2)
+# gives 14x14, then 14 -> 7 -> 4; six blocks, 73k parameters.
+_CNN_ARCH = [["dsa_r1_k3_s1_c32"], ["dsa_r2_k3_s2_c64"], ["dsa_r2_k3_s2_c128"], ["dsa_r1_k3_s1_c256"]]
+
+
+@register_model
+def starfish_cnn_fmnist(pretrained: bool = False, **kwargs: Any) -> EfficientNet:
+    """A small MobileNetV1 for 28x28 grayscale Fashion-MNIST: the CNN counterpart of the demo ViT."""
+    options = _demo_options(DEMO_CNN_MODEL, DEMO_CNN_CHECKPOINT, pretrained, kwargs,
+                            dict(in_chans=1, num_classes=10, stem_size=16, fix_stem=True, num_features=0,
+                                 act_layer=torch.nn.ReLU6))
+    model = EfficientNet(decode_arch_def(_CNN_ARCH), **options)
+    model.pretrained_cfg = _fashion_mnist_cfg(DEMO_CNN_MODEL, options["in_chans"], 28, options["num_classes"])
     return model
 
 

@@ -213,12 +213,19 @@ def test_default_scope_selects_exactly_the_block_linears(vit: nn.Module) -> None
     assert not in_scope("head", modules["head"])
 
 
-def test_default_scope_on_a_cnn_keeps_to_stage_convs() -> None:
-    model = timm.create_model("resnet10t", num_classes=10)
-    names = list(scope_weights(model))
-    assert names and all(name.startswith(("layer1.", "layer2.", "layer3.", "layer4.")) for name in names)
-    assert all(".conv" in name or ".downsample." in name for name in names)
-    assert "conv1.0.weight" not in names and "fc.weight" not in names
+RESNET18_SCOPE = [f"layer{s}.{b}.{conv}.weight" for s in range(1, 5) for b in range(2)
+                  for conv in (("conv1", "conv2", "downsample.0") if s > 1 and b == 0 else ("conv1", "conv2"))]
+MOBILENETV1_SCOPE = [f"blocks.{s}.{b}.conv_pw.weight" for s, depth in enumerate((1, 2, 2, 6, 2)) for b in range(depth)]
+CONVNEXT_ATTO_SCOPE = [name for s, depth in enumerate((2, 2, 6, 2))
+                       for name in ([f"stages.{s}.downsample.1.weight"] if s else [])
+                       + [f"stages.{s}.blocks.{b}.mlp.{fc}.weight" for b in range(depth) for fc in ("fc1", "fc2")]]
+
+
+@pytest.mark.parametrize("name, expected", [("resnet18", RESNET18_SCOPE), ("mobilenetv1_100", MOBILENETV1_SCOPE),
+                                            ("convnext_atto", CONVNEXT_ATTO_SCOPE)])
+def test_default_scope_on_cnns_is_every_dense_conv_inside_the_stages(name: str, expected: list[str]) -> None:
+    """Stem, depthwise convs and head stay out; ConvNeXt's downsample conv (outside its blocks) stays in."""
+    assert list(scope_weights(timm.create_model(name, num_classes=10))) == expected
 
 
 def test_scope_that_selects_nothing_raises(vit: nn.Module) -> None:

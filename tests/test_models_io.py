@@ -13,7 +13,8 @@ from torch import nn
 
 from starfish.errors import StarfishError
 from starfish.io import atomic_path, atomic_write_bytes, atomic_write_json, read_json, sidecar_path, write_sidecar
-from starfish.models import create_model, load_checkpoint, read_checkpoint, save_checkpoint
+from starfish.models import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, create_model, load_checkpoint, read_checkpoint,
+                             save_checkpoint)
 from starfish.pruning import prune, sparsify_
 
 
@@ -115,8 +116,39 @@ def test_missing_and_unsupported_checkpoints_raise(tmp_path: Path) -> None:
 def test_unknown_model_name_raises() -> None:
     with pytest.raises(StarfishError, match="unknown model 'no_such_model_xyz'"):
         create_model("no_such_model_xyz")
-    with pytest.raises(StarfishError, match="has no hub weights"):
-        create_model("starfish_vit_fmnist", pretrained=True)
+
+
+@pytest.mark.parametrize("name", ["starfish_vit_fmnist", "starfish_cnn_fmnist"])
+def test_demo_models_honour_one_contract(name: str) -> None:
+    model = create_model(name)
+    cfg = model.pretrained_cfg
+    assert cfg["architecture"] == name and cfg["input_size"] == (1, 28, 28) and cfg["num_classes"] == 10
+    assert (cfg["mean"], cfg["std"]) == (FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(StarfishError, match=f"{name} has no hub weights"):
+        create_model(name, pretrained=True)
+
+
+def test_demo_cnn_is_a_small_mobilenet_v1() -> None:
+    model = create_model("starfish_cnn_fmnist")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert sum(p.numel() for p in model.parameters()) == 72_842
+    assert sum(m.groups == 1 and m.kernel_size == (1, 1) for m in convs) == 6  # the pointwise convs
+    assert sum(m.groups == m.in_channels > 1 for m in convs) == 6  # the depthwise convs
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_demo_cnn_roundtrip_keeps_batchnorm_statistics(tmp_path: Path) -> None:
+    model = create_model("starfish_cnn_fmnist").train()
+    with torch.no_grad():
+        model(torch.randn(8, 1, 28, 28))  # moves the running statistics off their initial values
+    masks = prune(model.eval(), "magnitude", 0.5)
+    sparsify_(model, masks)
+    save_checkpoint(tmp_path / "cnn.safetensors", model, "starfish_cnn_fmnist", masks=masks)
+    loaded, loaded_masks, name = load_checkpoint(tmp_path / "cnn.safetensors")
+    assert name == "starfish_cnn_fmnist" and set(loaded_masks) == set(masks)
+    assert_same_state(loaded, model)
 
 
 def test_created_models_are_in_eval_mode() -> None:

@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from starfish.capture import ActivationCapture, block_names
+from starfish.capture import ActivationCapture, stage_names
 from starfish.errors import StarfishError
 from starfish.models import device_of
 from starfish.pruning import masks as M
@@ -28,8 +28,11 @@ NM_GROUP_SIZES = (4, 8, 10, 16, 20)
 
 
 def default_scope(model: nn.Module) -> ScopePredicate:
-    """The predicate for `model`'s default scope: prunable layers inside its blocks."""
-    prefixes = tuple(f"{name}." for name in block_names(model))
+    """The predicate for `model`'s default scope: prunable layers inside its stages.
+
+    Stages, not blocks: a stage may hold layers outside its blocks (ConvNeXt's downsample conv).
+    """
+    prefixes = tuple(f"{name}." for name in stage_names(model))
 
     def in_scope(name: str, module: nn.Module) -> bool:
         if not name.startswith(prefixes):

@@ -47,8 +47,11 @@ def test_sample_prune_heal_evaluate(params_path: Path, demo_checkpoint: Path, tm
         meta = read_json(sidecar_path(output))
         assert meta["sha256"] == sha256_file(output) and meta["file"] == output.name
     loss_curve = tmp_path / "healed_loss.csv"
-    assert loss_curve.read_text().splitlines()[0] == "epoch,loss"
-    assert len(loss_curve.read_text().splitlines()) == 2  # one epoch
+    lines = loss_curve.read_text().splitlines()
+    assert lines[0] == "step,calibration_loss,holdout_loss"
+    # one epoch of the 216 training images (24 held out) is 7 steps: points at step 0 and step 7
+    assert [line.split(",")[0] for line in lines[1:]] == ["0", "7"]
+    assert all(value for line in lines[1:] for value in line.split(","))
     assert not list(tmp_path.glob(".*.tmp"))
 
     metrics = read_json(metrics_path)
@@ -74,7 +77,9 @@ def test_sample_prune_heal_evaluate(params_path: Path, demo_checkpoint: Path, tm
     assert changed and set(changed) <= set(healed_masks)
     heal_meta = read_json(sidecar_path(healed))
     assert heal_meta["inputs"]["pruned_sha256"] == sha256_file(pruned)
-    assert heal_meta["config"]["heal"]["epochs"] == 1
+    assert heal_meta["config"]["heal"]["epochs"] == 1 and heal_meta["config"]["heal"]["steps"] is None
+    assert heal_meta["report"]["steps"] == 7 and heal_meta["report"]["holdout_images"] == 24
+    assert heal_meta["report"]["selected_step"] in (0, 7) and "curve" not in heal_meta["report"]
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +107,10 @@ BAD_INPUTS = {
     "truncated checkpoint": (["--set", "model.checkpoint={truncated}"], "damaged or truncated"),
     "unknown params field": (["--set", "prune.bogus=1"], "prune: unknown field(s) ['bogus']"),
     "non-numeric value": (["--set", "heal.epochs=abc"], "heal.epochs='abc' must be a number"),
+    "zero heal steps": (["--set", "heal.steps=0"], "heal.steps=0 must be >= 1"),
+    "steps and epochs": (["--set", "heal.steps=100", "--set", "heal.epochs=3"], "set exactly one budget"),
+    "hold-out too large": (["--set", "heal.holdout=0.5"], "heal.holdout=0.5 must be in [0, 0.5)"),
+    "unknown preset": (["--set", "heal.preset=fast"], "heal.preset='fast': use one of"),
 }
 
 

@@ -13,7 +13,38 @@ from starfish.errors import StarfishError
 def test_repository_params_load(params_path: Path) -> None:
     cfg = load_config(params_path)
     assert cfg.calibration.fraction == 0.004 and cfg.heal.method == "starfish"
-    assert cfg.heal.lr == 6e-4 and cfg.heal.epochs == 10 and cfg.heal.batch_size == 32
+    assert cfg.heal.lr == 6e-4 and cfg.heal.batch_size == 32
+    assert cfg.heal.steps == 1570 and cfg.heal.epochs is None  # the authors' budget: 10 x ceil(5000 / 32)
+    assert cfg.heal == load_config(None).heal  # params.yaml spells out the built-in defaults
+
+
+def test_the_step_budget_does_not_depend_on_the_split_size() -> None:
+    cfg = load_config(None).heal
+    assert cfg.total_steps(240) == cfg.total_steps(5000) == 1570
+    faithful = load_config(None, ["heal.preset=faithful"]).heal
+    assert faithful.total_steps(5000) == 1570 and faithful.total_steps(240) == 80  # 10 x ceil(240 / 32)
+
+
+def test_a_budget_given_later_replaces_the_other(tmp_path: Path) -> None:
+    assert load_config(None, ["heal.epochs=2"]).heal.steps is None
+    params = tmp_path / "params.yaml"
+    params.write_text("heal:\n  epochs: 3\n")
+    cfg = load_config(params, ["heal.steps=40"]).heal
+    assert (cfg.steps, cfg.epochs) == (40, None)
+    params.write_text("heal:\n  epochs: 3\n  steps: 40\n")
+    with pytest.raises(StarfishError, match="set exactly one budget"):
+        load_config(params)
+
+
+def test_presets_set_their_fields_and_explicit_fields_win() -> None:
+    faithful = load_config(None, ["heal.preset=faithful"]).heal
+    assert (faithful.steps, faithful.epochs, faithful.holdout, faithful.preset) == (None, 10, 0.0, "faithful")
+    recommended = load_config(None, ["heal.preset=recommended", "heal.logit_weight=0.5"]).heal
+    assert recommended.warm_start == "layerwise" and recommended.logit_weight == 0.5
+    assert recommended.steps == 1570
+    assert PipelineConfig().replace(heal={"preset": "faithful"}).heal == faithful
+    again = PipelineConfig().replace(heal={"preset": "recommended"})
+    assert again.replace(heal={"seed": 3}).heal.warm_start == "layerwise"
 
 
 def test_overrides_are_typed_by_the_field() -> None:
@@ -21,7 +52,7 @@ def test_overrides_are_typed_by_the_field() -> None:
                              "heal.epochs=3", "model.checkpoint=null", "evaluate.max_samples="])
     assert cfg.prune.nm == "1:4"  # not YAML's base-60 integer 64
     assert cfg.prune.sparsity == 0.75 and cfg.prune.global_ranking is True
-    assert cfg.heal.epochs == 3 and cfg.model.checkpoint is None and cfg.evaluate.max_samples is None
+    assert cfg.heal.epochs == 3 and cfg.heal.steps is None and cfg.model.checkpoint is None and cfg.evaluate.max_samples is None
 
 
 @pytest.mark.parametrize("override, message", [
@@ -35,6 +66,12 @@ def test_overrides_are_typed_by_the_field() -> None:
     ("calibration.fraction=0", "calibration.fraction=0.0 must be in (0, 1]"),
     ("heal.lr_min=1", "heal.lr_min=1.0"),
     ("data.kind=mnist", "data.kind='mnist'"),
+    ("heal.steps=0", "heal.steps=0 must be >= 1"),
+    ("heal.epochs=0", "heal.epochs=0 must be >= 1"),
+    ("heal.holdout=0.5", "heal.holdout=0.5 must be in [0, 0.5)"),
+    ("heal.holdout_every=0", "heal.holdout_every=0 must be >= 1"),
+    ("heal.logit_weight=-1", "heal.logit_weight=-1.0 must be >= 0"),
+    ("heal.preset=fast", "heal.preset='fast': use one of"),
 ])
 def test_bad_overrides_name_the_field(override: str, message: str) -> None:
     with pytest.raises(StarfishError) as info:
@@ -56,6 +93,6 @@ def test_params_file_errors(tmp_path: Path) -> None:
 
 def test_replace_revalidates() -> None:
     cfg = PipelineConfig().replace(heal={"epochs": 2})
-    assert cfg.heal.epochs == 2 and cfg.heal.method == "starfish"
+    assert cfg.heal.epochs == 2 and cfg.heal.steps is None and cfg.heal.method == "starfish"
     with pytest.raises(StarfishError, match="prune.sparsity=1.0"):
         cfg.replace(prune={"sparsity": 1.0})

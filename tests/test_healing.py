@@ -11,22 +11,27 @@ import timm
 import torch
 from torch import nn
 
-from starfish.bench import VARIANTS
 from starfish.calibration import stratified_indices
 from starfish.capture import ActivationCapture, block_names, state_names
-from starfish.config import HealConfig
+from starfish.config import VARIANTS, HealConfig, variant_config
 from starfish.datasets import FashionMNIST
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold
 from starfish.healing import HEALERS, heal_
 from starfish.healing.baselines import masked_least_squares
-from starfish.healing.common import cosine_loss, masked_training, nmse_loss
+from starfish.healing import baselines
+from starfish.healing.baselines import PairedInputs
+from starfish.healing.common import cosine_loss, masked_training, nmse_loss, split_calibration
 from starfish.models import create_model, load_checkpoint, save_checkpoint
 from starfish.pruning import prune, sparsify_
 
 Masks = dict[str, torch.Tensor]
 
-HEALER_CONFIGS = VARIANTS  # every registered healer, plus STARFISH with the layerwise warm start
+
+
+def variant(name: str, **fields: object) -> HealConfig:
+    """A bench variant (every registered healer, and STARFISH's presets) with test-sized settings."""
+    return variant_config(HealConfig(**fields), name, seed=0)
 
 
 def pruned_pair(sparsity: float = 0.5, seed: int = 0) -> tuple[nn.Module, nn.Module, Masks]:
@@ -52,41 +57,41 @@ def clone_masks(masks: Masks) -> Masks:
 
 
 def test_every_registered_healer_is_covered() -> None:
-    assert {cfg["method"] for cfg in HEALER_CONFIGS.values()} == set(HEALERS)
+    assert {variant(name).method for name in VARIANTS} == set(HEALERS)
 
 
-@pytest.mark.parametrize("variant", list(HEALER_CONFIGS))
-def test_healers_keep_masks_and_remove_hooks(variant: str) -> None:
+@pytest.mark.parametrize("healer", list(VARIANTS))
+def test_healers_keep_masks_and_remove_hooks(healer: str) -> None:
     dense, model, masks = pruned_pair()
     before_masks = clone_masks(masks)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
-    cfg = HealConfig(**HEALER_CONFIGS[variant], epochs=2, batch_size=8)
+    cfg = variant(healer, epochs=2, batch_size=8, holdout_every=3)
     report = heal_(model, dense, masks, random_images(), cfg)
     assert isinstance(report, dict)
     check_masks_hold(model, masks)
     for name, mask in masks.items():
         assert torch.equal(mask, before_masks[name]), name
     for name, value in dense.state_dict().items():
-        assert torch.equal(value, dense_state[name]), f"{variant} changed the dense model's {name}"
+        assert torch.equal(value, dense_state[name]), f"{healer} changed the dense model's {name}"
     assert no_hooks(model) and no_hooks(dense)
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
-    if variant == "none":
+    if healer == "none":
         assert changed == []
-    else:
-        assert changed, f"{variant} changed nothing"
+    elif not report.get("kept_pruned"):
+        assert changed, f"{healer} changed nothing"
 
 
-@pytest.mark.parametrize("variant", ["starfish", "logit-kd", "starfish+warm"])
-def test_alignment_trains_only_the_scope_weights(variant: str) -> None:
+@pytest.mark.parametrize("healer", ["faithful", "logit-kd", "recommended"])
+def test_alignment_trains_only_the_scope_weights(healer: str) -> None:
     dense, model, masks = pruned_pair()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    heal_(model, dense, masks, random_images(), HealConfig(**HEALER_CONFIGS[variant], epochs=1, batch_size=8))
+    heal_(model, dense, masks, random_images(), variant(healer, epochs=1, batch_size=8, holdout=0.0))
     state = model.state_dict()
     for name, value in state.items():
         if name in masks:
             continue
-        assert torch.equal(value, before[name]), f"{variant} changed {name}, which is outside the scope"
+        assert torch.equal(value, before[name]), f"{healer} changed {name}, which is outside the scope"
     frozen = {"patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "cls_token", "head.weight",
               "head.bias", "norm.weight", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"}
     assert frozen <= set(state)
@@ -155,16 +160,6 @@ def test_capture_of_unknown_modules_raises(vit: nn.Module) -> None:
     with pytest.raises(StarfishError, match=r"cannot capture \['blocks.9'\]"):
         ActivationCapture(vit, ["blocks.9"])
     assert no_hooks(vit)
-
-
-def test_state_names(vit: nn.Module) -> None:
-    assert state_names(vit, "last") == ["blocks.3"]
-    assert state_names(vit, "blocks.1, norm") == ["blocks.1", "norm"]
-    with pytest.raises(StarfishError, match="heal.states='blocks.7'"):
-        state_names(vit, "blocks.7")
-    assert block_names(timm.create_model("resnet10t", num_classes=10)) == ["layer1", "layer2", "layer3", "layer4"]
-    with pytest.raises(StarfishError, match="no `blocks`, `stages` or `layer1..4`"):
-        block_names(nn.Sequential(nn.Linear(2, 2)))
 
 
 # --- losses ------------------------------------------------------------------------------------
@@ -286,16 +281,106 @@ def test_starfish_loss_decreases_on_the_demo_vit(demo_checkpoint: Path, fmnist_t
     model = sparsify_(copy.deepcopy(dense), masks)
     indices = stratified_indices(fmnist_train.targets, 0.002, seed=0)  # 120 real images
     images = torch.stack([fmnist_train[i][0] for i in indices])
-    report = heal_(model, dense, masks, images, HealConfig(epochs=4, batch_size=32, lr=1e-3))
-    losses = report["epoch_losses"]
-    assert isinstance(losses, list) and len(losses) == 4
-    assert losses[-1] < losses[0]
+    report = heal_(model, dense, masks, images, HealConfig(steps=30, holdout_every=10, lr=1e-3, holdout=0.1))
+    curve = report["curve"]
+    assert [p["step"] for p in curve] == [0, 10, 20, 30]
+    assert curve[-1]["calibration_loss"] < curve[0]["calibration_loss"]
+    assert curve[-1]["holdout_loss"] < curve[0]["holdout_loss"]
     assert report["states"] == ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
-    assert report["steps"] == 4 * math.ceil(120 / 32)
+    assert (report["steps"], report["train_images"], report["holdout_images"]) == (30, 108, 12)
+    best = min(curve, key=lambda p: p["holdout_loss"])
+    assert report["selected_step"] == best["step"] and report["holdout_loss"] == best["holdout_loss"]
+    assert report["kept_pruned"] is False
     check_masks_hold(model, masks)
 
 
-def test_starfish_on_a_cnn_aligns_stage_outputs() -> None:
+def test_the_step_budget_is_the_same_for_every_split_size() -> None:
+    for n in (16, 40):
+        dense, model, masks = pruned_pair()
+        report = heal_(model, dense, masks, random_images(n), HealConfig(steps=7, batch_size=8, holdout=0.0))
+        assert report["steps"] == 7 and [p["step"] for p in report["curve"]] == [0, 7]
+
+
+def test_the_held_out_slice_is_deterministic_and_disjoint() -> None:
+    images = torch.arange(20.0).reshape(20, 1, 1, 1)
+    train, held = split_calibration(images, 0.25)
+    assert held.flatten().tolist() == [0.0, 5.0, 10.0, 14.0, 19.0]  # ceil(0.25 * 20) = 5, evenly spaced
+    assert sorted(train.flatten().tolist() + held.flatten().tolist()) == list(map(float, range(20)))
+    assert split_calibration(images, 0.0)[1] is None
+    with pytest.raises(StarfishError, match="holds out all 1 calibration images"):
+        split_calibration(images[:1], 0.1)
+
+
+def test_a_heal_that_only_hurts_returns_the_pruned_weights() -> None:
+    """An absurd learning rate makes every step worse on the held-out slice: the pruned model comes back."""
+    dense, model, masks = pruned_pair(0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = heal_(model, dense, masks, random_images(16), HealConfig(steps=4, batch_size=8, lr=50.0, lr_min=50.0,
+                                                                    holdout=0.25, holdout_every=1))
+    assert report["kept_pruned"] is True and report["selected_step"] == 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p["holdout_loss"] > report["holdout_loss"] for p in report["curve"][1:])
+
+
+def test_a_warm_start_that_hurts_is_undone_too() -> None:
+    """With a warm start, the pruned weights (before it) are a candidate of their own."""
+    dense, model, masks = pruned_pair(0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = HealConfig.from_preset("recommended", steps=2, batch_size=8, lr=50.0, lr_min=50.0, holdout=0.25,
+                                 holdout_every=1, damp=1e6)  # a huge damping shrinks every weight towards 0
+    report = heal_(model, dense, masks, random_images(16), cfg)
+    assert report["kept_pruned"] is True and report["selected_step"] == "pruned"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_logit_term_changes_the_objective() -> None:
+    dense, model, masks = pruned_pair(0.75)
+    other = copy.deepcopy(model)
+    plain = heal_(model, dense, masks, random_images(16), HealConfig(steps=3, batch_size=8, holdout=0.0))
+    mixed = heal_(other, dense, masks, random_images(16), HealConfig(steps=3, batch_size=8, holdout=0.0,
+                                                                     logit_weight=1.0))
+    assert mixed["curve"][0]["calibration_loss"] > plain["curve"][0]["calibration_loss"]  # same start, KD added
+    assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+
+
+def test_the_recommended_preset_on_a_cnn_skips_the_linear_only_warm_start() -> None:
+    torch.manual_seed(0)
+    dense = create_model("starfish_cnn_fmnist")
+    masks = prune(dense, "magnitude", 0.75)
+    model = sparsify_(copy.deepcopy(dense), masks)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = HealConfig.from_preset("recommended", steps=4, batch_size=8, holdout_every=2)
+    report = heal_(model, dense, masks, random_images(16), cfg)
+    assert report["warm_start"].startswith("skipped") and "warm_start_seconds" not in report
+    assert report["states"] == ["blocks.0.0", "blocks.1.0", "blocks.1.1", "blocks.2.0", "blocks.2.1", "blocks.3.0"]
+    check_masks_hold(model, masks)
+    state = model.state_dict()
+    assert all(torch.equal(v, before[k]) for k, v in state.items() if k not in masks)  # BatchNorm stays frozen
+
+
+def test_layerwise_block_by_block_matches_whole_model_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The block-by-block feed gives the same least-squares result as whole-model passes."""
+    dense, model, masks = pruned_pair(0.9)
+    images = random_images(24)
+    reference = copy.deepcopy(model)
+    layers = [name.removesuffix(".weight") for name in masks]
+    assert PairedInputs(model, dense, layers, images, 8).blockwise
+    heal_(model, dense, masks, images, HealConfig(method="layerwise", batch_size=8))
+
+    def no_blocks(model: nn.Module) -> list[str]:
+        raise StarfishError("no blocks")
+
+    monkeypatch.setattr(baselines, "stage_names", no_blocks)
+    assert not PairedInputs(reference, dense, layers, images, 8).blockwise
+    heal_(reference, dense, masks, images, HealConfig(method="layerwise", batch_size=8))
+    changed = 0
+    for name, value in model.state_dict().items():
+        assert torch.allclose(value, reference.state_dict()[name], atol=1e-5), name
+        changed += name in masks
+    assert changed == len(masks)
+
+
+def test_starfish_on_a_cnn_aligns_block_outputs() -> None:
     torch.manual_seed(0)
     dense = timm.create_model("resnet10t", num_classes=10).eval()
     masks = prune(dense, "magnitude", 0.5)
@@ -303,7 +388,7 @@ def test_starfish_on_a_cnn_aligns_stage_outputs() -> None:
     model = sparsify_(copy.deepcopy(dense), masks)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = heal_(model, dense, masks, random_images(8, (3, 48, 48)), HealConfig(epochs=2, batch_size=4))
-    assert report["states"] == ["layer1", "layer2", "layer3", "layer4"]
+    assert report["states"] == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
     check_masks_hold(model, masks)
     assert all(torch.equal(masks[k], before_masks[k]) for k in masks)
     state = model.state_dict()

@@ -15,16 +15,16 @@ from paired forward passes of the dense and the partially healed model.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import nn
 
-from starfish.capture import ActivationCapture
+from starfish.capture import ActivationCapture, stage_names
 from starfish.errors import StarfishError
 from starfish.models import device_of
 from starfish.healing import register_healer
-from starfish.healing.common import align_, kd_loss
+from starfish.healing.common import Objective, align_, kd_loss, split_calibration
 from starfish.progress import progress
 from starfish.pruning import sparsify_
 
@@ -55,17 +55,72 @@ def _linear_layers(model: nn.Module, masks: Masks, method: str) -> dict[str, nn.
     return layers
 
 
-@torch.no_grad()
-def paired_inputs(model: nn.Module, dense: nn.Module, layer: str, images: torch.Tensor, batch_size: int,
-                  consume: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
-    """Feed `consume(x_model, x_dense)` the inputs of `layer` in both models, batch by batch."""
-    with ActivationCapture(model, [layer], inputs=True) as ours, ActivationCapture(dense, [layer], inputs=True) as ref:
-        for start in range(0, images.shape[0], batch_size):
-            batch = images[start : start + batch_size].to(device_of(model))
-            model(batch)
-            dense(batch)
-            x_model, x_dense = ours.values[layer], ref.values[layer]
-            consume(x_model.reshape(-1, x_model.shape[-1]).double(), x_dense.reshape(-1, x_dense.shape[-1]).double())
+Consume = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+class PairedInputs:
+    """Feeds `consume(x_model, x_dense)`: the inputs of one layer in both models, batch by batch.
+
+    Layers must be asked for in forward order. When every layer sits inside the model's stages
+    (which run back to back: ViT blocks, CNN and Swin stages), the inputs of the current stage
+    are kept (both models, all calibration images) and each layer costs one pass of its own
+    stage, not of the whole model; the kept inputs move one stage on, through the stage as
+    healed so far, when a later stage is asked for. Otherwise
+    each layer costs a forward pass of both whole models.
+    """
+
+    def __init__(self, model: nn.Module, dense: nn.Module, layers: list[str], images: torch.Tensor,
+                 batch_size: int):
+        self.model, self.dense, self.images, self.batch_size = model, dense, images, batch_size
+        try:
+            blocks = stage_names(model)
+        except StarfishError:
+            blocks = []
+        self.block_of = {layer: next((b for b in blocks if layer.startswith(b + ".")), None) for layer in layers}
+        self.blockwise = bool(layers) and all(self.block_of.values())
+        self.blocks = blocks
+        self.position = -1  # index in self.blocks of the block whose inputs are kept
+        self.x_model: torch.Tensor | None = None
+        self.x_dense: torch.Tensor | None = None
+
+    def _batches(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        for start in range(0, x.shape[0], self.batch_size):
+            yield x[start : start + self.batch_size].to(device_of(self.model))
+
+    def _run_to(self, target: int) -> None:
+        """Keep the inputs of block `target`: captured from the images, or moved on from the current block."""
+        if self.position < 0:
+            first = self.blocks[target]
+            xs, ds = [], []
+            with ActivationCapture(self.model, [first], inputs=True) as ours, \
+                    ActivationCapture(self.dense, [first], inputs=True) as ref:
+                for batch in self._batches(self.images):
+                    self.model(batch), self.dense(batch)
+                    xs.append(ours.values[first]), ds.append(ref.values[first])
+            self.x_model, self.x_dense, self.position = torch.cat(xs), torch.cat(ds), target
+        while self.position < target:
+            name = self.blocks[self.position]
+            block, dense_block = self.model.get_submodule(name), self.dense.get_submodule(name)
+            self.x_model = torch.cat([block(x) for x in self._batches(self.x_model)])
+            self.x_dense = torch.cat([dense_block(x) for x in self._batches(self.x_dense)])
+            self.position += 1
+
+    def feed(self, layer: str, consume: Consume) -> None:
+        if self.blockwise:
+            self._run_to(self.blocks.index(self.block_of[layer]))
+            name = self.blocks[self.position]
+            model, dense = self.model.get_submodule(name), self.dense.get_submodule(name)
+            inner = layer[len(name) + 1:]
+            pairs = zip(self._batches(self.x_model), self._batches(self.x_dense))
+        else:
+            model, dense, inner = self.model, self.dense, layer
+            pairs = ((x, x) for x in self._batches(self.images))
+        with ActivationCapture(model, [inner], inputs=True) as ours, \
+                ActivationCapture(dense, [inner], inputs=True) as ref:
+            for x, x_dense in pairs:
+                model(x), dense(x_dense)
+                x_ours, x_ref = ours.values[inner], ref.values[inner]
+                consume(x_ours.reshape(-1, x_ours.shape[-1]).double(), x_ref.reshape(-1, x_ref.shape[-1]).double())
 
 
 @register_healer("bias-correction")
@@ -76,7 +131,9 @@ def bias_correction(model: nn.Module, dense: nn.Module, masks: Masks, images: to
     dense_params = dict(dense.named_parameters())
     corrected = 0
     model.eval(), dense.eval()
-    for name, layer in progress(_linear_layers(model, masks, "bias-correction").items(), desc="bias-correction"):
+    layers = _linear_layers(model, masks, "bias-correction")
+    inputs = PairedInputs(model, dense, [name.removesuffix(".weight") for name in layers], images, cfg.batch_size)
+    for name, layer in progress(layers.items(), desc="bias-correction"):
         if layer.bias is None:
             log.warning("%s has no bias; bias-correction skips it", name)
             continue
@@ -88,7 +145,7 @@ def bias_correction(model: nn.Module, dense: nn.Module, masks: Masks, images: to
             sums["count"] += x_model.shape[0]
 
         layer_name = name.removesuffix(".weight")
-        paired_inputs(model, dense, layer_name, images, cfg.batch_size, consume)
+        inputs.feed(layer_name, consume)
         mean_model, mean_dense = sums["model"] / sums["count"], sums["dense"] / sums["count"]
         w_dense = dense_params[name].double()
         b_dense = dense_params[f"{layer_name}.bias"].double()
@@ -126,7 +183,9 @@ def layerwise(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Te
     dense_params = dict(dense.named_parameters())
     model.eval(), dense.eval()
     errors = {}
-    for name, layer in progress(_linear_layers(model, masks, "layerwise").items(), desc="layerwise"):
+    layers = _linear_layers(model, masks, "layerwise")
+    inputs = PairedInputs(model, dense, [name.removesuffix(".weight") for name in layers], images, cfg.batch_size)
+    for name, layer in progress(layers.items(), desc="layerwise"):
         d = layer.in_features
         zeros = torch.zeros(d, d, dtype=torch.float64, device=device_of(model))
         stats = {"gram": zeros, "cross": zeros.clone()}
@@ -135,7 +194,7 @@ def layerwise(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Te
             stats["gram"] += x_model.T @ x_model
             stats["cross"] += x_model.T @ x_dense
 
-        paired_inputs(model, dense, name.removesuffix(".weight"), images, cfg.batch_size, consume)
+        inputs.feed(name.removesuffix(".weight"), consume)
         w_dense = dense_params[name].double()
         solved = masked_least_squares(stats["gram"], stats["cross"], w_dense, masks[name], cfg.damp)
         layer.weight.copy_(solved.to(layer.weight.dtype))
@@ -148,4 +207,5 @@ def layerwise(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Te
 def logit_kd(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
              cfg: "HealConfig") -> dict[str, object]:
     """Distill only the final logits (the root module's output), same budget as STARFISH."""
-    return align_(model, dense, masks, images, [""], kd_loss(cfg.temperature), cfg)
+    train, holdout = split_calibration(images, cfg.holdout)
+    return align_(model, dense, masks, train, holdout, Objective({"": (kd_loss(cfg.temperature), 1.0)}), cfg)

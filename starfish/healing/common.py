@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from starfish.capture import ActivationCapture
+from starfish.errors import StarfishError
 from starfish.models import device_of
 from starfish.progress import progress
 from starfish.pruning import sparsify_
@@ -102,41 +103,148 @@ def cache_outputs(dense: nn.Module, names: list[str], images: torch.Tensor, batc
     return {name: torch.cat(parts) for name, parts in chunks.items()}
 
 
-def align_(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor, names: list[str],
-           loss_fn: LossFn, cfg: "HealConfig") -> dict[str, object]:
-    """Train the masked weights so the outputs at `names` match the dense model's, in place.
+def split_calibration(images: torch.Tensor, holdout: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(training images, held-out images): ceil(holdout * N) evenly spaced images are held out.
 
-    Adam with a cosine schedule from `cfg.lr` to `cfg.lr_min` over every step; the model stays
-    in eval mode (norm statistics and dropout frozen). Returns the per-epoch mean loss.
+    Deterministic and seed-free, so every healer and every seed sees the same held-out slice;
+    `holdout=0` trains on everything and returns None for the slice.
+    """
+    n = images.shape[0]
+    if holdout == 0:
+        return images, None
+    count = math.ceil(holdout * n)
+    if count >= n:
+        raise StarfishError(f"heal.holdout={holdout} holds out all {n} calibration images; lower heal.holdout "
+                            "or sample a larger split (calibration.fraction)")
+    held = torch.linspace(0, n - 1, count).round().long()
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[held] = False
+    return images[keep], images[held]
+
+
+class Objective:
+    """A weighted sum of per-state losses: `{captured module name: (loss, weight)}`.
+
+    STARFISH: every block's state loss with weight 1/blocks (their mean), plus an optional logit
+    term on the root module's output (name ""); logit distillation: the logit term alone.
+    """
+
+    def __init__(self, terms: dict[str, tuple[LossFn, float]]):
+        self.terms = {name: term for name, term in terms.items() if term[1] > 0}
+        self.names = list(self.terms)
+
+    def __call__(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(weight * loss(outputs[name], targets[name]) for name, (loss, weight) in self.terms.items())
+
+
+def snapshot(model: nn.Module, masks: Masks) -> dict[str, torch.Tensor]:
+    """A copy of the weights healing changes (those named in `masks`)."""
+    params = dict(model.named_parameters())
+    return {name: params[name].detach().clone() for name in masks}
+
+
+@torch.no_grad()
+def restore_(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    params = dict(model.named_parameters())
+    for name, value in state.items():
+        params[name].copy_(value)
+    return model
+
+
+@torch.no_grad()
+def _mean_loss(model: nn.Module, capture: ActivationCapture, objective: Objective, images: torch.Tensor,
+               targets: dict[str, torch.Tensor], batch_size: int) -> float:
+    """The objective over `images`, batch by batch, weighted by batch size."""
+    device, total = device_of(model), 0.0
+    for start in range(0, images.shape[0], batch_size):
+        model(images[start : start + batch_size].to(device))
+        batch = {name: t[start : start + batch_size].to(device, torch.float32) for name, t in targets.items()}
+        total += float(objective(capture.values, batch)) * min(batch_size, images.shape[0] - start)
+    return total / images.shape[0]
+
+
+def align_(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor, holdout: torch.Tensor | None,
+           objective: Objective, cfg: "HealConfig", fallback: dict[str, torch.Tensor] | None = None
+           ) -> dict[str, object]:
+    """Train the masked weights so the captured outputs match the dense model's, in place.
+
+    Adam with a cosine schedule from `cfg.lr` to `cfg.lr_min` over the step budget; a fresh
+    shuffle of `images` every pass. The model stays in eval mode (norm statistics and dropout
+    frozen). With a held-out slice, its loss is measured before training, every
+    `cfg.holdout_every` steps and at the end; the best of those states (`keep=best`) or of the
+    start and the end (`keep=last`) is kept, so the result is never worse on it than the start
+    (or than `fallback`, the pruned weights before a warm start). Returns the curve of calibration and held-out losses and what was kept.
     """
     dtype = getattr(torch, cfg.cache_dtype)
+    names = objective.names
     targets = cache_outputs(dense, names, images, cfg.batch_size, dtype)
+    held_targets = cache_outputs(dense, names, holdout, cfg.batch_size, dtype) if holdout is not None else {}
     device = device_of(model)
+    total_steps = cfg.total_steps(images.shape[0])
     steps_per_epoch = math.ceil(images.shape[0] / cfg.batch_size)
-    total_steps = max(1, cfg.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(cfg.seed)
-    epoch_losses: list[float] = []
+    losses: list[float] = []
+    curve: list[dict[str, float | int | None]] = []
+    best: dict[str, object] = {"loss": math.inf, "step": None, "state": None}
     model.eval()
     start = time.perf_counter()
     with masked_training(model, masks) as trainable, ActivationCapture(model, names) as capture:
+
+        def held_out_loss() -> float | None:
+            if holdout is None:
+                return None
+            return _mean_loss(model, capture, objective, holdout, held_targets, cfg.batch_size)
+
+        def keep_if_best(held: float | None, label: int | str) -> None:
+            if held is not None and held < best["loss"]:
+                best.update(loss=held, step=label, state=snapshot(model, masks))
+
+        if fallback is not None and holdout is not None:
+            current = snapshot(model, masks)
+            restore_(model, fallback)
+            keep_if_best(held_out_loss(), "pruned")
+            restore_(model, current)
         optimizer = torch.optim.Adam(trainable, lr=cfg.lr, foreach=True)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=cfg.lr_min)
-        bar = progress(range(cfg.epochs), desc="heal")
-        for _ in bar:
-            order = torch.randperm(images.shape[0], generator=generator)
-            running = 0.0
-            for step in range(steps_per_epoch):
-                index = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                model(images[index].to(device))
-                loss = sum(loss_fn(capture.values[name], targets[name][index].to(device, torch.float32))
-                           for name in names) / len(names)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                sparsify_(model, masks)
-                scheduler.step()
-                running += loss.item()
-            epoch_losses.append(running / steps_per_epoch)
-            bar.set_postfix(loss=f"{epoch_losses[-1]:.4f}", refresh=False)
-    log.info("aligned %d states over %d steps in %.1fs", len(names), total_steps, time.perf_counter() - start)
-    return {"epoch_losses": epoch_losses, "steps": cfg.epochs * steps_per_epoch}
+        bar = progress(range(total_steps), desc="heal")
+        for step in bar:
+            if step % steps_per_epoch == 0:
+                order = torch.randperm(images.shape[0], generator=generator)
+            offset = (step % steps_per_epoch) * cfg.batch_size
+            index = order[offset : offset + cfg.batch_size]
+            model(images[index].to(device))
+            loss = objective(capture.values, _batch(targets, index, device))
+            if step == 0:  # the starting point: its first batch, before any update
+                held = held_out_loss()
+                curve.append({"step": 0, "calibration_loss": loss.item(), "holdout_loss": held})
+                keep_if_best(held, 0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sparsify_(model, masks)
+            scheduler.step()
+            losses.append(loss.item())
+            if (step + 1) % cfg.holdout_every == 0 or step + 1 == total_steps:
+                recent = losses[-((step % cfg.holdout_every) + 1):]
+                held = held_out_loss()
+                curve.append({"step": step + 1, "calibration_loss": sum(recent) / len(recent), "holdout_loss": held})
+                if cfg.keep == "best" or step + 1 == total_steps:
+                    keep_if_best(held, step + 1)
+                bar.set_postfix(loss=f"{curve[-1]['calibration_loss']:.4f}", refresh=False)
+        if best["state"] is not None:
+            restore_(model, best["state"])
+    report: dict[str, object] = {"steps": total_steps, "train_images": images.shape[0],
+                                 "holdout_images": 0 if holdout is None else holdout.shape[0],
+                                 "final_loss": curve[-1]["calibration_loss"], "curve": curve}
+    if holdout is not None:
+        start_label = "pruned" if fallback is not None else 0
+        report.update(selected_step=best["step"], holdout_loss=best["loss"], kept_pruned=best["step"] == start_label)
+        if report["kept_pruned"]:
+            log.warning("no healed state beat the pruned model on the held-out slice: returning the pruned weights")
+    log.info("aligned %d states over %d steps in %.1fs (selected step %s)", len(names), total_steps,
+             time.perf_counter() - start, report.get("selected_step", total_steps))
+    return report
+
+
+def _batch(targets: dict[str, torch.Tensor], index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: t[index].to(device, torch.float32) for name, t in targets.items()}

@@ -1,17 +1,21 @@
 """STARFISH: heal a pruned network by aligning its internal states with the dense original's.
 
-Faithful default (the authors' public code): the output of every block is compared per token
-with 1 - cosine similarity over the hidden dimension, averaged over tokens and blocks; only the
+As the authors' public code has it: the output of every block is compared per token with
+1 - cosine similarity over the hidden dimension, averaged over tokens and blocks; only the
 weights in the pruning scope train (biases, norms, embeddings and head stay frozen); Adam at
-6e-4 with a cosine schedule to 1e-6, 10 epochs, batch 32; dense states cached once in fp16.
-CNN stage outputs are compared per sample over the flattened C*H*W.
+6e-4 with a cosine schedule to 1e-6, batch 32; dense states cached once in fp16. CNN block
+outputs are compared per sample over the flattened C*H*W. The budget is counted in Adam steps
+(`heal.steps`, the authors' 1,570 by default), so a smaller split gets the same optimization.
 
-Options (HealConfig): `loss` (cosine | nmse), `states` (blocks | last | module names),
-`warm_start=layerwise` (least-squares reconstruction first, then alignment).
+Options (HealConfig): `loss` (cosine | nmse), `states` (blocks | stages | last | module names),
+`logit_weight` (add logit distillation to the block alignment), `warm_start=layerwise`
+(least-squares reconstruction of the Linear layers first), `holdout` and `keep` (a held-out
+slice that picks the state returned).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -21,21 +25,33 @@ from torch import nn
 from starfish.capture import state_names
 from starfish.healing import register_healer
 from starfish.healing.baselines import layerwise
-from starfish.healing.common import STATE_LOSSES, align_
+from starfish.healing.common import STATE_LOSSES, Objective, align_, kd_loss, snapshot, split_calibration
 
 if TYPE_CHECKING:
     from starfish.config import HealConfig
+
+log = logging.getLogger(__name__)
 
 
 @register_healer("starfish")
 def starfish(model: nn.Module, dense: nn.Module, masks: dict[str, torch.Tensor], images: torch.Tensor,
              cfg: "HealConfig") -> dict[str, object]:
     report: dict[str, object] = {}
+    train, holdout = split_calibration(images, cfg.holdout)
+    pruned = snapshot(model, masks) if cfg.warm_start != "none" else None
     if cfg.warm_start == "layerwise":
-        start = time.perf_counter()
-        layerwise(model, dense, masks, images, cfg)
-        report["warm_start_seconds"] = time.perf_counter() - start
+        convs = [name for name in masks if not isinstance(model.get_submodule(name.removesuffix(".weight")), nn.Linear)]
+        if convs:  # the least-squares re-fit is written for Linear layers
+            log.warning("the layerwise warm start re-fits Linear layers only; %s and %d more start from the "
+                        "pruned weights", convs[0], len(convs) - 1)
+            report["warm_start"] = "skipped: the scope has non-Linear layers"
+        else:
+            start = time.perf_counter()
+            layerwise(model, dense, masks, train, cfg)
+            report["warm_start_seconds"] = time.perf_counter() - start
     names = state_names(model, cfg.states)
-    report.update(align_(model, dense, masks, images, names, STATE_LOSSES[cfg.loss], cfg))
+    terms = {name: (STATE_LOSSES[cfg.loss], 1.0 / len(names)) for name in names}
+    terms[""] = (kd_loss(cfg.temperature), cfg.logit_weight)  # "" is the model itself: its logits
+    report.update(align_(model, dense, masks, train, holdout, Objective(terms), cfg, fallback=pruned))
     report["states"] = names
     return report

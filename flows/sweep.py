@@ -7,6 +7,7 @@ registered. With `promote`, the best registered point then goes through the gate
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from prefect import flow
@@ -16,7 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.common import absolute, cli, markdown_table, publish
 from flows.promote import promote as promote_flow
 from starfish import tracking
-from starfish.config import load_config
+from starfish.config import load_config, variant_config
 from tasks import evaluate, heal, prune, register, sample_calibration
 
 DEFAULT_SPARSITIES = [0.5, 0.75, 0.9]
@@ -41,12 +42,14 @@ def sweep(sparsities: list[float] = DEFAULT_SPARSITIES, healers: list[str] = DEF
     workdir, calibration = absolute(workdir), absolute(calibration)
     uri = tracking.tracking_uri(tracking_uri)
     name = model_name or tracking.registered_model_name(base)
+    heal_configs = {healer: asdict(variant_config(base.heal, healer)) for healer in healers}  # checked up front
     split = sample_calibration(base.to_dict(), calibration)
     points = []
     for sparsity in sparsities:
         pruned = prune.submit(base.replace(prune={"sparsity": sparsity}).to_dict(), split, workdir)
         for healer in healers:
-            config = base.replace(prune={"sparsity": sparsity}, heal={"method": healer}).to_dict()
+            # every healer variant gets the base config's step budget (faithful keeps its own)
+            config = base.replace(prune={"sparsity": sparsity}, heal=heal_configs[healer]).to_dict()
             healed = heal.submit(config, pruned, split, workdir)
             evaluation = evaluate.submit(config, pruned, healed, workdir)
             registered = register.submit(config, split, pruned, healed, evaluation, name, uri, workdir)

@@ -1,64 +1,68 @@
-"""`starfish bench`: every healer x pruner x sparsity, side by side, in one run.
+"""`starfish bench`: healers x pruners x sparsities (x calibration sizes x seeds), side by side.
 
-For each pruner and sparsity the masks are computed once and every healer starts from the same
-pruned weights and the same calibration images. Reported per cell: top-1, recovery
-(top-1 / dense top-1), agreement with the dense predictions, measured sparsity, heal seconds
-and heal seconds divided by the time of the same number of plain forward+backward passes
-(timed right before each heal, on the same pruned model, images and batch size). Writes bench.json, bench.csv,
-bench.md (the table) and recovery_vs_sparsity.png.
+For each pruner, sparsity, calibration fraction and seed the split and the masks are computed
+once, and every healer starts from the same pruned weights and the same calibration images.
+Every gradient healer gets the same budget in Adam steps (`heal.steps`); only the `faithful`
+variant keeps the authors' epoch count, which is the point of showing it. A seed picks both the
+calibration split and the healing shuffle.
+
+Each finished cell is saved at once as its own JSON file under `cells/`, so an interrupted run
+resumes where it stopped, and several `starfish bench` processes on the same folder share the
+grid (a cell is claimed with an exclusive lock file). Reported per cell: top-1, recovery
+(top-1 / dense top-1), agreement with the dense predictions, measured sparsity, heal seconds and
+heal seconds over the time of as many plain forward+backward passes (timed on the same model
+right before the heal). Once the grid is complete: bench.json, bench.csv, bench.md and plots.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
 import logging
-import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch.utils.data import Subset
 
-from starfish.config import HealConfig, PipelineConfig
+from starfish.calibration import stratified_indices
+from starfish.config import VARIANTS, HealConfig, PipelineConfig, variant_config
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold, measured_sparsity, predict
 from starfish.healing import heal_
+from starfish.io import atomic_write_bytes, atomic_write_json, canonical_json, read_json, sha256_bytes
 from starfish.models import device_of
-from starfish.io import atomic_write_bytes, atomic_write_json
 from starfish.plots import save_png, subplots
 from starfish.pruning import nm_pattern_for, prune, sparsify_
 from starfish.steps import dataset, dense_model
-from starfish.calibration import stratified_indices
 
 log = logging.getLogger(__name__)
 
-# Healer variants by bench name: the HealConfig fields each one changes.
-VARIANTS: dict[str, dict[str, Any]] = {
-    "none": {"method": "none"},
-    "bias-correction": {"method": "bias-correction"},
-    "layerwise": {"method": "layerwise"},
-    "logit-kd": {"method": "logit-kd"},
-    "starfish": {"method": "starfish"},
-    "starfish+warm": {"method": "starfish", "warm_start": "layerwise"},
-}
+DEFAULT_HEALERS = ("none", "bias-correction", "layerwise", "logit-kd", "faithful", "starfish", "recommended")
+PLAIN_TIMED_STEPS = 50  # plain fwd+bwd passes timed per cell; the reference scales them to the heal's steps
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     sparsities: tuple[float, ...] = (0.5, 0.75, 0.9, 0.95)
     pruners: tuple[str, ...] = ("magnitude", "wanda", "nm")
-    healers: tuple[str, ...] = tuple(VARIANTS)
+    healers: tuple[str, ...] = DEFAULT_HEALERS
+    fractions: tuple[float, ...] | None = None  # calibration fractions; None: calibration.fraction
+    seeds: tuple[int, ...] = (0,)
     eval_samples: int | None = None
 
     def __post_init__(self) -> None:
         unknown = [h for h in self.healers if h not in VARIANTS]
         if unknown:
             raise StarfishError(f"bench: unknown healer variant(s) {unknown}; use any of {list(VARIANTS)}")
+        if not (self.sparsities and self.pruners and self.healers and self.seeds):
+            raise StarfishError("bench: --sparsities, --pruners, --healers and --seeds each need a value")
 
 
 def plain_step_seconds(model: torch.nn.Module, images: torch.Tensor, batch_size: int, steps: int) -> float:
@@ -73,127 +77,300 @@ def plain_step_seconds(model: torch.nn.Module, images: torch.Tensor, batch_size:
     return time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def claim(lock: Path) -> Iterator[bool]:
+    """Yield True if this process may measure the cell: its lock file is new, or its owner is gone."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text() or 0)
+                os.kill(owner, 0)
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # left by a process that died: take it over
+                continue
+            except PermissionError:
+                pass
+            yield False
+            return
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        try:
+            yield True
+        finally:
+            lock.unlink(missing_ok=True)
+        return
+    yield False
+
+
+def cell_key(pruner: str, sparsity: float, fraction: float, seed: int, healer: str) -> str:
+    return f"{pruner}_s{sparsity:g}_f{fraction:g}_seed{seed}_{healer}"
+
+
 def run_bench(cfg: PipelineConfig, bench: BenchConfig, out: str | Path) -> list[dict[str, Any]]:
-    """Run the grid, write its outputs under `out`, log the table; returns one row per cell."""
+    """Measure every cell not yet in `out/cells`, then write the outputs if the grid is complete."""
     out = Path(out)
     dense = dense_model(cfg)
     train = dataset(cfg, "train", dense)
     test = dataset(cfg, "test", dense)
     if bench.eval_samples:
         test = Subset(test, range(min(bench.eval_samples, len(test))))
-    indices = stratified_indices(train.targets, cfg.calibration.fraction, cfg.calibration.seed)
-    images = torch.stack([train[i][0] for i in indices])
     dense_preds, targets = predict(dense, test, cfg.evaluate.batch_size, desc="evaluate dense")
     dense_top1 = float((dense_preds == targets).float().mean())
-    steps = cfg.heal.epochs * math.ceil(images.shape[0] / cfg.heal.batch_size)
-    log.info("dense top-1 %.4f on %d test images; %d calibration images; heal budget %d steps",
-             dense_top1, len(targets), images.shape[0], steps)
-    summary = {"dense_top1": dense_top1, "test_images": len(targets), "calibration_images": images.shape[0],
-               "plain_steps": steps, "heal": asdict(cfg.heal),
-               "model": cfg.model.name, "torch_threads": torch.get_num_threads()}
-    rows: list[dict[str, Any]] = []
-    for pruner in bench.pruners:
-        for sparsity in bench.sparsities:
-            try:
-                nm = nm_pattern_for(sparsity) if pruner == "nm" else cfg.prune.nm
-                masks = prune(dense, pruner, sparsity, images=images, nm=nm,
-                              global_ranking=cfg.prune.global_ranking)
-            except StarfishError as exc:
-                if pruner != "nm":
-                    raise
-                log.info("nm at sparsity %g does not fit this model (%s); skipped", sparsity, exc)
-                continue
-            for healer in bench.healers:
-                heal_cfg = HealConfig(**{**asdict(cfg.heal), **VARIANTS[healer]})
-                model = sparsify_(copy.deepcopy(dense), masks)
-                # The reference is timed right before each heal, so both see the same machine load.
-                plain = plain_step_seconds(model, images, cfg.heal.batch_size, steps) if healer != "none" else 0.0
-                start = time.perf_counter()
-                heal_(model, dense, masks, images, heal_cfg)
-                seconds = time.perf_counter() - start
-                check_masks_hold(model, masks)
-                preds, _ = predict(model, test, cfg.evaluate.batch_size, desc=f"evaluate {healer}")
-                top1 = float((preds == targets).float().mean())
-                row = {
-                    "pruner": pruner if pruner != "nm" else f"nm ({nm})",
-                    "sparsity": sparsity,
-                    "healer": healer,
-                    "top1": top1,
-                    "recovery": top1 / dense_top1,
-                    "agreement": float((preds == dense_preds).float().mean()),
-                    "measured_sparsity": measured_sparsity(model, list(masks))["total"],
-                    "heal_seconds": seconds,
-                    "plain_fwd_bwd_seconds": plain,
-                    "heal_over_plain": seconds / plain if plain else 0.0,
-                }
-                rows.append(row)
-                write_outputs(out, {**summary, "rows": rows}, final=False)
-                log.info("%-16s %.2f %-16s top-1 %.4f recovery %.4f heal %.1fs", row["pruner"], sparsity, healer,
-                         top1, row["recovery"], seconds)
-    if not rows:
+    fractions = bench.fractions or (cfg.calibration.fraction,)
+    context = {"model": asdict(cfg.model), "data": asdict(cfg.data), "prune": asdict(cfg.prune),
+               "test_images": len(targets), "dense_top1": dense_top1}
+    log.info("dense top-1 %.4f on %d test images", dense_top1, len(targets))
+    expected: list[str] = []
+    for seed in bench.seeds:
+        for fraction in fractions:
+            indices = stratified_indices(train.targets, fraction, seed)
+            images = torch.stack([train[i][0] for i in indices])
+            for pruner in bench.pruners:
+                for sparsity in bench.sparsities:
+                    nm = nm_pattern_for(sparsity) if pruner == "nm" else cfg.prune.nm
+                    keys = {h: cell_key(pruner, sparsity, fraction, seed, h) for h in bench.healers}
+                    configs = {h: variant_config(cfg.heal, h, seed=seed) for h in bench.healers}
+                    fingerprints = {h: sha256_bytes(canonical_json({**context, "heal": asdict(configs[h]), "nm": nm,
+                                                                    "calibration_images": len(indices)}))
+                                    for h in bench.healers}
+                    todo = [h for h in bench.healers if not _done(out, keys[h], fingerprints[h])]
+                    if not todo:
+                        expected += list(keys.values())
+                        continue
+                    try:
+                        masks = prune(dense, pruner, sparsity, images=images, nm=nm,
+                                      global_ranking=cfg.prune.global_ranking)
+                    except StarfishError as exc:
+                        if pruner != "nm":
+                            raise
+                        log.info("nm at sparsity %g does not fit this model (%s); skipped", sparsity, exc)
+                        continue
+                    expected += list(keys.values())
+                    for healer in todo:
+                        with claim(out / "cells" / f"{keys[healer]}.lock") as mine:
+                            if not mine or _done(out, keys[healer], fingerprints[healer]):
+                                continue
+                            row = measure_cell(dense, masks, images, test, targets, dense_preds, configs[healer],
+                                               cfg.evaluate.batch_size)
+                            row.update(pruner=pruner if pruner != "nm" else f"nm ({nm})", sparsity=sparsity,
+                                       fraction=fraction, seed=seed, healer=healer,
+                                       calibration_images=len(indices), fingerprint=fingerprints[healer])
+                            atomic_write_json(out / "cells" / f"{keys[healer]}.json", row)
+                            log.info("%-10s %.2f f=%g seed %d %-18s recovery %.4f heal %.1fs", row["pruner"],
+                                     sparsity, fraction, seed, healer, row["top1"] / dense_top1, row["heal_seconds"])
+    if not expected:
         raise StarfishError("bench measured nothing: no pruner fits any requested sparsity; change --sparsities")
-    write_outputs(out, {**summary, "rows": rows}, final=True)
+    missing = [key for key in expected if not (out / "cells" / f"{key}.json").is_file()]
+    if missing:
+        log.info("%d cells still being measured by another process; it writes the summary", len(missing))
+        return []
+    rows = [read_json(out / "cells" / f"{key}.json") for key in expected]
+    for row in rows:
+        row["recovery"] = row["top1"] / dense_top1
+    summary = {"dense_top1": dense_top1, "test_images": len(targets), "model": cfg.model.name,
+               "budget": {"steps": cfg.heal.steps, "epochs": cfg.heal.epochs}, "seeds": list(bench.seeds),
+               "fractions": list(fractions), "torch_threads": torch.get_num_threads(), "rows": rows}
+    write_outputs(out, summary)
     return rows
 
 
+def _done(out: Path, key: str, fingerprint: str) -> bool:
+    path = out / "cells" / f"{key}.json"
+    return path.is_file() and read_json(path).get("fingerprint") == fingerprint
+
+
+def measure_cell(dense: torch.nn.Module, masks: dict[str, torch.Tensor], images: torch.Tensor, test: Any,
+                 targets: torch.Tensor, dense_preds: torch.Tensor, heal_cfg: HealConfig,
+                 eval_batch_size: int) -> dict[str, Any]:
+    """Heal one copy of the pruned model and evaluate it: one bench row (without its grid keys)."""
+    model = sparsify_(copy.deepcopy(dense), masks)
+    trains = heal_cfg.method not in ("none",)
+    steps = heal_cfg.total_steps(images.shape[0]) if trains else 0
+    # The reference is timed right before each heal, so both see the same machine load.
+    plain = (plain_step_seconds(model, images, heal_cfg.batch_size, PLAIN_TIMED_STEPS) / PLAIN_TIMED_STEPS * steps
+             if trains else 0.0)
+    start = time.perf_counter()
+    report = heal_(model, dense, masks, images, heal_cfg)
+    seconds = time.perf_counter() - start
+    check_masks_hold(model, masks)
+    preds, _ = predict(model, test, eval_batch_size, desc=f"evaluate {heal_cfg.method}")
+    return {
+        "top1": float((preds == targets).float().mean()),
+        "agreement": float((preds == dense_preds).float().mean()),
+        "measured_sparsity": measured_sparsity(model, list(masks))["total"],
+        "steps": report.get("steps", 0),
+        "heal_seconds": seconds,
+        "plain_fwd_bwd_seconds": plain,
+        "heal_over_plain": seconds / plain if plain else 0.0,
+        "selected_step": report.get("selected_step"),
+        "kept_pruned": report.get("kept_pruned"),
+        "curve": report.get("curve", []),
+    }
+
+
+CSV_FIELDS = ("pruner", "sparsity", "fraction", "calibration_images", "seed", "healer", "steps", "top1", "recovery",
+              "agreement", "measured_sparsity", "heal_seconds", "plain_fwd_bwd_seconds", "heal_over_plain",
+              "selected_step", "kept_pruned")
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def grouped(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, list[float]]]:
+    """Recovery per (pruner, sparsity, fraction) and healer, one value per seed."""
+    groups: dict[tuple, dict[str, list[float]]] = {}
+    for r in rows:
+        groups.setdefault((r["pruner"], r["sparsity"], r["fraction"]), {}).setdefault(r["healer"], []).append(
+            r["recovery"])
+    return groups
+
+
 def markdown_table(summary: dict[str, Any]) -> str:
-    """Recovery per pruner/sparsity (rows) and healer (columns), best per row in bold."""
+    """Recovery per pruner/sparsity/fraction (rows) and healer (columns), mean ± std over seeds, best in bold."""
     rows = summary["rows"]
     healers = list(dict.fromkeys(r["healer"] for r in rows))
-    lines = [f"Dense top-1 {summary['dense_top1']:.4f} on {summary['test_images']} test images; "
-             f"{summary['calibration_images']} unlabeled calibration images. Cells: recovery (healed / dense top-1).",
-             "", "| pruner | sparsity | " + " | ".join(healers) + " |", "|---|---|" + "---|" * len(healers)]
-    groups: dict[tuple[str, float], dict[str, float]] = {}
-    for r in rows:
-        groups.setdefault((r["pruner"], r["sparsity"]), {})[r["healer"]] = r["recovery"]
-    for (pruner, sparsity), cells in groups.items():
-        best = max(cells.values())
-        shown = [f"**{cells[h]:.3f}**" if cells.get(h) == best else (f"{cells[h]:.3f}" if h in cells else "")
-                 for h in healers]
-        lines.append(f"| {pruner} | {sparsity:g} | " + " | ".join(shown) + " |")
+    seeds = summary["seeds"]
+    several_fractions = len(summary["fractions"]) > 1
+    sizes = sorted({(r["fraction"], r["calibration_images"]) for r in rows})
+    budget = summary["budget"]
+    budget_text = f"{budget['steps']} Adam steps" if budget["steps"] else f"{budget['epochs']} epochs"
+    lines = [f"Dense top-1 {summary['dense_top1']:.4f} on {summary['test_images']} test images; calibration "
+             + ", ".join(f"{n} images ({f:g})" for f, n in sizes) + f"; every gradient healer gets {budget_text} "
+             f"(faithful: the authors' 10 epochs). Cells: recovery (healed / dense top-1)"
+             + (f", mean ± std over seeds {seeds}." if len(seeds) > 1 else f", seed {seeds[0]}."), "",
+             "| pruner | sparsity | " + ("calibration | " if several_fractions else "") + " | ".join(healers) + " |",
+             "|---|---|" + ("---|" if several_fractions else "") + "---|" * len(healers)]
+    for (pruner, sparsity, fraction), cells in grouped(rows).items():
+        means = {h: _mean_std(v) for h, v in cells.items()}
+        best = max(m for m, _ in means.values())
+
+        def show(h: str) -> str:
+            if h not in means:
+                return ""
+            mean, std = means[h]
+            text = f"{mean:.3f} ± {std:.3f}" if len(seeds) > 1 else f"{mean:.3f}"
+            return f"**{text}**" if mean == best else text
+
+        lines.append(f"| {pruner} | {sparsity:g} | " + (f"{fraction:g} | " if several_fractions else "")
+                     + " | ".join(show(h) for h in healers) + " |")
     timed = [r for r in rows if r["healer"] != "none"]
-    lines += ["", "Heal time, and heal time over the same number of plain forward+backward passes timed just before:",
-              "", "| healer | mean heal s | max heal s | median heal / plain | max heal / plain |", "|---|---|---|---|---|"]
+    lines += ["", "Heal time, and heal time over as many plain forward+backward passes as the heal takes steps "
+              "(timed on the same model just before):", "",
+              "| healer | steps | mean heal s | max heal s | median heal / plain | max heal / plain |",
+              "|---|---|---|---|---|---|"]
     for h in healers:
         cells = [r for r in timed if r["healer"] == h]
         if cells:
             ratios = sorted(r["heal_over_plain"] for r in cells)
-            lines.append(f"| {h} | {sum(r['heal_seconds'] for r in cells) / len(cells):.1f} | "
-                         f"{max(r['heal_seconds'] for r in cells):.1f} | {statistics.median(ratios):.2f} | "
-                         f"{ratios[-1]:.2f} |")
+            steps = sorted({r["steps"] for r in cells})
+            lines.append(f"| {h} | {'/'.join(map(str, steps))} | {statistics.fmean(r['heal_seconds'] for r in cells):.1f}"
+                         f" | {max(r['heal_seconds'] for r in cells):.1f} | "
+                         + (f"{statistics.median(ratios):.2f} | {ratios[-1]:.2f} |" if ratios[-1] else "- | - |"))
+    kept = [r for r in rows if r.get("kept_pruned")]
+    lines += ["", f"Cells where no healed state beat the pruned model on the held-out slice (pruned weights "
+              f"returned): {len(kept)}" + (": " + ", ".join(f"{r['pruner']} {r['sparsity']:g} {r['healer']} seed "
+                                                            f"{r['seed']}" for r in kept) if kept else "") + "."]
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict[str, Any], path: Path) -> None:
-    rows = [{**r, "pruner": r["pruner"].split(" (")[0]} for r in summary["rows"]]  # one panel for all N:M
+def plot_recovery(summary: dict[str, Any], path: Path) -> None:
+    """Recovery vs sparsity, one panel per pruner (all N:M patterns share one), error bars over seeds."""
+    rows = [{**r, "pruner": r["pruner"].split(" (")[0]} for r in summary["rows"]
+            if r["fraction"] == summary["fractions"][0]]
     pruners = list(dict.fromkeys(r["pruner"] for r in rows))
     fig, axes = subplots(1, len(pruners), figsize=(5 * len(pruners), 4), sharey=True, squeeze=False)
     for ax, pruner in zip(axes[0], pruners):
         for healer in dict.fromkeys(r["healer"] for r in rows):
-            cells = sorted((r["sparsity"], r["recovery"]) for r in rows if r["pruner"] == pruner and r["healer"] == healer)
-            if cells:
-                ax.plot(*zip(*cells), marker="o", label=healer)
+            points: dict[float, list[float]] = {}
+            for r in rows:
+                if r["pruner"] == pruner and r["healer"] == healer:
+                    points.setdefault(r["sparsity"], []).append(r["recovery"])
+            if points:
+                xs = sorted(points)
+                stats = [_mean_std(points[x]) for x in xs]
+                ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
+                            label=healer)
         ax.set_title(pruner)
         ax.set_xlabel("sparsity")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("recovery (healed / dense top-1)")
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(f"{summary['model']}: recovery vs sparsity ({summary['calibration_images']} calibration images)")
+    n = rows[0]["calibration_images"]
+    fig.suptitle(f"{summary['model']}: recovery vs sparsity ({n} calibration images, seeds {summary['seeds']})")
     fig.tight_layout()
     save_png(fig, path, dpi=120)
 
 
-def write_outputs(out: Path, summary: dict[str, Any], final: bool) -> None:
-    """JSON and CSV after every cell (a crash keeps what was measured); table and plot at the end."""
-    atomic_write_json(out / "bench.json", {**summary, "complete": final})
+def plot_calibration_size(summary: dict[str, Any], path: Path) -> None:
+    """Recovery vs calibration images, one panel per (pruner, sparsity): how much data is needed."""
+    rows = summary["rows"]
+    panels = list(dict.fromkeys((r["pruner"], r["sparsity"]) for r in rows))
+    fig, axes = subplots(1, len(panels), figsize=(5 * len(panels), 4), sharey=False, squeeze=False)
+    for ax, (pruner, sparsity) in zip(axes[0], panels):
+        for healer in dict.fromkeys(r["healer"] for r in rows):
+            points: dict[int, list[float]] = {}
+            for r in rows:
+                if (r["pruner"], r["sparsity"], r["healer"]) == (pruner, sparsity, healer):
+                    points.setdefault(r["calibration_images"], []).append(r["recovery"])
+            xs = sorted(points)
+            stats = [_mean_std(points[x]) for x in xs]
+            ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=healer)
+        ax.set_xscale("log")
+        ax.set_title(f"{pruner}, sparsity {sparsity:g}")
+        ax.set_xlabel("calibration images (log)")
+        ax.set_ylabel("recovery")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(f"{summary['model']}: recovery vs calibration size at an equal step budget")
+    fig.tight_layout()
+    save_png(fig, path, dpi=120)
+
+
+def plot_curves(summary: dict[str, Any], path: Path) -> bool:
+    """Calibration vs held-out alignment loss over the steps, for the first seed's gradient healers."""
+    rows = [r for r in summary["rows"] if r.get("curve") and r["curve"][-1]["holdout_loss"] is not None
+            and r["seed"] == summary["seeds"][0] and r["fraction"] == summary["fractions"][0]]
+    if not rows:
+        return False
+    panels = list(dict.fromkeys((r["pruner"], r["healer"]) for r in rows))
+    fig, axes = subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (pruner, healer) in zip(axes[0], panels):
+        for i, r in enumerate(x for x in rows if (x["pruner"], x["healer"]) == (pruner, healer)):
+            steps = [p["step"] for p in r["curve"]]
+            color = f"C{i}"
+            ax.plot(steps, [p["calibration_loss"] for p in r["curve"]], color=color, alpha=0.6,
+                    label=f"{r['sparsity']:g} calibration")
+            ax.plot(steps, [p["holdout_loss"] for p in r["curve"]], color=color, linestyle="--",
+                    label=f"{r['sparsity']:g} held-out")
+        ax.set_yscale("log")
+        ax.set_title(f"{healer}, {pruner}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("alignment loss (log)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Calibration (training batches) vs held-out alignment loss")
+    fig.tight_layout()
+    save_png(fig, path, dpi=110)
+    return True
+
+
+def write_outputs(out: Path, summary: dict[str, Any]) -> None:
+    """bench.json, bench.csv, bench.md and the plots; the table is also logged."""
+    atomic_write_json(out / "bench.json", summary)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(summary["rows"][0]), lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(summary["rows"])
     atomic_write_bytes(out / "bench.csv", buffer.getvalue().encode())
-    if not final:
-        return
     table = markdown_table(summary)
     atomic_write_bytes(out / "bench.md", table.encode())
-    plot(summary, out / "recovery_vs_sparsity.png")
-    print(table)
+    if len(summary["fractions"]) > 1:
+        plot_calibration_size(summary, out / "recovery_vs_calibration_size.png")
+    else:
+        plot_recovery(summary, out / "recovery_vs_sparsity.png")
+    plot_curves(summary, out / "holdout_vs_calibration_loss.png")
+    log.info("bench table:\n%s", table)

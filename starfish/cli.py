@@ -82,11 +82,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from starfish.bench import BenchConfig, run_bench
 
     bench_cfg = BenchConfig(sparsities=tuple(args.sparsities), pruners=tuple(args.pruners),
-                            healers=tuple(args.healers), eval_samples=args.eval_samples)
+                            healers=tuple(args.healers), seeds=tuple(args.seeds),
+                            fractions=tuple(args.fractions) if args.fractions else None,
+                            eval_samples=args.eval_samples)
     run_bench(_config(args), bench_cfg, args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from starfish.bench import DEFAULT_HEALERS
+    from starfish.config import VARIANTS
+
     parser = argparse.ArgumentParser(prog="starfish", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,12 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="metrics path (.json)")
     p = step("demo", cmd_demo, "sample, prune, heal and evaluate the demo model in one go")
     p.add_argument("--out", default="out/demo")
-    p = step("bench", cmd_bench, "every healer x pruner x sparsity side by side; table, CSV, JSON, plot")
+    p = step("bench", cmd_bench, "healers x pruners x sparsities (x calibration sizes x seeds) side by side; "
+             "resumable, and several processes on one --out share the grid")
     p.add_argument("--out", default="results/bench")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75, 0.9, 0.95])
     p.add_argument("--pruners", nargs="+", default=["magnitude", "wanda", "nm"])
-    p.add_argument("--healers", nargs="+",
-                   default=["none", "bias-correction", "layerwise", "logit-kd", "starfish", "starfish+warm"])
+    p.add_argument("--healers", nargs="+", default=list(DEFAULT_HEALERS), help=f"variants: {', '.join(VARIANTS)}")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="each seed: its own split and shuffle")
+    p.add_argument("--fractions", type=float, nargs="+", default=None,
+                   help="calibration fractions to sweep (default: calibration.fraction)")
     p.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N test images only")
 
     p = sub.add_parser("train", help="train a model from scratch on Fashion-MNIST (makes the demo checkpoint)")

@@ -1,56 +1,132 @@
-"""`starfish bench` on a one-cell grid: its table, CSV, JSON and plot."""
+"""`starfish bench` on tiny grids: its outputs, equal budgets, seeds, resuming and shared grids."""
 
 from __future__ import annotations
 
 import csv
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from starfish.bench import BenchConfig, run_bench
-from starfish.config import load_config
+from starfish import bench as bench_module
+from starfish.bench import BenchConfig, claim, run_bench
+from starfish.config import HealConfig, load_config, variant_config
 from starfish.errors import StarfishError
 from starfish.io import read_json
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def tiny_config(params_path: Path, demo_checkpoint: Path, *extra: str):
+    return load_config(params_path, [f"model.checkpoint={demo_checkpoint}", "model.device=cpu", "heal.steps=6",
+                                     "heal.holdout_every=3", *extra])
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    png = path.read_bytes()
+    assert png[:8] == PNG_MAGIC and b"IEND" in png[-12:]
+    return struct.unpack(">II", png[16:24])
+
+
 def test_tiny_bench_writes_every_output(params_path: Path, demo_checkpoint: Path, tmp_path: Path) -> None:
-    cfg = load_config(params_path, [f"model.checkpoint={demo_checkpoint}", "model.device=cpu", "heal.epochs=1"])
-    bench = BenchConfig(sparsities=(0.5,), pruners=("magnitude",), healers=("none", "starfish"), eval_samples=200)
+    cfg = tiny_config(params_path, demo_checkpoint)
+    bench = BenchConfig(sparsities=(0.5,), pruners=("magnitude",), healers=("none", "logit-kd", "starfish"),
+                        eval_samples=200)
     rows = run_bench(cfg, bench, tmp_path)
 
-    assert [(r["pruner"], r["sparsity"], r["healer"]) for r in rows] == [("magnitude", 0.5, "none"),
-                                                                         ("magnitude", 0.5, "starfish")]
+    assert [(r["pruner"], r["sparsity"], r["healer"]) for r in rows] == [
+        ("magnitude", 0.5, "none"), ("magnitude", 0.5, "logit-kd"), ("magnitude", 0.5, "starfish")]
     summary = read_json(tmp_path / "bench.json")
-    assert summary["test_images"] == 200 and summary["calibration_images"] == 240
-    assert summary["rows"] == rows
+    assert summary["test_images"] == 200 and summary["budget"] == {"steps": 6, "epochs": None}
+    none, kd, starfish = rows
+    assert kd["steps"] == starfish["steps"] == 6  # equal budgets for every gradient healer
+    assert none["steps"] == 0 and none["heal_over_plain"] == 0.0
     for row in rows:
+        assert row["calibration_images"] == 240
         assert row["recovery"] == pytest.approx(row["top1"] / summary["dense_top1"])
         assert row["measured_sparsity"] == pytest.approx(0.5, abs=1e-3)
         assert 0 <= row["agreement"] <= 1
-    none, starfish = rows
-    assert none["heal_over_plain"] == 0.0
     assert starfish["heal_over_plain"] > 0 and starfish["heal_seconds"] > 0
+    assert [p["step"] for p in starfish["curve"]] == [0, 3, 6] and starfish["selected_step"] in (0, 3, 6)
 
     with open(tmp_path / "bench.csv", newline="") as handle:
         table = list(csv.DictReader(handle))
-    assert [r["healer"] for r in table] == ["none", "starfish"]
-    assert {"recovery", "heal_over_plain"} <= set(table[0])
-    assert float(table[1]["recovery"]) == pytest.approx(starfish["recovery"])
+    assert [r["healer"] for r in table] == ["none", "logit-kd", "starfish"]
+    assert float(table[2]["recovery"]) == pytest.approx(starfish["recovery"]) and "curve" not in table[0]
 
     markdown = (tmp_path / "bench.md").read_text()
-    assert "| pruner | sparsity | none | starfish |" in markdown
-    assert "| magnitude | 0.5 |" in markdown and "**" in markdown
+    assert "| pruner | sparsity | none | logit-kd | starfish |" in markdown
+    assert "| magnitude | 0.5 |" in markdown and "**" in markdown and "6 Adam steps" in markdown
+    assert png_size(tmp_path / "recovery_vs_sparsity.png") == (600, 480)  # one 5x4 inch panel at 120 dpi
+    assert len((tmp_path / "recovery_vs_sparsity.png").read_bytes()) > 10_000  # lines and a legend, not a blank
+    assert png_size(tmp_path / "holdout_vs_calibration_loss.png")[0] > 400
+    assert not list(tmp_path.glob("**/.*.tmp")) and not list(tmp_path.glob("cells/*.lock"))
 
-    png = (tmp_path / "recovery_vs_sparsity.png").read_bytes()
-    assert png[:8] == PNG_MAGIC
-    assert len(png) > 10_000  # axes, a line per healer, a legend and a title, not an empty canvas
-    assert b"IEND" in png[-12:]
-    width, height = struct.unpack(">II", png[16:24])  # IHDR: one 5x4 inch panel at 120 dpi
-    assert (width, height) == (600, 480)
-    assert not list(tmp_path.glob(".*.tmp"))
+
+def test_a_rerun_resumes_from_the_saved_cells(params_path: Path, demo_checkpoint: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny_config(params_path, demo_checkpoint)
+    bench = BenchConfig(sparsities=(0.5,), pruners=("magnitude",), healers=("none", "starfish"), eval_samples=100)
+    first = run_bench(cfg, bench, tmp_path)
+    (tmp_path / "cells" / "magnitude_s0.5_f0.004_seed0_none.json").unlink()  # as if killed before that cell
+
+    measured: list[str] = []
+    original = bench_module.measure_cell
+
+    def counting(*args, **kwargs):
+        measured.append(args[6].method)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(bench_module, "measure_cell", counting)
+    again = run_bench(cfg, bench, tmp_path)
+    assert measured == ["none"]
+    assert again[1] == first[1]  # the saved starfish cell, not a new measurement
+    run_bench(cfg.replace(heal={"steps": 4}), bench, tmp_path)  # another budget: nothing reused
+    assert measured == ["none", "none", "starfish"]
+
+
+def test_seeds_and_calibration_sizes(params_path: Path, demo_checkpoint: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(params_path, demo_checkpoint)
+    bench = BenchConfig(sparsities=(0.75,), pruners=("magnitude",), healers=("none", "layerwise"), seeds=(0, 1),
+                        fractions=(0.001, 0.002), eval_samples=100)
+    rows = run_bench(cfg, bench, tmp_path)
+    assert sorted({(r["fraction"], r["calibration_images"], r["seed"]) for r in rows}) == [
+        (0.001, 60, 0), (0.001, 60, 1), (0.002, 120, 0), (0.002, 120, 1)]
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "mean ± std over seeds [0, 1]" in markdown and "| magnitude | 0.75 | 0.001 |" in markdown
+    layerwise = [r["recovery"] for r in rows if r["healer"] == "layerwise" and r["fraction"] == 0.001]
+    mean = sum(layerwise) / 2
+    std = abs(layerwise[0] - layerwise[1]) / 2 ** 0.5
+    assert f"{mean:.3f} ± {std:.3f}" in markdown
+    assert png_size(tmp_path / "recovery_vs_calibration_size.png") == (600, 480)
+
+
+def test_variants_share_the_budget_except_faithful() -> None:
+    base = HealConfig(steps=300, holdout=0.2, batch_size=16)
+    for name in ("logit-kd", "starfish", "recommended"):
+        cfg = variant_config(base, name, seed=2)
+        assert (cfg.steps, cfg.epochs, cfg.holdout, cfg.batch_size, cfg.seed) == (300, None, 0.2, 16, 2), name
+    faithful = variant_config(base, "faithful", seed=2)
+    assert (faithful.steps, faithful.epochs, faithful.holdout, faithful.batch_size) == (None, 10, 0.0, 16)
+    assert variant_config(base, "starfish-holdout0", seed=0).holdout == 0.0
+    with pytest.raises(StarfishError, match="unknown healer variant 'fast'"):
+        variant_config(base, "fast")
+
+
+def test_a_cell_claimed_by_a_live_process_is_left_to_it(tmp_path: Path) -> None:
+    lock = tmp_path / "cells" / "x.lock"
+    with claim(lock) as mine:
+        assert mine and lock.read_text() == str(os.getpid())
+        with claim(lock) as again:
+            assert not again  # held by a live process: this one
+    assert not lock.exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(dead.stdout.strip())  # a lock left by a process that is gone
+    with claim(lock) as mine:
+        assert mine
 
 
 def test_bench_rejects_unknown_healer_variants() -> None:
@@ -61,11 +137,10 @@ def test_bench_rejects_unknown_healer_variants() -> None:
 def test_nm_sparsity_that_does_not_fit_the_model_is_skipped(params_path: Path, demo_checkpoint: Path,
                                                            tmp_path: Path) -> None:
     """1:10 (sparsity 0.9) cannot tile the ViT's 64-wide inputs: that cell is skipped, the rest is measured."""
-    cfg = load_config(params_path, [f"model.checkpoint={demo_checkpoint}", "model.device=cpu", "heal.epochs=1"])
+    cfg = tiny_config(params_path, demo_checkpoint)
     bench = BenchConfig(sparsities=(0.5, 0.9), pruners=("nm",), healers=("none",), eval_samples=100)
     rows = run_bench(cfg, bench, tmp_path)
     assert [(r["pruner"], r["sparsity"]) for r in rows] == [("nm (2:4)", 0.5)]
-    assert read_json(tmp_path / "bench.json")["complete"] is True
     with pytest.raises(StarfishError, match="bench measured nothing"):
         run_bench(cfg, BenchConfig(sparsities=(0.9,), pruners=("nm",), healers=("none",), eval_samples=100),
                   tmp_path / "empty")

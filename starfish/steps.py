@@ -31,6 +31,8 @@ from starfish.pruning import prune, sparsify_
 
 log = logging.getLogger(__name__)
 
+CURVE_COLUMNS = ("step", "calibration_loss", "holdout_loss")
+
 
 def dense_model(cfg: PipelineConfig) -> torch.nn.Module:
     model = create_model(cfg.model.name, checkpoint=cfg.model.checkpoint, pretrained=cfg.model.pretrained,
@@ -110,16 +112,31 @@ def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out
     check_masks_hold(model, masks)
     save_checkpoint(out, model, name, masks=masks)
     curve = Path(out).with_name(Path(out).stem + "_loss.csv")
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["epoch", "loss"])
-    writer.writerows((i + 1, f"{v:.6f}") for i, v in enumerate(report.get("epoch_losses", [])))
-    atomic_write_bytes(curve, buffer.getvalue().encode())
+    atomic_write_bytes(curve, curve_csv(report.pop("curve", [])).encode())
     meta = write_sidecar(out, config={"heal": asdict(cfg.heal)},
                          inputs={"pruned_sha256": sha256_file(pruned), "manifest_sha256": sha256_file(manifest)},
                          heal_seconds=seconds, report=report)
+    if report.get("kept_pruned"):
+        log.warning("healing did not improve the held-out alignment: %s holds the pruned weights", out)
     log.info("healed with %s in %.1fs", cfg.heal.method, seconds)
     return {"path": str(out), "sha256": meta["sha256"], "heal_seconds": seconds, "loss_curve": str(curve)}
+
+
+def curve_csv(curve: list[dict[str, Any]]) -> str:
+    """The healing curve as CSV: step, calibration loss (training batches), held-out loss (empty without one)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CURVE_COLUMNS)
+    for point in curve:
+        writer.writerow([point["step"]] + ["" if point[k] is None else f"{point[k]:.6f}" for k in CURVE_COLUMNS[1:]])
+    return buffer.getvalue()
+
+
+def read_curve(path: str | Path) -> list[dict[str, float | None]]:
+    """Read `curve_csv` back: one dict per point, None where a value is empty."""
+    with open(path, newline="") as handle:
+        return [{k: (float(v) if v != "" else None) if k != "step" else int(v) for k, v in row.items()}
+                for row in csv.DictReader(handle)]
 
 
 def evaluate_step(cfg: PipelineConfig, pruned: str | Path, healed: str | Path, out: str | Path) -> dict[str, Any]:

@@ -91,14 +91,25 @@ def git_commit(cwd: str | Path = ".") -> str | None:
 
 
 def write_report(out_dir: str | Path, cfg: PipelineConfig, metrics: dict[str, Any], calibration: dict[str, Any],
-                 loss_curve: str | Path) -> tuple[Path, Path]:
-    """Write `report.md` and `loss.png` (healing loss per epoch) into `out_dir`; return both paths."""
+                 loss_curve: str | Path, healed_path: str | Path | None = None) -> tuple[Path, Path]:
+    """Write `report.md` and `loss.png` (calibration and held-out loss per step) into `out_dir`."""
+    from starfish.steps import read_curve
+
     out_dir = Path(out_dir)
-    rows = [line.split(",") for line in Path(loss_curve).read_text().splitlines()[1:] if line]
-    figure, axis = subplots(figsize=(5, 3.2))
-    axis.plot([int(r[0]) for r in rows], [float(r[1]) for r in rows], marker="o")
-    axis.set(xlabel="epoch", ylabel="alignment loss", title=f"{cfg.heal.method} healing loss")
+    curve = read_curve(loss_curve)
+    heal_meta = read_json(f"{healed_path}.meta.json") if healed_path else {}
+    heal_report = heal_meta.get("report", {})
+    figure, axis = subplots(figsize=(5.5, 3.4))
+    steps = [p["step"] for p in curve]
+    axis.plot(steps, [p["calibration_loss"] for p in curve], marker=".", label="calibration (training batches)")
+    if any(p["holdout_loss"] is not None for p in curve):
+        axis.plot(steps, [p["holdout_loss"] for p in curve], marker=".", linestyle="--", label="held-out slice")
+    if isinstance(heal_report.get("selected_step"), int):
+        axis.axvline(heal_report["selected_step"], color="grey", linewidth=0.8, label="kept state")
+    axis.set(xlabel="Adam step", ylabel="alignment loss", title=f"{cfg.heal.method} ({cfg.heal.preset}) healing loss")
+    axis.set_yscale("log")
     axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
     figure.tight_layout()
     plot = save_png(figure, out_dir / "loss.png", dpi=100)
     lines = [
@@ -111,12 +122,26 @@ def write_report(out_dir: str | Path, cfg: PipelineConfig, metrics: dict[str, An
         f"Calibration split: {calibration['num_samples']} images, content hash `{calibration['split_hash']}`, "
         f"DVC md5 `{calibration['md5']}`.",
         "",
+        _selection_line(heal_report),
+        "",
         "![healing loss](loss.png)",
         "",
     ]
     report = out_dir / "report.md"
     atomic_write_bytes(report, "\n".join(lines).encode())
     return report, plot
+
+
+def _selection_line(report: dict[str, Any]) -> str:
+    """What the held-out slice decided, in words."""
+    if "selected_step" not in report:
+        return f"Healing ran {report.get('steps', '?')} steps on every calibration image; the last state is kept."
+    if report.get("kept_pruned"):
+        return (f"**No healed state beat the pruned model on the {report['holdout_images']} held-out images: "
+                "the registered weights are the pruned ones.**")
+    return (f"Healing ran {report['steps']} steps on {report['train_images']} images; the state kept is step "
+            f"{report['selected_step']}, best of the checks on {report['holdout_images']} held-out images "
+            f"(loss {report['holdout_loss']:.4f}).")
 
 
 def _pip_requirements() -> list[str]:
@@ -152,11 +177,11 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], pruned
     from mlflow.models import infer_signature
     from safetensors.torch import save_file
 
-    from starfish.steps import calibration_images, stored_model
+    from starfish.steps import calibration_images, read_curve, stored_model
 
     metrics = read_json(evaluation["path"])
     check_registrable(metrics, cfg.gate)
-    report, plot = write_report(report_dir, cfg, metrics, calibration, healed["loss_curve"])
+    report, plot = write_report(report_dir, cfg, metrics, calibration, healed["loss_curve"], healed["path"])
     model, masks, _ = stored_model(cfg.replace(model={"device": "cpu"}), healed["path"])
     example = calibration_images(cfg, calibration["path"], model)[:2].numpy()
     with torch.no_grad():
@@ -172,11 +197,15 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], pruned
         "starfish.model_name": cfg.model.name,
         "prefect.flow_run_id": flow_run_id or "none",
     }
-    run_name = f"{cfg.model.name}-{cfg.prune.method}{cfg.prune.sparsity:g}-{cfg.heal.method}"
+    healer = cfg.heal.method if cfg.heal.preset == "default" else f"{cfg.heal.method}-{cfg.heal.preset}"
+    run_name = f"{cfg.model.name}-{cfg.prune.method}{cfg.prune.sparsity:g}-{healer}"
     with mlflow.start_run(run_name=run_name, tags=tags) as run:
         mlflow.log_params({f"{section}.{key}": value for section, fields in cfg.to_dict().items()
                            for key, value in fields.items()})
         mlflow.log_metrics({key: float(metrics[key]) for key in METRICS})
+        for point in read_curve(healed["loss_curve"]):
+            mlflow.log_metrics({f"heal_{k}": point[k] for k in ("calibration_loss", "holdout_loss")
+                                if point[k] is not None}, step=point["step"])
         with warnings.catch_warnings():  # MLflow registers two equal local sources and warns about it
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_pandas(pd.DataFrame({"id": manifest["ids"]}), source=calibration["path"],

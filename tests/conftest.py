@@ -68,7 +68,7 @@ def vit() -> torch.nn.Module:
 
 # --- Pipeline (Prefect, MLflow, DVC) fixtures -------------------------------------------------
 
-PIPELINE_TEST_OVERRIDES = ["heal.epochs=1", "evaluate.max_samples=500"]
+PIPELINE_TEST_OVERRIDES = ["heal.steps=8", "evaluate.max_samples=500"]
 
 
 @pytest.fixture(scope="session")

@@ -102,7 +102,7 @@ def test_compress_logs_and_registers_everything(first_run: tuple[FlowRun, int], 
     assert tags["starfish.calibration_dvc_md5"] == split["md5"]
     assert tags["starfish.model_name"] == "starfish_vit_fmnist"
     assert tags["prefect.flow_run_id"] == run.id
-    assert logged.data.params["heal.epochs"] == "1" and logged.data.params["prune.sparsity"] == "0.5"
+    assert logged.data.params["heal.steps"] == "8" and logged.data.params["prune.sparsity"] == "0.5"
     for key in tracking.METRICS:
         assert logged.data.metrics[key] == pytest.approx(evaluation[key])
     assert 0 < logged.data.metrics["healed_top1"] <= 1 and logged.data.metrics["sparsity"] == pytest.approx(0.5)

@@ -57,7 +57,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, demo_chec
     shutil.copy(demo_checkpoint, repo / "model" / "dense.safetensors")
     shutil.copy(repo_root / "params.yaml", repo / "params.yaml")
     set_param(repo, "model", "checkpoint", "model/dense.safetensors")
-    set_param(repo, "heal", "epochs", 1)
+    set_param(repo, "heal", "steps", 8)
     set_param(repo, "evaluate", "max_samples", 500)
     sh(repo, "git", "init", "-q", "-b", "main")
     sh(repo, "git", "config", "user.email", "ci@starfish.local")

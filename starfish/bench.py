@@ -10,8 +10,8 @@ Each finished cell is saved at once as its own JSON file under `cells/`, so an i
 resumes where it stopped, and several `starfish bench` processes on the same folder share the
 grid (a cell is claimed with an exclusive lock file). Reported per cell: top-1, recovery
 (top-1 / dense top-1), agreement with the dense predictions, measured sparsity, heal seconds and
-heal seconds over the time of as many plain forward+backward passes (timed on the same model
-right before the heal). Once the grid is complete: bench.json, bench.csv, bench.md and plots.
+for gradient healers, heal seconds over the time of as many plain forward+backward passes as
+the heal took steps (50 of them timed on the same model right before the heal, then scaled). Once the grid is complete: bench.json, bench.csv, bench.md and plots.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from starfish.steps import dataset, dense_model
 log = logging.getLogger(__name__)
 
 DEFAULT_HEALERS = ("none", "bias-correction", "layerwise", "logit-kd", "faithful", "starfish", "recommended")
-PLAIN_TIMED_STEPS = 50  # plain fwd+bwd passes timed per cell; the reference scales them to the heal's steps
+PLAIN_TIMED_STEPS = 50  # plain fwd+bwd passes timed per cell, scaled to the heal's steps
 
 
 @dataclass(frozen=True)
@@ -187,22 +187,22 @@ def measure_cell(dense: torch.nn.Module, masks: dict[str, torch.Tensor], images:
                  eval_batch_size: int) -> dict[str, Any]:
     """Heal one copy of the pruned model and evaluate it: one bench row (without its grid keys)."""
     model = sparsify_(copy.deepcopy(dense), masks)
-    trains = heal_cfg.method not in ("none",)
-    steps = heal_cfg.total_steps(images.shape[0]) if trains else 0
     # The reference is timed right before each heal, so both see the same machine load.
-    plain = (plain_step_seconds(model, images, heal_cfg.batch_size, PLAIN_TIMED_STEPS) / PLAIN_TIMED_STEPS * steps
-             if trains else 0.0)
+    per_step = (plain_step_seconds(model, images, heal_cfg.batch_size, PLAIN_TIMED_STEPS) / PLAIN_TIMED_STEPS
+                if heal_cfg.method != "none" else 0.0)
     start = time.perf_counter()
     report = heal_(model, dense, masks, images, heal_cfg)
     seconds = time.perf_counter() - start
     check_masks_hold(model, masks)
     preds, _ = predict(model, test, eval_batch_size, desc=f"evaluate {heal_cfg.method}")
+    plain = per_step * report.get("steps", 0)  # gradient healers only: the others take no steps
     return {
         "top1": float((preds == targets).float().mean()),
         "agreement": float((preds == dense_preds).float().mean()),
         "measured_sparsity": measured_sparsity(model, list(masks))["total"],
         "steps": report.get("steps", 0),
         "heal_seconds": seconds,
+        "plain_step_seconds": per_step,
         "plain_fwd_bwd_seconds": plain,
         "heal_over_plain": seconds / plain if plain else 0.0,
         "selected_step": report.get("selected_step"),

@@ -28,8 +28,18 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# The committed benchmarks. Each grid saves its cells as they finish and resumes where it stopped;
+# run `make bench` in a second shell to use a second core (the two share every grid).
+CNN := --set model.name=starfish_cnn_fmnist --set model.checkpoint=data/demo/starfish_cnn_fmnist.safetensors
 bench: setup
 	$(VENV)/bin/starfish bench --out results/bench
+	$(VENV)/bin/starfish bench --out results/seeds --pruners magnitude wanda --sparsities 0.75 0.9 0.95 --seeds 0 1 2
+	$(VENV)/bin/starfish bench --out results/calibration_size --pruners magnitude --sparsities 0.75 0.9 \
+		--fractions 0.001 0.004 0.01 0.02 --healers layerwise logit-kd starfish recommended
+	$(VENV)/bin/starfish bench --out results/holdout --pruners magnitude --sparsities 0.75 0.9 0.95 \
+		--healers starfish starfish-holdout0 starfish-holdout0.2
+	$(VENV)/bin/starfish bench --out results/bench_cnn $(CNN) --pruners magnitude wanda --sparsities 0.5 0.75 0.9 \
+		--healers none logit-kd faithful starfish recommended
 
 clean:
 	rm -rf out mlruns mlartifacts mlflow.db .prefect

@@ -9,9 +9,11 @@ calibration split and the healing shuffle.
 Each finished cell is saved at once as its own JSON file under `cells/`, so an interrupted run
 resumes where it stopped, and several `starfish bench` processes on the same folder share the
 grid (a cell is claimed with an exclusive lock file). Reported per cell: top-1, recovery
-(top-1 / dense top-1), agreement with the dense predictions, measured sparsity, heal seconds and
-for gradient healers, heal seconds over the time of as many plain forward+backward passes as
-the heal took steps (50 of them timed on the same model right before the heal, then scaled). Once the grid is complete: bench.json, bench.csv, bench.md and plots.
+(top-1 / dense top-1), agreement with the dense predictions, measured sparsity, heal seconds
+and, for gradient healers, heal seconds over the time of as many plain forward+backward passes
+as the heal took steps (200 of them timed on the same model right before the heal, then
+scaled; time it with one process on a quiet machine). Once the grid is complete: bench.json,
+bench.csv, bench.md and plots.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from starfish.steps import dataset, dense_model
 log = logging.getLogger(__name__)
 
 DEFAULT_HEALERS = ("none", "bias-correction", "layerwise", "logit-kd", "faithful", "starfish", "recommended")
-PLAIN_TIMED_STEPS = 50  # plain fwd+bwd passes timed per cell, scaled to the heal's steps
+PLAIN_TIMED_STEPS = 200  # plain fwd+bwd passes timed per cell, scaled to the heal's steps
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,7 @@ def measure_cell(dense: torch.nn.Module, masks: dict[str, torch.Tensor], images:
         "plain_step_seconds": per_step,
         "plain_fwd_bwd_seconds": plain,
         "heal_over_plain": seconds / plain if plain else 0.0,
+        "warm_start_seconds": report.get("warm_start_seconds", 0.0),
         "selected_step": report.get("selected_step"),
         "kept_pruned": report.get("kept_pruned"),
         "curve": report.get("curve", []),
@@ -252,7 +255,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
             if h not in means:
                 return ""
             mean, std = means[h]
-            text = f"{mean:.3f} ± {std:.3f}" if len(seeds) > 1 else f"{mean:.3f}"
+            text = f"{mean:.3f} ± {std:.3f}" if len(cells[h]) > 1 else f"{mean:.3f}"
             return f"**{text}**" if mean == best else text
 
         lines.append(f"| {pruner} | {sparsity:g} | " + (f"{fraction:g} | " if several_fractions else "")

@@ -35,6 +35,7 @@ DEMO_CHECKPOINT = _DEMO_DIR / "starfish_vit_fmnist.safetensors"
 DEMO_CNN_MODEL = "starfish_cnn_fmnist"
 DEMO_CNN_CHECKPOINT = _DEMO_DIR / "starfish_cnn_fmnist.safetensors"
 MASK_PREFIX = "masks/"
+METADATA_KEY = "starfish"
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
 
@@ -140,7 +141,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Masks, d
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as handle:
-                metadata = dict(handle.metadata() or {})
+                metadata = _parse_metadata(dict(handle.metadata() or {}))
         except (SafetensorError, OSError, ValueError) as exc:
             raise StarfishError(f"checkpoint {path} is damaged or truncated ({exc}); write it again") from exc
     elif path.suffix in (".pth", ".pt", ".bin"):
@@ -159,6 +160,19 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Masks, d
     masks = {k[len(MASK_PREFIX):]: v.bool() for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
     state = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
     return state, masks, metadata
+
+
+def _parse_metadata(header: dict[str, str]) -> dict[str, Any]:
+    """The checkpoint's metadata as JSON values; files from before METADATA_KEY kept flat text keys."""
+    if METADATA_KEY in header:
+        return json.loads(header[METADATA_KEY])
+    meta: dict[str, Any] = {}
+    for key, text in header.items():
+        try:
+            meta[key] = json.loads(text) if key != "model" else text
+        except json.JSONDecodeError:
+            meta[key] = text
+    return meta
 
 
 def load_state_(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> torch.nn.Module:
@@ -185,10 +199,11 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, model_name: str, m
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     for name, mask in (masks or {}).items():
         tensors[MASK_PREFIX + name] = mask.detach().bool().contiguous().cpu()
-    meta = {"model": model_name, "num_classes": str(getattr(model, "num_classes", "")),
-            **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
+    meta = {"model": model_name, "num_classes": getattr(model, "num_classes", None), **(metadata or {})}
+    # One header key holding sorted JSON: safetensors writes several keys in a varying order,
+    # and equal models must give equal bytes (hashes, dvc.lock).
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
 
 
 def load_checkpoint(path: str | Path, model_name: str | None = None) -> tuple[torch.nn.Module, Masks, str]:
@@ -197,7 +212,7 @@ def load_checkpoint(path: str | Path, model_name: str | None = None) -> tuple[to
     name = model_name or metadata.get("model")
     if not name:
         raise StarfishError(f"checkpoint {path} does not name its model; pass the model name")
-    num_classes = int(metadata["num_classes"]) if metadata.get("num_classes", "").isdigit() else None
+    num_classes = metadata.get("num_classes") if isinstance(metadata.get("num_classes"), int) else None
     model = create_model(name, num_classes=num_classes)
     load_state_(model, state, source=str(path))
     return model.eval(), masks, name

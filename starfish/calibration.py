@@ -8,6 +8,7 @@ a changed image changes the hash.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 
 from starfish.datasets import ImageDataset
 from starfish.errors import StarfishError
-from starfish.io import atomic_write_json, read_json
+from starfish.io import atomic_write_json
 
 MANIFEST_VERSION = 1
 
@@ -81,12 +82,29 @@ def write_manifest(path: str | Path, manifest: dict[str, Any]) -> None:
     atomic_write_json(path, manifest)
 
 
-def resolve_manifest(path: str | Path, dataset: ImageDataset) -> list[int]:
-    """Indices into `dataset` of the manifest's ids; fails if the data no longer matches its hash."""
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """A manifest checked for the fields every step relies on; one clear error for anything else."""
     path = Path(path)
     if not path.is_file():
         raise StarfishError(f"calibration manifest {path} does not exist; run `starfish sample` first")
-    manifest = read_json(path)
+    fix = "write it again with `starfish sample`"
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StarfishError(f"calibration manifest {path} is not valid JSON ({exc}); {fix}") from None
+    if not isinstance(manifest, dict):
+        raise StarfishError(f"calibration manifest {path} holds a {type(manifest).__name__}, not a manifest; {fix}")
+    ids = manifest.get("ids")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        raise StarfishError(f"calibration manifest {path} has no list of sample ids; {fix}")
+    if not isinstance(manifest.get("content_sha256"), str) or manifest.get("num_samples") != len(ids):
+        raise StarfishError(f"calibration manifest {path} lacks its content hash or sample count; {fix}")
+    return manifest
+
+
+def resolve_manifest(path: str | Path, dataset: ImageDataset) -> list[int]:
+    """Indices into `dataset` of the manifest's ids; fails if the data no longer matches its hash."""
+    manifest = read_manifest(path)
     position = {sample_id: i for i, sample_id in enumerate(dataset.ids)}
     missing = [sid for sid in manifest["ids"] if sid not in position]
     if missing:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -147,8 +148,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Masks, d
     elif path.suffix in (".pth", ".pt", ".bin"):
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated zip, pickle errors, disallowed globals
-            raise StarfishError(f"checkpoint {path} is damaged, truncated or unsafe ({exc})") from exc
+        except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never repeat that
+            raise StarfishError(f"checkpoint {path} holds Python objects besides tensors, which starfish never "
+                                "unpickles; save its state dict of tensors, or .safetensors") from None
+        except Exception as exc:  # truncated zip, bad magic number
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise StarfishError(f"checkpoint {path} is damaged or truncated ({reason}); write it again") from None
         for key in ("state_dict", "model"):
             if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
                 loaded = loaded[key]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import Subset
 
-from starfish.calibration import build_manifest, resolve_manifest, write_manifest
+from starfish.calibration import build_manifest, read_manifest, resolve_manifest, write_manifest
 from starfish.config import PipelineConfig
 from starfish.datasets import ImageDataset, load_dataset
 from starfish.errors import StarfishError
@@ -75,9 +75,7 @@ def sample(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
 
 def split_info(manifest: str | Path) -> dict[str, Any]:
     """A manifest's file and content hashes and what it was drawn with (also for one made by DVC)."""
-    if not Path(manifest).is_file():
-        raise StarfishError(f"calibration manifest {manifest} does not exist; run `starfish sample` first")
-    data = read_json(manifest)
+    data = read_manifest(manifest)
     return {"path": str(manifest), "sha256": sha256_file(manifest), "split_hash": data["content_sha256"],
             "num_samples": data["num_samples"], "dataset": data["dataset"], "fraction": data["fraction"],
             "seed": data["seed"]}
@@ -86,6 +84,7 @@ def split_info(manifest: str | Path) -> dict[str, Any]:
 def prune_step(cfg: PipelineConfig, manifest: str | Path, out: str | Path) -> dict[str, Any]:
     """Prune the dense model; write the pruned weights and masks as one checkpoint."""
     model = dense_model(cfg)
+    read_manifest(manifest)  # an input of the step even when the pruner reads no images
     images = calibration_images(cfg, manifest, model) if cfg.prune.method == "wanda" else None
     masks = prune(model, cfg.prune.method, cfg.prune.sparsity, images=images, nm=cfg.prune.nm,
                   global_ranking=cfg.prune.global_ranking)

@@ -149,6 +149,32 @@ def test_a_manifest_that_is_missing_fails_cleanly(params_path: Path, demo_checkp
     assert not out.parent.exists()
 
 
+MALFORMED_MANIFESTS = {
+    "invalid JSON": ("{not json", "is not valid JSON"),
+    "a list": ("[1, 2]", "holds a list, not a manifest"),
+    "no ids": ('{"content_sha256": "x", "num_samples": 0}', "has no list of sample ids"),
+    "empty ids": ('{"ids": [], "content_sha256": "x", "num_samples": 0}', "has no list of sample ids"),
+    "no hash": ('{"ids": ["train/0"], "num_samples": 1}', "lacks its content hash"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_MANIFESTS))
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_a_malformed_manifest_fails_cleanly_for_every_pruner(
+        case: str, method: str, params_path: Path, demo_checkpoint: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    text, message = MALFORMED_MANIFESTS[case]
+    manifest = tmp_path / "calibration.json"
+    manifest.write_text(text)
+    out = tmp_path / "out" / "pruned.safetensors"
+    code = main(["prune", *base_args(params_path, demo_checkpoint), "--set", f"prune.method={method}",
+                 "--calibration", str(manifest), "--out", str(out)])
+    captured = capsys.readouterr()
+    lines = error_lines(captured.err)
+    assert code == 2 and len(lines) == 1 and message in lines[0] and "starfish sample" in lines[0], captured.err
+    assert not out.parent.exists()
+
+
 def test_console_script_exit_status_across_a_process(params_path: Path, demo_checkpoint: Path,
                                                      tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "starfish"

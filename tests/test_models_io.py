@@ -51,6 +51,18 @@ def test_safetensors_roundtrip_with_masks_and_metadata(vit: nn.Module, tmp_path:
     assert [p.name for p in tmp_path.iterdir()] == ["pruned.safetensors"]
 
 
+def test_outputs_get_the_mode_the_umask_gives(tmp_path: Path) -> None:
+    """mkstemp makes 0600 files; outputs are shared, so they get 0666 less the umask like any file."""
+    previous = os.umask(0o027)
+    try:
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+        with open(tmp_path / "plain.bin", "wb"):
+            pass
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o640 == (tmp_path / "plain.bin").stat().st_mode & 0o777
+
+
 def test_equal_models_save_to_equal_bytes(vit: nn.Module, tmp_path: Path) -> None:
     """Several metadata keys came out in a varying order (1 save in 6): hashes and dvc.lock changed."""
     masks = prune(vit, "magnitude", 0.5)
@@ -88,8 +100,17 @@ def test_pth_state_dict_loads(vit: nn.Module, tmp_path: Path, wrap: str | None) 
 def test_pth_is_loaded_weights_only(vit: nn.Module, tmp_path: Path) -> None:
     path = tmp_path / "unsafe.pth"
     torch.save({**vit.state_dict(), "extra": NotATensor()}, path)
-    with pytest.raises(StarfishError, match="damaged, truncated or unsafe"):
+    with pytest.raises(StarfishError) as info:
         create_model("starfish_vit_fmnist", checkpoint=path)
+    message = str(info.value)
+    assert "never unpickles" in message and "\n" not in message
+    assert "weights_only" not in message  # torch's advice to turn the guard off is never repeated
+    truncated = tmp_path / "truncated.pth"
+    torch.save(vit.state_dict(), truncated)
+    truncated.write_bytes(truncated.read_bytes()[:500])
+    with pytest.raises(StarfishError, match="damaged or truncated") as info:
+        create_model("starfish_vit_fmnist", checkpoint=truncated)
+    assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
 
 
 def test_checkpoint_for_another_model_names_missing_keys(tmp_path: Path) -> None:

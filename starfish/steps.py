@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -57,12 +58,30 @@ def calibration_images(cfg: PipelineConfig, manifest: str | Path, model: torch.n
     return torch.stack([train[i][0] for i in indices])
 
 
+def check_outputs(cfg: PipelineConfig, outputs: list[str | Path], inputs: list[str | Path]) -> None:
+    """Refuse, before any work, outputs that would overwrite an input (or its sidecar) or that
+    cannot be written: the nearest existing folder above each must be writable. Writes nothing."""
+    sources = [Path(p) for p in [*inputs, cfg.model.checkpoint] if p]
+    taken = {path.resolve(): path for source in sources for path in (source, sidecar_path(source))}
+    for out in map(Path, outputs):
+        for written in (out, sidecar_path(out)):
+            if written.resolve() in taken:
+                raise StarfishError(f"output {written} is the input {taken[written.resolve()]}; writing it would "
+                                    "destroy that input: choose another --out")
+        folder = out.resolve().parent
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise StarfishError(f"cannot write {out}: {folder} is not a writable folder; choose another --out")
+
+
 def _checkpoint_sha(cfg: PipelineConfig) -> str | None:
     return sha256_file(cfg.model.checkpoint) if cfg.model.checkpoint else None
 
 
 def sample(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
     """Write the calibration manifest (ids + content hash) for `cfg.calibration`."""
+    check_outputs(cfg, [out], [])
     model = dense_model(cfg)
     manifest = build_manifest(dataset(cfg, "train", model), cfg.data.kind, cfg.calibration.fraction,
                               cfg.calibration.seed)
@@ -83,6 +102,7 @@ def split_info(manifest: str | Path) -> dict[str, Any]:
 
 def prune_step(cfg: PipelineConfig, manifest: str | Path, out: str | Path) -> dict[str, Any]:
     """Prune the dense model; write the pruned weights and masks as one checkpoint."""
+    check_outputs(cfg, [out], [manifest])
     model = dense_model(cfg)
     read_manifest(manifest)  # an input of the step even when the pruner reads no images
     images = calibration_images(cfg, manifest, model) if cfg.prune.method == "wanda" else None
@@ -100,8 +120,12 @@ def prune_step(cfg: PipelineConfig, manifest: str | Path, out: str | Path) -> di
 
 def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out: str | Path) -> dict[str, Any]:
     """Heal the pruned checkpoint on the calibration split; write the healed checkpoint and loss curve."""
+    check_outputs(cfg, [out, curve_path(out)], [pruned, manifest])
     dense = dense_model(cfg)
     model, masks, name = stored_model(cfg, pruned)
+    if not masks:
+        raise StarfishError(f"{pruned} carries no pruning masks, so it is not a pruned checkpoint; "
+                            "pass the output of `starfish prune`")
     if name != cfg.model.name:
         raise StarfishError(f"pruned checkpoint {pruned} is a {name}, but model.name is {cfg.model.name}")
     images = calibration_images(cfg, manifest, dense)
@@ -110,7 +134,7 @@ def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out
     seconds = time.perf_counter() - start
     check_masks_hold(model, masks)
     save_checkpoint(out, model, name, masks=masks)
-    curve = Path(out).with_name(Path(out).stem + "_loss.csv")
+    curve = curve_path(out)
     atomic_write_bytes(curve, curve_csv(report.pop("curve", [])).encode())
     meta = write_sidecar(out, config={"heal": asdict(cfg.heal)},
                          inputs={"pruned_sha256": sha256_file(pruned), "manifest_sha256": sha256_file(manifest)},
@@ -119,6 +143,11 @@ def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out
         log.warning("healing did not improve the held-out alignment: %s holds the pruned weights", out)
     log.info("healed with %s in %.1fs", cfg.heal.method, seconds)
     return {"path": str(out), "sha256": meta["sha256"], "heal_seconds": seconds, "loss_curve": str(curve)}
+
+
+def curve_path(healed: str | Path) -> Path:
+    """Where the heal step writes its loss curve: `<healed stem>_loss.csv` beside the checkpoint."""
+    return Path(healed).with_name(Path(healed).stem + "_loss.csv")
 
 
 def curve_csv(curve: list[dict[str, Any]]) -> str:
@@ -140,8 +169,12 @@ def read_curve(path: str | Path) -> list[dict[str, float | None]]:
 
 def evaluate_step(cfg: PipelineConfig, pruned: str | Path, healed: str | Path, out: str | Path) -> dict[str, Any]:
     """Top-1 of dense, pruned and healed on the test split; recovery, agreement and sparsity checks."""
+    check_outputs(cfg, [out], [pruned, healed, curve_path(healed)])
     dense = dense_model(cfg)
     pruned_model, masks, _ = stored_model(cfg, pruned)
+    if not masks:
+        raise StarfishError(f"{pruned} carries no pruning masks, so it is not a pruned checkpoint; "
+                            "pass the output of `starfish prune`")
     healed_model, healed_masks, _ = stored_model(cfg, healed)
     if set(healed_masks) != set(masks) or any(not torch.equal(masks[k], healed_masks[k]) for k in masks):
         raise StarfishError(f"{healed} carries different masks than {pruned}; heal that pruned checkpoint again")

@@ -149,6 +149,76 @@ def test_a_manifest_that_is_missing_fails_cleanly(params_path: Path, demo_checkp
     assert not out.parent.exists()
 
 
+@pytest.fixture(scope="module")
+def step_files(tmp_path_factory: pytest.TempPathFactory, params_path: Path, demo_checkpoint: Path) -> dict[str, Path]:
+    """A real manifest, pruned and healed checkpoint, made once (two heal steps)."""
+    folder = tmp_path_factory.mktemp("steps")
+    common = base_args(params_path, demo_checkpoint) + ["--set", "heal.steps=2", "--set", "evaluate.max_samples=100"]
+    files = {"calibration": folder / "calibration.json", "pruned": folder / "pruned.safetensors",
+             "healed": folder / "healed.safetensors"}
+    assert main(["sample", *common, "--out", str(files["calibration"])]) == 0
+    assert main(["prune", *common, "--calibration", str(files["calibration"]), "--out", str(files["pruned"])]) == 0
+    assert main(["heal", *common, "--pruned", str(files["pruned"]), "--calibration", str(files["calibration"]),
+                 "--out", str(files["healed"])]) == 0
+    return files
+
+
+OUT_IS_AN_INPUT = {
+    "evaluate --out healed": ("evaluate", "healed"),
+    "evaluate --out pruned": ("evaluate", "pruned"),
+    "prune --out manifest": ("prune", "calibration"),
+    "heal --out pruned": ("heal", "pruned"),
+    "heal --out manifest": ("heal", "calibration"),
+    "sample --out dense checkpoint": ("sample", "dense"),
+}
+
+
+@pytest.mark.parametrize("case", list(OUT_IS_AN_INPUT))
+def test_an_output_that_is_an_input_is_refused_before_any_work(
+        case: str, step_files: dict[str, Path], params_path: Path, demo_checkpoint: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    command, victim = OUT_IS_AN_INPUT[case]
+    dense = tmp_path / "dense.safetensors"
+    dense.write_bytes(demo_checkpoint.read_bytes())
+    paths = {**step_files, "dense": dense}
+    inputs = {"sample": [], "prune": ["--calibration", str(paths["calibration"])],
+              "heal": ["--pruned", str(paths["pruned"]), "--calibration", str(paths["calibration"])],
+              "evaluate": ["--pruned", str(paths["pruned"]), "--healed", str(paths["healed"])]}[command]
+    out = paths[victim]
+    before = {name: path.read_bytes() for name, path in paths.items()}
+    before_meta = sidecar_path(step_files["calibration"]).read_bytes()
+    args = [command, *base_args(params_path, dense), *inputs, "--out", str(out)]
+    assert main(args) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "would destroy that input" in lines[0], lines
+    assert {name: path.read_bytes() for name, path in paths.items()} == before
+    assert sidecar_path(step_files["calibration"]).read_bytes() == before_meta
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(step_files: dict[str, Path], params_path: Path,
+                                                                demo_checkpoint: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = step_files["calibration"] / "healed.safetensors"  # a file, used as a folder
+    args = ["heal", *base_args(params_path, demo_checkpoint), "--pruned", str(step_files["pruned"]),
+            "--calibration", str(step_files["calibration"]), "--out", str(out)]
+    assert main(args) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "is not a writable folder" in lines[0]
+
+
+def test_the_dense_checkpoint_as_pruned_input_fails_cleanly(step_files: dict[str, Path], params_path: Path,
+                                                           demo_checkpoint: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    for command, extra in (("heal", ["--calibration", str(step_files["calibration"])]),
+                           ("evaluate", ["--healed", str(step_files["healed"])])):
+        out = tmp_path / command / "out.file"
+        assert main([command, *base_args(params_path, demo_checkpoint), "--pruned", str(demo_checkpoint), *extra,
+                     "--out", str(out)]) == 2
+        lines = error_lines(capsys.readouterr().err)
+        assert len(lines) == 1 and "not a pruned checkpoint" in lines[0]
+        assert not out.parent.exists()
+
+
 MALFORMED_MANIFESTS = {
     "invalid JSON": ("{not json", "is not valid JSON"),
     "a list": ("[1, 2]", "holds a list, not a manifest"),

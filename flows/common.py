@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prefect import Task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from starfish.errors import StarfishError
 
 
 def absolute(path: str) -> str:
@@ -52,3 +56,28 @@ def cli(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     return parser
+
+
+class _OneLineStarfishErrors(logging.Filter):
+    """Prefect logs a failed task or flow with its traceback; a StarfishError is bad input, and
+    its message already says what to fix, so the record keeps the message and drops the rest."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], StarfishError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a flow's command line: a StarfishError, raised before or inside the flow, ends it with
+    one line on stderr and exit status 2, as the `starfish` command does."""
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+                                       if name.startswith("prefect")]
+    one_line = _OneLineStarfishErrors()
+    for handler in {handler for logger in loggers for handler in logger.handlers}:
+        handler.addFilter(one_line)
+    try:
+        main()
+    except StarfishError as exc:
+        print(f"starfish: error: {exc}", file=sys.stderr)
+        sys.exit(2)

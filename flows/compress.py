@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.common import StepStates, absolute, cli, markdown_table, publish
+from flows.common import StepStates, absolute, cli, markdown_table, publish, run_cli
 from flows.promote import promote as promote_flow
 from starfish import tracking
 from starfish.config import load_config
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--calibration", default=DEFAULT_CALIBRATION, help="calibration split path")
     parser.add_argument("--no-promote", action="store_true", help="register as challenger only")
     args = parser.parse_args()
+    load_config(args.params, args.set)  # a bad config ends here, in one line, before Prefect starts
     result = compress(args.params, args.set, args.workdir, args.calibration, tracking_uri=args.tracking_uri,
                       promote=not args.no_promote)
     evaluation, registered = result["evaluation"], result["registered"]
@@ -77,4 +78,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

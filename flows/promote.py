@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.common import cli, markdown_table, publish
+from flows.common import cli, markdown_table, publish, run_cli
 from starfish import tracking
 from starfish.config import load_config
 from tasks import promote_version
@@ -33,10 +33,11 @@ def main() -> None:
     parser.add_argument("--model-name", default=None, help="registered model (default: from model.name)")
     parser.add_argument("--version", default=None, help="version to promote (default: the challenger)")
     args = parser.parse_args()
+    load_config(args.params, args.set)  # a bad config ends here, in one line, before Prefect starts
     decision = promote(args.model_name, args.version, args.params, args.set, args.tracking_uri)
     print(f"{decision['model_name']} v{decision['version']}: "
           f"{'champion' if decision['promoted'] else 'not promoted (' + '; '.join(decision['reasons']) + ')'}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

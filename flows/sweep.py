@@ -14,7 +14,7 @@ from prefect import flow
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.common import absolute, cli, markdown_table, publish
+from flows.common import absolute, cli, markdown_table, publish, run_cli
 from flows.promote import promote as promote_flow
 from starfish import tracking
 from starfish.config import load_config, variant_config
@@ -79,10 +79,11 @@ def main() -> None:
     parser.add_argument("--workdir", default="out/sweep")
     parser.add_argument("--no-promote", action="store_true")
     args = parser.parse_args()
+    load_config(args.params, args.set)  # a bad config ends here, in one line, before Prefect starts
     result = sweep(args.sparsities, args.healers, args.params, args.set, args.workdir,
                    tracking_uri=args.tracking_uri, promote=not args.no_promote)
     print(markdown_table(result["rows"]))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -63,8 +63,24 @@ def content_hash(dataset: ImageDataset, indices: list[int]) -> str:
     return digest.hexdigest()
 
 
+def load_images(dataset: ImageDataset, indices: list[int]) -> torch.Tensor:
+    """The samples at `indices`, decoded and transformed, as one tensor; every sample that cannot
+    be decoded is named in one error, so a bad file is found when the split is drawn, not mid-heal."""
+    images, bad = [], []
+    for index in indices:
+        try:
+            images.append(dataset[index][0])
+        except Exception as exc:  # PIL and torchvision raise OSError, ValueError, SyntaxError, ...
+            bad.append(f"{dataset.ids[index]} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+    if bad:
+        raise StarfishError(f"{len(bad)} calibration image(s) cannot be decoded: {'; '.join(bad[:5])}"
+                            f"{' ...' if len(bad) > 5 else ''}; fix or remove them, then sample again")
+    return torch.stack(images)
+
+
 def build_manifest(dataset: ImageDataset, dataset_kind: str, fraction: float, seed: int) -> dict[str, Any]:
     indices = stratified_indices(dataset.targets, fraction, seed)
+    load_images(dataset, indices)  # a split of images that decode, or an error naming those that do not
     return {
         "version": MANIFEST_VERSION,
         "dataset": dataset_kind,

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import Subset
 
-from starfish.calibration import build_manifest, read_manifest, resolve_manifest, write_manifest
+from starfish.calibration import build_manifest, load_images, read_manifest, resolve_manifest, write_manifest
 from starfish.config import PipelineConfig
 from starfish.datasets import ImageDataset, load_dataset
 from starfish.errors import StarfishError
@@ -54,8 +54,7 @@ def dataset(cfg: PipelineConfig, split: str, model: torch.nn.Module) -> ImageDat
 def calibration_images(cfg: PipelineConfig, manifest: str | Path, model: torch.nn.Module) -> torch.Tensor:
     """The manifest's images as one tensor, after checking they still match its content hash."""
     train = dataset(cfg, "train", model)
-    indices = resolve_manifest(manifest, train)
-    return torch.stack([train[i][0] for i in indices])
+    return load_images(train, resolve_manifest(manifest, train))
 
 
 def check_outputs(cfg: PipelineConfig, outputs: list[str | Path], inputs: list[str | Path]) -> None:

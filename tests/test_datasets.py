@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from timm.data import resolve_data_config
 
+from starfish.calibration import build_manifest, load_images
 from starfish.datasets import FashionMNIST, TensorTransform, _read_idx, load_dataset, make_loader
 from starfish.errors import StarfishError
 from starfish.models import create_model
@@ -162,3 +163,21 @@ def test_imagefolder_missing_split_raises(tmp_path: Path) -> None:
     (tmp_path / "train" / "empty").mkdir(parents=True)
     with pytest.raises(StarfishError, match="cannot read ImageFolder"):
         load_dataset("imagefolder", tmp_path, "train", model)
+
+
+def test_corrupt_images_are_named_when_the_split_is_drawn(tmp_path: Path) -> None:
+    """A bad PNG and a truncated JPEG are refused by `sample`, by name, instead of failing mid-heal."""
+    make_tree(tmp_path)
+    (tmp_path / "train" / "cat" / "img1.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    jpeg = tmp_path / "train" / "dog" / "img2.jpg"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(jpeg, quality=95)
+    jpeg.write_bytes(jpeg.read_bytes()[:300])
+    model = create_model("resnet10t", num_classes=2)
+    data = load_dataset("imagefolder", tmp_path, "train", model)
+    with pytest.raises(StarfishError) as info:
+        build_manifest(data, "imagefolder", 1.0, seed=0)
+    message = str(info.value)
+    assert message.startswith("2 calibration image(s) cannot be decoded: cat/img1.png (")
+    assert "dog/img2.jpg (" in message and "sample again" in message and "\n" not in message
+    good = [i for i, sample_id in enumerate(data.ids) if sample_id not in ("cat/img1.png", "dog/img2.jpg")]
+    assert load_images(data, good).shape[0] == 5

@@ -27,7 +27,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from flows.compress import compress
 from starfish import steps, tracking
 from starfish.errors import StarfishError
-from starfish.io import read_json
+from starfish.io import read_json, sha256_file
 
 pytestmark = pytest.mark.slow
 STEPS = ["sample_calibration", "prune", "heal", "evaluate", "register"]
@@ -138,6 +138,20 @@ def test_same_inputs_again_skip_every_step(first_run: tuple[FlowRun, int], param
     assert {name: runs[name].state.name for name in STEPS} == dict.fromkeys(STEPS, "Cached")
     assert again.result["states"] == dict.fromkeys(STEPS, "Cached")
     assert again.result["registered"]["run_id"] == first_run[0].result["registered"]["run_id"]
+
+
+def test_a_cached_step_whose_file_is_gone_is_rebuilt(first_run: tuple[FlowRun, int], params_path: Path,
+                                                       pipeline_overrides: list[str], pipeline_dir: Path,
+                                                       store: str) -> None:
+    healed = Path(first_run[0].result["healed"]["path"])
+    digest = sha256_file(healed)
+    healed.unlink()
+    again = run_compress(params_path, pipeline_overrides, pipeline_dir, store, promote=False)
+    states = again.result["states"]
+    assert states["heal"] == "Rebuilt" and healed.is_file() and sha256_file(healed) == digest
+    assert states["sample_calibration"] == states["prune"] == "Cached"
+    assert states["evaluate"] == "Completed"  # on the rebuilt file
+    assert again.result["evaluation"]["recovery"] == first_run[0].result["evaluation"]["recovery"]
 
 
 def test_killed_run_resumes_with_finished_steps_skipped(first_run: tuple[FlowRun, int], prefect_storage: Path,

@@ -28,6 +28,7 @@ def compress(params: str | None = "params.yaml", overrides: list[str] | None = N
     """Compress one model and register it as `challenger`; with `promote`, then run the gate."""
     cfg = load_config(params, overrides)
     config, uri = cfg.to_dict(), tracking.tracking_uri(tracking_uri)
+    tracking.preflight(uri)  # an unreachable store fails here, before any compute
     workdir, calibration = absolute(workdir), absolute(calibration)
     name = model_name or tracking.registered_model_name(cfg)
     run = StepStates()

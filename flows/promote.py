@@ -18,8 +18,9 @@ def promote(model_name: str | None = None, version: str | None = None, params: s
     """Promote `version` (default: the `challenger`) if its recovery reaches gate.min_recovery and
     the current champion's."""
     cfg = load_config(params, overrides)
-    decision = promote_version(model_name or tracking.registered_model_name(cfg), cfg.to_dict()["gate"],
-                               tracking.tracking_uri(tracking_uri), version)
+    uri = tracking.tracking_uri(tracking_uri)
+    tracking.preflight(uri)
+    decision = promote_version(model_name or tracking.registered_model_name(cfg), cfg.to_dict()["gate"], uri, version)
     row = {"model": decision["model_name"], "version": decision["version"], "recovery": decision["recovery"],
            "promoted": decision["promoted"], "champion": decision["champion"] or "none"}
     verdict = "promoted to champion" if decision["promoted"] else "not promoted: " + "; ".join(decision["reasons"])

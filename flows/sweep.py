@@ -41,6 +41,7 @@ def sweep(sparsities: list[float] = DEFAULT_SPARSITIES, healers: list[str] = DEF
     base = load_config(params, overrides)
     workdir, calibration = absolute(workdir), absolute(calibration)
     uri = tracking.tracking_uri(tracking_uri)
+    tracking.preflight(uri)  # an unreachable store fails here, before any compute
     name = model_name or tracking.registered_model_name(base)
     heal_configs = {healer: asdict(variant_config(base.heal, healer)) for healer in healers}  # checked up front
     split = sample_calibration(base.to_dict(), calibration)

@@ -17,6 +17,7 @@ import os
 import subprocess
 import tempfile
 import threading
+import urllib.request
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -52,6 +53,32 @@ def tracking_uri(explicit: str | None = None) -> str:
     if uri.startswith(SQLITE) and not uri[len(SQLITE):].startswith("/"):
         uri = SQLITE + str(Path(uri[len(SQLITE):]).resolve())
     return uri
+
+
+# MLflow retries an unreachable server for minutes by default; a run that has already done its
+# compute should fail in seconds instead. A value set in the environment wins.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def preflight(uri: str, timeout: float = 10.0) -> None:
+    """Check, before any compute, that the tracking store can be reached and written, and bound
+    MLflow's HTTP retries (HTTP_DEFAULTS) so a server that dies later fails the run quickly."""
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+                response.read()
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise StarfishError(f"MLflow tracking server {uri} cannot be reached ({reason}); start it, or point "
+                                "--tracking-uri / MLFLOW_TRACKING_URI at one that runs") from None
+    elif uri.startswith(SQLITE):
+        folder = Path(uri[len(SQLITE):]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise StarfishError(f"MLflow store {uri}: {folder} is not a writable folder; create it or choose "
+                                "another --tracking-uri")
 
 
 def registered_model_name(cfg: PipelineConfig) -> str:

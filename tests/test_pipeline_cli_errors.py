@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,3 +42,20 @@ def test_a_starfish_error_inside_a_flow_run_ends_in_one_line_without_a_traceback
     lines = error_lines(result.stderr)
     assert len(lines) == 1 and "no version 999 of starfish-starfish-vit-fmnist" in lines[0], result.stderr[-3000:]
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_an_unreachable_tracking_server_fails_fast_before_any_compute(repo_root: Path, params_path: Path,
+                                                                     tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    start = time.monotonic()
+    result = run_flow("flows.compress", ["--params", str(params_path), "--workdir", str(tmp_path / "work"),
+                                         "--calibration", str(tmp_path / "calibration.json"),
+                                         "--tracking-uri", f"http://127.0.0.1:{port}"], repo_root, tmp_path)
+    assert time.monotonic() - start < 60
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and f"MLflow tracking server http://127.0.0.1:{port} cannot be reached" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "work").exists() and not (tmp_path / "calibration.json").exists()

@@ -37,6 +37,7 @@ DEFAULT_TRACKING_URI = SQLITE + "mlflow.db"
 EXPERIMENT = "starfish"
 CHALLENGER = "challenger"
 CHAMPION = "champion"
+REGISTER_KEY_TAG = "starfish.register_key"  # on the run and its version: one registration per key
 MODEL_ARTIFACT = "model"
 METRICS = ("dense_top1", "pruned_top1", "healed_top1", "recovery", "sparsity", "sparsity_drift", "heal_seconds")
 _PACKAGES = ("torch", "timm", "safetensors", "numpy")
@@ -182,22 +183,44 @@ def _pip_requirements() -> list[str]:
     return pins
 
 
-def _use_experiment(uri: str) -> None:
-    """Make EXPERIMENT the active one; an embedded sqlite store keeps its artifacts beside its database."""
+def _use_experiment(uri: str) -> str:
+    """Make EXPERIMENT the active one (its id is returned); an embedded sqlite store keeps its
+    artifacts beside its database."""
     import mlflow
 
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
         location = (Path(uri[len(SQLITE):]).parent / "mlartifacts").as_uri() if uri.startswith(SQLITE) else None
         mlflow.create_experiment(EXPERIMENT, artifact_location=location)
-    mlflow.set_experiment(EXPERIMENT)
+    return mlflow.set_experiment(EXPERIMENT).experiment_id
+
+
+def _earlier_attempt(client: Any, experiment_id: str, model_name: str, key: str) -> Any:
+    """The version an earlier attempt with this registration key left complete, or None.
+
+    An attempt that died part-way (its run not FINISHED, or no version) is removed with every
+    version it registered, so a retry leaves exactly one version and no orphan."""
+    complete = None
+    for run in client.search_runs([experiment_id], filter_string=f"tags.`{REGISTER_KEY_TAG}` = '{key}'"):
+        versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+        if complete is None and run.info.status == "FINISHED" and versions:
+            complete = versions[0]
+            continue
+        for stale in versions:
+            client.delete_model_version(stale.name, stale.version)
+        client.delete_run(run.info.run_id)
+        log.warning("removed the unfinished registration attempt %s (%d version(s))", run.info.run_id, len(versions))
+    return complete
 
 
 def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], pruned: dict[str, Any],
                      healed: dict[str, Any], evaluation: dict[str, Any], model_name: str, uri: str,
-                     report_dir: str | Path, flow_run_id: str | None = None) -> dict[str, Any]:
+                     report_dir: str | Path, register_key: str, flow_run_id: str | None = None) -> dict[str, Any]:
     """Record one compressed model and register it as a version with alias `challenger`.
 
     The gate is checked first, so a model that failed a check leaves no trace in MLflow.
+    `register_key` names this registration: a retry finds a complete earlier attempt and reuses
+    it, or removes an unfinished one first. The version's tags and the alias are set inside the
+    run, so a run is FINISHED only when all of it was written.
     """
     import mlflow
     import pandas as pd
@@ -215,7 +238,14 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], pruned
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
 
     mlflow.set_tracking_uri(uri)
-    _use_experiment(uri)
+    client = mlflow.MlflowClient(uri)
+    earlier = _earlier_attempt(client, _use_experiment(uri), model_name, register_key)
+    if earlier is not None:
+        client.set_registered_model_alias(model_name, CHALLENGER, earlier.version)
+        log.info("%s version %s was registered by an earlier attempt; reused", model_name, earlier.version)
+        return {"run_id": earlier.run_id, "model_uri": earlier.source, "model_name": model_name,
+                "version": str(earlier.version), "report": str(report), "plot": str(plot), "tracking_uri": uri,
+                "recovery": metrics["recovery"]}
     manifest = read_json(calibration["path"])
     tags = {
         "mlflow.source.git.commit": git_commit() or "unknown",
@@ -223,6 +253,7 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], pruned
         "starfish.calibration_dvc_md5": calibration["md5"],
         "starfish.model_name": cfg.model.name,
         "prefect.flow_run_id": flow_run_id or "none",
+        REGISTER_KEY_TAG: register_key,
     }
     healer = cfg.heal.method if cfg.heal.preset == "default" else f"{cfg.heal.method}-{cfg.heal.preset}"
     run_name = f"{cfg.model.name}-{cfg.prune.method}{cfg.prune.sparsity:g}-{healer}"
@@ -247,10 +278,10 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], pruned
         with _EXPORT_LOCK:
             info = mlflow.pytorch.log_model(model, name=MODEL_ARTIFACT, input_example=example, signature=signature,
                                             pip_requirements=_pip_requirements(), registered_model_name=model_name)
-    client = mlflow.MlflowClient(uri)
-    model_version = str(info.registered_model_version)
-    client.set_registered_model_alias(model_name, CHALLENGER, model_version)
-    client.set_model_version_tag(model_name, model_version, "recovery", f"{metrics['recovery']:.6f}")
+        model_version = str(info.registered_model_version)
+        client.set_model_version_tag(model_name, model_version, "recovery", f"{metrics['recovery']:.6f}")
+        client.set_model_version_tag(model_name, model_version, REGISTER_KEY_TAG, register_key)
+        client.set_registered_model_alias(model_name, CHALLENGER, model_version)
     log.info("registered %s version %s (alias %s) from run %s", model_name, model_version, CHALLENGER,
              run.info.run_id)
     return {"run_id": run.info.run_id, "model_uri": info.model_uri, "model_name": model_name,
@@ -274,13 +305,18 @@ def promote(model_name: str, gate: GateConfig, uri: str, version: str | None = N
     except MlflowException as exc:
         raise StarfishError(f"no {'version ' + version if version else CHALLENGER} of {model_name} "
                             f"in {uri}: {exc.message}") from exc
-    metrics = client.get_run(candidate.run_id).data.metrics
+    candidate_run = client.get_run(candidate.run_id)
+    metrics = candidate_run.data.metrics
     try:
         champion = client.get_model_version_by_alias(model_name, CHAMPION)
     except MlflowException:
         champion = None
     champion_recovery = client.get_run(champion.run_id).data.metrics.get("recovery") if champion else None
     reasons = gate_failures(metrics, gate)
+    if candidate_run.info.status != "FINISHED":
+        reasons.append(f"its run {candidate.run_id} is {candidate_run.info.status}, not FINISHED")
+    if (candidate.tags or {}).get(REGISTER_KEY_TAG) is None:
+        reasons.append(f"it carries no {REGISTER_KEY_TAG} tag: it was not registered by a complete compress run")
     recovery = metrics.get("recovery", float("-inf"))
     if recovery < gate.min_recovery:
         reasons.append(f"recovery {recovery:.4f} < gate.min_recovery {gate.min_recovery}")

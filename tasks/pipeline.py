@@ -123,13 +123,15 @@ def evaluate(config: dict[str, Any], pruned: Ref, healed: Ref, workdir: str) -> 
 def register(config: dict[str, Any], calibration: Ref, pruned: Ref, healed: Ref, evaluation: Ref,
              model_name: str, tracking_uri: str, workdir: str) -> Ref:
     """Log the run to MLflow and register the model as `challenger`, if it passed every check."""
-    out = output_dir("register", config=config, calibration=calibration, pruned=pruned, healed=healed,
-                     evaluation=evaluation, model_name=model_name, tracking_uri=tracking_uri, workdir=workdir)
+    params = dict(config=config, calibration=calibration, pruned=pruned, healed=healed, evaluation=evaluation,
+                  model_name=model_name, tracking_uri=tracking_uri, workdir=workdir)
+    out = output_dir("register", **params)
     for ref in (calibration, pruned, healed, evaluation):
         _checked(ref)
     return tracking.log_compress_run(from_dict(config), calibration=calibration, pruned=pruned, healed=healed,
                                      evaluation=evaluation, model_name=model_name, uri=tracking_uri,
-                                     report_dir=out, flow_run_id=flow_run.id)
+                                     report_dir=out, register_key=step_key("register", params),
+                                     flow_run_id=flow_run.id)
 
 
 @task(name="promote_version", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),

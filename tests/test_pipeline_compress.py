@@ -26,6 +26,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 
 from flows.compress import compress
 from starfish import steps, tracking
+from starfish.config import GateConfig
 from starfish.errors import StarfishError
 from starfish.io import read_json, sha256_file
 
@@ -210,3 +211,48 @@ def test_failed_evaluation_is_not_retried_and_nothing_is_registered(
     assert runs["evaluate"].run_count == 1 and runs["evaluate"].state.name == "Failed"
     assert "register" not in runs
     assert MlflowClient(uri).search_model_versions() == []
+
+
+def test_a_registration_that_dies_part_way_leaves_one_version_and_no_orphan(
+        first_run: tuple[FlowRun, int], params_path: Path, pipeline_overrides: list[str], pipeline_dir: Path,
+        tmp_path: Path) -> None:
+    """The tracking store fails right after the version row is written; the retry cleans up and
+    registers once, and only a version of a FINISHED run can become champion."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    attempts: list[str] = []
+    real = MlflowClient.set_registered_model_alias
+
+    def dying(self: MlflowClient, name: str, alias: str, version: str) -> None:
+        if alias == tracking.CHALLENGER:
+            attempts.append(str(version))
+            if len(attempts) == 1:
+                raise ConnectionError("injected: the tracking server went away after the version was written")
+        real(self, name, alias, version)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MlflowClient, "set_registered_model_alias", dying)
+        result = run_compress(params_path, pipeline_overrides, pipeline_dir, uri)
+    client = MlflowClient(uri)
+    versions = client.search_model_versions()
+    assert attempts == ["1", "2"] and [str(v.version) for v in versions] == ["2"]
+    assert result.result["registered"]["version"] == "2" and result.result["promotion"]["promoted"]
+    assert client.get_run(versions[0].run_id).info.status == "FINISHED"
+    assert versions[0].tags[tracking.REGISTER_KEY_TAG]
+
+    again = run_compress(params_path, pipeline_overrides, pipeline_dir, uri)  # cached: nothing new
+    assert again.result["registered"]["version"] == "2" and len(client.search_model_versions()) == 1
+
+
+def test_the_gate_refuses_a_version_whose_run_did_not_finish(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    with mlflow.start_run(experiment_id=client.create_experiment("gate")) as run:
+        mlflow.log_metrics({key: 1.0 for key in tracking.METRICS} | {"sparsity_drift": 0.0})
+    client.set_terminated(run.info.run_id, "FAILED")
+    client.create_registered_model("orphan")
+    client.create_model_version("orphan", source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    decision = tracking.promote("orphan", GateConfig(min_recovery=0.5), uri, version="1")
+    assert not decision["promoted"] and decision["champion"] is None
+    assert any("is FAILED, not FINISHED" in reason for reason in decision["reasons"])
+    assert any(tracking.REGISTER_KEY_TAG in reason for reason in decision["reasons"])

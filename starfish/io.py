@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 SIDECAR_SUFFIX = ".meta.json"
 
@@ -84,10 +84,18 @@ def sidecar_path(path: str | Path) -> Path:
     return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
-def write_sidecar(path: str | Path, **fields: Any) -> dict[str, Any]:
-    """Write `<path>.meta.json` holding the output's hash plus `fields` (config, inputs, metrics)."""
-    meta = {"file": Path(path).name, "sha256": sha256_file(path), **fields}
-    atomic_write_json(sidecar_path(path), meta)
+def write_with_sidecar(path: str | Path, write: Callable[[Path], None], **fields: Any) -> dict[str, Any]:
+    """Write an output with `write(temp path)` and its `<path>.meta.json` (its sha256 plus `fields`)
+    as one unit: both are finished in temp files, the old sidecar is removed, then the output
+    and the new sidecar are renamed into place. A failure at any point leaves the old pair, or
+    the new output with no sidecar yet: never an output beside another output's sidecar."""
+    target, side = Path(path), sidecar_path(path)
+    with atomic_path(side) as side_tmp:  # renamed second
+        with atomic_path(target) as out_tmp:  # renamed first
+            write(out_tmp)
+            meta = {"file": target.name, "sha256": sha256_file(out_tmp), **fields}
+            side_tmp.write_bytes(canonical_json(meta))
+            side.unlink(missing_ok=True)
     return meta
 
 

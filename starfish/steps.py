@@ -25,8 +25,8 @@ from starfish.datasets import ImageDataset, load_dataset
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold, compare, measured_sparsity
 from starfish.healing import heal_
-from starfish.io import (atomic_write_bytes, atomic_write_json, read_json, sha256_file, sidecar_path,
-                         write_sidecar)
+from starfish.io import (atomic_write_bytes, atomic_write_json, read_json, sha256_bytes, sha256_file, sidecar_path,
+                         write_with_sidecar)
 from starfish.models import create_model, load_checkpoint, resolve_device, save_checkpoint
 from starfish.pruning import prune, sparsify_
 
@@ -84,8 +84,8 @@ def sample(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
     model = dense_model(cfg)
     manifest = build_manifest(dataset(cfg, "train", model), cfg.data.kind, cfg.calibration.fraction,
                               cfg.calibration.seed)
-    write_manifest(out, manifest)
-    write_sidecar(out, config={"data": asdict(cfg.data), "calibration": asdict(cfg.calibration)})
+    write_with_sidecar(out, lambda path: write_manifest(path, manifest),
+                       config={"data": asdict(cfg.data), "calibration": asdict(cfg.calibration)})
     log.info("calibration split: %d of %d images, hash %s", manifest["num_samples"], manifest["num_source"],
              manifest["content_sha256"][:12])
     return split_info(out)
@@ -109,10 +109,10 @@ def prune_step(cfg: PipelineConfig, manifest: str | Path, out: str | Path) -> di
                   global_ranking=cfg.prune.global_ranking)
     sparsify_(model, masks)
     sparsity = measured_sparsity(model, list(masks))
-    save_checkpoint(out, model, cfg.model.name, masks=masks)
-    meta = write_sidecar(out, config={"model": asdict(cfg.model), "prune": asdict(cfg.prune)},
-                         inputs={"dense_sha256": _checkpoint_sha(cfg), "manifest_sha256": sha256_file(manifest)},
-                         sparsity=sparsity)
+    inputs = {"dense_sha256": _checkpoint_sha(cfg), "manifest_sha256": sha256_file(manifest)}
+    meta = write_with_sidecar(out, lambda path: save_checkpoint(path, model, cfg.model.name, masks=masks),
+                              config={"model": asdict(cfg.model), "prune": asdict(cfg.prune)}, inputs=inputs,
+                              sparsity=sparsity)
     log.info("pruned %d layers, measured sparsity %.4f", len(masks), sparsity["total"])
     return {"path": str(out), "sha256": meta["sha256"], "sparsity": sparsity["total"]}
 
@@ -132,12 +132,12 @@ def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out
     report = heal_(model, dense, masks, images, cfg.heal)
     seconds = time.perf_counter() - start
     check_masks_hold(model, masks)
-    save_checkpoint(out, model, name, masks=masks)
-    curve = curve_path(out)
-    atomic_write_bytes(curve, curve_csv(report.pop("curve", [])).encode())
-    meta = write_sidecar(out, config={"heal": asdict(cfg.heal)},
-                         inputs={"pruned_sha256": sha256_file(pruned), "manifest_sha256": sha256_file(manifest)},
-                         heal_seconds=seconds, report=report)
+    inputs = {"pruned_sha256": sha256_file(pruned), "manifest_sha256": sha256_file(manifest)}
+    curve, curve_text = curve_path(out), curve_csv(report.pop("curve", [])).encode()
+    atomic_write_bytes(curve, curve_text)  # a side output, first: the sidecar records its hash
+    meta = write_with_sidecar(out, lambda path: save_checkpoint(path, model, name, masks=masks),
+                              config={"heal": asdict(cfg.heal)}, inputs=inputs, heal_seconds=seconds, report=report,
+                              loss_curve_sha256=sha256_bytes(curve_text))
     if report.get("kept_pruned"):
         log.warning("healing did not improve the held-out alignment: %s holds the pruned weights", out)
     log.info("healed with %s in %.1fs", cfg.heal.method, seconds)
@@ -191,8 +191,8 @@ def evaluate_step(cfg: PipelineConfig, pruned: str | Path, healed: str | Path, o
         "sparsity_drift": abs(sparsity - cfg.prune.sparsity),
         "heal_seconds": heal_meta.get("heal_seconds", 0.0),
     })
-    atomic_write_json(out, metrics)
-    write_sidecar(out, inputs={"pruned_sha256": sha256_file(pruned), "healed_sha256": sha256_file(healed)})
+    write_with_sidecar(out, lambda path: atomic_write_json(path, metrics),
+                       inputs={"pruned_sha256": sha256_file(pruned), "healed_sha256": sha256_file(healed)})
     log.info("dense %.4f  pruned %.4f  healed %.4f  recovery %.4f", metrics["dense_top1"],
              metrics["pruned_top1"], metrics["healed_top1"], metrics["recovery"])
     return metrics

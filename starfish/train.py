@@ -14,7 +14,7 @@ from starfish.progress import progress
 
 from starfish.datasets import load_dataset
 from starfish.evaluate import top1_accuracy
-from starfish.io import sha256_file, write_sidecar
+from starfish.io import sha256_file, write_with_sidecar
 from starfish.models import create_model, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,6 @@ def train(cfg: TrainConfig, out: str | Path) -> dict[str, float]:
         log.info("epoch %d/%d: test top-1 %.4f", epoch + 1, cfg.epochs, acc)
     metrics = {"test_top1": acc, "train_seconds": time.perf_counter() - start}
     lineage = {"init_sha256": sha256_file(cfg.init)} if cfg.init else {}
-    save_checkpoint(out, model.eval(), cfg.model)
-    write_sidecar(out, config=asdict(cfg), metrics=metrics, **lineage)
+    write_with_sidecar(out, lambda path: save_checkpoint(path, model.eval(), cfg.model), config=asdict(cfg),
+                       metrics=metrics, **lineage)
     return metrics

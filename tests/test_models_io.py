@@ -12,7 +12,7 @@ from torch import nn
 
 from starfish.errors import StarfishError
 from starfish.io import (atomic_path, atomic_write_bytes, atomic_write_json, read_json, sha256_file, sidecar_path,
-                         write_sidecar)
+                         write_with_sidecar)
 from starfish.models import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, create_model, load_checkpoint, read_checkpoint,
                              save_checkpoint)
 from starfish.pruning import prune, sparsify_
@@ -235,12 +235,45 @@ def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == ["a.bin"]
 
 
-def test_write_sidecar_hashes_the_output(tmp_path: Path) -> None:
+def test_an_output_and_its_sidecar_are_written_as_one_unit(tmp_path: Path) -> None:
     out = tmp_path / "metrics.json"
-    atomic_write_json(out, {"b": 2, "a": 1})
+    meta = write_with_sidecar(out, lambda path: atomic_write_json(path, {"b": 2, "a": 1}), config={"x": 1},
+                              inputs={"in_sha256": "abc"})
     assert out.read_text() == '{\n  "a": 1,\n  "b": 2\n}\n'
-    meta = write_sidecar(out, config={"x": 1}, inputs={"in_sha256": "abc"})
     assert sidecar_path(out) == tmp_path / "metrics.json.meta.json"
     assert read_json(sidecar_path(out)) == meta
     assert meta == {"file": "metrics.json", "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
                     "config": {"x": 1}, "inputs": {"in_sha256": "abc"}}
+
+
+def test_a_failed_write_keeps_the_old_pair(tmp_path: Path) -> None:
+    out = tmp_path / "pruned.bin"
+    old = write_with_sidecar(out, lambda path: path.write_bytes(b"old"), sparsity=0.5)
+
+    def broken(path: Path) -> None:
+        path.write_bytes(b"half")
+        raise OSError("injected: disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_with_sidecar(out, broken, sparsity=0.75)
+    assert out.read_bytes() == b"old" and read_json(sidecar_path(out)) == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned.bin", "pruned.bin.meta.json"]
+
+
+def test_a_crash_between_the_two_renames_leaves_no_stale_sidecar(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new output is in place and its sidecar is not: the old sidecar must not describe it."""
+    out = tmp_path / "pruned.bin"
+    write_with_sidecar(out, lambda path: path.write_bytes(b"old"), sparsity=0.5)
+    real_replace = os.replace
+
+    def crash_on_sidecar(src: str, dst: str) -> None:
+        if str(dst).endswith(".meta.json"):
+            raise KeyboardInterrupt("injected: killed between the renames")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_sidecar)
+    with pytest.raises(KeyboardInterrupt):
+        write_with_sidecar(out, lambda path: path.write_bytes(b"new"), sparsity=0.75)
+    assert out.read_bytes() == b"new" and not sidecar_path(out).exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["pruned.bin"]

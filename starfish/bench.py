@@ -334,13 +334,15 @@ def plot_calibration_size(summary: dict[str, Any], path: Path) -> None:
 
 
 def plot_curves(summary: dict[str, Any], path: Path) -> bool:
-    """Calibration vs held-out alignment loss over the steps, for the first seed's gradient healers."""
+    """Calibration vs held-out alignment loss over the steps: the first pruner, seed and calibration
+    size, one panel per gradient healer, one colour per sparsity."""
     rows = [r for r in summary["rows"] if r.get("curve") and r["curve"][-1]["holdout_loss"] is not None
             and r["seed"] == summary["seeds"][0] and r["fraction"] == summary["fractions"][0]]
     if not rows:
         return False
+    rows = [r for r in rows if r["pruner"] == rows[0]["pruner"]]
     panels = list(dict.fromkeys((r["pruner"], r["healer"]) for r in rows))
-    fig, axes = subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    fig, axes = subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
     for ax, (pruner, healer) in zip(axes[0], panels):
         for i, r in enumerate(x for x in rows if (x["pruner"], x["healer"]) == (pruner, healer)):
             steps = [p["step"] for p in r["curve"]]
@@ -354,9 +356,9 @@ def plot_curves(summary: dict[str, Any], path: Path) -> bool:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("alignment loss (log)")
-    axes[0][-1].legend(fontsize=7)
+    fig.legend(*axes[0][-1].get_legend_handles_labels(), loc="center right", fontsize=8)
     fig.suptitle("Calibration (training batches) vs held-out alignment loss")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.88, 1))
     save_png(fig, path, dpi=110)
     return True
 

@@ -280,6 +280,17 @@ def markdown_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _errorbar_series(ax: Any, rows: list[dict[str, Any]], x_key: str, label: str) -> None:
+    """One line of mean recovery against `x_key`, with the std over the rows at each x as error bars."""
+    points: dict[float, list[float]] = {}
+    for r in rows:
+        points.setdefault(r[x_key], []).append(r["recovery"])
+    if points:
+        xs = sorted(points)
+        stats = [_mean_std(points[x]) for x in xs]
+        ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=label)
+
+
 def plot_recovery(summary: dict[str, Any], path: Path) -> None:
     """Recovery vs sparsity, one panel per pruner (all N:M patterns share one), error bars over seeds."""
     rows = [{**r, "pruner": r["pruner"].split(" (")[0]} for r in summary["rows"]
@@ -288,15 +299,8 @@ def plot_recovery(summary: dict[str, Any], path: Path) -> None:
     fig, axes = subplots(1, len(pruners), figsize=(5 * len(pruners), 4), sharey=True, squeeze=False)
     for ax, pruner in zip(axes[0], pruners):
         for healer in dict.fromkeys(r["healer"] for r in rows):
-            points: dict[float, list[float]] = {}
-            for r in rows:
-                if r["pruner"] == pruner and r["healer"] == healer:
-                    points.setdefault(r["sparsity"], []).append(r["recovery"])
-            if points:
-                xs = sorted(points)
-                stats = [_mean_std(points[x]) for x in xs]
-                ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
-                            label=healer)
+            _errorbar_series(ax, [r for r in rows if (r["pruner"], r["healer"]) == (pruner, healer)], "sparsity",
+                             healer)
         ax.set_title(pruner)
         ax.set_xlabel("sparsity")
         ax.grid(alpha=0.3)
@@ -315,13 +319,8 @@ def plot_calibration_size(summary: dict[str, Any], path: Path) -> None:
     fig, axes = subplots(1, len(panels), figsize=(5 * len(panels), 4), sharey=False, squeeze=False)
     for ax, (pruner, sparsity) in zip(axes[0], panels):
         for healer in dict.fromkeys(r["healer"] for r in rows):
-            points: dict[int, list[float]] = {}
-            for r in rows:
-                if (r["pruner"], r["sparsity"], r["healer"]) == (pruner, sparsity, healer):
-                    points.setdefault(r["calibration_images"], []).append(r["recovery"])
-            xs = sorted(points)
-            stats = [_mean_std(points[x]) for x in xs]
-            ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=healer)
+            _errorbar_series(ax, [r for r in rows if (r["pruner"], r["sparsity"], r["healer"]) ==
+                                  (pruner, sparsity, healer)], "calibration_images", healer)
         ax.set_xscale("log")
         ax.set_title(f"{pruner}, sparsity {sparsity:g}")
         ax.set_xlabel("calibration images (log)")

@@ -109,12 +109,13 @@ class HealConfig:
     epoch count, with a held-out slice of the calibration split that picks the best state.
 
     `steps` (total Adam steps, cosine schedule over them) and `epochs` are alternatives: at
-    most one is given, and with neither the budget is the authors' 1,570 steps. `holdout` is the fraction of the split kept out of training and used
-    to measure alignment every `holdout_every` steps; `keep=best` returns the state with the
-    lowest held-out loss, `keep=last` the final one unless the held-out loss says it is worse
-    than the start. Either way the result is never worse on the slice than the pruned model.
-    `holdout=0` trains on all of it and returns the last state. `logit_weight` adds that many times the logit distillation loss to the block
-    alignment.
+    most one is given, and with neither the budget is the authors' 1,570 steps. `holdout` is
+    the fraction of the split kept out of training and used to measure alignment every
+    `holdout_every` steps; `keep=best` returns the state with the lowest held-out loss,
+    `keep=last` the final one unless the held-out loss says it is worse than the start. Either
+    way the result is never worse on the slice than the pruned model. `holdout=0` trains on all
+    of it and returns the last state. `logit_weight` adds that many times the logit
+    distillation loss to the block alignment.
     """
 
     preset: str = "default"

@@ -47,6 +47,15 @@ def stored_model(cfg: PipelineConfig, path: str | Path) -> tuple[torch.nn.Module
     return model.to(resolve_device(cfg.model.device)), masks, name
 
 
+def pruned_checkpoint(cfg: PipelineConfig, path: str | Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor], str]:
+    """`stored_model` for an input that must be a pruned checkpoint: one without masks is refused."""
+    model, masks, name = stored_model(cfg, path)
+    if not masks:
+        raise StarfishError(f"{path} carries no pruning masks, so it is not a pruned checkpoint; "
+                            "pass the output of `starfish prune`")
+    return model, masks, name
+
+
 def dataset(cfg: PipelineConfig, split: str, model: torch.nn.Module) -> ImageDataset:
     return load_dataset(cfg.data.kind, cfg.data.root, split, model)
 
@@ -121,10 +130,7 @@ def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out
     """Heal the pruned checkpoint on the calibration split; write the healed checkpoint and loss curve."""
     check_outputs(cfg, [out, curve_path(out)], [pruned, manifest])
     dense = dense_model(cfg)
-    model, masks, name = stored_model(cfg, pruned)
-    if not masks:
-        raise StarfishError(f"{pruned} carries no pruning masks, so it is not a pruned checkpoint; "
-                            "pass the output of `starfish prune`")
+    model, masks, name = pruned_checkpoint(cfg, pruned)
     if name != cfg.model.name:
         raise StarfishError(f"pruned checkpoint {pruned} is a {name}, but model.name is {cfg.model.name}")
     images = calibration_images(cfg, manifest, dense)
@@ -170,10 +176,7 @@ def evaluate_step(cfg: PipelineConfig, pruned: str | Path, healed: str | Path, o
     """Top-1 of dense, pruned and healed on the test split; recovery, agreement and sparsity checks."""
     check_outputs(cfg, [out], [pruned, healed, curve_path(healed)])
     dense = dense_model(cfg)
-    pruned_model, masks, _ = stored_model(cfg, pruned)
-    if not masks:
-        raise StarfishError(f"{pruned} carries no pruning masks, so it is not a pruned checkpoint; "
-                            "pass the output of `starfish prune`")
+    pruned_model, masks, _ = pruned_checkpoint(cfg, pruned)
     healed_model, healed_masks, _ = stored_model(cfg, healed)
     if set(healed_masks) != set(masks) or any(not torch.equal(masks[k], healed_masks[k]) for k in masks):
         raise StarfishError(f"{healed} carries different masks than {pruned}; heal that pruned checkpoint again")

@@ -27,7 +27,7 @@ import torch
 
 from starfish.config import GateConfig, PipelineConfig
 from starfish.errors import StarfishError
-from starfish.io import atomic_write_bytes, read_json
+from starfish.io import atomic_write_bytes, read_json, sidecar_path
 from starfish.plots import save_png, subplots
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def write_report(out_dir: str | Path, cfg: PipelineConfig, metrics: dict[str, An
 
     out_dir = Path(out_dir)
     curve = read_curve(loss_curve)
-    heal_meta = read_json(f"{healed_path}.meta.json") if healed_path else {}
+    heal_meta = read_json(sidecar_path(healed_path)) if healed_path else {}
     heal_report = heal_meta.get("report", {})
     figure, axis = subplots(figsize=(5.5, 3.4))
     steps = [p["step"] for p in curve]

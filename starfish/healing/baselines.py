@@ -65,8 +65,8 @@ class PairedInputs:
     (which run back to back: ViT blocks, CNN and Swin stages), the inputs of the current stage
     are kept (both models, all calibration images) and each layer costs one pass of its own
     stage, not of the whole model; the kept inputs move one stage on, through the stage as
-    healed so far, when a later stage is asked for. Otherwise
-    each layer costs a forward pass of both whole models.
+    healed so far, when a later stage is asked for. Otherwise each layer costs a forward pass
+    of both whole models.
     """
 
     def __init__(self, model: nn.Module, dense: nn.Module, layers: list[str], images: torch.Tensor,

@@ -173,7 +173,8 @@ def align_(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tenso
     frozen). With a held-out slice, its loss is measured before training, every
     `cfg.holdout_every` steps and at the end; the best of those states (`keep=best`) or of the
     start and the end (`keep=last`) is kept, so the result is never worse on it than the start
-    (or than `fallback`, the pruned weights before a warm start). Returns the curve of calibration and held-out losses and what was kept.
+    (or than `fallback`, the pruned weights before a warm start). Returns the curve of
+    calibration and held-out losses and what was kept.
     """
     dtype = getattr(torch, cfg.cache_dtype)
     names = objective.names

@@ -65,11 +65,11 @@ def main() -> None:
     load_config(args.params, args.set)  # a bad config ends here, in one line, before Prefect starts
     result = compress(args.params, args.set, args.workdir, args.calibration, tracking_uri=args.tracking_uri,
                       promote=not args.no_promote)
-    evaluation, registered = result["evaluation"], result["registered"]
+    evaluation, healed, registered = result["evaluation"], result["healed"], result["registered"]
     aliases = "challenger" + (", champion" if (result["promotion"] or {}).get("promoted") else "")
     print(f"\ndense top-1 {evaluation['dense_top1']:.4f} | pruned {evaluation['pruned_top1']:.4f} | "
           f"healed {evaluation['healed_top1']:.4f} | recovery {evaluation['recovery']:.4f} | "
-          f"sparsity {evaluation['sparsity']:.4f} | heal {evaluation['heal_seconds']:.1f}s")
+          f"sparsity {evaluation['sparsity']:.4f} | heal {healed['heal_seconds']:.1f}s")
     print(f"registered {registered['model_name']} version {registered['version']} ({aliases}), "
           f"run {registered['run_id']}")
     print(f"steps: {', '.join(f'{step} {state}' for step, state in result['states'].items())}")

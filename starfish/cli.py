@@ -63,11 +63,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     cfg, out = _config(args), Path(args.out)
     sample(cfg, out / "calibration.json")
     prune_step(cfg, out / "calibration.json", out / "pruned.safetensors")
-    heal_step(cfg, out / "pruned.safetensors", out / "calibration.json", out / "healed.safetensors")
+    healed = heal_step(cfg, out / "pruned.safetensors", out / "calibration.json", out / "healed.safetensors")
     metrics = evaluate_step(cfg, out / "pruned.safetensors", out / "healed.safetensors", out / "metrics.json")
     print(f"dense top-1 {metrics['dense_top1']:.4f} | pruned {metrics['pruned_top1']:.4f} | "
           f"healed {metrics['healed_top1']:.4f} | recovery {metrics['recovery']:.4f} | "
-          f"sparsity {metrics['sparsity']:.4f} | heal {metrics['heal_seconds']:.1f}s -> {out}")
+          f"sparsity {metrics['sparsity']:.4f} | heal {healed['heal_seconds']:.1f}s -> {out}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -39,7 +39,7 @@ CHALLENGER = "challenger"
 CHAMPION = "champion"
 REGISTER_KEY_TAG = "starfish.register_key"  # on the run and its version: one registration per key
 MODEL_ARTIFACT = "model"
-METRICS = ("dense_top1", "pruned_top1", "healed_top1", "recovery", "sparsity", "sparsity_drift", "heal_seconds")
+METRICS = ("dense_top1", "pruned_top1", "healed_top1", "recovery", "sparsity", "sparsity_drift")
 _PACKAGES = ("torch", "timm", "safetensors", "numpy")
 # log_model saves the model with torch.export, which keeps process-wide state: one at a time.
 _EXPORT_LOCK = threading.Lock()
@@ -119,14 +119,14 @@ def git_commit(cwd: str | Path = ".") -> str | None:
 
 
 def write_report(out_dir: str | Path, cfg: PipelineConfig, metrics: dict[str, Any], calibration: dict[str, Any],
-                 loss_curve: str | Path, healed_path: str | Path | None = None) -> tuple[Path, Path]:
-    """Write `report.md` and `loss.png` (calibration and held-out loss per step) into `out_dir`."""
+                 healed: dict[str, Any]) -> tuple[Path, Path]:
+    """Write `report.md` and `loss.png` (calibration and held-out loss per step) into `out_dir`;
+    `healed` is the heal step's result (checkpoint path, loss curve, wall time)."""
     from starfish.steps import read_curve
 
     out_dir = Path(out_dir)
-    curve = read_curve(loss_curve)
-    heal_meta = read_json(sidecar_path(healed_path)) if healed_path else {}
-    heal_report = heal_meta.get("report", {})
+    curve = read_curve(healed["loss_curve"])
+    heal_report = read_json(sidecar_path(healed["path"])).get("report", {})
     figure, axis = subplots(figsize=(5.5, 3.4))
     steps = [p["step"] for p in curve]
     axis.plot(steps, [p["calibration_loss"] for p in curve], marker=".", label="calibration (training batches)")
@@ -150,7 +150,7 @@ def write_report(out_dir: str | Path, cfg: PipelineConfig, metrics: dict[str, An
         f"Calibration split: {calibration['num_samples']} images, content hash `{calibration['split_hash']}`, "
         f"DVC md5 `{calibration['md5']}`.",
         "",
-        _selection_line(heal_report),
+        _selection_line(heal_report) + f" It took {healed['heal_seconds']:.1f} s.",
         "",
         "![healing loss](loss.png)",
         "",
@@ -231,7 +231,7 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], pruned
 
     metrics = read_json(evaluation["path"])
     check_registrable(metrics, cfg.gate)
-    report, plot = write_report(report_dir, cfg, metrics, calibration, healed["loss_curve"], healed["path"])
+    report, plot = write_report(report_dir, cfg, metrics, calibration, healed)
     model, masks, _ = stored_model(cfg.replace(model={"device": "cpu"}), healed["path"])
     example = calibration_images(cfg, calibration["path"], model)[:2].numpy()
     with torch.no_grad():
@@ -260,7 +260,8 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], pruned
     with mlflow.start_run(run_name=run_name, tags=tags) as run:
         mlflow.log_params({f"{section}.{key}": value for section, fields in cfg.to_dict().items()
                            for key, value in fields.items()})
-        mlflow.log_metrics({key: float(metrics[key]) for key in METRICS})
+        mlflow.log_metrics({**{key: float(metrics[key]) for key in METRICS},
+                            "heal_seconds": float(healed["heal_seconds"])})
         for point in read_curve(healed["loss_curve"]):
             mlflow.log_metrics({f"heal_{k}": point[k] for k in ("calibration_loss", "holdout_loss")
                                 if point[k] is not None}, step=point["step"])

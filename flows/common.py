@@ -12,7 +12,6 @@ from prefect import Task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from starfish.errors import StarfishError
-from starfish.io import sha256_file
 
 log = logging.getLogger("starfish.flows")
 
@@ -22,35 +21,16 @@ def absolute(path: str) -> str:
     return str(Path(path).resolve())
 
 
-def outputs_intact(result: Any) -> bool:
-    """Whether a step's result still describes its files: each path there, with the recorded hash."""
-    if not isinstance(result, dict) or "path" not in result:
-        return True
-    paths = [Path(result["path"])] + [Path(result[key]) for key in ("loss_curve",) if key in result]
-    if not all(path.is_file() for path in paths):
-        return False
-    return "sha256" not in result or sha256_file(paths[0]) == result["sha256"]
-
-
 class StepStates:
-    """Calls tasks in order and keeps each one's final state name: `Cached` means it was skipped.
-
-    A cached result is trusted only while its files are intact: when one is gone or changed,
-    the step runs again (state `Rebuilt`), and later steps see its fresh result.
-    """
+    """Calls tasks in order and keeps each one's final state name: `Cached` means it was skipped."""
 
     def __init__(self) -> None:
         self.states: dict[str, str] = {}
 
     def __call__(self, task: Task, *args: Any, **kwargs: Any) -> Any:
         state = task(*args, return_state=True, **kwargs)
-        name, result = state.name, state.result()
-        if name == "Cached" and not outputs_intact(result):
-            log.warning("%s: the cached result's files are gone or changed (%s); running the step again",
-                        task.name, result["path"])
-            result, name = task.with_options(refresh_cache=True)(*args, **kwargs), "Rebuilt"
-        self.states[task.name] = name
-        return result
+        self.states[task.name] = state.name
+        return state.result()
 
 
 def publish(flow: str, rows: list[dict[str, Any]], markdown: str, description: str) -> None:

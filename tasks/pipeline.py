@@ -26,6 +26,7 @@ from starfish.config import PipelineConfig, from_dict
 from starfish.errors import StarfishError
 from starfish.io import canonical_json, sha256_bytes, sha256_file
 from tasks import dvc
+from tasks.results import PlainJSON, PlainJSONKeyStorage
 
 Ref = dict[str, Any]
 ALL_SECTIONS = tuple(field.name for field in fields(PipelineConfig))
@@ -37,6 +38,9 @@ STEP_SECTIONS = {
     "evaluate": ("data", "model", "prune", "evaluate"),
     "register": ALL_SECTIONS,
 }
+# Facts about how a step ran, not what it made: left out of the keys of the steps after it, so a
+# rebuilt output with the same bytes lets them stay cached.
+RUN_FACTS = ("heal_seconds",)
 
 
 def step_key(step: str, params: Mapping[str, Any]) -> str:
@@ -45,8 +49,10 @@ def step_key(step: str, params: Mapping[str, Any]) -> str:
     sections = STEP_SECTIONS[step]
     checkpoint = config["model"]["checkpoint"]
     dense = sha256_file(checkpoint) if "model" in sections and checkpoint and Path(checkpoint).is_file() else None
+    inputs = {name: {k: v for k, v in value.items() if k not in RUN_FACTS} if isinstance(value, dict) else value
+              for name, value in params.items() if name != "config"}
     payload = {"step": step, "config": {name: config[name] for name in sections}, "dense_sha256": dense,
-               "inputs": {name: value for name, value in params.items() if name != "config"}}
+               "inputs": inputs}
     return sha256_bytes(canonical_json(payload))
 
 
@@ -61,11 +67,13 @@ def retry_unless_deterministic(task: Task, task_run: TaskRun, state: State) -> b
 
 
 def pipeline_task(step: str) -> Callable:
-    """The shared task settings: retries with backoff, content-keyed cache, persisted results."""
+    """The shared task settings: retries with backoff, content-keyed cache, results persisted as
+    plain JSON (never pickle)."""
     return task(name=step, retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
                 retry_jitter_factor=0.2, retry_condition_fn=retry_unless_deterministic,
-                cache_policy=CacheKeyFnPolicy(cache_key_fn=lambda _, params: step_key(step, params)),
-                persist_result=True)
+                cache_policy=CacheKeyFnPolicy(cache_key_fn=lambda _, params: step_key(step, params)).configure(
+                    key_storage=PlainJSONKeyStorage()),
+                persist_result=True, result_serializer=PlainJSON())
 
 
 def _checked(ref: Ref) -> str:

@@ -8,6 +8,7 @@ deterministic error is never retried and leaves nothing registered.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -106,6 +107,8 @@ def test_compress_logs_and_registers_everything(first_run: tuple[FlowRun, int], 
     assert logged.data.params["heal.steps"] == "8" and logged.data.params["prune.sparsity"] == "0.5"
     for key in tracking.METRICS:
         assert logged.data.metrics[key] == pytest.approx(evaluation[key])
+    assert logged.data.metrics["heal_seconds"] == pytest.approx(run.result["healed"]["heal_seconds"])
+    assert logged.data.metrics["heal_seconds"] > 0
     assert 0 < logged.data.metrics["healed_top1"] <= 1 and logged.data.metrics["sparsity"] == pytest.approx(0.5)
 
     dataset = logged.inputs.dataset_inputs[0]
@@ -141,6 +144,40 @@ def test_same_inputs_again_skip_every_step(first_run: tuple[FlowRun, int], param
     assert again.result["registered"]["run_id"] == first_run[0].result["registered"]["run_id"]
 
 
+def test_a_tampered_pickle_result_record_is_refused_and_rewritten(
+        first_run: tuple[FlowRun, int], prefect_storage: Path, params_path: Path, pipeline_overrides: list[str],
+        pipeline_dir: Path, store: str, tmp_path: Path) -> None:
+    """Results are stored as plain JSON; a record swapped for a pickle payload never runs: the step
+    is recomputed and its record written again as plain JSON."""
+    from prefect.serializers import PickleSerializer
+
+    key = Path(first_run[0].result["pruned"]["path"]).parent.name.split("-", 1)[1]
+    metadata_path = next((prefect_storage / "cache-keys").glob(key + "*"))  # it names the result's file
+    metadata = json.loads(metadata_path.read_bytes())
+    assert metadata["serializer"] == {"type": "starfish-json"}
+    result_path = Path(metadata["storage_key"])
+    assert json.loads(result_path.read_bytes()) == first_run[0].result["pruned"]
+
+    marker = tmp_path / "code-ran"
+    metadata["serializer"] = {"type": "pickle", "picklelib": "pickle"}
+    metadata_path.write_text(json.dumps(metadata))
+    result_path.write_bytes(PickleSerializer(picklelib="pickle").dumps(Payload(str(marker))))
+    again = run_compress(params_path, pipeline_overrides, pipeline_dir, store, promote=False)
+    assert not marker.exists()
+    assert again.result["states"]["prune"] == "Completed" and again.result["pruned"] == first_run[0].result["pruned"]
+    assert json.loads(metadata_path.read_bytes())["serializer"] == {"type": "starfish-json"}
+
+
+class Payload:
+    """Unpickling this creates a file: proof that a record was unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.path}",))
+
+
 def test_a_cached_step_whose_file_is_gone_is_rebuilt(first_run: tuple[FlowRun, int], params_path: Path,
                                                        pipeline_overrides: list[str], pipeline_dir: Path,
                                                        store: str) -> None:
@@ -149,9 +186,9 @@ def test_a_cached_step_whose_file_is_gone_is_rebuilt(first_run: tuple[FlowRun, i
     healed.unlink()
     again = run_compress(params_path, pipeline_overrides, pipeline_dir, store, promote=False)
     states = again.result["states"]
-    assert states["heal"] == "Rebuilt" and healed.is_file() and sha256_file(healed) == digest
+    assert states["heal"] == "Completed" and healed.is_file() and sha256_file(healed) == digest
     assert states["sample_calibration"] == states["prune"] == "Cached"
-    assert states["evaluate"] == "Completed"  # on the rebuilt file
+    assert states["evaluate"] == states["register"] == "Cached"  # the rebuilt file has the same bytes
     assert again.result["evaluation"]["recovery"] == first_run[0].result["evaluation"]["recovery"]
 
 

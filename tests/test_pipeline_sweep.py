@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 
 from flows.promote import promote
 from flows.sweep import sweep
+from starfish.io import read_json, sha256_file, sidecar_path
 
 pytestmark = pytest.mark.slow
 DRIFTING = 0.3333
@@ -56,3 +57,19 @@ def test_sweep_registers_what_passes_and_promotion_keeps_the_best(
     below = promote_with(worse["version"], 2.0)
     assert not below["promoted"] and any("min_recovery" in reason for reason in below["reasons"])
     assert str(client.get_model_version_by_alias(name, "champion").version) == best["version"]
+
+    # a cached point whose files were deleted is rebuilt, not trusted: same bytes, same versions
+    # (files of steps that are bitwise reproducible: two heals sharing the CPU's threads are not)
+    healed_none = [path for path in (tmp_path / "work").glob("heal-*/healed.safetensors")
+                   if read_json(sidecar_path(path))["config"]["heal"]["method"] == "none"]
+    deleted = {path: sha256_file(path) for path in [*(tmp_path / "work").glob("prune-*/pruned.safetensors"),
+                                                     *healed_none]}
+    assert len(deleted) == 2 + 2
+    for path in deleted:
+        path.unlink()
+    again = sweep(sparsities=[0.5, DRIFTING], healers=["none", "starfish"], params=str(params_path),
+                  overrides=overrides, workdir=str(tmp_path / "work"), calibration=str(tmp_path / "calibration.json"),
+                  tracking_uri=uri, promote=False)
+    assert {path: sha256_file(path) for path in deleted if path.is_file()} == deleted
+    assert [(row["sparsity"], row["healer"], row["version"]) for row in again["rows"]] == \
+        [(row["sparsity"], row["healer"], row["version"]) for row in result["rows"]]

@@ -13,6 +13,7 @@ from prefect import flow
 
 from flows.common import StepStates, absolute, cli, markdown_table, publish, run_cli
 from flows.promote import promote as promote_flow
+from flows.session import flow_session
 from starfish import tracking
 from starfish.config import load_config
 from tasks import evaluate, heal, prune, register, sample_calibration
@@ -63,8 +64,9 @@ def main() -> None:
     parser.add_argument("--no-promote", action="store_true", help="register as challenger only")
     args = parser.parse_args()
     load_config(args.params, args.set)  # a bad config ends here, in one line, before Prefect starts
-    result = compress(args.params, args.set, args.workdir, args.calibration, tracking_uri=args.tracking_uri,
-                      promote=not args.no_promote)
+    with flow_session():
+        result = compress(args.params, args.set, args.workdir, args.calibration, tracking_uri=args.tracking_uri,
+                          promote=not args.no_promote)
     evaluation, healed, registered = result["evaluation"], result["healed"], result["registered"]
     aliases = "challenger" + (", champion" if (result["promotion"] or {}).get("promoted") else "")
     print(f"\ndense top-1 {evaluation['dense_top1']:.4f} | pruned {evaluation['pruned_top1']:.4f} | "

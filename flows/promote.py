@@ -7,6 +7,7 @@ from typing import Any
 from prefect import flow
 
 from flows.common import cli, markdown_table, publish, run_cli
+from flows.session import flow_session
 from starfish import tracking
 from starfish.config import load_config
 from tasks import promote_version
@@ -35,7 +36,8 @@ def main() -> None:
     parser.add_argument("--version", default=None, help="version to promote (default: the challenger)")
     args = parser.parse_args()
     load_config(args.params, args.set)  # a bad config ends here, in one line, before Prefect starts
-    decision = promote(args.model_name, args.version, args.params, args.set, args.tracking_uri)
+    with flow_session():
+        decision = promote(args.model_name, args.version, args.params, args.set, args.tracking_uri)
     print(f"{decision['model_name']} v{decision['version']}: "
           f"{'champion' if decision['promoted'] else 'not promoted (' + '; '.join(decision['reasons']) + ')'}")
 

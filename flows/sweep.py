@@ -16,6 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.common import absolute, cli, markdown_table, publish, run_cli
 from flows.promote import promote as promote_flow
+from flows.session import flow_session
 from starfish import tracking
 from starfish.config import load_config, variant_config
 from tasks import evaluate, heal, prune, register, sample_calibration
@@ -81,8 +82,9 @@ def main() -> None:
     parser.add_argument("--no-promote", action="store_true")
     args = parser.parse_args()
     load_config(args.params, args.set)  # a bad config ends here, in one line, before Prefect starts
-    result = sweep(args.sparsities, args.healers, args.params, args.set, args.workdir,
-                   tracking_uri=args.tracking_uri, promote=not args.no_promote)
+    with flow_session():
+        result = sweep(args.sparsities, args.healers, args.params, args.set, args.workdir,
+                       tracking_uri=args.tracking_uri, promote=not args.no_promote)
     print(markdown_table(result["rows"]))
 
 

@@ -11,7 +11,7 @@ from typing import Any, Callable
 from prefect import Task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from starfish.errors import StarfishError
+from starfish.errors import StarfishError, storage_error_line
 
 log = logging.getLogger("starfish.flows")
 
@@ -71,8 +71,9 @@ class _OneLineStarfishErrors(logging.Filter):
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a flow's command line: a StarfishError, raised before or inside the flow, ends it with
-    one line on stderr and exit status 2, as the `starfish` command does."""
+    """Run a flow's command line: a StarfishError, or a write that found no room or permission,
+    raised before or inside the flow, ends it with one line on stderr and exit status 2, as the
+    `starfish` command does."""
     loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
                                        if name.startswith("prefect")]
     one_line = _OneLineStarfishErrors()
@@ -82,4 +83,10 @@ def run_cli(main: Callable[[], None]) -> None:
         main()
     except StarfishError as exc:
         print(f"starfish: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        line = storage_error_line(exc)
+        if line is None:
+            raise
+        print(f"starfish: error: {line}", file=sys.stderr)
         sys.exit(2)

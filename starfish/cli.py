@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from starfish.errors import StarfishError
+from starfish.errors import StarfishError, storage_error_line
 
 log = logging.getLogger("starfish")
 DEFAULT_PARAMS = "params.yaml"
@@ -151,6 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.fn(args)
     except StarfishError as exc:
         print(f"starfish: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        line = storage_error_line(exc)
+        if line is None:
+            raise
+        print(f"starfish: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("starfish: interrupted; no partial outputs were written", file=sys.stderr)

@@ -1,5 +1,7 @@
 """The one error type users see: a message that names the problem and the fix."""
 
+import errno
+
 
 class StarfishError(Exception):
     """Bad input or a failed check. The CLI prints it on one line and exits non-zero.
@@ -7,3 +9,18 @@ class StarfishError(Exception):
     Deterministic: retrying the same call with the same input fails the same way, so the
     pipeline never retries it.
     """
+
+
+# Write failures a user fixes outside the program (room, permissions, a read-only mount).
+_STORAGE_ERRNOS = {errno.ENOSPC: "free space there or write elsewhere",
+                   errno.EDQUOT: "free space there or write elsewhere",
+                   errno.EROFS: "write to a writable folder", errno.EACCES: "write to a folder you may write"}
+
+
+def storage_error_line(exc: BaseException) -> str | None:
+    """One line for a write that failed for want of room or permission (None for anything else):
+    the command lines print it instead of a traceback."""
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"cannot write{where}: {exc.strerror}; {_STORAGE_ERRNOS[exc.errno]}"
+    return None

@@ -7,9 +7,11 @@ then `os.replace`, so a crash never leaves a half-written output behind.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -45,15 +47,43 @@ def _umask() -> int:
     return 0o022
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` on this host still runs (an exited, unreaped child does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _remove_dead_writers_temps(target: Path) -> None:
+    """Delete temp files of `target` whose writer, on this host, died mid-write (SIGKILL, OOM)."""
+    prefix = f".{target.name}.{socket.gethostname()}-"
+    for tmp in target.parent.glob(glob.escape(prefix) + "*.tmp"):
+        pid = tmp.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success it is renamed onto `path`, on error removed.
 
-    The file gets the mode a plain `open` would give it (0666 less the umask), not mkstemp's 0600.
+    The temp file's name carries the writer's host and pid, so the next write of `path` deletes
+    what a killed writer left. The file gets the mode a plain `open` would give it (0666 less
+    the umask), not mkstemp's 0600.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    _remove_dead_writers_temps(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{socket.gethostname()}-{os.getpid()}.", suffix=".tmp",
+                               dir=target.parent)
     os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     try:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +210,13 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, model_name: str, m
     # One header key holding sorted JSON: safetensors writes several keys in a varying order,
     # and equal models must give equal bytes (hashes, dvc.lock).
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+        try:
+            save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+        except SafetensorError as exc:  # an I/O failure (a full disk) as the OSError it is
+            code = re.search(r"os error (\d+)", str(exc))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
 
 
 def load_checkpoint(path: str | Path, model_name: str | None = None) -> tuple[torch.nn.Module, Masks, str]:

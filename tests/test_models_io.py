@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,6 +64,22 @@ def test_outputs_get_the_mode_the_umask_gives(tmp_path: Path) -> None:
     finally:
         os.umask(previous)
     assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o640 == (tmp_path / "plain.bin").stat().st_mode & 0o777
+
+
+def test_a_write_deletes_the_temp_files_of_killed_writers_only(tmp_path: Path) -> None:
+    """A SIGKILL mid-write leaves `.<name>.<host>-<pid>.*.tmp`; the next write of that output
+    deletes it when that pid is gone, and leaves a live writer's alone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    killed = tmp_path / f".out.bin.{host}-{dead.pid}.abc123.tmp"
+    live = tmp_path / f".out.bin.{host}-{os.getpid()}.def456.tmp"
+    other_output = tmp_path / f".other.bin.{host}-{dead.pid}.ghi789.tmp"
+    for path in (killed, live, other_output):
+        path.write_bytes(b"partial")
+    atomic_write_bytes(tmp_path / "out.bin", b"x")
+    assert not killed.exists() and live.exists() and other_output.exists()
+    assert (tmp_path / "out.bin").read_bytes() == b"x"
 
 
 def test_equal_models_save_to_equal_bytes(vit: nn.Module, tmp_path: Path) -> None:

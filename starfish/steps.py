@@ -25,7 +25,7 @@ from starfish.datasets import ImageDataset, load_dataset
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold, compare, measured_sparsity
 from starfish.healing import heal_
-from starfish.io import (atomic_write_bytes, atomic_write_json, read_json, sha256_bytes, sha256_file, sidecar_path,
+from starfish.io import (atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file, sidecar_path,
                          write_with_sidecar)
 from starfish.models import create_model, load_checkpoint, resolve_device, save_checkpoint
 from starfish.pruning import prune, sparsify_

@@ -42,6 +42,12 @@ def no_healing(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.T
     return {}
 
 
+def non_linear_layers(model: nn.Module, masks: Masks) -> list[str]:
+    """The masked weights that are not Linear layers' (convs): what the least-squares methods cannot re-fit."""
+    modules = dict(model.named_modules())
+    return [name for name in masks if not isinstance(modules.get(name.removesuffix(".weight")), nn.Linear)]
+
+
 def _linear_layers(model: nn.Module, masks: Masks, method: str) -> dict[str, nn.Linear]:
     """The masked layers in forward (module registration) order, whatever order `masks` comes in."""
     modules = dict(model.named_modules())
@@ -49,7 +55,7 @@ def _linear_layers(model: nn.Module, masks: Masks, method: str) -> dict[str, nn.
     if unknown:
         raise StarfishError(f"{method}: masks name {unknown[0]}, which is not a layer of {type(model).__name__}")
     layers = {f"{name}.weight": module for name, module in modules.items() if f"{name}.weight" in masks}
-    bad = [name for name, layer in layers.items() if not isinstance(layer, nn.Linear)]
+    bad = non_linear_layers(model, masks)
     if bad:
         raise StarfishError(f"{method} heals Linear layers only, not {bad[0]}; heal CNNs with starfish or logit-kd")
     return layers

@@ -24,7 +24,7 @@ from torch import nn
 
 from starfish.capture import state_names
 from starfish.healing import register_healer
-from starfish.healing.baselines import layerwise
+from starfish.healing.baselines import layerwise, non_linear_layers
 from starfish.healing.common import STATE_LOSSES, Objective, align_, kd_loss, snapshot, split_calibration
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def starfish(model: nn.Module, dense: nn.Module, masks: dict[str, torch.Tensor],
     train, holdout = split_calibration(images, cfg.holdout)
     pruned = snapshot(model, masks) if cfg.warm_start != "none" else None
     if cfg.warm_start == "layerwise":
-        convs = [name for name in masks if not isinstance(model.get_submodule(name.removesuffix(".weight")), nn.Linear)]
+        convs = non_linear_layers(model, masks)
         if convs:  # the least-squares re-fit is written for Linear layers
             log.warning("the layerwise warm start re-fits Linear layers only; %s and %d more start from the "
                         "pruned weights", convs[0], len(convs) - 1)

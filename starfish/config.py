@@ -20,6 +20,7 @@ from starfish.errors import StarfishError
 LOSSES = ("cosine", "nmse")
 WARM_STARTS = ("none", "layerwise")
 KEEP = ("best", "last")
+CACHE_MODES = ("auto", "memory", "disk", "recompute")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -133,6 +134,7 @@ class HealConfig:
     holdout_every: int = 50
     keep: str = "best"
     cache_dtype: str = "float16"
+    cache: str = "auto"  # where the dense states live: memory | disk | recompute | auto (healing/targets.py)
     damp: float = 0.01
     temperature: float = 1.0
     seed: int = 0
@@ -161,6 +163,7 @@ class HealConfig:
         _require(self.keep in KEEP, f"heal.keep={self.keep!r}: use one of {list(KEEP)}")
         _require(self.cache_dtype in ("float16", "bfloat16", "float32"),
                  f"heal.cache_dtype={self.cache_dtype!r}: use float16, bfloat16 or float32")
+        _require(self.cache in CACHE_MODES, f"heal.cache={self.cache!r}: use one of {list(CACHE_MODES)}")
         _require(self.damp >= 0, f"heal.damp={self.damp} must be >= 0")
         _require(self.temperature > 0, f"heal.temperature={self.temperature} must be > 0")
 

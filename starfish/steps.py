@@ -25,6 +25,7 @@ from starfish.datasets import ImageDataset, load_dataset
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold, compare, measured_sparsity
 from starfish.healing import heal_
+from starfish.healing.targets import cache_folder
 from starfish.io import (atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file, sidecar_path,
                          write_with_sidecar)
 from starfish.models import create_model, load_checkpoint, resolve_device, save_checkpoint
@@ -138,7 +139,8 @@ def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out
         raise StarfishError(f"pruned checkpoint {pruned} is a {name}, but model.name is {cfg.model.name}")
     images = calibration_images(cfg, manifest, dense)
     start = time.perf_counter()
-    report = heal_(model, dense, masks, images, cfg.heal)
+    with cache_folder(Path(out).parent):  # a disk cache of dense states goes beside the output
+        report = heal_(model, dense, masks, images, cfg.heal)
     seconds = time.perf_counter() - start
     check_masks_hold(model, masks)
     inputs = {"pruned_sha256": sha256_file(pruned), "manifest_sha256": sha256_file(manifest)}

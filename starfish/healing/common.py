@@ -18,6 +18,7 @@ from torch import nn
 
 from starfish.capture import ActivationCapture
 from starfish.errors import StarfishError
+from starfish.healing.targets import DenseTargets, dense_targets
 from starfish.models import device_of
 from starfish.progress import progress
 from starfish.pruning import sparsify_
@@ -88,21 +89,6 @@ def masked_training(model: nn.Module, masks: Masks) -> Iterator[list[nn.Paramete
         sparsify_(model, masks)
 
 
-@torch.no_grad()
-def cache_outputs(dense: nn.Module, names: list[str], images: torch.Tensor, batch_size: int,
-                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The dense model's outputs at `names` for every calibration image, stored in `dtype` on CPU."""
-    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    dense.eval()
-    with ActivationCapture(dense, names) as capture:
-        for start in progress(range(0, images.shape[0], batch_size), desc="cache dense states",
-                              total=math.ceil(images.shape[0] / batch_size)):
-            dense(images[start : start + batch_size].to(device_of(dense)))
-            for name in names:
-                chunks[name].append(capture.values[name].detach().to("cpu", dtype))
-    return {name: torch.cat(parts) for name, parts in chunks.items()}
-
-
 def split_calibration(images: torch.Tensor, holdout: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(training images, held-out images): ceil(holdout * N) evenly spaced images are held out.
 
@@ -153,13 +139,14 @@ def restore_(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
 
 @torch.no_grad()
 def _mean_loss(model: nn.Module, capture: ActivationCapture, objective: Objective, images: torch.Tensor,
-               targets: dict[str, torch.Tensor], batch_size: int) -> float:
+               targets: DenseTargets, batch_size: int) -> float:
     """The objective over `images`, batch by batch, weighted by batch size."""
     device, total = device_of(model), 0.0
     for start in range(0, images.shape[0], batch_size):
-        model(images[start : start + batch_size].to(device))
-        batch = {name: t[start : start + batch_size].to(device, torch.float32) for name, t in targets.items()}
-        total += float(objective(capture.values, batch)) * min(batch_size, images.shape[0] - start)
+        index = torch.arange(start, min(start + batch_size, images.shape[0]))
+        batch = targets.batch(index, device)  # before the model's pass: recomputing runs the dense model
+        model(images[index].to(device))
+        total += float(objective(capture.values, batch)) * index.numel()
     return total / images.shape[0]
 
 
@@ -176,10 +163,16 @@ def align_(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tenso
     (or than `fallback`, the pruned weights before a warm start). Returns the curve of
     calibration and held-out losses and what was kept.
     """
-    dtype = getattr(torch, cfg.cache_dtype)
     names = objective.names
-    targets = cache_outputs(dense, names, images, cfg.batch_size, dtype)
-    held_targets = cache_outputs(dense, names, holdout, cfg.batch_size, dtype) if holdout is not None else {}
+    with dense_targets(dense, names, [images, holdout], cfg.batch_size, getattr(torch, cfg.cache_dtype),
+                       cfg.cache) as (targets, held_targets):
+        return _align(model, masks, images, holdout, objective, cfg, fallback, targets, held_targets)
+
+
+def _align(model: nn.Module, masks: Masks, images: torch.Tensor, holdout: torch.Tensor | None, objective: Objective,
+           cfg: "HealConfig", fallback: dict[str, torch.Tensor] | None, targets: DenseTargets,
+           held_targets: DenseTargets | None) -> dict[str, object]:
+    names = objective.names
     device = device_of(model)
     total_steps = cfg.total_steps(images.shape[0])
     steps_per_epoch = math.ceil(images.shape[0] / cfg.batch_size)
@@ -213,8 +206,9 @@ def align_(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tenso
                 order = torch.randperm(images.shape[0], generator=generator)
             offset = (step % steps_per_epoch) * cfg.batch_size
             index = order[offset : offset + cfg.batch_size]
+            batch = targets.batch(index, device)  # before the model's pass: recomputing runs the dense model
             model(images[index].to(device))
-            loss = objective(capture.values, _batch(targets, index, device))
+            loss = objective(capture.values, batch)
             if step == 0:  # the starting point: its first batch, before any update
                 held = held_out_loss()
                 curve.append({"step": 0, "calibration_loss": loss.item(), "holdout_loss": held})
@@ -245,7 +239,3 @@ def align_(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tenso
     log.info("aligned %d states over %d steps in %.1fs (selected step %s)", len(names), total_steps,
              time.perf_counter() - start, report.get("selected_step", total_steps))
     return report
-
-
-def _batch(targets: dict[str, torch.Tensor], index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-    return {name: t[index].to(device, torch.float32) for name, t in targets.items()}

@@ -136,6 +136,7 @@ class HealConfig:
     cache_dtype: str = "float16"
     cache: str = "auto"  # where the dense states live: memory | disk | recompute | auto (healing/targets.py)
     damp: float = 0.01
+    solve_memory_mb: int = 1024  # layerwise: memory for the batched per-row solves (baselines.solve_rows)
     temperature: float = 1.0
     seed: int = 0
 
@@ -165,6 +166,7 @@ class HealConfig:
                  f"heal.cache_dtype={self.cache_dtype!r}: use float16, bfloat16 or float32")
         _require(self.cache in CACHE_MODES, f"heal.cache={self.cache!r}: use one of {list(CACHE_MODES)}")
         _require(self.damp >= 0, f"heal.damp={self.damp} must be >= 0")
+        _require(self.solve_memory_mb >= 1, f"heal.solve_memory_mb={self.solve_memory_mb} must be >= 1")
         _require(self.temperature > 0, f"heal.temperature={self.temperature} must be > 0")
 
     @classmethod

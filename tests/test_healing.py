@@ -22,7 +22,7 @@ from starfish.datasets import FashionMNIST
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold
 from starfish.healing import HEALERS, heal_
-from starfish.healing.baselines import masked_least_squares
+from starfish.healing.baselines import masked_least_squares, solve_rows
 from starfish.healing import baselines
 from starfish.healing.baselines import PairedInputs
 from starfish.healing.common import cosine_loss, masked_training, nmse_loss, split_calibration
@@ -206,7 +206,7 @@ def test_masked_least_squares_matches_lstsq_per_row() -> None:
     x_dense = x + 0.3 * torch.randn(30, 5, generator=g, dtype=torch.float64)
     w_dense = torch.randn(4, 5, generator=g, dtype=torch.float64)
     keep = torch.tensor([[1, 1, 0, 0, 1], [0, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    solved = masked_least_squares(x.T @ x, x.T @ x_dense, w_dense, keep, damp=0.0, chunk=3)
+    solved = masked_least_squares(x.T @ x, x.T @ x_dense, w_dense, keep, damp=0.0, memory_mb=0.0004)  # 1 row
     for r in range(4):
         cols = keep[r].nonzero().squeeze(1)
         expected = torch.linalg.lstsq(x[:, cols], (x_dense @ w_dense[r]).unsqueeze(1)).solution.squeeze(1)
@@ -215,6 +215,17 @@ def test_masked_least_squares_matches_lstsq_per_row() -> None:
     # with every weight kept and equal inputs, the dense weights are the exact solution
     full = masked_least_squares(x.T @ x, x.T @ x, w_dense, torch.ones_like(keep), damp=0.0)
     assert torch.allclose(full, w_dense, atol=1e-10)
+
+
+def test_the_solver_memory_budget_sets_the_rows_per_batch_not_the_result() -> None:
+    assert solve_rows(3072, 1024) == 7 and solve_rows(192, 1024) == 1820 and solve_rows(3072, 1) == 1
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 48, generator=g, dtype=torch.float64)
+    w_dense = torch.randn(40, 48, generator=g, dtype=torch.float64)
+    keep = torch.rand(40, 48, generator=g) > 0.5
+    one_batch = masked_least_squares(x.T @ x, x.T @ x, w_dense, keep, damp=0.01)
+    assert solve_rows(48, 0.1) == 2 < 40  # 0.1 MB: 20 batches of 2 rows
+    assert torch.equal(masked_least_squares(x.T @ x, x.T @ x, w_dense, keep, damp=0.01, memory_mb=0.1), one_batch)
 
 
 def mean_outputs(model: nn.Module, layers: list[str], images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -161,23 +161,34 @@ def bias_correction(model: nn.Module, dense: nn.Module, masks: Masks, images: to
     return {"layers_corrected": corrected}
 
 
+def solve_rows(width: int, memory_mb: float, itemsize: int = 8) -> int:
+    """How many rows' (width x width) systems to solve at once within `memory_mb`: each takes two
+    copies (the system and its LU factors). At least one row, whatever the budget."""
+    return max(1, int(memory_mb * 2**20) // (2 * width * width * itemsize))
+
+
 def masked_least_squares(gram: torch.Tensor, cross: torch.Tensor, w_dense: torch.Tensor, keep: torch.Tensor,
-                         damp: float, chunk: int = 256) -> torch.Tensor:
+                         damp: float, memory_mb: float = 1024) -> torch.Tensor:
     """Per output row r, the kept weights minimizing ||X_S w_S - X_dense w_dense[r]||^2 + damping.
 
     `gram` = X^T X over the pruned model's inputs, `cross` = X^T X_dense. Row r solves
     (G_SS + lambda I) w_S = (C w_dense[r])_S, with lambda = damp * mean(diag G); pruned
-    entries come out exactly zero. Rows are solved in batches of `chunk`.
+    entries come out exactly zero. Rows are solved in batches sized by `memory_mb` (`solve_rows`),
+    so memory is bounded by configuration, not by the layer's width; each row's solve is the
+    same whatever the batch.
     """
     lam = damp * torch.diagonal(gram).mean().clamp_min(1e-12)
     rhs_all = w_dense @ cross.T  # row r: C w_dense[r]
     out = torch.zeros_like(w_dense)
-    for start in range(0, w_dense.shape[0], chunk):
-        k = keep[start : start + chunk].to(gram.device, gram.dtype)  # (rows, d)
-        system = gram.unsqueeze(0) * (k.unsqueeze(2) * k.unsqueeze(1))
-        system = system + torch.diag_embed(k * lam + (1 - k))
-        rhs = (rhs_all[start : start + chunk] * k).unsqueeze(-1)
-        out[start : start + chunk] = torch.linalg.solve(system, rhs).squeeze(-1) * k
+    rows = solve_rows(gram.shape[0], memory_mb, gram.element_size())
+    for start in range(0, w_dense.shape[0], rows):
+        k = keep[start : start + rows].to(gram.device, gram.dtype)  # (rows, d)
+        system = gram.unsqueeze(0) * k.unsqueeze(2)
+        system *= k.unsqueeze(1)
+        system.diagonal(dim1=1, dim2=2).add_(k * lam + (1 - k))
+        rhs = (rhs_all[start : start + rows] * k).unsqueeze(-1)
+        out[start : start + rows] = torch.linalg.solve(system, rhs).squeeze(-1) * k
+        del system
     return out
 
 
@@ -202,7 +213,8 @@ def layerwise(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Te
 
         inputs.feed(name.removesuffix(".weight"), consume)
         w_dense = dense_params[name].double()
-        solved = masked_least_squares(stats["gram"], stats["cross"], w_dense, masks[name], cfg.damp)
+        solved = masked_least_squares(stats["gram"], stats["cross"], w_dense, masks[name], cfg.damp,
+                                      cfg.solve_memory_mb)
         layer.weight.copy_(solved.to(layer.weight.dtype))
         errors[name] = float(torch.linalg.norm(solved - w_dense) / torch.linalg.norm(w_dense))
     sparsify_(model, masks)

@@ -44,11 +44,14 @@ class ModelConfig:
     pretrained: bool = False
     num_classes: int | None = None
     device: str = "auto"
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model, e.g. {img_size: 384}
 
     def __post_init__(self) -> None:
         from starfish.models import resolve_device
 
         resolve_device(self.device)
+        taken = sorted(set(self.kwargs) & {"pretrained", "num_classes", "checkpoint_path"})
+        _require(not taken, f"model.kwargs sets {taken}: use the model section's own fields for those")
 
 
 @dataclass(frozen=True)
@@ -281,6 +284,10 @@ def _coerce(where: str, annotation: str, value: Any) -> Any:
         _require(optional, f"{where} must not be empty")
         return None
     base = annotation.replace(" | None", "")
+    if base.startswith("dict"):
+        _require(isinstance(value, Mapping) and all(isinstance(key, str) for key in value),
+                 f"{where}={value!r} must be a mapping of names to values, e.g. {{img_size: 384}}")
+        return dict(value)
     if base == "bool":
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
@@ -347,7 +354,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         values.setdefault(section, {})
         if not isinstance(values[section], dict):
             raise StarfishError(f"{section} in {path} must be a mapping")
-        values[section][name] = _override_value(section, name, raw)
+        name, dot, key = name.partition(".")  # model.kwargs.img_size=384 sets one entry of a mapping field
+        value = _override_value(section, name, raw) if not dot else yaml.safe_load(raw)
+        if dot:
+            entries = values[section].get(name) or {}
+            if not isinstance(entries, dict):
+                raise StarfishError(f"{section}.{name} in {path} must be a mapping to set {section}.{name}.{key}")
+            value = {**entries, key: value}
+        values[section][name] = value
         if section == "heal":
             overridden[name] = values[section][name]
     if overridden:

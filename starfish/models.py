@@ -17,7 +17,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import timm
 import torch
@@ -114,17 +114,20 @@ def starfish_cnn_fmnist(pretrained: bool = False, **kwargs: Any) -> EfficientNet
 
 
 def create_model(name: str, checkpoint: str | Path | None = None, pretrained: bool = False,
-                 num_classes: int | None = None) -> torch.nn.Module:
-    """Build timm model `name`, with weights from `checkpoint` or (online only) the hub, in eval mode."""
+                 num_classes: int | None = None, kwargs: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """Build timm model `name` (with timm `kwargs` such as img_size), with weights from
+    `checkpoint` or (online only) the hub, in eval mode."""
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
         hint = f" (close: {', '.join(close)})" if close else ""
         raise StarfishError(f"unknown model {name!r}{hint}; use a timm model name or {DEMO_MODEL!r}")
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    options = {**(kwargs or {}), **({} if num_classes is None else {"num_classes": num_classes})}
     try:
-        model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **options)
     except StarfishError:
         raise
+    except TypeError as exc:  # an argument this model does not take
+        raise StarfishError(f"cannot create {name!r} with {dict(kwargs or {})}: {exc}; fix model.kwargs") from exc
     except Exception as exc:  # hub download failures surface as many types
         raise StarfishError(f"cannot create {name!r}: {exc}; pass a local checkpoint instead") from exc
     if checkpoint is not None:
@@ -226,6 +229,7 @@ def load_checkpoint(path: str | Path, model_name: str | None = None) -> tuple[to
     if not name:
         raise StarfishError(f"checkpoint {path} does not name its model; pass the model name")
     num_classes = metadata.get("num_classes") if isinstance(metadata.get("num_classes"), int) else None
-    model = create_model(name, num_classes=num_classes)
+    kwargs = metadata.get("model_kwargs") if isinstance(metadata.get("model_kwargs"), dict) else None
+    model = create_model(name, num_classes=num_classes, kwargs=kwargs)
     load_state_(model, state, source=str(path))
     return model.eval(), masks, name

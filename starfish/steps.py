@@ -38,8 +38,13 @@ CURVE_COLUMNS = ("step", "calibration_loss", "holdout_loss")
 
 def dense_model(cfg: PipelineConfig) -> torch.nn.Module:
     model = create_model(cfg.model.name, checkpoint=cfg.model.checkpoint, pretrained=cfg.model.pretrained,
-                         num_classes=cfg.model.num_classes)
+                         num_classes=cfg.model.num_classes, kwargs=cfg.model.kwargs)
     return model.to(resolve_device(cfg.model.device))
+
+
+def _architecture(cfg: PipelineConfig) -> dict[str, Any]:
+    """Checkpoint metadata that rebuilds the architecture: the timm kwargs, when there are any."""
+    return {"model_kwargs": cfg.model.kwargs} if cfg.model.kwargs else {}
 
 
 def stored_model(cfg: PipelineConfig, path: str | Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor], str]:
@@ -120,7 +125,8 @@ def prune_step(cfg: PipelineConfig, manifest: str | Path, out: str | Path) -> di
     sparsify_(model, masks)
     sparsity = measured_sparsity(model, list(masks))
     inputs = {"dense_sha256": _checkpoint_sha(cfg), "manifest_sha256": sha256_file(manifest)}
-    meta = write_with_sidecar(out, lambda path: save_checkpoint(path, model, cfg.model.name, masks=masks),
+    meta = write_with_sidecar(out, lambda path: save_checkpoint(path, model, cfg.model.name, masks=masks,
+                                                                         metadata=_architecture(cfg)),
                               config={"model": asdict(cfg.model), "prune": asdict(cfg.prune)}, inputs=inputs,
                               sparsity=sparsity)
     log.info("pruned %d layers, measured sparsity %.4f", len(masks), sparsity["total"])
@@ -146,7 +152,8 @@ def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out
     inputs = {"pruned_sha256": sha256_file(pruned), "manifest_sha256": sha256_file(manifest)}
     curve, curve_text = curve_path(out), curve_csv(report.pop("curve", [])).encode()
     atomic_write_bytes(curve, curve_text)  # a side output, first: the sidecar records its hash
-    meta = write_with_sidecar(out, lambda path: save_checkpoint(path, model, name, masks=masks),
+    meta = write_with_sidecar(out, lambda path: save_checkpoint(path, model, name, masks=masks,
+                                                                         metadata=_architecture(cfg)),
                               config={"heal": asdict(cfg.heal)}, inputs=inputs, report=report,
                               loss_curve_sha256=sha256_bytes(curve_text))
     if report.get("kept_pruned"):

@@ -96,3 +96,15 @@ def test_replace_revalidates() -> None:
     assert cfg.heal.epochs == 2 and cfg.heal.steps is None and cfg.heal.method == "starfish"
     with pytest.raises(StarfishError, match="prune.sparsity=1.0"):
         cfg.replace(prune={"sparsity": 1.0})
+
+
+def test_model_kwargs_from_yaml_or_one_entry_at_a_time(tmp_path: Path) -> None:
+    assert load_config(None, ["model.kwargs={img_size: 384, drop_path_rate: 0.1}"]).model.kwargs == \
+        {"img_size": 384, "drop_path_rate": 0.1}
+    params = tmp_path / "params.yaml"
+    params.write_text("model:\n  kwargs:\n    img_size: 384\n")
+    assert load_config(params, ["model.kwargs.global_pool=avg"]).model.kwargs == {"img_size": 384, "global_pool": "avg"}
+    with pytest.raises(StarfishError, match="must be a mapping"):
+        load_config(None, ["model.kwargs=384"])
+    with pytest.raises(StarfishError, match="use the model section's own fields"):
+        load_config(None, ["model.kwargs.num_classes=5"])

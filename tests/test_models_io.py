@@ -296,3 +296,17 @@ def test_a_crash_between_the_two_renames_leaves_no_stale_sidecar(tmp_path: Path,
         write_with_sidecar(out, lambda path: path.write_bytes(b"new"), sparsity=0.75)
     assert out.read_bytes() == b"new" and not sidecar_path(out).exists()
     assert [p.name for p in tmp_path.iterdir()] == ["pruned.bin"]
+
+
+def test_timm_kwargs_shape_the_model_and_travel_with_its_checkpoint(tmp_path: Path) -> None:
+    """model.kwargs reach timm (here a 32 px ViT: 4 patches + class token), and a checkpoint saved
+    with them in its metadata rebuilds the same architecture."""
+    kwargs = {"img_size": 32, "patch_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2}
+    model = create_model("vit_tiny_patch16_224", num_classes=10, kwargs=kwargs)
+    assert model.pos_embed.shape == (1, 5, 64) and len(model.blocks) == 2
+    path = tmp_path / "small.safetensors"
+    save_checkpoint(path, model, "vit_tiny_patch16_224", metadata={"model_kwargs": kwargs})
+    loaded, _, _ = load_checkpoint(path)
+    assert_same_state(loaded, model)
+    with pytest.raises(StarfishError, match="fix model.kwargs"):
+        create_model("resnet18", kwargs={"img_size": 32})

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Subset
 
 from starfish.calibration import stratified_indices
-from starfish.config import VARIANTS, HealConfig, PipelineConfig, variant_config
+from starfish.config import VARIANTS, HealConfig, PipelineConfig, result_fields, variant_config
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold, measured_sparsity, predict
 from starfish.healing import heal_
@@ -122,8 +122,8 @@ def run_bench(cfg: PipelineConfig, bench: BenchConfig, out: str | Path) -> list[
     dense_preds, targets = predict(dense, test, cfg.evaluate.batch_size, desc="evaluate dense")
     dense_top1 = float((dense_preds == targets).float().mean())
     fractions = bench.fractions or (cfg.calibration.fraction,)
-    context = {"model": asdict(cfg.model), "data": asdict(cfg.data), "prune": asdict(cfg.prune),
-               "test_images": len(targets), "dense_top1": dense_top1}
+    context = {name: result_fields(name, asdict(getattr(cfg, name))) for name in ("model", "data", "prune")}
+    context.update(test_images=len(targets), dense_top1=dense_top1)
     log.info("dense top-1 %.4f on %d test images", dense_top1, len(targets))
     expected: list[str] = []
     for seed in bench.seeds:
@@ -135,7 +135,7 @@ def run_bench(cfg: PipelineConfig, bench: BenchConfig, out: str | Path) -> list[
                     nm = nm_pattern_for(sparsity) if pruner == "nm" else cfg.prune.nm
                     keys = {h: cell_key(pruner, sparsity, fraction, seed, h) for h in bench.healers}
                     configs = {h: variant_config(cfg.heal, h, seed=seed) for h in bench.healers}
-                    fingerprints = {h: sha256_bytes(canonical_json({**context, "heal": asdict(configs[h]), "nm": nm,
+                    fingerprints = {h: sha256_bytes(canonical_json({**context, "heal": result_fields("heal", asdict(configs[h])), "nm": nm,
                                                                     "calibration_images": len(indices)}))
                                     for h in bench.healers}
                     todo = [h for h in bench.healers if not _done(out, keys[h], fingerprints[h])]

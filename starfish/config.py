@@ -32,9 +32,12 @@ def _require(ok: bool, message: str) -> None:
 class DataConfig:
     kind: str = "fashion-mnist"
     root: str = FASHION_MNIST_ROOT
+    num_workers: int | None = None  # loader processes; None: auto (datasets.loader_workers)
 
     def __post_init__(self) -> None:
         _require(self.kind in DATASET_KINDS, f"data.kind={self.kind!r}: use one of {list(DATASET_KINDS)}")
+        _require(self.num_workers is None or self.num_workers >= 0,
+                 f"data.num_workers={self.num_workers} must be >= 0, or empty for auto")
 
 
 @dataclass(frozen=True)
@@ -303,6 +306,18 @@ def _coerce(where: str, annotation: str, value: Any) -> Any:
                  f"{where}={value!r} must be {base}")
         return number
     return str(value)
+
+
+# How a step runs, not what it computes: left out of the fingerprints and cache keys of results,
+# so setting one (or adding one to the config) never invalidates a result.
+EXECUTION_FIELDS = {"data": {"num_workers"}, "heal": {"cache", "solve_memory_mb"}}
+
+
+def result_fields(section: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """A config section's fields that decide its results: no execution fields, no empty mappings
+    (an empty `model.kwargs` is the model as it was before the field existed)."""
+    return {key: value for key, value in values.items()
+            if key not in EXECUTION_FIELDS.get(section, ()) and value != {}}
 
 
 _SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "calibration": CalibrationConfig,

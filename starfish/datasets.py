@@ -9,6 +9,8 @@ healing never sees them.
 from __future__ import annotations
 
 import gzip
+import hashlib
+import os
 import struct
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -36,6 +38,17 @@ class ImageDataset(Protocol):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...
 
     def sample_bytes(self, index: int) -> bytes: ...
+
+    def fingerprint(self) -> str: ...
+
+
+def _stat_fingerprint(entries: list[tuple[str, Path]]) -> str:
+    """A cheap identity of files: names, sizes and modification times (no content read)."""
+    digest = hashlib.sha256()
+    for name, path in entries:
+        stat = path.stat()
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def _read_idx(path: Path) -> torch.Tensor:
@@ -98,8 +111,9 @@ class FashionMNIST(Dataset):
                 "`apt-get install dataset-fashion-mnist` or set data.root"
             )
         image_stem, label_stem = FASHION_MNIST_FILES[split]
-        self.images = _read_idx(_find_idx(root, image_stem))
-        labels = _read_idx(_find_idx(root, label_stem))
+        self.files = [_find_idx(root, image_stem), _find_idx(root, label_stem)]
+        self.images = _read_idx(self.files[0])
+        labels = _read_idx(self.files[1])
         if labels.shape[0] != self.images.shape[0]:
             raise StarfishError(f"{root}: {self.images.shape[0]} images but {labels.shape[0]} labels")
         self.targets = labels.long().tolist()
@@ -116,6 +130,11 @@ class FashionMNIST(Dataset):
         """Batched fetch: one vectorized transform per batch instead of one per image."""
         batch = self.transform(self.images[indices])
         return [(batch[j], self.targets[i]) for j, i in enumerate(indices)]
+
+    def fingerprint(self) -> str:
+        return _stat_fingerprint([(path.name, path) for path in self.files])
+
+    in_memory = True  # decoded once, up front: loader workers would only add copies
 
     def sample_bytes(self, index: int) -> bytes:
         return self.images[index].numpy().tobytes()
@@ -149,6 +168,11 @@ class ImageFolderDataset(Dataset):
     def sample_bytes(self, index: int) -> bytes:
         return Path(self.folder.samples[index][0]).read_bytes()
 
+    def fingerprint(self) -> str:
+        return _stat_fingerprint([(sample_id, Path(path)) for sample_id, (path, _) in zip(self.ids, self.folder.samples)])
+
+    in_memory = False  # decoded and resized per item: the work loader workers share
+
 
 def load_dataset(kind: str, root: str | Path, split: str, model: torch.nn.Module) -> ImageDataset:
     """Open `split` of a dataset, with items transformed for `model`'s input contract."""
@@ -163,6 +187,26 @@ def load_dataset(kind: str, root: str | Path, split: str, model: torch.nn.Module
     raise StarfishError(f"unknown dataset kind {kind!r}; use one of {list(DATASET_KINDS)}")
 
 
-def make_loader(dataset: ImageDataset, batch_size: int) -> DataLoader:
-    """An in-order DataLoader over `dataset` (batched fetch where the dataset supports it)."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def loader_workers(dataset: ImageDataset, num_workers: int | None) -> int:
+    """`data.num_workers`, or for None (auto): every usable core for datasets decoded per item
+    (ImageFolder), none for those already in memory (Fashion-MNIST)."""
+    if num_workers is not None:
+        return num_workers
+    base = getattr(dataset, "dataset", dataset)  # through a Subset
+    return 0 if getattr(base, "in_memory", False) else usable_cores()
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, num_workers: int | None = 0) -> DataLoader:
+    """An in-order DataLoader over `dataset` (batched fetch where the dataset supports it), with
+    `loader_workers` processes and pinned memory when a GPU takes the batches."""
+    workers = loader_workers(dataset, num_workers)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                      prefetch_factor=4 if workers else None)

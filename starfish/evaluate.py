@@ -5,25 +5,37 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
-from starfish.progress import progress
 
 from starfish.datasets import ImageDataset, make_loader
 from starfish.errors import StarfishError
 from starfish.models import device_of
+from starfish.progress import progress
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, dataset: ImageDataset, batch_size: int = 500,
-            desc: str = "evaluate") -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted classes, targets) over the whole dataset, in dataset order."""
-    was_training = model.training
-    model.eval()
-    preds, targets = [], []
-    for images, labels in progress(make_loader(dataset, batch_size), desc=desc):
-        preds.append(model(images.to(device_of(model))).argmax(dim=-1).cpu())
+def predict_all(models: Mapping[str, torch.nn.Module], dataset: ImageDataset, batch_size: int = 500,
+                num_workers: int | None = 0, desc: str = "evaluate") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({label: predicted classes}, targets) over the whole dataset, in dataset order. One pass:
+    each batch is loaded (decoded, resized) once and given to every model."""
+    modes = {label: model.training for label, model in models.items()}
+    for model in models.values():
+        model.eval()
+    preds: dict[str, list[torch.Tensor]] = {label: [] for label in models}
+    targets = []
+    for images, labels in progress(make_loader(dataset, batch_size, num_workers), desc=desc):
+        for label, model in models.items():
+            preds[label].append(model(images.to(device_of(model), non_blocking=True)).argmax(dim=-1).cpu())
         targets.append(torch.as_tensor(labels))
-    model.train(was_training)
-    return torch.cat(preds), torch.cat(targets)
+    for label, model in models.items():
+        model.train(modes[label])
+    return {label: torch.cat(parts) for label, parts in preds.items()}, torch.cat(targets)
+
+
+def predict(model: torch.nn.Module, dataset: ImageDataset, batch_size: int = 500, desc: str = "evaluate",
+            num_workers: int | None = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted classes, targets) of one model over the whole dataset, in dataset order."""
+    preds, targets = predict_all({"": model}, dataset, batch_size, num_workers, desc)
+    return preds[""], targets
 
 
 def top1_accuracy(model: torch.nn.Module, dataset: ImageDataset) -> float:
@@ -54,16 +66,23 @@ def check_masks_hold(model: torch.nn.Module, masks: Mapping[str, torch.Tensor]) 
             raise StarfishError(f"{revived} pruned weights of {name} are non-zero; the masks were not enforced")
 
 
-def compare(dense: torch.nn.Module, candidates: Mapping[str, torch.nn.Module],
-            dataset: ImageDataset, batch_size: int = 500) -> dict[str, float]:
-    """Top-1 of dense and each candidate, each candidate's recovery (top-1 / dense) and agreement."""
-    dense_preds, targets = predict(dense, dataset, batch_size, desc="evaluate dense")
+def compare(dense: torch.nn.Module, candidates: Mapping[str, torch.nn.Module], dataset: ImageDataset,
+            batch_size: int = 500, num_workers: int | None = 0,
+            dense_predictions: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+    """Top-1 of dense and each candidate, each candidate's recovery (top-1 / dense) and agreement.
+
+    All models share one pass over the data; `dense_predictions` ((classes, targets) computed
+    earlier on this dataset) leaves the dense model out of it."""
+    models = dict(candidates) if dense_predictions is not None else {"dense": dense, **candidates}
+    preds, targets = predict_all(models, dataset, batch_size, num_workers, desc="evaluate " + ", ".join(models))
+    dense_preds = preds["dense"] if dense_predictions is None else dense_predictions[0]
+    if dense_predictions is not None and not torch.equal(dense_predictions[1], targets):
+        raise StarfishError("cached dense predictions are for other test labels; delete the cache and run again")
     dense_top1 = float((dense_preds == targets).float().mean())
     metrics = {"dense_top1": dense_top1}
-    for label, model in candidates.items():
-        preds, _ = predict(model, dataset, batch_size, desc=f"evaluate {label}")
-        top1 = float((preds == targets).float().mean())
+    for label in candidates:
+        top1 = float((preds[label] == targets).float().mean())
         metrics[f"{label}_top1"] = top1
         metrics[f"{label}_recovery"] = top1 / dense_top1 if dense_top1 > 0 else 0.0
-        metrics[f"{label}_agreement"] = float((preds == dense_preds).float().mean())
+        metrics[f"{label}_agreement"] = float((preds[label] == dense_preds).float().mean())
     return metrics

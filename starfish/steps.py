@@ -17,17 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch.utils.data import Subset
 
 from starfish.calibration import build_manifest, load_images, read_manifest, resolve_manifest, write_manifest
-from starfish.config import PipelineConfig
+from starfish.config import PipelineConfig, result_fields
 from starfish.datasets import ImageDataset, load_dataset
 from starfish.errors import StarfishError
-from starfish.evaluate import check_masks_hold, compare, measured_sparsity
+from starfish.evaluate import check_masks_hold, compare, measured_sparsity, predict
 from starfish.healing import heal_
 from starfish.healing.targets import cache_folder
-from starfish.io import (atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file, sidecar_path,
-                         write_with_sidecar)
+from starfish.io import (atomic_path, atomic_write_bytes, atomic_write_json, canonical_json, sha256_bytes,
+                         sha256_file, sidecar_path, write_with_sidecar)
 from starfish.models import create_model, load_checkpoint, resolve_device, save_checkpoint
 from starfish.pruning import prune, sparsify_
 
@@ -184,6 +186,42 @@ def read_curve(path: str | Path) -> list[dict[str, float | None]]:
                 for row in csv.DictReader(handle)]
 
 
+def cache_root() -> Path:
+    """Where reusable derived data goes: $STARFISH_CACHE_DIR, else $XDG_CACHE_HOME/starfish or ~/.cache/starfish."""
+    if os.environ.get("STARFISH_CACHE_DIR"):
+        return Path(os.environ["STARFISH_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "starfish"
+
+
+def cached_dense_predictions(cfg: PipelineConfig, dense: torch.nn.Module,
+                             test: ImageDataset) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The dense model's test predictions, computed once per (dense checkpoint bytes, model
+    settings, test files, evaluation settings, device type) and reused by every evaluate step
+    and sweep point after. None for a model without a local checkpoint (nothing to key it on)."""
+    if not cfg.model.checkpoint:
+        return None
+    base = getattr(test, "dataset", test)
+    key = sha256_bytes(canonical_json({
+        "dense_sha256": _checkpoint_sha(cfg), "model": result_fields("model", asdict(cfg.model)) | {"device": None},
+        "data": {"kind": cfg.data.kind, "fingerprint": base.fingerprint(), "images": len(test)},
+        "device": resolve_device(cfg.model.device).type, "torch": torch.__version__}))
+    path = cache_root() / "dense-predictions" / f"{key[:32]}.safetensors"
+    if path.is_file():
+        try:
+            stored = load_file(str(path))
+            log.info("dense predictions reused from %s", path)
+            return stored["predictions"], stored["targets"]
+        except (OSError, SafetensorError, KeyError) as exc:
+            log.warning("ignoring unreadable cached dense predictions %s (%s)", path, exc)
+    preds, targets = predict(dense, test, cfg.evaluate.batch_size, "evaluate dense", cfg.data.num_workers)
+    try:
+        with atomic_path(path) as tmp:
+            save_file({"predictions": preds.contiguous(), "targets": targets.contiguous()}, str(tmp))
+    except OSError as exc:  # a cache that cannot be written only costs the next run time
+        log.warning("cannot cache dense predictions in %s (%s)", path, exc)
+    return preds, targets
+
+
 def evaluate_step(cfg: PipelineConfig, pruned: str | Path, healed: str | Path, out: str | Path) -> dict[str, Any]:
     """Top-1 of dense, pruned and healed on the test split; recovery, agreement and sparsity checks."""
     check_outputs(cfg, [out], [pruned, healed, curve_path(healed)])
@@ -196,7 +234,8 @@ def evaluate_step(cfg: PipelineConfig, pruned: str | Path, healed: str | Path, o
     test = dataset(cfg, "test", dense)
     if cfg.evaluate.max_samples is not None:
         test = Subset(test, range(min(cfg.evaluate.max_samples, len(test))))
-    metrics = compare(dense, {"pruned": pruned_model, "healed": healed_model}, test, cfg.evaluate.batch_size)
+    metrics = compare(dense, {"pruned": pruned_model, "healed": healed_model}, test, cfg.evaluate.batch_size,
+                      cfg.data.num_workers, dense_predictions=cached_dense_predictions(cfg, dense, test))
     sparsity = measured_sparsity(healed_model, list(masks))["total"]
     metrics.update({
         "recovery": metrics["healed_recovery"],

@@ -22,7 +22,7 @@ from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 from starfish import steps, tracking
-from starfish.config import PipelineConfig, from_dict
+from starfish.config import PipelineConfig, from_dict, result_fields
 from starfish.errors import StarfishError
 from starfish.io import canonical_json, sha256_bytes, sha256_file
 from tasks import dvc
@@ -51,7 +51,8 @@ def step_key(step: str, params: Mapping[str, Any]) -> str:
     dense = sha256_file(checkpoint) if "model" in sections and checkpoint and Path(checkpoint).is_file() else None
     inputs = {name: {k: v for k, v in value.items() if k not in RUN_FACTS} if isinstance(value, dict) else value
               for name, value in params.items() if name != "config"}
-    payload = {"step": step, "config": {name: config[name] for name in sections}, "dense_sha256": dense,
+    payload = {"step": step, "config": {name: result_fields(name, config[name]) for name in sections},
+               "dense_sha256": dense,
                "inputs": inputs}
     return sha256_bytes(canonical_json(payload))
 

@@ -22,6 +22,12 @@ def single_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Derived-data caches (dense predictions) in a session folder, for flow subprocesses too."""
+    os.environ["STARFISH_CACHE_DIR"] = str(tmp_path_factory.mktemp("starfish-cache"))
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

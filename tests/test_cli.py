@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +27,7 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def test_sample_prune_heal_evaluate(params_path: Path, demo_checkpoint: Path, tmp_path: Path,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+                                    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     common = base_args(params_path, demo_checkpoint) + ["--set", "heal.epochs=1",
                                                         "--set", "evaluate.max_samples=1000"]
     calibration, pruned = tmp_path / "calibration.json", tmp_path / "pruned.safetensors"
@@ -65,6 +67,14 @@ def test_sample_prune_heal_evaluate(params_path: Path, demo_checkpoint: Path, tm
 
     metrics = read_json(metrics_path)
     assert metrics == printed
+    # the dense model's predictions were cached: a second evaluation reuses them, same metrics
+    cached = list((Path(os.environ["STARFISH_CACHE_DIR"]) / "dense-predictions").glob("*.safetensors"))
+    assert cached
+    with caplog.at_level(logging.INFO, logger="starfish.steps"):
+        assert main(["evaluate", *common, "--pruned", str(pruned), "--healed", str(healed),
+                     "--out", str(tmp_path / "again" / "metrics.json")]) == 0
+    assert json.loads(capsys.readouterr().out) == metrics
+    assert any("dense predictions reused from" in record.message for record in caplog.records)
     for key in ("dense_top1", "pruned_top1", "healed_top1", "recovery", "healed_agreement", "pruned_agreement",
                 "sparsity", "sparsity_target", "sparsity_drift"):
         assert key in metrics, key

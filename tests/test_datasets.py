@@ -12,7 +12,8 @@ from PIL import Image
 from timm.data import resolve_data_config
 
 from starfish.calibration import build_manifest, load_images
-from starfish.datasets import FashionMNIST, TensorTransform, _read_idx, load_dataset, make_loader
+from starfish.datasets import (FashionMNIST, TensorTransform, _read_idx, load_dataset, loader_workers, make_loader,
+                               usable_cores)
 from starfish.errors import StarfishError
 from starfish.models import create_model
 
@@ -181,3 +182,24 @@ def test_corrupt_images_are_named_when_the_split_is_drawn(tmp_path: Path) -> Non
     assert "dog/img2.jpg (" in message and "sample again" in message and "\n" not in message
     good = [i for i, sample_id in enumerate(data.ids) if sample_id not in ("cat/img1.png", "dog/img2.jpg")]
     assert load_images(data, good).shape[0] == 5
+
+
+def test_loader_workers_auto_and_a_worker_pool_gives_the_same_batches(tmp_path: Path, fmnist_root: Path) -> None:
+    make_tree(tmp_path)
+    model = create_model("resnet10t", num_classes=2)
+    folder = load_dataset("imagefolder", tmp_path, "train", model)
+    assert loader_workers(folder, None) == usable_cores() and loader_workers(folder, 3) == 3
+    assert loader_workers(load_dataset("fashion-mnist", fmnist_root, "test", create_model("starfish_vit_fmnist")),
+                          None) == 0  # already decoded in memory
+    serial = [images for images, _ in make_loader(folder, batch_size=4, num_workers=0)]
+    pooled = [images for images, _ in make_loader(folder, batch_size=4, num_workers=2)]
+    assert len(serial) == len(pooled) == 2 and all(torch.equal(a, b) for a, b in zip(serial, pooled))
+
+
+def test_fingerprints_change_with_the_files_not_with_reading(tmp_path: Path) -> None:
+    make_tree(tmp_path)
+    model = create_model("resnet10t", num_classes=2)
+    first = load_dataset("imagefolder", tmp_path, "train", model).fingerprint()
+    assert load_dataset("imagefolder", tmp_path, "train", model).fingerprint() == first
+    Image.new("RGB", (41, 30), (1, 2, 3)).save(tmp_path / "train" / "dog" / "img0.png")
+    assert load_dataset("imagefolder", tmp_path, "train", model).fingerprint() != first

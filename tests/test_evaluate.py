@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from starfish.errors import StarfishError
-from starfish.evaluate import check_masks_hold, compare, measured_sparsity
+from starfish.evaluate import check_masks_hold, compare, measured_sparsity, predict, predict_all
 
 
 def tiny_linear(weight: list[list[float]], bias: list[float] | None = None) -> nn.Linear:
@@ -47,3 +47,17 @@ def test_compare_reports_top1_recovery_and_agreement() -> None:
     metrics = compare(dense, {"pruned": swapped, "healed": dense}, data, batch_size=3)
     assert metrics == {"dense_top1": 1.0, "pruned_top1": 0.25, "pruned_recovery": 0.25, "pruned_agreement": 0.25,
                        "healed_top1": 1.0, "healed_recovery": 1.0, "healed_agreement": 1.0}
+
+
+def test_one_pass_for_every_model_and_cached_dense_predictions_give_the_same_metrics() -> None:
+    x = torch.eye(3)[[0, 1, 2, 2, 1]]
+    data = TensorDataset(x, torch.tensor([0, 1, 2, 2, 0]))
+    dense = tiny_linear([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    swapped = tiny_linear([[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0]])
+    preds, targets = predict_all({"dense": dense, "swapped": swapped}, data, batch_size=2)
+    assert torch.equal(preds["dense"], predict(dense, data, batch_size=5)[0])
+    assert torch.equal(preds["swapped"], predict(swapped, data, batch_size=3)[0])
+    fresh = compare(dense, {"pruned": swapped}, data, batch_size=2)
+    assert compare(dense, {"pruned": swapped}, data, batch_size=2, dense_predictions=(preds["dense"], targets)) == fresh
+    with pytest.raises(StarfishError, match="other test labels"):
+        compare(dense, {"pruned": swapped}, data, dense_predictions=(preds["dense"], targets.flip(0)))

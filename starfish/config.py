@@ -16,6 +16,7 @@ import yaml
 
 from starfish.datasets import DATASET_KINDS, FASHION_MNIST_ROOT
 from starfish.errors import StarfishError
+from starfish.precision import PRECISIONS
 
 LOSSES = ("cosine", "nmse")
 WARM_STARTS = ("none", "layerwise")
@@ -92,7 +93,7 @@ HEAL_PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # The authors' public recipe exactly: 10 epochs, every image trained on, the last state kept.
     # On a split smaller than their 5,000 images this is fewer steps (80 on 240 images).
-    "faithful": {"method": "starfish", "steps": None, "epochs": 10, "holdout": 0.0},
+    "faithful": {"method": "starfish", "steps": None, "epochs": 10, "holdout": 0.0, "precision": "fp32"},
     # Measured best on the demo from 75% sparsity up (results/bench): a layerwise least-squares
     # warm start, then block states plus a logit term, at the same step budget; the last state
     # is kept unless the held-out slice says it is worse than the pruned model.
@@ -143,6 +144,8 @@ class HealConfig:
     cache: str = "auto"  # where the dense states live: memory | disk | recompute | auto (healing/targets.py)
     damp: float = 0.01
     solve_memory_mb: int = 1024  # layerwise: memory for the batched per-row solves (baselines.solve_rows)
+    precision: str = "auto"  # auto | fp32 | tf32 | bf16 (starfish/precision.py)
+    grad_checkpointing: bool = False  # recompute block activations in backward: less memory, same result
     temperature: float = 1.0
     seed: int = 0
 
@@ -173,6 +176,7 @@ class HealConfig:
         _require(self.cache in CACHE_MODES, f"heal.cache={self.cache!r}: use one of {list(CACHE_MODES)}")
         _require(self.damp >= 0, f"heal.damp={self.damp} must be >= 0")
         _require(self.solve_memory_mb >= 1, f"heal.solve_memory_mb={self.solve_memory_mb} must be >= 1")
+        _require(self.precision in PRECISIONS, f"heal.precision={self.precision!r}: use one of {list(PRECISIONS)}")
         _require(self.temperature > 0, f"heal.temperature={self.temperature} must be > 0")
 
     @classmethod
@@ -223,8 +227,10 @@ def variant_config(base: HealConfig, name: str, seed: int | None = None) -> Heal
 class EvalConfig:
     batch_size: int = 500
     max_samples: int | None = None  # evaluate on the first N test images (None: all)
+    precision: str = "auto"  # as heal.precision
 
     def __post_init__(self) -> None:
+        _require(self.precision in PRECISIONS, f"evaluate.precision={self.precision!r}: use one of {list(PRECISIONS)}")
         _require(self.batch_size >= 1, f"evaluate.batch_size={self.batch_size} must be >= 1")
         _require(self.max_samples is None or self.max_samples >= 1,
                  f"evaluate.max_samples={self.max_samples} must be >= 1 or empty")
@@ -310,14 +316,17 @@ def _coerce(where: str, annotation: str, value: Any) -> Any:
 
 # How a step runs, not what it computes: left out of the fingerprints and cache keys of results,
 # so setting one (or adding one to the config) never invalidates a result.
-EXECUTION_FIELDS = {"data": {"num_workers"}, "heal": {"cache", "solve_memory_mb"}}
+EXECUTION_FIELDS = {"data": {"num_workers"}, "heal": {"cache", "solve_memory_mb", "grad_checkpointing"}}
+# Values that reproduce what results were before their field existed: left out too, so older
+# fingerprints stay valid. An empty `model.kwargs` is the model as it was; `precision=auto` is
+# resolved with the device, as `model.device=auto` is (plain fp32 on a CPU).
+NEUTRAL_VALUES = {("model", "kwargs"): {}, ("heal", "precision"): "auto", ("evaluate", "precision"): "auto"}
 
 
 def result_fields(section: str, values: Mapping[str, Any]) -> dict[str, Any]:
-    """A config section's fields that decide its results: no execution fields, no empty mappings
-    (an empty `model.kwargs` is the model as it was before the field existed)."""
-    return {key: value for key, value in values.items()
-            if key not in EXECUTION_FIELDS.get(section, ()) and value != {}}
+    """A config section's fields that decide its results: no execution fields, no neutral values."""
+    return {key: value for key, value in values.items() if key not in EXECUTION_FIELDS.get(section, ())
+            and not ((section, key) in NEUTRAL_VALUES and value == NEUTRAL_VALUES[(section, key)])}
 
 
 _SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "calibration": CalibrationConfig,

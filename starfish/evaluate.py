@@ -9,14 +9,17 @@ import torch
 from starfish.datasets import ImageDataset, make_loader
 from starfish.errors import StarfishError
 from starfish.models import device_of
+from starfish.precision import numerics
 from starfish.progress import progress
 
 
 @torch.no_grad()
 def predict_all(models: Mapping[str, torch.nn.Module], dataset: ImageDataset, batch_size: int = 500,
-                num_workers: int | None = 0, desc: str = "evaluate") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """({label: predicted classes}, targets) over the whole dataset, in dataset order. One pass:
-    each batch is loaded (decoded, resized) once and given to every model."""
+                num_workers: int | None = 0, desc: str = "evaluate",
+                precision: str = "auto") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({label: predicted classes}, targets) over the whole dataset, in dataset order, in
+    `precision` (starfish.precision). One pass: each batch is loaded (decoded, resized) once and
+    given to every model."""
     modes = {label: model.training for label, model in models.items()}
     for model in models.values():
         model.eval()
@@ -24,7 +27,9 @@ def predict_all(models: Mapping[str, torch.nn.Module], dataset: ImageDataset, ba
     targets = []
     for images, labels in progress(make_loader(dataset, batch_size, num_workers), desc=desc):
         for label, model in models.items():
-            preds[label].append(model(images.to(device_of(model), non_blocking=True)).argmax(dim=-1).cpu())
+            with numerics(precision, device_of(model)):
+                logits = model(images.to(device_of(model), non_blocking=True))
+            preds[label].append(logits.argmax(dim=-1).cpu())
         targets.append(torch.as_tensor(labels))
     for label, model in models.items():
         model.train(modes[label])
@@ -32,9 +37,9 @@ def predict_all(models: Mapping[str, torch.nn.Module], dataset: ImageDataset, ba
 
 
 def predict(model: torch.nn.Module, dataset: ImageDataset, batch_size: int = 500, desc: str = "evaluate",
-            num_workers: int | None = 0) -> tuple[torch.Tensor, torch.Tensor]:
+            num_workers: int | None = 0, precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted classes, targets) of one model over the whole dataset, in dataset order."""
-    preds, targets = predict_all({"": model}, dataset, batch_size, num_workers, desc)
+    preds, targets = predict_all({"": model}, dataset, batch_size, num_workers, desc, precision)
     return preds[""], targets
 
 
@@ -68,13 +73,14 @@ def check_masks_hold(model: torch.nn.Module, masks: Mapping[str, torch.Tensor]) 
 
 def compare(dense: torch.nn.Module, candidates: Mapping[str, torch.nn.Module], dataset: ImageDataset,
             batch_size: int = 500, num_workers: int | None = 0,
-            dense_predictions: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+            dense_predictions: tuple[torch.Tensor, torch.Tensor] | None = None,
+            precision: str = "auto") -> dict[str, float]:
     """Top-1 of dense and each candidate, each candidate's recovery (top-1 / dense) and agreement.
 
     All models share one pass over the data; `dense_predictions` ((classes, targets) computed
     earlier on this dataset) leaves the dense model out of it."""
     models = dict(candidates) if dense_predictions is not None else {"dense": dense, **candidates}
-    preds, targets = predict_all(models, dataset, batch_size, num_workers, desc="evaluate " + ", ".join(models))
+    preds, targets = predict_all(models, dataset, batch_size, num_workers, "evaluate " + ", ".join(models), precision)
     dense_preds = preds["dense"] if dense_predictions is None else dense_predictions[0]
     if dense_predictions is not None and not torch.equal(dense_predictions[1], targets):
         raise StarfishError("cached dense predictions are for other test labels; delete the cache and run again")

@@ -31,6 +31,7 @@ from starfish.healing.targets import cache_folder
 from starfish.io import (atomic_path, atomic_write_bytes, atomic_write_json, canonical_json, sha256_bytes,
                          sha256_file, sidecar_path, write_with_sidecar)
 from starfish.models import create_model, load_checkpoint, resolve_device, save_checkpoint
+from starfish.precision import resolve_precision
 from starfish.pruning import prune, sparsify_
 
 log = logging.getLogger(__name__)
@@ -200,11 +201,12 @@ def cached_dense_predictions(cfg: PipelineConfig, dense: torch.nn.Module,
     and sweep point after. None for a model without a local checkpoint (nothing to key it on)."""
     if not cfg.model.checkpoint:
         return None
-    base = getattr(test, "dataset", test)
+    base, device = getattr(test, "dataset", test), resolve_device(cfg.model.device)
     key = sha256_bytes(canonical_json({
         "dense_sha256": _checkpoint_sha(cfg), "model": result_fields("model", asdict(cfg.model)) | {"device": None},
         "data": {"kind": cfg.data.kind, "fingerprint": base.fingerprint(), "images": len(test)},
-        "device": resolve_device(cfg.model.device).type, "torch": torch.__version__}))
+        "device": device.type, "precision": resolve_precision(cfg.evaluate.precision, device),
+        "torch": torch.__version__}))
     path = cache_root() / "dense-predictions" / f"{key[:32]}.safetensors"
     if path.is_file():
         try:
@@ -213,7 +215,8 @@ def cached_dense_predictions(cfg: PipelineConfig, dense: torch.nn.Module,
             return stored["predictions"], stored["targets"]
         except (OSError, SafetensorError, KeyError) as exc:
             log.warning("ignoring unreadable cached dense predictions %s (%s)", path, exc)
-    preds, targets = predict(dense, test, cfg.evaluate.batch_size, "evaluate dense", cfg.data.num_workers)
+    preds, targets = predict(dense, test, cfg.evaluate.batch_size, "evaluate dense", cfg.data.num_workers,
+                             cfg.evaluate.precision)
     try:
         with atomic_path(path) as tmp:
             save_file({"predictions": preds.contiguous(), "targets": targets.contiguous()}, str(tmp))
@@ -235,7 +238,7 @@ def evaluate_step(cfg: PipelineConfig, pruned: str | Path, healed: str | Path, o
     if cfg.evaluate.max_samples is not None:
         test = Subset(test, range(min(cfg.evaluate.max_samples, len(test))))
     metrics = compare(dense, {"pruned": pruned_model, "healed": healed_model}, test, cfg.evaluate.batch_size,
-                      cfg.data.num_workers, dense_predictions=cached_dense_predictions(cfg, dense, test))
+                      cfg.data.num_workers, cached_dense_predictions(cfg, dense, test), cfg.evaluate.precision)
     sparsity = measured_sparsity(healed_model, list(masks))["total"]
     metrics.update({
         "recovery": metrics["healed_recovery"],

@@ -61,3 +61,10 @@ def test_one_pass_for_every_model_and_cached_dense_predictions_give_the_same_met
     assert compare(dense, {"pruned": swapped}, data, batch_size=2, dense_predictions=(preds["dense"], targets)) == fresh
     with pytest.raises(StarfishError, match="other test labels"):
         compare(dense, {"pruned": swapped}, data, dense_predictions=(preds["dense"], targets.flip(0)))
+
+
+def test_evaluation_in_bf16_autocast_predicts_like_fp32_on_clear_cases() -> None:
+    x = torch.eye(3)[[0, 1, 2, 2, 1]] * 10
+    data = TensorDataset(x, torch.tensor([0, 1, 2, 2, 0]))
+    model = tiny_linear([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    assert torch.equal(predict(model, data, precision="bf16")[0], predict(model, data, precision="fp32")[0])

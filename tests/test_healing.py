@@ -471,3 +471,35 @@ def test_a_disk_cache_left_by_a_killed_heal_is_deleted_by_the_next(tmp_path: Pat
 def test_heal_config_rejects_an_unknown_cache_mode() -> None:
     with pytest.raises(StarfishError, match="heal.cache='ram': use one of"):
         HealConfig(cache="ram")
+
+
+def heal_with(**fields: object) -> nn.Module:
+    dense, model, masks = pruned_pair(0.75)
+    heal_(model, dense, masks, random_images(24), HealConfig(steps=6, batch_size=8, holdout=0.0, **fields))
+    check_masks_hold(model, masks)
+    return model
+
+
+def test_gradient_checkpointing_changes_memory_not_the_result() -> None:
+    plain, checkpointed = heal_with(), heal_with(grad_checkpointing=True)
+    start = pruned_pair(0.75)[1]
+    for name, value in plain.state_dict().items():
+        assert torch.allclose(value, checkpointed.state_dict()[name], atol=1e-6), name
+    assert any(not torch.equal(value, start.state_dict()[name]) for name, value in plain.state_dict().items())
+    assert not checkpointed.grad_checkpointing  # switched off again
+    dense, model, masks = pruned_pair(0.5)
+    sequential = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    with pytest.raises(StarfishError, match="no gradient checkpointing"):
+        heal_(sequential, copy.deepcopy(sequential), {"1.weight": torch.ones(10, 784, dtype=torch.bool)},
+              random_images(8), HealConfig(steps=1, holdout=0.0, grad_checkpointing=True, states="last"))
+
+
+def test_precision_auto_is_fp32_on_a_cpu_and_bf16_autocasts() -> None:
+    auto, fp32, bf16 = heal_with(), heal_with(precision="fp32"), heal_with(precision="bf16")
+    for name, value in auto.state_dict().items():
+        assert torch.equal(value, fp32.state_dict()[name]), name
+    assert any(not torch.equal(value, bf16.state_dict()[name]) for name, value in auto.state_dict().items())
+    assert all(value.dtype == torch.float32 for value in bf16.state_dict().values())  # weights stay fp32
+    assert HealConfig.from_preset("faithful").precision == "fp32"
+    with pytest.raises(StarfishError, match="heal.precision='fp16'"):
+        HealConfig(precision="fp16")

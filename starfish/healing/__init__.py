@@ -9,12 +9,15 @@ of the pruned weights (True = kept), `images` the unlabeled calibration images, 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Protocol
+import contextlib
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import torch
 from torch import nn
 
 from starfish.errors import StarfishError
+from starfish.models import device_of
+from starfish.precision import numerics
 
 if TYPE_CHECKING:
     from starfish.config import HealConfig
@@ -44,8 +47,27 @@ def get_healer(name: str) -> Healer:
 
 def heal_(model: nn.Module, dense: nn.Module, masks: dict[str, torch.Tensor], images: torch.Tensor,
           cfg: "HealConfig") -> dict[str, object]:
-    """Heal `model` with the registered healer `cfg.method`, in place; returns its report."""
-    return get_healer(cfg.method)(model, dense, masks, images, cfg)
+    """Heal `model` with the registered healer `cfg.method`, in place, in `cfg.precision` and with
+    `cfg.grad_checkpointing`; returns its report."""
+    with numerics(cfg.precision, device_of(model)), gradient_checkpointing(model, cfg.grad_checkpointing):
+        return get_healer(cfg.method)(model, dense, masks, images, cfg)
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """timm's gradient checkpointing for the block: block activations are recomputed in the
+    backward pass instead of kept, for about one more forward pass per step."""
+    if not enabled:
+        yield
+        return
+    if not hasattr(model, "set_grad_checkpointing"):
+        raise StarfishError(f"{type(model).__name__} has no gradient checkpointing (timm's set_grad_checkpointing); "
+                            "set heal.grad_checkpointing=false")
+    model.set_grad_checkpointing(True)
+    try:
+        yield
+    finally:
+        model.set_grad_checkpointing(False)
 
 
 from starfish.healing import baselines, starfish  # noqa: E402,F401  (registers the healers)

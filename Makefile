@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test bench bench-timing clean
+.PHONY: setup demo test bench bench-timing scale clean
 
 setup: $(VENV)/.installed $(FMNIST)
 
@@ -46,6 +46,10 @@ bench: setup
 bench-timing: setup
 	$(VENV)/bin/starfish bench --out results/timing --pruners magnitude --sparsities 0.9 \
 		--healers logit-kd starfish recommended
+
+# Time and memory of each stage on a DeiT and a generated ImageNet-layout JPEG tree (resumable).
+scale: setup
+	$(VENV)/bin/starfish scale --out results/scale
 
 clean:
 	rm -rf out mlruns mlartifacts mlflow.db .prefect

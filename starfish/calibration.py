@@ -11,11 +11,12 @@ import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
-from starfish.datasets import ImageDataset
+from starfish.datasets import ImageDataset, loader_workers
 from starfish.errors import StarfishError
 from starfish.io import atomic_write_json
 
@@ -63,24 +64,65 @@ def content_hash(dataset: ImageDataset, indices: list[int]) -> str:
     return digest.hexdigest()
 
 
-def load_images(dataset: ImageDataset, indices: list[int]) -> torch.Tensor:
-    """The samples at `indices`, decoded and transformed, as one tensor; every sample that cannot
-    be decoded is named in one error, so a bad file is found when the split is drawn, not mid-heal."""
-    images, bad = [], []
-    for index in indices:
+class _Decoded(Dataset):
+    """Each sample as (position, image or None, error text), so one bad file never stops the rest."""
+
+    def __init__(self, dataset: ImageDataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            images.append(dataset[index][0])
+            return position, self.dataset[self.indices[position]][0], ""
         except Exception as exc:  # PIL and torchvision raise OSError, ValueError, SyntaxError, ...
-            bad.append(f"{dataset.ids[index]} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+            return position, None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _decode_all(dataset: ImageDataset, indices: list[int], num_workers: int | None,
+                keep: Callable[[int, torch.Tensor], None]) -> None:
+    """Decode and transform the samples at `indices` (by `loader_workers` processes), handing each
+    to `keep(position, image)`; every sample that cannot be decoded is named in one error, so a
+    bad file is found when the split is drawn, not mid-heal."""
+    loader = DataLoader(_Decoded(dataset, indices), batch_size=32, num_workers=loader_workers(dataset, num_workers),
+                        collate_fn=list)
+    bad = []
+    for batch in loader:
+        for position, image, error in batch:
+            if image is None:
+                bad.append(f"{dataset.ids[indices[position]]} ({error})")
+            else:
+                keep(position, image)
     if bad:
         raise StarfishError(f"{len(bad)} calibration image(s) cannot be decoded: {'; '.join(bad[:5])}"
                             f"{' ...' if len(bad) > 5 else ''}; fix or remove them, then sample again")
-    return torch.stack(images)
 
 
-def build_manifest(dataset: ImageDataset, dataset_kind: str, fraction: float, seed: int) -> dict[str, Any]:
+def check_images(dataset: ImageDataset, indices: list[int], num_workers: int | None = 0) -> None:
+    """Raise, naming them, if any of the samples at `indices` cannot be decoded; keeps none."""
+    _decode_all(dataset, indices, num_workers, lambda position, image: None)
+
+
+def load_images(dataset: ImageDataset, indices: list[int], num_workers: int | None = 0) -> torch.Tensor:
+    """The samples at `indices`, decoded and transformed, in one preallocated tensor."""
+    if not indices:
+        raise StarfishError("the calibration split holds no images; sample a larger one (calibration.fraction)")
+    holder: list[torch.Tensor] = []
+
+    def keep(position: int, image: torch.Tensor) -> None:
+        if not holder:
+            holder.append(torch.empty((len(indices), *image.shape), dtype=image.dtype))
+        holder[0][position] = image
+
+    _decode_all(dataset, indices, num_workers, keep)
+    return holder[0]
+
+
+def build_manifest(dataset: ImageDataset, dataset_kind: str, fraction: float, seed: int,
+                   num_workers: int | None = 0) -> dict[str, Any]:
     indices = stratified_indices(dataset.targets, fraction, seed)
-    load_images(dataset, indices)  # a split of images that decode, or an error naming those that do not
+    check_images(dataset, indices, num_workers)  # a split of images that decode, or an error naming those that do not
     return {
         "version": MANIFEST_VERSION,
         "dataset": dataset_kind,

@@ -88,6 +88,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run_bench(_config(args), bench_cfg, args.out)
 
 
+def cmd_scale(args: argparse.Namespace) -> None:
+    from starfish.scale import run
+
+    run(Path(args.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from starfish.bench import DEFAULT_HEALERS
     from starfish.config import VARIANTS
@@ -129,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fractions", type=float, nargs="+", default=None,
                    help="calibration fractions to sweep (default: calibration.fraction)")
     p.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N test images only")
+    p = sub.add_parser("scale", help="time and memory of each stage on a DeiT and an ImageNet-layout JPEG tree; "
+                       "resumable", description="see starfish/scale.py")
+    p.add_argument("--out", default="results/scale")
+    p.set_defaults(fn=cmd_scale)
 
     p = sub.add_parser("train", help="train a model from scratch on Fashion-MNIST (makes the demo checkpoint)")
     p.add_argument("--model", default="starfish_vit_fmnist")

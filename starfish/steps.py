@@ -72,7 +72,7 @@ def dataset(cfg: PipelineConfig, split: str, model: torch.nn.Module) -> ImageDat
 def calibration_images(cfg: PipelineConfig, manifest: str | Path, model: torch.nn.Module) -> torch.Tensor:
     """The manifest's images as one tensor, after checking they still match its content hash."""
     train = dataset(cfg, "train", model)
-    return load_images(train, resolve_manifest(manifest, train))
+    return load_images(train, resolve_manifest(manifest, train), cfg.data.num_workers)
 
 
 def check_outputs(cfg: PipelineConfig, outputs: list[str | Path], inputs: list[str | Path]) -> None:
@@ -101,7 +101,7 @@ def sample(cfg: PipelineConfig, out: str | Path) -> dict[str, Any]:
     check_outputs(cfg, [out], [])
     model = dense_model(cfg)
     manifest = build_manifest(dataset(cfg, "train", model), cfg.data.kind, cfg.calibration.fraction,
-                              cfg.calibration.seed)
+                              cfg.calibration.seed, cfg.data.num_workers)
     write_with_sidecar(out, lambda path: write_manifest(path, manifest),
                        config={"data": asdict(cfg.data), "calibration": asdict(cfg.calibration)})
     log.info("calibration split: %d of %d images, hash %s", manifest["num_samples"], manifest["num_source"],

@@ -175,13 +175,16 @@ def test_corrupt_images_are_named_when_the_split_is_drawn(tmp_path: Path) -> Non
     jpeg.write_bytes(jpeg.read_bytes()[:300])
     model = create_model("resnet10t", num_classes=2)
     data = load_dataset("imagefolder", tmp_path, "train", model)
-    with pytest.raises(StarfishError) as info:
-        build_manifest(data, "imagefolder", 1.0, seed=0)
-    message = str(info.value)
-    assert message.startswith("2 calibration image(s) cannot be decoded: cat/img1.png (")
-    assert "dog/img2.jpg (" in message and "sample again" in message and "\n" not in message
+    for workers in (0, 2):  # decoded in this process, or by a pool of loader processes
+        with pytest.raises(StarfishError) as info:
+            build_manifest(data, "imagefolder", 1.0, seed=0, num_workers=workers)
+        message = str(info.value)
+        assert message.startswith("2 calibration image(s) cannot be decoded: cat/img1.png (")
+        assert "dog/img2.jpg (" in message and "sample again" in message and "\n" not in message
     good = [i for i, sample_id in enumerate(data.ids) if sample_id not in ("cat/img1.png", "dog/img2.jpg")]
-    assert load_images(data, good).shape[0] == 5
+    serial = load_images(data, good)
+    assert serial.shape[0] == 5 and torch.equal(load_images(data, good, num_workers=2), serial)
+    assert torch.equal(serial[1], data[good[1]][0])
 
 
 def test_loader_workers_auto_and_a_worker_pool_gives_the_same_batches(tmp_path: Path, fmnist_root: Path) -> None:

@@ -69,10 +69,12 @@ def dataset(cfg: PipelineConfig, split: str, model: torch.nn.Module) -> ImageDat
     return load_dataset(cfg.data.kind, cfg.data.root, split, model)
 
 
-def calibration_images(cfg: PipelineConfig, manifest: str | Path, model: torch.nn.Module) -> torch.Tensor:
-    """The manifest's images as one tensor, after checking they still match its content hash."""
+def calibration_images(cfg: PipelineConfig, manifest: str | Path, model: torch.nn.Module,
+                       limit: int | None = None) -> torch.Tensor:
+    """The manifest's images (its first `limit`, e.g. an input example) as one tensor, after
+    checking they still match its content hash."""
     train = dataset(cfg, "train", model)
-    return load_images(train, resolve_manifest(manifest, train), cfg.data.num_workers)
+    return load_images(train, resolve_manifest(manifest, train)[:limit], cfg.data.num_workers)
 
 
 def check_outputs(cfg: PipelineConfig, outputs: list[str | Path], inputs: list[str | Path]) -> None:

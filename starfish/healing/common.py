@@ -89,11 +89,36 @@ def masked_training(model: nn.Module, masks: Masks) -> Iterator[list[nn.Paramete
         sparsify_(model, masks)
 
 
-def split_calibration(images: torch.Tensor, holdout: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+class Rows:
+    """Rows `index` of `tensor`, gathered when read (`rows[i]`, `rows[a:b]`, `rows[index_tensor]`).
+
+    The training part of a calibration split, without copying it: at 5,000 images of 224 px
+    that copy was 3 GB. Reads give exactly what indexing a copy would.
+    """
+
+    def __init__(self, tensor: torch.Tensor, index: torch.Tensor) -> None:
+        self.tensor, self.index = tensor, index
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.index.numel(), *self.tensor.shape[1:]))
+
+    def __len__(self) -> int:
+        return self.index.numel()
+
+    def __getitem__(self, key: int | slice | torch.Tensor) -> torch.Tensor:
+        return self.tensor[self.index[key]]
+
+
+Images = torch.Tensor | Rows
+
+
+def split_calibration(images: torch.Tensor, holdout: float) -> tuple[Images, torch.Tensor | None]:
     """(training images, held-out images): ceil(holdout * N) evenly spaced images are held out.
 
     Deterministic and seed-free, so every healer and every seed sees the same held-out slice;
-    `holdout=0` trains on everything and returns None for the slice.
+    `holdout=0` trains on everything and returns None for the slice. The training part is a
+    `Rows` view of `images`; the (small) held-out part is a copy.
     """
     n = images.shape[0]
     if holdout == 0:
@@ -105,7 +130,7 @@ def split_calibration(images: torch.Tensor, holdout: float) -> tuple[torch.Tenso
     held = torch.linspace(0, n - 1, count).round().long()
     keep = torch.ones(n, dtype=torch.bool)
     keep[held] = False
-    return images[keep], images[held]
+    return Rows(images, keep.nonzero().squeeze(1)), images[held]
 
 
 class Objective:

@@ -318,15 +318,17 @@ def _coerce(where: str, annotation: str, value: Any) -> Any:
 # so setting one (or adding one to the config) never invalidates a result.
 EXECUTION_FIELDS = {"data": {"num_workers"}, "heal": {"cache", "solve_memory_mb", "grad_checkpointing"}}
 # Values that reproduce what results were before their field existed: left out too, so older
-# fingerprints stay valid. An empty `model.kwargs` is the model as it was; `precision=auto` is
-# resolved with the device, as `model.device=auto` is (plain fp32 on a CPU).
-NEUTRAL_VALUES = {("model", "kwargs"): {}, ("heal", "precision"): "auto", ("evaluate", "precision"): "auto"}
+# fingerprints stay valid. An empty `model.kwargs` is the model as it was; `precision` `fp32`,
+# and `auto` on a CPU, compute what every result before the field did (the device, as with
+# `model.device=auto`, is not part of a fingerprint).
+NEUTRAL_VALUES = {("model", "kwargs"): ({},), ("heal", "precision"): ("auto", "fp32"),
+                  ("evaluate", "precision"): ("auto", "fp32")}
 
 
 def result_fields(section: str, values: Mapping[str, Any]) -> dict[str, Any]:
     """A config section's fields that decide its results: no execution fields, no neutral values."""
     return {key: value for key, value in values.items() if key not in EXECUTION_FIELDS.get(section, ())
-            and not ((section, key) in NEUTRAL_VALUES and value == NEUTRAL_VALUES[(section, key)])}
+            and value not in NEUTRAL_VALUES.get((section, key), ())}
 
 
 _SECTION_CLASSES = {"data": DataConfig, "model": ModelConfig, "calibration": CalibrationConfig,

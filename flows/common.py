@@ -11,7 +11,7 @@ from typing import Any, Callable
 from prefect import Task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from starfish.errors import StarfishError, storage_error_line
+from starfish.errors import StarfishError, error_line
 
 log = logging.getLogger("starfish.flows")
 
@@ -81,12 +81,9 @@ def run_cli(main: Callable[[], None]) -> None:
         handler.addFilter(one_line)
     try:
         main()
-    except StarfishError as exc:
-        print(f"starfish: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as exc:
-        line = storage_error_line(exc)
+    except (StarfishError, OSError) as exc:
+        line = error_line(exc)
         if line is None:
             raise
-        print(f"starfish: error: {line}", file=sys.stderr)
+        print(line, file=sys.stderr)
         sys.exit(2)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from starfish.errors import StarfishError, storage_error_line
+from starfish.errors import StarfishError, error_line
 
 log = logging.getLogger("starfish")
 DEFAULT_PARAMS = "params.yaml"
@@ -159,14 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.fn(args)
-    except StarfishError as exc:
-        print(f"starfish: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        line = storage_error_line(exc)
+    except (StarfishError, OSError) as exc:
+        line = error_line(exc)
         if line is None:
             raise
-        print(f"starfish: error: {line}", file=sys.stderr)
+        print(line, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("starfish: interrupted; no partial outputs were written", file=sys.stderr)

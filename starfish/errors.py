@@ -17,10 +17,12 @@ _STORAGE_ERRNOS = {errno.ENOSPC: "free space there or write elsewhere",
                    errno.EROFS: "write to a writable folder", errno.EACCES: "write to a folder you may write"}
 
 
-def storage_error_line(exc: BaseException) -> str | None:
-    """One line for a write that failed for want of room or permission (None for anything else):
-    the command lines print it instead of a traceback."""
+def error_line(exc: BaseException) -> str | None:
+    """The one line the command lines print instead of a traceback (then exit 2): a StarfishError's
+    message, or a write that failed for want of room or permission; None for anything else."""
+    if isinstance(exc, StarfishError):
+        return f"starfish: error: {exc}"
     if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
         where = f" {exc.filename}" if exc.filename else ""
-        return f"cannot write{where}: {exc.strerror}; {_STORAGE_ERRNOS[exc.errno]}"
+        return f"starfish: error: cannot write{where}: {exc.strerror}; {_STORAGE_ERRNOS[exc.errno]}"
     return None

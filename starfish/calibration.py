@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from starfish.datasets import ImageDataset, loader_workers
 from starfish.errors import StarfishError
 from starfish.io import atomic_write_json
+from starfish.rows import RowStore, row_store
 
 MANIFEST_VERSION = 1
 
@@ -75,15 +76,15 @@ class _Decoded(Dataset):
 
     def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            return position, self.dataset[self.indices[position]][0], ""
+            return position, self.dataset.pixels(self.indices[position]), ""
         except Exception as exc:  # PIL and torchvision raise OSError, ValueError, SyntaxError, ...
             return position, None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def _decode_all(dataset: ImageDataset, indices: list[int], num_workers: int | None,
                 keep: Callable[[int, torch.Tensor], None]) -> None:
-    """Decode and transform the samples at `indices` (by `loader_workers` processes), handing each
-    to `keep(position, image)`; every sample that cannot be decoded is named in one error, so a
+    """Decode the samples at `indices` to pixels (by `loader_workers` processes), handing each to
+    `keep(position, pixels)`; every sample that cannot be decoded is named in one error, so a
     bad file is found when the split is drawn, not mid-heal."""
     loader = DataLoader(_Decoded(dataset, indices), batch_size=32, num_workers=loader_workers(dataset, num_workers),
                         collate_fn=list)
@@ -104,19 +105,46 @@ def check_images(dataset: ImageDataset, indices: list[int], num_workers: int | N
     _decode_all(dataset, indices, num_workers, lambda position, image: None)
 
 
-def load_images(dataset: ImageDataset, indices: list[int], num_workers: int | None = 0) -> torch.Tensor:
-    """The samples at `indices`, decoded and transformed, in one preallocated tensor."""
+class CalibrationImages:
+    """A calibration split's images, read like a float tensor (`images[index]`, `.shape`, `len`).
+
+    They are kept as the dataset's uint8 pixels (a quarter of the float size) in a row store,
+    in RAM or in a scratch file, and finished (scaled, normalized) per read: a read gives
+    exactly what the dataset's items give, bitwise.
+    """
+
+    def __init__(self, pixels: RowStore, finish: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.pixels, self.finish = pixels, finish
+        self.shape = torch.Size((len(pixels), *finish(pixels[0:1]).shape[1:]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: int | slice | torch.Tensor) -> torch.Tensor:
+        if isinstance(key, int):
+            return self.finish(self.pixels[[key]])[0]
+        return self.finish(self.pixels[key])
+
+    def close(self) -> None:
+        if hasattr(self.pixels, "close"):
+            self.pixels.close()
+
+
+def load_images(dataset: ImageDataset, indices: list[int], num_workers: int | None = 0,
+                on_disk: bool = True) -> CalibrationImages:
+    """The samples at `indices`, decoded by loader workers into one row store: a scratch file
+    (`on_disk`, RAM then holds a batch) or RAM."""
     if not indices:
         raise StarfishError("the calibration split holds no images; sample a larger one (calibration.fraction)")
-    holder: list[torch.Tensor] = []
+    holder: list[RowStore] = []
 
-    def keep(position: int, image: torch.Tensor) -> None:
+    def keep(position: int, pixels: torch.Tensor) -> None:
         if not holder:
-            holder.append(torch.empty((len(indices), *image.shape), dtype=image.dtype))
-        holder[0][position] = image
+            holder.append(row_store((len(indices), *pixels.shape), pixels.dtype, on_disk))
+        holder[0].write(position, pixels.unsqueeze(0))
 
     _decode_all(dataset, indices, num_workers, keep)
-    return holder[0]
+    return CalibrationImages(holder[0], dataset.finish)
 
 
 def build_manifest(dataset: ImageDataset, dataset_kind: str, fraction: float, seed: int,

@@ -226,14 +226,17 @@ def variant_config(base: HealConfig, name: str, seed: int | None = None) -> Heal
 @dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = 500
-    max_samples: int | None = None  # evaluate on the first N test images (None: all)
+    max_samples: int | None = None  # evaluate on the first N images of the split (None: all)
     precision: str = "auto"  # as heal.precision
+    split: str = "test"  # the labelled split evaluated: `test` for Fashion-MNIST, `val` for an ImageNet tree
 
     def __post_init__(self) -> None:
         _require(self.precision in PRECISIONS, f"evaluate.precision={self.precision!r}: use one of {list(PRECISIONS)}")
         _require(self.batch_size >= 1, f"evaluate.batch_size={self.batch_size} must be >= 1")
         _require(self.max_samples is None or self.max_samples >= 1,
                  f"evaluate.max_samples={self.max_samples} must be >= 1 or empty")
+        _require(bool(self.split) and self.split != "train",
+                 f"evaluate.split={self.split!r}: name a held-out split (test, or val for an ImageNet tree)")
 
 
 @dataclass(frozen=True)
@@ -320,9 +323,9 @@ EXECUTION_FIELDS = {"data": {"num_workers"}, "heal": {"cache", "solve_memory_mb"
 # Values that reproduce what results were before their field existed: left out too, so older
 # fingerprints stay valid. An empty `model.kwargs` is the model as it was; `precision` `fp32`,
 # and `auto` on a CPU, compute what every result before the field did (the device, as with
-# `model.device=auto`, is not part of a fingerprint).
+# `model.device=auto`, is not part of a fingerprint); `evaluate.split=test` is the split every earlier result used.
 NEUTRAL_VALUES = {("model", "kwargs"): ({},), ("heal", "precision"): ("auto", "fp32"),
-                  ("evaluate", "precision"): ("auto", "fp32")}
+                  ("evaluate", "precision"): ("auto", "fp32"), ("evaluate", "split"): ("test",)}
 
 
 def result_fields(section: str, values: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 Every dataset exposes the same small contract (`ImageDataset`): stable string ids per sample,
 integer targets, raw bytes per sample (for content hashes), and `(image, target)` items already
-transformed for a given model. Labels are only used for stratified sampling and evaluation;
+transformed for a given model. A transform is split in two: `pixels(i)`, the decoded, resized and
+cropped image as uint8 (what is worth keeping: 4x smaller than float), and `finish(batch)`, the
+scaling and normalization, bitwise the same on a batch as per item. Labels are only used for stratified sampling and evaluation;
 healing never sees them.
 """
 
@@ -36,6 +38,10 @@ class ImageDataset(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...
+
+    def pixels(self, index: int) -> torch.Tensor: ...
+
+    def finish(self, pixels: torch.Tensor) -> torch.Tensor: ...
 
     def sample_bytes(self, index: int) -> bytes: ...
 
@@ -126,6 +132,12 @@ class FashionMNIST(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.transform(self.images[index : index + 1])[0], self.targets[index]
 
+    def pixels(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+    def finish(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.transform(pixels)
+
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
         """Batched fetch: one vectorized transform per batch instead of one per image."""
         batch = self.transform(self.images[indices])
@@ -138,6 +150,32 @@ class FashionMNIST(Dataset):
 
     def sample_bytes(self, index: int) -> bytes:
         return self.images[index].numpy().tobytes()
+
+
+class ScaleNormalize:
+    """`ToTensor` + `Normalize` for uint8 pixels, per item or on a batch: the same float ops."""
+
+    def __init__(self, normalize: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.normalize = normalize
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.normalize(pixels.to(torch.float32).div(255))
+
+
+def split_transform(transform: Callable) -> tuple[Callable, Callable[[torch.Tensor], torch.Tensor]]:
+    """(decode to uint8 pixels, finish) for a torchvision Compose ending in ToTensor + Normalize,
+    as timm's eval transform does; any other transform is kept whole (float pixels)."""
+    from torchvision import transforms
+
+    steps = list(getattr(transform, "transforms", []))
+    if len(steps) >= 2 and type(steps[-2]).__name__ in ("ToTensor", "MaybeToTensor") \
+            and isinstance(steps[-1], transforms.Normalize):
+        return transforms.Compose([*steps[:-2], transforms.PILToTensor()]), ScaleNormalize(steps[-1])
+    return transform, _unchanged
+
+
+def _unchanged(batch: torch.Tensor) -> torch.Tensor:
+    return batch
 
 
 class ImageFolderDataset(Dataset):
@@ -153,7 +191,8 @@ class ImageFolderDataset(Dataset):
                 "(the ImageNet layout)"
             )
         try:
-            self.folder = ImageFolder(str(split_root), transform=transform)
+            decode, self.finish = split_transform(transform)
+            self.folder = ImageFolder(str(split_root), transform=decode)
         except (FileNotFoundError, RuntimeError) as exc:
             raise StarfishError(f"cannot read ImageFolder {split_root}: {exc}") from exc
         self.ids = [str(Path(path).relative_to(split_root)) for path, _ in self.folder.samples]
@@ -163,7 +202,11 @@ class ImageFolderDataset(Dataset):
         return len(self.folder)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.folder[index]
+        pixels, target = self.folder[index]
+        return self.finish(pixels.unsqueeze(0))[0], target
+
+    def pixels(self, index: int) -> torch.Tensor:
+        return self.folder[index][0]
 
     def sample_bytes(self, index: int) -> bytes:
         return Path(self.folder.samples[index][0]).read_bytes()

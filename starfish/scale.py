@@ -5,10 +5,12 @@
 - `sample`: drawing and decode-checking 500, 2,000 and 5,000 calibration images;
 - `heal`: `deit_tiny_patch16_224` at 224 px (random weights: accuracy is not the point), with
   each `heal.cache` mode at each calibration size, for a reduced number of steps;
-- `evaluate`: the 1,000 val images through the dense model with 0 and 2 loader workers;
+- `evaluate`: the 1,000 val images through the dense model with 0 and 2 loader workers (and
+  the loader and the model apart);
+- `flow`: the whole compress flow with 5,000 calibration images and `heal.cache=disk`;
 - `dvc`: `dvc status` on a stage that depends on a 100,000-file folder, first and second time.
 Per cell: wall time, images/s, and peak memory, both resident (VmHWM) and anonymous (RssAnon,
-sampled): a memory-mapped disk cache shows up in the first but only the second must fit in RAM.
+sampled); scratch files are read with pread, so they are in neither.
 Cells are saved as they finish, so a stopped run resumes; `scale.md`, `scale.json` and
 `scale.png` are written when every cell is there.
 """
@@ -38,6 +40,7 @@ CACHE_MODES = ("memory", "disk", "recompute")
 HEAL_STEPS = 4
 TREE = {"classes": 100, "train": 80, "val": 10, "pixels": 256}
 DVC_FILES = 100_000
+FLOW_SIZE = 5000
 
 
 def make_tree(root: Path, classes: int = TREE["classes"], train: int = TREE["train"], val: int = TREE["val"],
@@ -79,11 +82,59 @@ class MemorySampler:
         self.peak = max(self.peak, _status_kb("RssAnon"))
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
+def _status_kb(field: str, pid: int | str = "self") -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:  # the process has ended
+        pass
     return 0
+
+
+def _descendants(root: int) -> list[int]:
+    """`root` and every process below it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, queue = [], [root]
+    while queue:
+        pid = queue.pop()
+        found.append(pid)
+        queue.extend(children.get(pid, []))
+    return found
+
+
+class TreeMemorySampler:
+    """Peak resident memory (VmRSS) of process `root` and its descendants, every 100 ms: the
+    largest single process and the sum over the tree."""
+
+    def __init__(self) -> None:
+        self.root: int | None = None
+        self.peak_single = self.peak_total = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self.root is not None:
+                sizes = [_status_kb("VmRSS", pid) for pid in _descendants(self.root)]
+                self.peak_single = max(self.peak_single, max(sizes, default=0))
+                self.peak_total = max(self.peak_total, sum(sizes))
+            time.sleep(0.1)
+
+    def __enter__(self) -> "TreeMemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @dataclass(frozen=True)
@@ -100,7 +151,7 @@ class Cell:
 
 def cells() -> list[Cell]:
     return ([Cell("sample", n) for n in SIZES] + [Cell("heal", n, mode) for n in SIZES for mode in CACHE_MODES]
-            + [Cell("evaluate", workers=w) for w in (0, 2)] + [Cell("dvc", DVC_FILES)])
+            + [Cell("evaluate", workers=w) for w in (0, 2)] + [Cell("dvc", DVC_FILES)] + [Cell("flow", FLOW_SIZE, "disk")])
 
 
 def _config(tree: Path, **sections: dict[str, Any]) -> Any:
@@ -140,8 +191,10 @@ def _sample(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
 
 
 def _heal(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
+    from starfish.capture import state_names
     from starfish.healing import heal_
-    from starfish.healing.targets import cache_folder
+    from starfish.healing.targets import state_bytes_per_image
+    from starfish.rows import scratch_folder
     from starfish.pruning import prune, sparsify_
     from starfish.steps import calibration_images, dense_model, sample
 
@@ -151,17 +204,20 @@ def _heal(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
     if not manifest.is_file():
         sample(cfg, manifest)
     dense = dense_model(cfg)
-    start = time.perf_counter()
-    images = calibration_images(cfg, manifest, dense)
-    load_seconds = time.perf_counter() - start
-    masks = prune(dense, "magnitude", 0.5)
-    model = sparsify_(dense_copy(dense), masks)
-    start = time.perf_counter()
-    with cache_folder(work):
+    with scratch_folder(work):
+        start = time.perf_counter()
+        images = calibration_images(cfg, manifest, dense)
+        load_seconds = time.perf_counter() - start
+        masks = prune(dense, "magnitude", 0.5)
+        model = sparsify_(dense_copy(dense), masks)
+        start = time.perf_counter()
         report = heal_(model, dense, masks, images, cfg.heal)
-    heal_seconds = time.perf_counter() - start
+        heal_seconds = time.perf_counter() - start
+    per_image = state_bytes_per_image(dense, state_names(dense, cfg.heal.states), images[:1],
+                                      getattr(torch, cfg.heal.cache_dtype))
     return {"images": len(images), "load_seconds": round(load_seconds, 2), "heal_seconds": round(heal_seconds, 2),
-            "steps": report["steps"], "timed_seconds": heal_seconds}
+            "steps": report["steps"], "timed_seconds": heal_seconds,
+            "estimate_mb": round(per_image * len(images) / 2**20)}
 
 
 def dense_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -171,6 +227,9 @@ def dense_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _evaluate(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
+    """The val split through the dense model; and its two halves apart: the loader alone (decode,
+    resize, normalize) and the model alone (on batches decoded beforehand)."""
+    from starfish.datasets import make_loader
     from starfish.evaluate import predict
     from starfish.steps import dataset, dense_model
 
@@ -178,9 +237,56 @@ def _evaluate(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
     dense = dense_model(cfg)
     val = dataset(cfg, "val", dense)
     start = time.perf_counter()
+    batches = [images for images, _ in make_loader(val, batch_size=100, num_workers=cell.workers)]
+    loader_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.no_grad():
+        for images in batches:
+            dense(images)
+    model_seconds = time.perf_counter() - start
+    del batches
+    start = time.perf_counter()
     predict(dense, val, batch_size=100, num_workers=cell.workers)
     seconds = time.perf_counter() - start
-    return {"images": len(val), "timed_seconds": seconds}
+    return {"images": len(val), "timed_seconds": seconds,
+            "loader_images_per_s": round(len(val) / loader_seconds, 1),
+            "model_images_per_s": round(len(val) / model_seconds, 1)}
+
+
+def _flow(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
+    """The whole compress flow (`python -m flows.compress`, Prefect and MLflow included) on the
+    tree, with `cell.size` calibration images and `heal.cache=cell.mode`; memory is that of the
+    flow's process tree (its Prefect server and loader workers too), sampled."""
+    import os
+    import shutil
+
+    from starfish.models import create_model, save_checkpoint
+
+    folder = work / cell.key
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    checkpoint = folder / "dense.safetensors"  # one random-weight dense model for every step
+    save_checkpoint(checkpoint, create_model(MODEL, num_classes=TREE["classes"]), MODEL)
+    overrides = {"data.kind": "imagefolder", "data.root": tree, "model.name": MODEL, "model.checkpoint": checkpoint,
+                 "model.num_classes": TREE["classes"], "model.device": "cpu",
+                 "calibration.fraction": _fraction(cell.size), "heal.steps": HEAL_STEPS,
+                 "heal.holdout_every": HEAL_STEPS, "heal.cache": cell.mode, "evaluate.split": "val"}
+    command = [sys.executable, "-m", "flows.compress", "--workdir", str(folder / "out"),
+               "--calibration", str(folder / "calibration.json"), "--tracking-uri", f"sqlite:///{folder}/mlflow.db",
+               "--no-promote"] + [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+    env = {**os.environ, "PREFECT_HOME": str(folder / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    log_path = folder / "flow.log"
+    with open(log_path, "w") as log_file, TreeMemorySampler() as memory:
+        child = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                 cwd=Path(__file__).resolve().parent.parent)
+        memory.root = child.pid
+        code = child.wait()
+    if code != 0:
+        raise RuntimeError(f"the compress flow failed (exit {code}):\n{log_path.read_text()[-3000:]}")
+    summary = log_path.read_text()
+    return {"images": cell.size, "flow_peak_rss_mb": round(memory.peak_single / 1024),
+            "flow_tree_peak_rss_mb": round(memory.peak_total / 1024),
+            "registered": "registered " in summary and "version 1" in summary}
 
 
 def _dvc(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
@@ -208,7 +314,7 @@ def _dvc(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
 
 
 STAGES: dict[str, Callable[[Cell, Path, Path], dict[str, Any]]] = {
-    "sample": _sample, "heal": _heal, "evaluate": _evaluate, "dvc": _dvc}
+    "sample": _sample, "heal": _heal, "evaluate": _evaluate, "dvc": _dvc, "flow": _flow}
 
 
 def run(out: Path) -> list[dict[str, Any]]:
@@ -239,29 +345,56 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_json(out / "scale.json", {"model": MODEL, "tree": TREE, "heal_steps": HEAL_STEPS,
                                             "torch_threads": torch.get_num_threads(), "rows": rows})
     by = {(row["stage"], row["size"], row["mode"], row["workers"]): row for row in rows}
+    heal = {(n, mode): by[("heal", n, mode, 0)] for n in SIZES for mode in CACHE_MODES}
     lines = [f"# Scale: {MODEL} at 224 px on a {TREE['classes']}-class JPEG tree (CPU, "
              f"{torch.get_num_threads()} threads)", "",
              "Generated by `starfish scale`; random weights, so only time and memory mean anything.", "",
              "## Heal (reduced to %d steps): each `heal.cache` mode" % HEAL_STEPS, "",
-             "| images | cache | load s | heal s | total s | peak RSS MB | peak anon MB |", "|---|---|---|---|---|---|---|"]
+             "`estimate MB` is the dense states' size that `heal.cache=auto` decides by.", "",
+             "| images | cache | load s | heal s | total s | peak RSS MB | peak anon MB | estimate MB |",
+             "|---|---|---|---|---|---|---|---|"]
     for n in SIZES:
         for mode in CACHE_MODES:
-            row = by[("heal", n, mode, 0)]
+            row = heal[n, mode]
             lines.append(f"| {n} | {mode} | {row['load_seconds']} | {row['heal_seconds']} | {row['seconds']} | "
-                         f"{row['peak_rss_mb']} | {row['peak_anon_mb']} |")
+                         f"{row['peak_rss_mb']} | {row['peak_anon_mb']} | {row['estimate_mb']} |")
+    small, large = SIZES[0], SIZES[-1]
+    lines += ["", f"From {small} to {large} images:", ""]
+    for mode in ("disk", "recompute"):
+        change = heal[large, mode]["peak_rss_mb"] / heal[small, mode]["peak_rss_mb"] - 1
+        lines.append(f"- `{mode}`: peak RSS changes by {change:+.1%}.")
+    grown = heal[large, "memory"]["peak_anon_mb"] - heal[small, "memory"]["peak_anon_mb"]
+    predicted = heal[large, "memory"]["estimate_mb"] - heal[small, "memory"]["estimate_mb"]
+    lines.append(f"- `memory`: peak anonymous memory grows by {grown} MB; the estimate grows by {predicted} MB "
+                 f"({grown / predicted:.2f}x).")
+    ratios = ", ".join(f"{heal[n, 'disk']['heal_seconds'] / heal[n, 'memory']['heal_seconds']:.2f}x at {n}"
+                       for n in SIZES)
+    lines.append(f"- heal time with `disk` over `memory`: {ratios}.")
     lines += ["", "## Sample (draw and decode-check)", "", "| images | seconds | images/s | peak RSS MB |",
               "|---|---|---|---|"]
     lines += [f"| {n} | {by[('sample', n, '', 0)]['seconds']} | {by[('sample', n, '', 0)]['images_per_s']} | "
               f"{by[('sample', n, '', 0)]['peak_rss_mb']} |" for n in SIZES]
-    lines += ["", "## Evaluate (val split, dense model)", "", "| loader workers | images | images/s | peak RSS MB |",
-              "|---|---|---|---|"]
-    for workers in (0, 2):
-        row = by[("evaluate", 0, "", workers)]
-        lines.append(f"| {workers} | {row['images']} | {row['images_per_s']} | {row['peak_rss_mb']} |")
+    serial, pooled = by[("evaluate", 0, "", 0)], by[("evaluate", 0, "", 2)]
+    lines += ["", "## Evaluate (val split, dense model)", "",
+              "Whole evaluation, and its two halves measured apart: the loader alone (decode, resize, normalize) "
+              "and the model alone (on batches decoded beforehand).", "",
+              "| loader workers | images | evaluate images/s | loader alone images/s | model alone images/s | "
+              "peak RSS MB |", "|---|---|---|---|---|---|"]
+    for row in (serial, pooled):
+        lines.append(f"| {row['workers']} | {row['images']} | {row['images_per_s']} | {row['loader_images_per_s']} | "
+                     f"{row['model_images_per_s']} | {row['peak_rss_mb']} |")
+    lines += ["", f"2 workers over 0: evaluate {pooled['images_per_s'] / serial['images_per_s']:.2f}x, loader alone "
+              f"{pooled['loader_images_per_s'] / serial['loader_images_per_s']:.2f}x.", ""]
     dvc = by[("dvc", DVC_FILES, "", 0)]
-    lines += ["", "## DVC", "", f"`dvc status` on a stage depending on a folder of {dvc['files']:,} files: "
+    lines += ["## DVC", "", f"`dvc status` on a stage depending on a folder of {dvc['files']:,} files: "
               f"{dvc['first_status_seconds']} s the first time (every file hashed), "
               f"{dvc['second_status_seconds']} s the second.", ""]
+    flow = by[("flow", FLOW_SIZE, "disk", 0)]
+    lines += ["## The compress flow", "", f"`python -m flows.compress` (sample, prune, heal with `heal.cache=disk` "
+              f"for {HEAL_STEPS} steps, evaluate, register in MLflow) with {flow['images']} calibration images: "
+              f"{flow['seconds']} s; peak RSS {flow['flow_peak_rss_mb']} MB for its largest process and "
+              f"{flow['flow_tree_peak_rss_mb']} MB for its process tree (Prefect server and loader workers "
+              f"included); registered: {'yes' if flow['registered'] else 'no'}.", ""]
     (out / "scale.md").write_text("\n".join(lines))
 
     figure, axes = subplots(1, 2, figsize=(10, 3.6))

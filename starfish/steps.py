@@ -7,6 +7,7 @@ step reads its inputs by path, writes its output atomically with a `.meta.json` 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -21,13 +22,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Subset
 
-from starfish.calibration import build_manifest, load_images, read_manifest, resolve_manifest, write_manifest
+from starfish.calibration import CalibrationImages, build_manifest, load_images, read_manifest, resolve_manifest, write_manifest
 from starfish.config import PipelineConfig, result_fields
 from starfish.datasets import ImageDataset, load_dataset
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold, compare, measured_sparsity, predict
 from starfish.healing import heal_
-from starfish.healing.targets import cache_folder
+from starfish.rows import scratch_folder
 from starfish.io import (atomic_path, atomic_write_bytes, atomic_write_json, canonical_json, sha256_bytes,
                          sha256_file, sidecar_path, write_with_sidecar)
 from starfish.models import create_model, load_checkpoint, resolve_device, save_checkpoint
@@ -70,11 +71,12 @@ def dataset(cfg: PipelineConfig, split: str, model: torch.nn.Module) -> ImageDat
 
 
 def calibration_images(cfg: PipelineConfig, manifest: str | Path, model: torch.nn.Module,
-                       limit: int | None = None) -> torch.Tensor:
-    """The manifest's images (its first `limit`, e.g. an input example) as one tensor, after
-    checking they still match its content hash."""
+                       limit: int | None = None) -> CalibrationImages:
+    """The manifest's images (its first `limit`, e.g. an input example), after checking they
+    still match its content hash: in RAM with `heal.cache=memory`, else in a scratch file."""
     train = dataset(cfg, "train", model)
-    return load_images(train, resolve_manifest(manifest, train)[:limit], cfg.data.num_workers)
+    return load_images(train, resolve_manifest(manifest, train)[:limit], cfg.data.num_workers,
+                       on_disk=cfg.heal.cache != "memory")
 
 
 def check_outputs(cfg: PipelineConfig, outputs: list[str | Path], inputs: list[str | Path]) -> None:
@@ -148,11 +150,11 @@ def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out
     model, masks, name = pruned_checkpoint(cfg, pruned)
     if name != cfg.model.name:
         raise StarfishError(f"pruned checkpoint {pruned} is a {name}, but model.name is {cfg.model.name}")
-    images = calibration_images(cfg, manifest, dense)
-    start = time.perf_counter()
-    with cache_folder(Path(out).parent):  # a disk cache of dense states goes beside the output
+    with scratch_folder(Path(out).parent), \
+            contextlib.closing(calibration_images(cfg, manifest, dense)) as images:  # scratch files go beside the output
+        start = time.perf_counter()
         report = heal_(model, dense, masks, images, cfg.heal)
-    seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
     check_masks_hold(model, masks)
     inputs = {"pruned_sha256": sha256_file(pruned), "manifest_sha256": sha256_file(manifest)}
     curve, curve_text = curve_path(out), curve_csv(report.pop("curve", [])).encode()
@@ -228,7 +230,7 @@ def cached_dense_predictions(cfg: PipelineConfig, dense: torch.nn.Module,
 
 
 def evaluate_step(cfg: PipelineConfig, pruned: str | Path, healed: str | Path, out: str | Path) -> dict[str, Any]:
-    """Top-1 of dense, pruned and healed on the test split; recovery, agreement and sparsity checks."""
+    """Top-1 of dense, pruned and healed on `evaluate.split`; recovery, agreement and sparsity checks."""
     check_outputs(cfg, [out], [pruned, healed, curve_path(healed)])
     dense = dense_model(cfg)
     pruned_model, masks, _ = pruned_checkpoint(cfg, pruned)
@@ -236,7 +238,7 @@ def evaluate_step(cfg: PipelineConfig, pruned: str | Path, healed: str | Path, o
     if set(healed_masks) != set(masks) or any(not torch.equal(masks[k], healed_masks[k]) for k in masks):
         raise StarfishError(f"{healed} carries different masks than {pruned}; heal that pruned checkpoint again")
     check_masks_hold(healed_model, masks)
-    test = dataset(cfg, "test", dense)
+    test = dataset(cfg, cfg.evaluate.split, dense)
     if cfg.evaluate.max_samples is not None:
         test = Subset(test, range(min(cfg.evaluate.max_samples, len(test))))
     metrics = compare(dense, {"pruned": pruned_model, "healed": healed_model}, test, cfg.evaluate.batch_size,

@@ -233,7 +233,7 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], pruned
     check_registrable(metrics, cfg.gate)
     report, plot = write_report(report_dir, cfg, metrics, calibration, healed)
     model, masks, _ = stored_model(cfg.replace(model={"device": "cpu"}), healed["path"])
-    example = calibration_images(cfg, calibration["path"], model, limit=2).numpy()  # not the whole split
+    example = calibration_images(cfg, calibration["path"], model, limit=2)[:].numpy()  # not the whole split
     with torch.no_grad():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
 

@@ -6,6 +6,7 @@ import gzip
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,6 +17,7 @@ from starfish.datasets import (FashionMNIST, TensorTransform, _read_idx, load_da
                                usable_cores)
 from starfish.errors import StarfishError
 from starfish.models import create_model
+from starfish.rows import scratch_folder
 
 IMAGES = torch.tensor([[[0, 255], [51, 102]], [[10, 20], [30, 40]], [[255, 255], [0, 0]]], dtype=torch.uint8)
 LABELS = torch.tensor([3, 0, 9], dtype=torch.uint8)
@@ -157,6 +159,33 @@ def test_imagefolder_with_timm_eval_transform(tmp_path: Path) -> None:
         assert model(images).shape == (6, 2)
 
 
+def test_kept_pixels_finish_bitwise_into_the_items_of_the_whole_transform(tmp_path: Path, fmnist_root: Path) -> None:
+    """Calibration images are kept as uint8 pixels and finished per batch; reads equal the items."""
+    from timm.data import create_transform
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        path = tmp_path / "train" / f"c{i % 2}" / f"{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (50 + i, 61, 3), dtype=np.uint8)).save(path, quality=90)
+    model = create_model("resnet10t", num_classes=2)
+    folder = load_dataset("imagefolder", tmp_path, "train", model)
+    whole = create_transform(**resolve_data_config({}, model=model), is_training=False)
+    assert folder.pixels(0).dtype == torch.uint8
+    assert all(torch.equal(folder[i][0], whole(Image.open(tmp_path / "train" / folder.ids[i]).convert("RGB")))
+               for i in range(6))
+    small_vit = create_model("starfish_vit_fmnist", kwargs={"img_size": 32})  # a resize in the transform
+    fmnist = load_dataset("fashion-mnist", fmnist_root, "test", small_vit)
+    for data, picked in ((folder, [5, 0, 3, 1]), (fmnist, [9, 3, 4000, 17, 2])):
+        items = torch.stack([data[i][0] for i in picked])
+        for on_disk in (True, False):
+            with scratch_folder(tmp_path / "scratch"):
+                kept = load_images(data, picked, on_disk=on_disk)
+            assert kept.shape == items.shape and torch.equal(kept[:], items)
+            assert torch.equal(kept[torch.tensor([3, 0])], items[[3, 0]]) and torch.equal(kept[-1], items[-1])
+            kept.close()
+
+
 def test_imagefolder_missing_split_raises(tmp_path: Path) -> None:
     model = create_model("resnet10t", num_classes=2)
     with pytest.raises(StarfishError, match="ImageFolder split .* does not exist"):
@@ -183,7 +212,7 @@ def test_corrupt_images_are_named_when_the_split_is_drawn(tmp_path: Path) -> Non
         assert "dog/img2.jpg (" in message and "sample again" in message and "\n" not in message
     good = [i for i, sample_id in enumerate(data.ids) if sample_id not in ("cat/img1.png", "dog/img2.jpg")]
     serial = load_images(data, good)
-    assert serial.shape[0] == 5 and torch.equal(load_images(data, good, num_workers=2), serial)
+    assert serial.shape[0] == 5 and torch.equal(load_images(data, good, num_workers=2)[:], serial[:])
     assert torch.equal(serial[1], data[good[1]][0])
 
 

@@ -16,7 +16,7 @@ import torch
 from starfish.config import HealConfig
 from starfish.evaluate import check_masks_hold, predict
 from starfish.healing import heal_
-from starfish.healing.targets import cache_folder
+from starfish.rows import scratch_folder
 from starfish.models import create_model
 from starfish.pruning import prune, sparsify_
 
@@ -47,7 +47,7 @@ def test_disk_cache_on_cuda_matches_memory(tmp_path: Path) -> None:
     results = []
     for mode in ("memory", "disk"):
         dense, model, masks, images = pruned_on_cuda()
-        with cache_folder(tmp_path):
+        with scratch_folder(tmp_path):
             heal_(model, dense, masks, images, HealConfig(steps=10, batch_size=16, cache=mode, precision="fp32"))
         results.append(model.state_dict())
     assert all(torch.allclose(results[0][k], results[1][k], atol=1e-5) for k in results[0])

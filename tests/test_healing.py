@@ -5,9 +5,6 @@ from __future__ import annotations
 import copy
 import math
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +23,8 @@ from starfish.healing.baselines import masked_least_squares, solve_rows
 from starfish.healing import baselines
 from starfish.healing.baselines import PairedInputs
 from starfish.healing.common import cosine_loss, masked_training, nmse_loss, split_calibration
-from starfish.healing.targets import available_memory, cache_folder, choose_mode
+from starfish.healing.targets import available_memory, choose_mode
+from starfish.rows import scratch_folder
 from starfish.models import create_model, load_checkpoint, save_checkpoint
 from starfish.pruning import prune, sparsify_
 
@@ -437,7 +435,7 @@ def test_heal_config_rejects_bad_fields() -> None:
 
 def heal_with_cache(mode: str, folder: Path) -> tuple[nn.Module, dict[str, object]]:
     dense, model, masks = pruned_pair(0.75)
-    with cache_folder(folder):
+    with scratch_folder(folder):
         report = heal_(model, dense, masks, random_images(40), HealConfig(steps=12, batch_size=8, cache=mode,
                                                                           holdout_every=4))
     return model, report
@@ -461,16 +459,6 @@ def test_auto_cache_picks_memory_when_the_states_fit_and_recompute_when_nothing_
     if ram // 2 < disk * 0.8:  # a size too big for RAM that the disk holds
         assert choose_mode("auto", int(min(ram, disk * 0.8)), tmp_path) == "disk"
     assert choose_mode("disk", 1, tmp_path) == "disk"
-
-
-def test_a_disk_cache_left_by_a_killed_heal_is_deleted_by_the_next(tmp_path: Path) -> None:
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    left = tmp_path / f".starfish-dense-states-{socket.gethostname()}-{dead.pid}-abc"
-    (left / "0").mkdir(parents=True)
-    (left / "0" / "000.bin").write_bytes(b"\0" * 64)
-    heal_with_cache("disk", tmp_path)
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_heal_config_rejects_an_unknown_cache_mode() -> None:

@@ -25,12 +25,15 @@ def test_the_tree_is_imagenet_layout_jpegs(tiny_tree: Path) -> None:
 
 
 @pytest.mark.parametrize("cell", [scale.Cell("sample", 6), scale.Cell("heal", 6, "disk"),
-                                  scale.Cell("evaluate", workers=2), scale.Cell("dvc", 300)], ids=lambda c: c.key)
+                                  scale.Cell("evaluate", workers=2), scale.Cell("dvc", 300),
+                                  scale.Cell("flow", 6, "disk")], ids=lambda c: c.key)
 def test_each_stage_measures_time_and_memory(cell: scale.Cell, tiny_tree: Path) -> None:
     row = scale.measure(cell, tiny_tree / "tree", tiny_tree / "work")
     assert row["seconds"] > 0 and row["peak_rss_mb"] >= row["peak_anon_mb"] > 0
     if cell.stage == "dvc":
         assert row["files"] == 300 and row["first_status_seconds"] > 0
+    elif cell.stage == "flow":
+        assert row["registered"] and row["flow_tree_peak_rss_mb"] >= row["flow_peak_rss_mb"] > 100
     else:
         assert row["images"] == (6 if cell.stage != "evaluate" else 3 * 2) and row["images_per_s"] > 0
-    assert not list((tiny_tree / "work").glob(".starfish-dense-states-*"))  # the disk cache went with the heal
+    assert not list((tiny_tree / "work").glob(".starfish-rows-*"))  # scratch files never have a name

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from starfish.calibration import CalibrationImages
 from starfish.capture import ActivationCapture
 from starfish.errors import StarfishError
 from starfish.healing.targets import DenseTargets, dense_targets
@@ -110,7 +111,7 @@ class Rows:
         return self.tensor[self.index[key]]
 
 
-Images = torch.Tensor | Rows
+Images = torch.Tensor | Rows | CalibrationImages
 
 
 def split_calibration(images: torch.Tensor, holdout: float) -> tuple[Images, torch.Tensor | None]:

@@ -3,8 +3,8 @@
 At the paper's scale they do not fit in RAM: DeiT-B's 12 block outputs for 5,000 images are
 5,000 x 197 x 768 x 12 x 2 bytes, about 18 GB. So:
 - `memory` keeps them in RAM (in `heal.cache_dtype`), as before;
-- `disk` memory-maps one file per state in the cache folder (the heal step's output folder),
-  written once and read batch by batch: RAM holds only the pages in use;
+- `disk` keeps one scratch file per state (`starfish.rows.FileRows`: beside the heal step's
+  output, unlinked, read batch by batch): RAM holds one batch;
 - `recompute` runs the dense model on each batch instead, as the authors' `--no-dense-cache`:
   no storage, one more forward pass per step;
 - `auto` (the default) takes `memory` when the estimate (images x per-image state size) fits
@@ -17,38 +17,25 @@ dense forward's float noise (`memory` and `disk` are bitwise equal).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 import math
 import os
 import shutil
-import socket
-import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import nn
 
 from starfish.capture import ActivationCapture
-from starfish.io import process_alive
 from starfish.models import device_of
 from starfish.progress import progress
+from starfish.rows import RowStore, current_scratch_folder, row_store
+
+if TYPE_CHECKING:
+    from starfish.healing.common import Images
 
 log = logging.getLogger(__name__)
-_FOLDER: contextvars.ContextVar[Path | None] = contextvars.ContextVar("starfish_cache_folder", default=None)
-
-
-@contextlib.contextmanager
-def cache_folder(folder: str | Path) -> Iterator[None]:
-    """Put `disk` caches made inside the block in `folder` (default: the system temp folder)."""
-    token = _FOLDER.set(Path(folder))
-    try:
-        yield
-    finally:
-        _FOLDER.reset(token)
-
-
 def available_memory() -> int:
     """Bytes of RAM available to new allocations (MemAvailable), or total physical RAM elsewhere."""
     with contextlib.suppress(OSError, ValueError, IndexError):
@@ -59,7 +46,7 @@ def available_memory() -> int:
 
 
 @torch.no_grad()
-def state_bytes_per_image(dense: nn.Module, names: list[str], image: torch.Tensor, dtype: torch.dtype) -> int:
+def state_bytes_per_image(dense: nn.Module, names: list[str], image: "Images", dtype: torch.dtype) -> int:
     """Bytes one calibration image's states take in `dtype`: one dense forward pass on it."""
     with ActivationCapture(dense, names) as capture:
         dense(image[:1].to(device_of(dense)))
@@ -80,20 +67,20 @@ def choose_mode(mode: str, needed: int, folder: Path) -> str:
 class DenseTargets:
     """The dense model's states for a fixed set of images, by image index, as float32 on a device."""
 
-    def __init__(self, dense: nn.Module, names: list[str], images: torch.Tensor, batch_size: int,
-                 dtype: torch.dtype, mode: str, folder: Path | None = None) -> None:
+    def __init__(self, dense: nn.Module, names: list[str], images: "Images", batch_size: int,
+                 dtype: torch.dtype, mode: str) -> None:
         self.dense, self.names, self.images, self.dtype, self.mode = dense, names, images, dtype, mode
-        self.stored: dict[str, torch.Tensor] = {}
+        self.stored: dict[str, RowStore] = {}
         self._capture: ActivationCapture | None = None
         if mode == "recompute":
             self._capture = ActivationCapture(dense, names).__enter__()
         else:
-            self._fill(batch_size, folder)
+            self._fill(batch_size)
 
     @torch.no_grad()
-    def _fill(self, batch_size: int, folder: Path | None) -> None:
+    def _fill(self, batch_size: int) -> None:
         self.dense.eval()
-        count = self.images.shape[0]
+        count = len(self.images)
         with ActivationCapture(self.dense, self.names) as capture:
             for start in progress(range(0, count, batch_size), desc="cache dense states",
                                   total=math.ceil(count / batch_size)):
@@ -101,20 +88,14 @@ class DenseTargets:
                 for name in self.names:
                     value = capture.values[name].detach().to("cpu", self.dtype)
                     if name not in self.stored:
-                        self.stored[name] = self._allocate(name, (count, *value.shape[1:]), folder)
-                    self.stored[name][start : start + value.shape[0]] = value
-
-    def _allocate(self, name: str, shape: tuple[int, ...], folder: Path | None) -> torch.Tensor:
-        if folder is None:
-            return torch.empty(shape, dtype=self.dtype)
-        path = folder / f"{len(self.stored):03d}.bin"
-        return torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=self.dtype).view(shape)
+                        self.stored[name] = row_store((count, *value.shape[1:]), self.dtype, self.mode == "disk")
+                    self.stored[name].write(start, value)
 
     @torch.no_grad()
     def batch(self, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         """The states of images `index` (rounded through the cache dtype), float32 on `device`."""
         if self._capture is None:
-            return {name: t[index].to(device, torch.float32) for name, t in self.stored.items()}
+            return {name: rows[index].to(device, torch.float32) for name, rows in self.stored.items()}
         self.dense(self.images[index].to(device_of(self.dense)))
         return {name: self._capture.values[name].detach().to(self.dtype).to(device, torch.float32)
                 for name in self.names}
@@ -122,48 +103,26 @@ class DenseTargets:
     def close(self) -> None:
         if self._capture is not None:
             self._capture.__exit__(None, None, None)
+        for rows in self.stored.values():
+            if hasattr(rows, "close"):
+                rows.close()
         self.stored.clear()
 
 
 @contextlib.contextmanager
-def dense_targets(dense: nn.Module, names: list[str], sets: list[torch.Tensor | None], batch_size: int,
+def dense_targets(dense: nn.Module, names: list[str], sets: list["Images | None"], batch_size: int,
                   dtype: torch.dtype, mode: str) -> Iterator[list[DenseTargets | None]]:
-    """One `DenseTargets` per image set (None stays None), kept as `mode` says; a `disk` cache is
-    a folder that is deleted on exit (and, if a killed process left one, by the next heal)."""
-    folder = _FOLDER.get() or Path(tempfile.gettempdir())
-    folder.mkdir(parents=True, exist_ok=True)
+    """One `DenseTargets` per image set (None stays None), kept as `mode` says; `disk` files are
+    in the scratch folder and gone when the block ends (or the process dies)."""
     present = [images for images in sets if images is not None]
-    needed = sum(images.shape[0] for images in present) * state_bytes_per_image(dense, names, present[0], dtype)
-    mode = choose_mode(mode, needed, folder)
-    _remove_dead_caches(folder)
-    work = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{socket.gethostname()}-{os.getpid()}-", dir=folder)) \
-        if mode == "disk" else None
+    needed = sum(len(images) for images in present) * state_bytes_per_image(dense, names, present[0], dtype)
+    mode = choose_mode(mode, needed, current_scratch_folder())
     made: list[DenseTargets | None] = []
     try:
-        for number, images in enumerate(sets):
-            if images is None:
-                made.append(None)
-                continue
-            part = work / str(number) if work else None
-            if part is not None:
-                part.mkdir()
-            made.append(DenseTargets(dense, names, images, batch_size, dtype, mode, part))
+        for images in sets:
+            made.append(None if images is None else DenseTargets(dense, names, images, batch_size, dtype, mode))
         yield made
     finally:
         for targets in made:
             if targets is not None:
                 targets.close()
-        if work is not None:
-            shutil.rmtree(work, ignore_errors=True)
-
-
-_PREFIX = ".starfish-dense-states-"
-
-
-def _remove_dead_caches(folder: Path) -> None:
-    """Delete disk caches whose heal, on this host, was killed before it could."""
-    prefix = f"{_PREFIX}{socket.gethostname()}-"
-    for path in folder.glob(f"{_PREFIX}*"):
-        pid = path.name[len(prefix):].split("-", 1)[0] if path.name.startswith(prefix) else ""
-        if pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)

@@ -146,6 +146,7 @@ class HealConfig:
     solve_memory_mb: int = 1024  # layerwise: memory for the batched per-row solves (baselines.solve_rows)
     precision: str = "auto"  # auto | fp32 | tf32 | bf16 (starfish/precision.py)
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, same result
+    compile: bool = False  # torch.compile each block's forward: faster steps on a GPU after a compile
     temperature: float = 1.0
     seed: int = 0
 
@@ -319,7 +320,7 @@ def _coerce(where: str, annotation: str, value: Any) -> Any:
 
 # How a step runs, not what it computes: left out of the fingerprints and cache keys of results,
 # so setting one (or adding one to the config) never invalidates a result.
-EXECUTION_FIELDS = {"data": {"num_workers"}, "heal": {"cache", "solve_memory_mb", "grad_checkpointing"}}
+EXECUTION_FIELDS = {"data": {"num_workers"}, "heal": {"cache", "solve_memory_mb", "grad_checkpointing", "compile"}}
 # Values that reproduce what results were before their field existed: left out too, so older
 # fingerprints stay valid. An empty `model.kwargs` is the model as it was; `precision` `fp32`,
 # and `auto` on a CPU, compute what every result before the field did (the device, as with

@@ -92,6 +92,16 @@ def _status_kb(field: str, pid: int | str = "self") -> int:
     return 0
 
 
+def _pss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:  # the process has ended
+        pass
+    return 0
+
+
 def _descendants(root: int) -> list[int]:
     """`root` and every process below it."""
     children: dict[int, list[int]] = {}
@@ -111,8 +121,9 @@ def _descendants(root: int) -> list[int]:
 
 
 class TreeMemorySampler:
-    """Peak resident memory (VmRSS) of process `root` and its descendants, every 100 ms: the
-    largest single process and the sum over the tree."""
+    """Peak memory of process `root` and its descendants, every 100 ms: the largest single
+    process's resident memory (VmRSS), and the tree's proportional set size (Pss: pages that
+    forked loader workers share with their parent are counted once, not once per process)."""
 
     def __init__(self) -> None:
         self.root: int | None = None
@@ -123,9 +134,9 @@ class TreeMemorySampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             if self.root is not None:
-                sizes = [_status_kb("VmRSS", pid) for pid in _descendants(self.root)]
-                self.peak_single = max(self.peak_single, max(sizes, default=0))
-                self.peak_total = max(self.peak_total, sum(sizes))
+                tree = _descendants(self.root)
+                self.peak_single = max([self.peak_single] + [_status_kb("VmRSS", pid) for pid in tree])
+                self.peak_total = max(self.peak_total, sum(_pss_kb(pid) for pid in tree))
             time.sleep(0.1)
 
     def __enter__(self) -> "TreeMemorySampler":
@@ -151,7 +162,8 @@ class Cell:
 
 def cells() -> list[Cell]:
     return ([Cell("sample", n) for n in SIZES] + [Cell("heal", n, mode) for n in SIZES for mode in CACHE_MODES]
-            + [Cell("evaluate", workers=w) for w in (0, 2)] + [Cell("dvc", DVC_FILES)] + [Cell("flow", FLOW_SIZE, "disk")])
+            + [Cell("evaluate", workers=w) for w in (0, 2)] + [Cell("dvc", DVC_FILES)] + [Cell("flow", FLOW_SIZE, "disk")]
+            + [Cell("sizing")])
 
 
 def _config(tree: Path, **sections: dict[str, Any]) -> Any:
@@ -162,6 +174,11 @@ def _config(tree: Path, **sections: dict[str, Any]) -> Any:
     for name, fields in sections.items():
         values[name] = {**values.get(name, {}), **fields}
     return from_dict(values)
+
+
+def _pixels_mb(images: int) -> float:
+    """The uint8 calibration pixels of `images` 224 px RGB crops."""
+    return images * 3 * 224 * 224 / 2**20
 
 
 def _fraction(size: int) -> float:
@@ -313,8 +330,44 @@ def _dvc(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
             "second_status_seconds": round(timings[1], 2)}
 
 
+SIZING_MODEL = "deit_base_patch16_224"
+
+
+def _sizing(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
+    """What the sizing formulas need, counted on DeiT-B itself (random weights, one CPU pass):
+    parameters, the bytes of one image's block states (as `heal.cache_dtype` float16 keeps
+    them), the activation bytes one image adds to a training step (autograd's saved tensors,
+    batch 2 minus batch 1, so the weights cancel) and its forward FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from starfish.capture import block_names
+    from starfish.healing.targets import state_bytes_per_image
+    from starfish.models import create_model
+
+    model = create_model(SIZING_MODEL, num_classes=1000)
+    image = torch.randn(2, 3, 224, 224)
+    states = state_bytes_per_image(model, block_names(model), image, torch.float16)
+    saved = []
+    for batch in (1, 2):
+        total = [0]
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            total[0] += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(image[:batch]).sum().backward()
+        saved.append(total[0])
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        model(image[:1])
+    return {"model": SIZING_MODEL, "parameters": sum(p.numel() for p in model.parameters()),
+            "state_bytes_per_image": states, "activation_bytes_per_image": saved[1] - saved[0],
+            "forward_flops_per_image": flops.get_total_flops(), "pixel_bytes_per_image": 3 * 224 * 224}
+
+
 STAGES: dict[str, Callable[[Cell, Path, Path], dict[str, Any]]] = {
-    "sample": _sample, "heal": _heal, "evaluate": _evaluate, "dvc": _dvc, "flow": _flow}
+    "sample": _sample, "heal": _heal, "evaluate": _evaluate, "dvc": _dvc, "flow": _flow,
+    "sizing": _sizing}
 
 
 def run(out: Path) -> list[dict[str, Any]]:
@@ -350,23 +403,27 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
              f"{torch.get_num_threads()} threads)", "",
              "Generated by `starfish scale`; random weights, so only time and memory mean anything.", "",
              "## Heal (reduced to %d steps): each `heal.cache` mode" % HEAL_STEPS, "",
-             "`estimate MB` is the dense states' size that `heal.cache=auto` decides by.", "",
-             "| images | cache | load s | heal s | total s | peak RSS MB | peak anon MB | estimate MB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "`states MB` is the dense states' size that `heal.cache=auto` decides by; `pixels MB` the uint8 "
+             "calibration images. `memory` keeps both in RAM; `disk` and `recompute` keep one batch.", "",
+             "| images | cache | load s | heal s | total s | peak RSS MB | peak anon MB | states MB | pixels MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for n in SIZES:
         for mode in CACHE_MODES:
             row = heal[n, mode]
             lines.append(f"| {n} | {mode} | {row['load_seconds']} | {row['heal_seconds']} | {row['seconds']} | "
-                         f"{row['peak_rss_mb']} | {row['peak_anon_mb']} | {row['estimate_mb']} |")
+                         f"{row['peak_rss_mb']} | {row['peak_anon_mb']} | {row['estimate_mb']} | "
+                         f"{round(_pixels_mb(n))} |")
     small, large = SIZES[0], SIZES[-1]
     lines += ["", f"From {small} to {large} images:", ""]
     for mode in ("disk", "recompute"):
         change = heal[large, mode]["peak_rss_mb"] / heal[small, mode]["peak_rss_mb"] - 1
         lines.append(f"- `{mode}`: peak RSS changes by {change:+.1%}.")
-    grown = heal[large, "memory"]["peak_anon_mb"] - heal[small, "memory"]["peak_anon_mb"]
-    predicted = heal[large, "memory"]["estimate_mb"] - heal[small, "memory"]["estimate_mb"]
-    lines.append(f"- `memory`: peak anonymous memory grows by {grown} MB; the estimate grows by {predicted} MB "
-                 f"({grown / predicted:.2f}x).")
+    for low, high in zip(SIZES, SIZES[1:]):
+        grown = heal[high, "memory"]["peak_anon_mb"] - heal[low, "memory"]["peak_anon_mb"]
+        predicted = heal[high, "memory"]["estimate_mb"] - heal[low, "memory"]["estimate_mb"] \
+            + _pixels_mb(high) - _pixels_mb(low)
+        lines.append(f"- `memory`, {low} to {high} images: peak anonymous memory grows by {grown} MB, states + pixels "
+                     f"by {predicted:.0f} MB ({grown / predicted:.2f}x).")
     ratios = ", ".join(f"{heal[n, 'disk']['heal_seconds'] / heal[n, 'memory']['heal_seconds']:.2f}x at {n}"
                        for n in SIZES)
     lines.append(f"- heal time with `disk` over `memory`: {ratios}.")
@@ -392,9 +449,10 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
     flow = by[("flow", FLOW_SIZE, "disk", 0)]
     lines += ["## The compress flow", "", f"`python -m flows.compress` (sample, prune, heal with `heal.cache=disk` "
               f"for {HEAL_STEPS} steps, evaluate, register in MLflow) with {flow['images']} calibration images: "
-              f"{flow['seconds']} s; peak RSS {flow['flow_peak_rss_mb']} MB for its largest process and "
-              f"{flow['flow_tree_peak_rss_mb']} MB for its process tree (Prefect server and loader workers "
-              f"included); registered: {'yes' if flow['registered'] else 'no'}.", ""]
+              f"{flow['seconds']} s; peak RSS {flow['flow_peak_rss_mb']} MB for its largest process, and "
+              f"{flow['flow_tree_peak_rss_mb']} MB peak proportional set size for its whole process tree (Prefect "
+              f"server and loader workers included); registered: {'yes' if flow['registered'] else 'no'}.", ""]
+    lines += sizing_lines(by[("sizing", 0, "", 0)], serial["loader_images_per_s"])
     (out / "scale.md").write_text("\n".join(lines))
 
     figure, axes = subplots(1, 2, figsize=(10, 3.6))
@@ -408,6 +466,42 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
         axis.legend(fontsize=8)
     figure.tight_layout()
     save_png(figure, out / "scale.png", dpi=100)
+
+
+def sizing_lines(sizing: dict[str, Any], decode_per_core: float, images: int = 5000, batch: int = 32,
+                 steps: int = 1570, val: int = 50_000, sustained_tflops: float = 100.0) -> list[str]:
+    """The memory and time formulas, with the sizing model's counted constants, at the paper's scale."""
+    p, s, a, f = (sizing[key] for key in ("parameters", "state_bytes_per_image", "activation_bytes_per_image",
+                                          "forward_flops_per_image"))
+    gb = 1e9
+    heal_flops = steps * batch * f * 3 + images * f  # forward + backward (2 forwards) per step; caching once
+    recompute_flops = heal_flops - images * f + steps * batch * f  # one dense forward per step instead
+    eval_flops = 2 * val * f  # pruned and healed; the dense predictions are cached
+    rows = [
+        ("dense states (`memory`: host RAM; `disk`: scratch disk; `recompute`: none)", "N x state bytes",
+         f"{images * s / gb:.1f} GB"),
+        ("calibration pixels (host RAM with `memory`, else scratch disk)", "N x 3 x 224 x 224 B",
+         f"{images * sizing['pixel_bytes_per_image'] / gb:.2f} GB"),
+        ("weights, gradients, Adam moments (GPU, fp32)", "5 x params x 4 B", f"{5 * p * 4 / gb:.1f} GB"),
+        ("activations of one step (GPU, fp32)", "batch x activation bytes", f"{batch * a / gb:.1f} GB"),
+        ("one heal, `memory` or `disk`", "(3 x steps x batch + N) x FLOPs", f"{heal_flops / 1e15:.0f} PFLOP, "
+         f"{heal_flops / (sustained_tflops * 1e12):.0f} s"),
+        ("one heal, `recompute`", "(4 x steps x batch) x FLOPs", f"{recompute_flops / 1e15:.0f} PFLOP, "
+         f"{recompute_flops / (sustained_tflops * 1e12):.0f} s"),
+        ("evaluate on ImageNet val, model", "2 x 50,000 x FLOPs", f"{eval_flops / 1e15:.1f} PFLOP, "
+         f"{eval_flops / (sustained_tflops * 1e12):.0f} s"),
+        ("evaluate on ImageNet val, decoding", "50,000 / (per-core rate x workers)",
+         f"{val / (decode_per_core * 16):.0f} s with 16 workers"),
+    ]
+    return [f"## Sizing: {sizing['model']} on ImageNet, one GPU (extrapolation)", "",
+            f"Constants counted on `{sizing['model']}` by this benchmark: {p / 1e6:.1f}M parameters; one image's "
+            f"block states {s / 2**20:.2f} MiB in float16; {a / 2**20:.0f} MiB of saved activations per image in a "
+            f"training step; {f / 1e9:.1f} GFLOPs per image forward; decoding {decode_per_core:g} images/s per core "
+            f"(the loader alone above, on this machine's JPEGs). Extrapolated with N = {images:,} calibration "
+            f"images, batch {batch}, {steps:,} steps, and an assumed {sustained_tflops:g} TFLOP/s sustained (TF32 "
+            "on an H100-class GPU, about a fifth of its peak): an extrapolation, not a measurement.", "",
+            f"| quantity | formula | {images:,} images |", "|---|---|---|",
+            *[f"| {name} | {formula} | {value} |" for name, formula, value in rows], ""]
 
 
 def main() -> None:

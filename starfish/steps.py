@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import io
 import logging
 import os
@@ -212,21 +213,30 @@ def cached_dense_predictions(cfg: PipelineConfig, dense: torch.nn.Module,
         "device": device.type, "precision": resolve_precision(cfg.evaluate.precision, device),
         "torch": torch.__version__}))
     path = cache_root() / "dense-predictions" / f"{key[:32]}.safetensors"
-    if path.is_file():
-        try:
-            stored = load_file(str(path))
-            log.info("dense predictions reused from %s", path)
-            return stored["predictions"], stored["targets"]
-        except (OSError, SafetensorError, KeyError) as exc:
-            log.warning("ignoring unreadable cached dense predictions %s (%s)", path, exc)
-    preds, targets = predict(dense, test, cfg.evaluate.batch_size, "evaluate dense", cfg.data.num_workers,
-                             cfg.evaluate.precision)
     try:
-        with atomic_path(path) as tmp:
-            save_file({"predictions": preds.contiguous(), "targets": targets.contiguous()}, str(tmp))
-    except OSError as exc:  # a cache that cannot be written only costs the next run time
-        log.warning("cannot cache dense predictions in %s (%s)", path, exc)
-    return preds, targets
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "a")
+    except OSError as exc:  # no cache folder: compute, as without a cache
+        log.warning("cannot cache dense predictions in %s (%s)", path.parent, exc)
+        return predict(dense, test, cfg.evaluate.batch_size, "evaluate dense", cfg.data.num_workers,
+                       cfg.evaluate.precision)
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # sweep points evaluating at once: one computes, the others wait and read
+        if path.is_file():
+            try:
+                stored = load_file(str(path))
+                log.info("dense predictions reused from %s", path)
+                return stored["predictions"], stored["targets"]
+            except (OSError, SafetensorError, KeyError) as exc:
+                log.warning("ignoring unreadable cached dense predictions %s (%s)", path, exc)
+        preds, targets = predict(dense, test, cfg.evaluate.batch_size, "evaluate dense", cfg.data.num_workers,
+                                 cfg.evaluate.precision)
+        try:
+            with atomic_path(path) as tmp:
+                save_file({"predictions": preds.contiguous(), "targets": targets.contiguous()}, str(tmp))
+        except OSError as exc:  # a cache that cannot be written only costs the next run time
+            log.warning("cannot cache dense predictions in %s (%s)", path, exc)
+        return preds, targets
 
 
 def evaluate_step(cfg: PipelineConfig, pruned: str | Path, healed: str | Path, out: str | Path) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """The GPU paths, where a CUDA device exists (skipped elsewhere): `pytest tests/test_gpu.py`.
 
 Healing on CUDA in every precision keeps the masks and lowers the alignment loss; TF32
-switches are restored afterwards; the disk cache of dense states gives the memory cache's
-result; evaluation runs in bf16.
+switches are restored afterwards; the disk cache of dense states and a compiled heal give the
+plain heal's result; layerwise keeps its inputs on disk; evaluation runs in bf16.
 """
 
 from __future__ import annotations
@@ -59,3 +59,21 @@ def test_evaluation_on_cuda_in_bf16() -> None:
     fp32, _ = predict(dense, data, batch_size=32, precision="fp32")
     bf16, _ = predict(dense, data, batch_size=32, precision="bf16")
     assert fp32.shape == bf16.shape == (64,) and float((fp32 == bf16).float().mean()) > 0.9
+
+
+def test_compiled_heal_on_cuda_matches_eager() -> None:
+    results = []
+    for compiled in (False, True):
+        dense, model, masks, images = pruned_on_cuda()
+        heal_(model, dense, masks, images, HealConfig(steps=10, batch_size=16, precision="fp32", compile=compiled))
+        check_masks_hold(model, masks)
+        results.append(model.state_dict())
+    assert all(torch.allclose(results[0][k], results[1][k], atol=1e-4) for k in results[0])
+
+
+def test_layerwise_on_cuda_with_inputs_on_disk(tmp_path: Path) -> None:
+    dense, model, masks, images = pruned_on_cuda()
+    with scratch_folder(tmp_path):
+        report = heal_(model, dense, masks, images, HealConfig(method="layerwise", batch_size=16, cache="disk"))
+    check_masks_hold(model, masks)
+    assert next(model.parameters()).is_cuda and all(v < 1 for v in report["relative_weight_change"].values())

@@ -24,7 +24,7 @@ from starfish.healing import baselines
 from starfish.healing.baselines import PairedInputs
 from starfish.healing.common import cosine_loss, masked_training, nmse_loss, split_calibration
 from starfish.healing.targets import available_memory, choose_mode
-from starfish.rows import scratch_folder
+from starfish.rows import FileRows, scratch_folder
 from starfish.models import create_model, load_checkpoint, save_checkpoint
 from starfish.pruning import prune, sparsify_
 
@@ -466,9 +466,9 @@ def test_heal_config_rejects_an_unknown_cache_mode() -> None:
         HealConfig(cache="ram")
 
 
-def heal_with(**fields: object) -> nn.Module:
+def heal_with(steps: int = 6, **fields: object) -> nn.Module:
     dense, model, masks = pruned_pair(0.75)
-    heal_(model, dense, masks, random_images(24), HealConfig(steps=6, batch_size=8, holdout=0.0, **fields))
+    heal_(model, dense, masks, random_images(24), HealConfig(steps=steps, batch_size=8, holdout=0.0, **fields))
     check_masks_hold(model, masks)
     return model
 
@@ -496,3 +496,32 @@ def test_precision_auto_is_fp32_on_a_cpu_and_bf16_autocasts() -> None:
     assert HealConfig.from_preset("faithful").precision == "fp32"
     with pytest.raises(StarfishError, match="heal.precision='fp16'"):
         HealConfig(precision="fp16")
+
+
+def test_layerwise_keeps_its_block_inputs_on_disk_with_the_same_result(tmp_path: Path) -> None:
+    """`heal.cache=disk` moves the kept block inputs (2 x N x tokens x width) to scratch files."""
+    dense, model, masks = pruned_pair(0.75)
+    images = random_images(24)
+    on_disk = copy.deepcopy(model)
+    heal_(model, dense, masks, images, HealConfig(method="layerwise", batch_size=8, cache="memory"))
+    with scratch_folder(tmp_path):
+        inputs = PairedInputs(on_disk, dense, [name.removesuffix(".weight") for name in masks], images, 8, "disk")
+        inputs.feed(next(iter(masks)).removesuffix(".weight"), lambda x, y: None)
+        assert isinstance(inputs.x_model, FileRows) and isinstance(inputs.x_dense, FileRows)
+        heal_(on_disk, dense, masks, images, HealConfig(method="layerwise", batch_size=8, cache="disk"))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, on_disk.state_dict()[name]), name
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile's CPU backend needs a C compiler")
+def test_a_compiled_heal_gives_the_eager_result_and_leaves_the_model_plain() -> None:
+    eager, compiled = heal_with(steps=3), heal_with(steps=3, compile=True)
+    for name, value in eager.state_dict().items():
+        assert torch.allclose(value, compiled.state_dict()[name], atol=1e-5), name
+    assert all("forward" not in vars(block) for block in compiled.blocks)  # the class's forward again
+    sequential = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    with pytest.raises(StarfishError, match="heal.compile compiles the model's blocks"):
+        heal_(sequential, copy.deepcopy(sequential), {"1.weight": torch.ones(10, 784, dtype=torch.bool)},
+              random_images(8), HealConfig(steps=1, holdout=0.0, compile=True, states="last"))

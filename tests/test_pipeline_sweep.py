@@ -14,6 +14,8 @@ from mlflow import MlflowClient
 
 from flows.promote import promote
 from flows.sweep import sweep
+from starfish import steps
+from starfish.evaluate import predict
 from starfish.io import read_json, sha256_file, sidecar_path
 
 pytestmark = pytest.mark.slow
@@ -21,14 +23,24 @@ DRIFTING = 0.3333
 
 
 def test_sweep_registers_what_passes_and_promotion_keeps_the_best(
-        prefect_harness, params_path: Path, pipeline_overrides: list[str], tmp_path: Path) -> None:
+        prefect_harness, params_path: Path, pipeline_overrides: list[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("STARFISH_CACHE_DIR", str(tmp_path / "cache"))
+    dense_passes = []
+
+    def counted(model, dataset, *args, **kwargs):  # the dense model's passes over the test split
+        dense_passes.append(len(dataset))
+        return predict(model, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(steps, "predict", counted)
     overrides = [*pipeline_overrides, "gate.max_sparsity_drift=0.00001"]
     result = sweep(sparsities=[0.5, DRIFTING], healers=["none", "starfish"], params=str(params_path),
                    overrides=overrides, workdir=str(tmp_path / "work"), calibration=str(tmp_path / "calibration.json"),
                    tracking_uri=uri)
     rows = {(row["sparsity"], row["healer"]): row for row in result["rows"]}
     assert len(rows) == 4
+    assert len(dense_passes) == 1  # four points evaluated (two at a time), the dense model's predictions once
 
     for healer in ("none", "starfish"):
         drifted = rows[(DRIFTING, healer)]
@@ -71,5 +83,6 @@ def test_sweep_registers_what_passes_and_promotion_keeps_the_best(
                   overrides=overrides, workdir=str(tmp_path / "work"), calibration=str(tmp_path / "calibration.json"),
                   tracking_uri=uri, promote=False)
     assert {path: sha256_file(path) for path in deleted if path.is_file()} == deleted
+    assert len(dense_passes) == 1
     assert [(row["sparsity"], row["healer"], row["version"]) for row in again["rows"]] == \
         [(row["sparsity"], row["healer"], row["version"]) for row in result["rows"]]

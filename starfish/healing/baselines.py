@@ -24,9 +24,11 @@ from starfish.capture import ActivationCapture, stage_names
 from starfish.errors import StarfishError
 from starfish.models import device_of
 from starfish.healing import register_healer
-from starfish.healing.common import Objective, align_, kd_loss, split_calibration
+from starfish.healing.common import Images, Objective, align_, kd_loss, split_calibration
+from starfish.healing.targets import choose_mode
 from starfish.progress import progress
 from starfish.pruning import sparsify_
+from starfish.rows import RowStore, current_scratch_folder, row_store
 
 if TYPE_CHECKING:
     from starfish.config import HealConfig
@@ -72,12 +74,14 @@ class PairedInputs:
     are kept (both models, all calibration images) and each layer costs one pass of its own
     stage, not of the whole model; the kept inputs move one stage on, through the stage as
     healed so far, when a later stage is asked for. Otherwise each layer costs a forward pass
-    of both whole models.
+    of both whole models. The kept inputs (float32, 2 x N x tokens x width: 6 GB for ViT-B at
+    5,000 images) live where `cache` (`heal.cache`) says: RAM, or scratch files for `disk` and
+    `recompute`, `auto` choosing as for the dense states.
     """
 
-    def __init__(self, model: nn.Module, dense: nn.Module, layers: list[str], images: torch.Tensor,
-                 batch_size: int):
-        self.model, self.dense, self.images, self.batch_size = model, dense, images, batch_size
+    def __init__(self, model: nn.Module, dense: nn.Module, layers: list[str], images: "Images",
+                 batch_size: int, cache: str = "memory"):
+        self.model, self.dense, self.images, self.batch_size, self.cache = model, dense, images, batch_size, cache
         try:
             blocks = stage_names(model)
         except StarfishError:
@@ -86,30 +90,52 @@ class PairedInputs:
         self.blockwise = bool(layers) and all(self.block_of.values())
         self.blocks = blocks
         self.position = -1  # index in self.blocks of the block whose inputs are kept
-        self.x_model: torch.Tensor | None = None
-        self.x_dense: torch.Tensor | None = None
+        self.x_model: RowStore | None = None
+        self.x_dense: RowStore | None = None
+        self.on_disk: bool | None = None  # decided when the first inputs' size is known
 
-    def _batches(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
-        for start in range(0, x.shape[0], self.batch_size):
+    def _batches(self, x: "Images | RowStore") -> Iterator[torch.Tensor]:
+        for start in range(0, len(x), self.batch_size):
             yield x[start : start + self.batch_size].to(device_of(self.model))
+
+    def _store(self, first: torch.Tensor) -> RowStore:
+        """Rows for every image's input to a block, shaped like `first` (one batch of them)."""
+        count = len(self.images)
+        if self.on_disk is None:
+            needed = 2 * count * first[0].numel() * first.element_size()
+            self.on_disk = choose_mode(self.cache, needed, current_scratch_folder()) != "memory"
+        return row_store((count, *first.shape[1:]), first.dtype, self.on_disk)
 
     def _run_to(self, target: int) -> None:
         """Keep the inputs of block `target`: captured from the images, or moved on from the current block."""
         if self.position < 0:
             first = self.blocks[target]
-            xs, ds = [], []
             with ActivationCapture(self.model, [first], inputs=True) as ours, \
                     ActivationCapture(self.dense, [first], inputs=True) as ref:
-                for batch in self._batches(self.images):
+                for start, batch in zip(range(0, len(self.images), self.batch_size), self._batches(self.images)):
                     self.model(batch), self.dense(batch)
-                    xs.append(ours.values[first]), ds.append(ref.values[first])
-            self.x_model, self.x_dense, self.position = torch.cat(xs), torch.cat(ds), target
+                    if start == 0:
+                        self.x_model, self.x_dense = self._store(ours.values[first]), self._store(ref.values[first])
+                    self.x_model.write(start, ours.values[first].cpu())
+                    self.x_dense.write(start, ref.values[first].cpu())
+            self.position = target
         while self.position < target:
             name = self.blocks[self.position]
-            block, dense_block = self.model.get_submodule(name), self.dense.get_submodule(name)
-            self.x_model = torch.cat([block(x) for x in self._batches(self.x_model)])
-            self.x_dense = torch.cat([dense_block(x) for x in self._batches(self.x_dense)])
+            self.x_model = self._through(self.model.get_submodule(name), self.x_model)
+            self.x_dense = self._through(self.dense.get_submodule(name), self.x_dense)
             self.position += 1
+
+    def _through(self, block: nn.Module, inputs: RowStore) -> RowStore:
+        """`block`'s outputs for every kept input, batch by batch, in a new store (the old one is freed)."""
+        outputs: RowStore | None = None
+        for start, x in zip(range(0, len(inputs), self.batch_size), self._batches(inputs)):
+            y = block(x).cpu()
+            if outputs is None:
+                outputs = self._store(y)
+            outputs.write(start, y)
+        if hasattr(inputs, "close"):
+            inputs.close()
+        return outputs
 
     def feed(self, layer: str, consume: Consume) -> None:
         if self.blockwise:
@@ -138,7 +164,8 @@ def bias_correction(model: nn.Module, dense: nn.Module, masks: Masks, images: to
     corrected = 0
     model.eval(), dense.eval()
     layers = _linear_layers(model, masks, "bias-correction")
-    inputs = PairedInputs(model, dense, [name.removesuffix(".weight") for name in layers], images, cfg.batch_size)
+    inputs = PairedInputs(model, dense, [name.removesuffix(".weight") for name in layers], images, cfg.batch_size,
+                          cfg.cache)
     for name, layer in progress(layers.items(), desc="bias-correction"):
         if layer.bias is None:
             log.warning("%s has no bias; bias-correction skips it", name)
@@ -201,7 +228,8 @@ def layerwise(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Te
     model.eval(), dense.eval()
     errors = {}
     layers = _linear_layers(model, masks, "layerwise")
-    inputs = PairedInputs(model, dense, [name.removesuffix(".weight") for name in layers], images, cfg.batch_size)
+    inputs = PairedInputs(model, dense, [name.removesuffix(".weight") for name in layers], images, cfg.batch_size,
+                          cfg.cache)
     for name, layer in progress(layers.items(), desc="layerwise"):
         d = layer.in_features
         zeros = torch.zeros(d, d, dtype=torch.float64, device=device_of(model))

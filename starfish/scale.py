@@ -8,7 +8,9 @@
 - `evaluate`: the 1,000 val images through the dense model with 0 and 2 loader workers (and
   the loader and the model apart);
 - `flow`: the whole compress flow with 5,000 calibration images and `heal.cache=disk`;
-- `dvc`: `dvc status` on a stage that depends on a 100,000-file folder, first and second time.
+- `dvc`: `dvc status` on a stage that depends on a 100,000-file folder, first and second time;
+- `solve`: `layerwise`'s solve at ViT-B's fc2 width, and its result against one big solve;
+- `sizing`: DeiT-B's constants for the sizing formulas (states, activations, FLOPs per image).
 Per cell: wall time, images/s, and peak memory, both resident (VmHWM) and anonymous (RssAnon,
 sampled); scratch files are read with pread, so they are in neither.
 Cells are saved as they finish, so a stopped run resumes; `scale.md`, `scale.json` and
@@ -163,7 +165,7 @@ class Cell:
 def cells() -> list[Cell]:
     return ([Cell("sample", n) for n in SIZES] + [Cell("heal", n, mode) for n in SIZES for mode in CACHE_MODES]
             + [Cell("evaluate", workers=w) for w in (0, 2)] + [Cell("dvc", DVC_FILES)] + [Cell("flow", FLOW_SIZE, "disk")]
-            + [Cell("sizing")])
+            + [Cell("sizing"), Cell("solve")])
 
 
 def _config(tree: Path, **sections: dict[str, Any]) -> Any:
@@ -330,6 +332,48 @@ def _dvc(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
             "second_status_seconds": round(timings[1], 2)}
 
 
+SOLVE_SHAPE = (768, 3072)  # ViT-B's fc2: 768 outputs, 3,072 inputs
+
+
+def _solve(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
+    """`layerwise`'s least-squares solve on a layer of ViT-B's fc2 shape (random inputs, 50% kept),
+    its extra memory over what the layer's statistics take; and on the demo model, the result
+    with the smallest budget (1 MB: 1 row per solve at width 256, 16 at width 64) against every
+    row at once (the solver before `heal.solve_memory_mb`)."""
+    import copy
+
+    from starfish.config import HealConfig
+    from starfish.healing import heal_
+    from starfish.healing.baselines import masked_least_squares
+    from starfish.models import DEMO_CHECKPOINT, DEMO_MODEL, create_model
+    from starfish.pruning import prune, sparsify_
+
+    rows, width = SOLVE_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, width, generator=generator, dtype=torch.float64)
+    gram = x.T @ x
+    del x
+    w_dense = torch.randn(rows, width, generator=generator, dtype=torch.float64)
+    keep = torch.rand(rows, width, generator=generator) < 0.5
+    before = _status_kb("RssAnon")
+    start = time.perf_counter()
+    with MemorySampler() as memory:
+        masked_least_squares(gram, gram, w_dense, keep, damp=0.01)
+    seconds = time.perf_counter() - start
+
+    dense = create_model(DEMO_MODEL, checkpoint=DEMO_CHECKPOINT)
+    masks = prune(dense, "magnitude", 0.75)
+    images = torch.randn(64, 1, 28, 28, generator=generator)
+    results = []
+    for budget in (1, 1e9):  # the smallest budget (a row or a few per solve); every row of a layer at once
+        model = sparsify_(copy.deepcopy(dense), masks)
+        heal_(model, dense, masks, images, HealConfig(method="layerwise", batch_size=32, solve_memory_mb=budget))
+        results.append(model.state_dict())
+    difference = max(float((results[0][k] - results[1][k]).abs().max()) for k in results[0])
+    return {"rows": rows, "width": width, "solve_seconds": round(seconds, 1),
+            "extra_memory_mb": round((memory.peak - before) / 1024), "demo_max_abs_difference": difference}
+
+
 SIZING_MODEL = "deit_base_patch16_224"
 
 
@@ -367,7 +411,7 @@ def _sizing(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
 
 STAGES: dict[str, Callable[[Cell, Path, Path], dict[str, Any]]] = {
     "sample": _sample, "heal": _heal, "evaluate": _evaluate, "dvc": _dvc, "flow": _flow,
-    "sizing": _sizing}
+    "sizing": _sizing, "solve": _solve}
 
 
 def run(out: Path) -> list[dict[str, Any]]:
@@ -452,6 +496,13 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
               f"{flow['seconds']} s; peak RSS {flow['flow_peak_rss_mb']} MB for its largest process, and "
               f"{flow['flow_tree_peak_rss_mb']} MB peak proportional set size for its whole process tree (Prefect "
               f"server and loader workers included); registered: {'yes' if flow['registered'] else 'no'}.", ""]
+    solve = by[("solve", 0, "", 0)]
+    lines += ["## layerwise at ViT-B width", "", f"The least-squares solve of a {solve['rows']} x {solve['width']} "
+              f"layer (ViT-B's fc2; random inputs, half the weights kept) with the default "
+              f"`heal.solve_memory_mb=1024`: {solve['solve_seconds']} s, {solve['extra_memory_mb']} MB of memory beyond "
+              "the layer's statistics. On the demo model at 75% sparsity, `heal.solve_memory_mb=1` (1 to 16 rows per solve) "
+              "against every row of a layer at once: "
+              f"largest weight difference {solve['demo_max_abs_difference']:.1e}.", ""]
     lines += sizing_lines(by[("sizing", 0, "", 0)], serial["loader_images_per_s"])
     (out / "scale.md").write_text("\n".join(lines))
 
@@ -497,7 +548,7 @@ def sizing_lines(sizing: dict[str, Any], decode_per_core: float, images: int = 5
             f"Constants counted on `{sizing['model']}` by this benchmark: {p / 1e6:.1f}M parameters; one image's "
             f"block states {s / 2**20:.2f} MiB in float16; {a / 2**20:.0f} MiB of saved activations per image in a "
             f"training step; {f / 1e9:.1f} GFLOPs per image forward; decoding {decode_per_core:g} images/s per core "
-            f"(the loader alone above, on this machine's JPEGs). Extrapolated with N = {images:,} calibration "
+            f"(the loader alone above, on this tree's 256 px JPEGs: ImageNet's larger ones decode slower). Extrapolated with N = {images:,} calibration "
             f"images, batch {batch}, {steps:,} steps, and an assumed {sustained_tflops:g} TFLOP/s sustained (TF32 "
             "on an H100-class GPU, about a fifth of its peak): an extrapolation, not a measurement.", "",
             f"| quantity | formula | {images:,} images |", "|---|---|---|",

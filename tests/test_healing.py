@@ -318,9 +318,10 @@ def test_the_step_budget_is_the_same_for_every_split_size() -> None:
 def test_the_held_out_slice_is_deterministic_and_disjoint() -> None:
     images = torch.arange(20.0).reshape(20, 1, 1, 1)
     train, held = split_calibration(images, 0.25)
-    assert held.flatten().tolist() == [0.0, 5.0, 10.0, 14.0, 19.0]  # ceil(0.25 * 20) = 5, evenly spaced
-    assert sorted(train[:].flatten().tolist() + held.flatten().tolist()) == list(map(float, range(20)))
-    # the training part is a view: reads give what indexing a copy gives, without the copy
+    assert held[:].flatten().tolist() == [0.0, 5.0, 10.0, 14.0, 19.0]  # ceil(0.25 * 20) = 5, evenly spaced
+    assert sorted(train[:].flatten().tolist() + held[:].flatten().tolist()) == list(map(float, range(20)))
+    assert held.tensor is images and held.shape == (5, 1, 1, 1)
+    # both parts are views: reads give what indexing a copy gives, without the copy
     copy_ = images[[i for i in range(20) if i not in (0, 5, 10, 14, 19)]]
     assert train.shape == copy_.shape and train.tensor is images
     order = torch.randperm(15, generator=torch.Generator().manual_seed(0))

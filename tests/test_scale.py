@@ -48,3 +48,10 @@ def test_sizing_counts_states_activations_and_flops_on_the_model_itself(monkeypa
     lines = scale.sizing_lines(row, decode_per_core=300.0)
     assert lines[0] == "## Sizing: deit_tiny_patch16_224 on ImageNet, one GPU (extrapolation)"
     assert len([line for line in lines if line.startswith("| ")]) == 1 + 8
+
+
+def test_the_solve_cell_bounds_memory_and_matches_one_big_solve(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scale, "SOLVE_SHAPE", (16, 384))
+    row = scale.measure(scale.Cell("solve"), Path("unused"), Path("unused"))
+    assert row["rows"] == 16 and row["solve_seconds"] >= 0 and row["extra_memory_mb"] >= 0
+    assert row["demo_max_abs_difference"] < 1e-5

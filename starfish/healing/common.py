@@ -114,12 +114,12 @@ class Rows:
 Images = torch.Tensor | Rows | CalibrationImages
 
 
-def split_calibration(images: torch.Tensor, holdout: float) -> tuple[Images, torch.Tensor | None]:
+def split_calibration(images: Images, holdout: float) -> tuple[Images, Images | None]:
     """(training images, held-out images): ceil(holdout * N) evenly spaced images are held out.
 
     Deterministic and seed-free, so every healer and every seed sees the same held-out slice;
-    `holdout=0` trains on everything and returns None for the slice. The training part is a
-    `Rows` view of `images`; the (small) held-out part is a copy.
+    `holdout=0` trains on everything and returns None for the slice. Both parts are `Rows`
+    views of `images`, not copies.
     """
     n = images.shape[0]
     if holdout == 0:
@@ -131,7 +131,7 @@ def split_calibration(images: torch.Tensor, holdout: float) -> tuple[Images, tor
     held = torch.linspace(0, n - 1, count).round().long()
     keep = torch.ones(n, dtype=torch.bool)
     keep[held] = False
-    return Rows(images, keep.nonzero().squeeze(1)), images[held]
+    return Rows(images, keep.nonzero().squeeze(1)), Rows(images, held)
 
 
 class Objective:
@@ -164,7 +164,7 @@ def restore_(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
 
 
 @torch.no_grad()
-def _mean_loss(model: nn.Module, capture: ActivationCapture, objective: Objective, images: torch.Tensor,
+def _mean_loss(model: nn.Module, capture: ActivationCapture, objective: Objective, images: Images,
                targets: DenseTargets, batch_size: int) -> float:
     """The objective over `images`, batch by batch, weighted by batch size."""
     device, total = device_of(model), 0.0
@@ -176,7 +176,7 @@ def _mean_loss(model: nn.Module, capture: ActivationCapture, objective: Objectiv
     return total / images.shape[0]
 
 
-def align_(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor, holdout: torch.Tensor | None,
+def align_(model: nn.Module, dense: nn.Module, masks: Masks, images: Images, holdout: Images | None,
            objective: Objective, cfg: "HealConfig", fallback: dict[str, torch.Tensor] | None = None
            ) -> dict[str, object]:
     """Train the masked weights so the captured outputs match the dense model's, in place.
@@ -195,7 +195,7 @@ def align_(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tenso
         return _align(model, masks, images, holdout, objective, cfg, fallback, targets, held_targets)
 
 
-def _align(model: nn.Module, masks: Masks, images: torch.Tensor, holdout: torch.Tensor | None, objective: Objective,
+def _align(model: nn.Module, masks: Masks, images: Images, holdout: Images | None, objective: Objective,
            cfg: "HealConfig", fallback: dict[str, torch.Tensor] | None, targets: DenseTargets,
            held_targets: DenseTargets | None) -> dict[str, object]:
     names = objective.names

@@ -18,7 +18,7 @@ from torch import nn
 from starfish.errors import StarfishError
 
 _CONTAINERS = ("blocks", "stages", "layers")
-_RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+_NAMED_STAGES = (("layer1", "layer2", "layer3", "layer4"), ("s1", "s2", "s3", "s4"))  # ResNet, RegNet
 _SEQUENCES = (nn.Sequential, nn.ModuleList)
 
 
@@ -28,12 +28,10 @@ def stage_names(model: nn.Module) -> list[str]:
         stages = getattr(model, container, None)
         if isinstance(stages, _SEQUENCES) and len(stages) > 0:
             return [f"{container}.{child}" for child, _ in stages.named_children()]
-    if all(isinstance(getattr(model, name, None), nn.Module) for name in _RESNET_STAGES):
-        return list(_RESNET_STAGES)
-    raise StarfishError(
-        f"{type(model).__name__} has no `blocks`, `stages` or `layer1..4`; name its internal states "
-        "explicitly with heal.states"
-    )
+    for names in _NAMED_STAGES:
+        if all(isinstance(getattr(model, name, None), nn.Module) for name in names):
+            return list(names)
+    raise StarfishError(f"{type(model).__name__} has no `blocks`, `stages`, `layer1..4` or `s1..4`")
 
 
 def _blocks_of(stage: nn.Module, name: str) -> list[str]:
@@ -53,12 +51,12 @@ def block_names(model: nn.Module) -> list[str]:
 
 def state_names(model: nn.Module, states: str) -> list[str]:
     """Resolve heal.states: `blocks` (every block), `stages`, `last` (final block) or comma-separated names."""
-    if states == "blocks":
-        return block_names(model)
-    if states == "stages":
-        return stage_names(model)
-    if states == "last":
-        return block_names(model)[-1:]
+    if states in ("blocks", "stages", "last"):
+        try:
+            names = stage_names(model) if states == "stages" else block_names(model)
+        except StarfishError as exc:
+            raise StarfishError(f"{exc}; name its internal states explicitly with heal.states") from None
+        return names[-1:] if states == "last" else names
     names = [name.strip() for name in states.split(",") if name.strip()]
     modules = dict(model.named_modules())
     unknown = [name for name in names if name not in modules]

@@ -60,19 +60,20 @@ def test_global_magnitude_uses_one_threshold_across_tensors() -> None:
 
 
 def test_global_magnitude_breaks_ties_by_tensor_order_then_position() -> None:
-    masks = M.global_magnitude_masks({"a": torch.ones(1, 2), "b": torch.ones(1, 2)}, 0.5)
-    assert torch.equal(masks["a"], mask([[F, F]]))
-    assert torch.equal(masks["b"], mask([[T, T]]))
+    masks = M.global_magnitude_masks({"a": torch.ones(1, 3), "b": torch.ones(1, 3)}, 0.5)
+    assert torch.equal(masks["a"], mask([[T, F, F]]))  # all of a ranks first; its first weight stays
+    assert torch.equal(masks["b"], mask([[T, T, T]]))
 
 
 def test_global_ranking_through_the_magnitude_pruner() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
     with torch.no_grad():
-        model[0].weight.mul_(0.01)  # the first layer is all small: global ranking prunes it whole
+        model[0].weight.mul_(0.01)  # the first layer is all small: one threshold takes it whole...
     masks = prune(model, "magnitude", 0.5, predicate=lambda name, m: isinstance(m, nn.Linear),
                   global_ranking=True)
-    assert not bool(masks["0.weight"].any())
+    assert int(masks["0.weight"].sum()) == 1  # ...but for its largest weight: a layer is never emptied
+    assert bool(masks["0.weight"].view(-1)[model[0].weight.abs().argmax()])
     assert bool(masks["1.weight"].all())
 
 
@@ -141,9 +142,12 @@ def test_nm_n_of_4(n: int, scores: list[list[float]], expected: list[list[bool]]
     assert torch.equal(M.nm_mask(torch.tensor(scores), n, 4), mask(expected))
 
 
-def test_nm_groups_are_consecutive_inputs_of_conv_weights() -> None:
-    w = torch.tensor([4.0, 1.0, 3.0, 2.0]).reshape(1, 2, 1, 2)
-    assert torch.equal(M.nm_mask(w, 2, 4).reshape(-1), torch.tensor([T, F, T, F]))
+def test_nm_groups_of_conv_weights_are_input_channels_at_each_kernel_position() -> None:
+    """(out=1, in=4, kh=1, kw=2): the groups are in-channels 0..3 at kw=0, and at kw=1."""
+    w = torch.tensor([[4.0, 0.1], [1.0, 0.4], [3.0, 0.2], [2.0, 0.3]]).reshape(1, 4, 1, 2)
+    keep = M.nm_mask(w, 2, 4)
+    assert keep.is_contiguous() and keep.shape == w.shape
+    assert keep[0, :, 0, 0].tolist() == [T, F, T, F] and keep[0, :, 0, 1].tolist() == [F, T, F, T]
 
 
 def test_nm_input_size_must_be_a_multiple_of_m() -> None:

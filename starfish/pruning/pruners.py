@@ -31,15 +31,20 @@ def default_scope(model: nn.Module) -> ScopePredicate:
     """The predicate for `model`'s default scope: prunable layers inside its stages.
 
     Stages, not blocks: a stage may hold layers outside its blocks (ConvNeXt's downsample conv).
+    Convolutions are in unless depthwise (`groups == in_channels`, the authors' rule), so grouped
+    convolutions (RegNet's) are pruned too.
     """
-    prefixes = tuple(f"{name}." for name in stage_names(model))
+    try:
+        prefixes = tuple(f"{name}." for name in stage_names(model))
+    except StarfishError as exc:
+        raise StarfishError(f"{exc}, so the default pruning scope (the layers inside its stages) is empty") from None
 
     def in_scope(name: str, module: nn.Module) -> bool:
         if not name.startswith(prefixes):
             return False
         if isinstance(module, nn.Linear):
             return name.rsplit(".", 1)[-1] in TRANSFORMER_LEAVES
-        return isinstance(module, nn.Conv2d) and module.groups == 1
+        return isinstance(module, nn.Conv2d) and (module.groups != module.in_channels or module.in_channels == 1)
 
     return in_scope
 
@@ -91,21 +96,25 @@ def magnitude(model: nn.Module, weights: dict[str, nn.Parameter], sparsity: floa
     """Smallest |w| first, per layer (every layer at exactly `sparsity`) or globally over the scope."""
     if global_ranking:
         return M.global_magnitude_masks(dict(weights), sparsity)
+    _warn_capped(weights, sparsity, per_row=False)
     return {name: M.magnitude_mask(weight, sparsity) for name, weight in weights.items()}
 
 
 class InputNormAccumulator:
     """Running sum of squared inputs per input feature of each layer (Wanda's ||x_j||_2).
 
-    Linear inputs are (..., features); conv inputs (N, C, H, W) count per channel.
+    Linear inputs are (..., features), whatever their rank: ConvNeXt feeds its MLP Linears
+    channels-last (N, H, W, C) maps. Conv inputs (N, C, H, W), the layers named in
+    `channels_first`, count per channel.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, channels_first: set[str] = frozenset()) -> None:
         self.sq_sums: dict[str, torch.Tensor] = {}
+        self.channels_first = channels_first
 
     def __call__(self, name: str, x: torch.Tensor) -> None:
         x = x.detach().float()
-        flat = x.movedim(1, -1).reshape(-1, x.shape[1]) if x.ndim == 4 else x.reshape(-1, x.shape[-1])
+        flat = x.movedim(1, -1).reshape(-1, x.shape[1]) if name in self.channels_first else x.reshape(-1, x.shape[-1])
         self.sq_sums[name] = self.sq_sums.get(name, 0) + flat.pow(2).sum(dim=0)
 
     def norms(self, name: str) -> torch.Tensor:
@@ -116,7 +125,8 @@ class InputNormAccumulator:
 def input_norms(model: nn.Module, layer_names: list[str], images: torch.Tensor,
                 batch_size: int = 64) -> dict[str, torch.Tensor]:
     """||x_j||_2 over all calibration tokens of the inputs to each named layer."""
-    accumulator = InputNormAccumulator()
+    modules = dict(model.named_modules())
+    accumulator = InputNormAccumulator({name for name in layer_names if isinstance(modules[name], nn.Conv2d)})
     with ActivationCapture(model, layer_names, inputs=True, on_value=accumulator):
         for start in range(0, images.shape[0], batch_size):
             model(images[start : start + batch_size].to(device_of(model)))
@@ -138,7 +148,19 @@ def wanda(model: nn.Module, weights: dict[str, nn.Parameter], sparsity: float,
     for (name, weight), layer in zip(weights.items(), layers):
         norm = norms[layer].repeat_interleave(weight[0, 0].numel()) if weight.ndim == 4 else norms[layer]
         masks[name] = M.row_mask(M.wanda_scores(weight, norm), sparsity, weight.shape)
+    _warn_capped(weights, sparsity, per_row=True)
     return masks
+
+
+def _warn_capped(weights: dict[str, nn.Parameter], sparsity: float, per_row: bool) -> None:
+    """Name the layers held below `sparsity` because it would have pruned whole rows or the layer."""
+    capped = [name for name, weight in weights.items()
+              if round(sparsity * (weight[0].numel() if per_row else weight.numel()))
+              >= (weight[0].numel() if per_row else weight.numel())]
+    if capped:
+        log.warning("prune.sparsity=%g would prune every weight of %s%s: each keeps one weight per %s",
+                    sparsity, capped[0], f" and {len(capped) - 1} more layers" if len(capped) > 1 else "",
+                    "row" if per_row else "layer")
 
 
 @register_pruner("nm")
@@ -149,7 +171,15 @@ def n_of_m(model: nn.Module, weights: dict[str, nn.Parameter], sparsity: float,
     if abs(sparsity - (1 - n / m)) > 1e-9:
         raise StarfishError(f"prune.nm={nm} gives sparsity {1 - n / m:g}, not prune.sparsity={sparsity:g}; "
                             f"set prune.sparsity={1 - n / m:g} or pick another N:M")
-    return {name: M.nm_mask(weight.detach().abs(), n, m) for name, weight in weights.items()}
+    tiled = {name: weight for name, weight in weights.items() if weight.shape[1] % m == 0}
+    if not tiled:
+        raise StarfishError(f"prune.nm={nm}: no layer of the pruning scope has a multiple of {m} input channels; "
+                            "pick another M")
+    if len(tiled) < len(weights):
+        skipped = [f"{name} ({weight.shape[1]} inputs)" for name, weight in weights.items() if name not in tiled]
+        log.warning("prune.nm=%s leaves %d layers dense, whose input channels do not tile by %d: %s", nm, len(skipped),
+                    m, ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    return {name: M.nm_mask(weight.detach().abs(), n, m) for name, weight in tiled.items()}
 
 
 def nm_pattern_for(sparsity: float) -> str:

@@ -1,0 +1,88 @@
+"""Pruners on real timm families (random weights, small inputs): the defects each family showed."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import timm
+import torch
+
+from starfish.errors import StarfishError
+from starfish.pruning import prune, scope_weights
+
+
+def images(size: int, count: int = 4) -> torch.Tensor:
+    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def test_wanda_on_a_linear_fed_channels_last_inputs() -> None:
+    """ConvNeXt with conv_mlp=False runs its MLP Linears on NHWC maps: norms are per last dim."""
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", conv_mlp=False, num_classes=10).eval()
+    masks = prune(model, "wanda", 0.5, images=images(64))
+    fc1 = masks["stages.0.blocks.0.mlp.fc1.weight"]
+    assert fc1.shape == (160, 40) and int(fc1.sum()) == 160 * 20  # 20 of 40 kept in every row
+
+
+def test_per_row_rounding_never_empties_a_row_or_a_layer(caplog: pytest.LogCaptureFixture) -> None:
+    """efficientnet_b0's se.conv_expand has 4 inputs per row: round(0.9 x 4) = 4 would prune them all."""
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b0", num_classes=10).eval()
+    with caplog.at_level(logging.WARNING, logger="starfish.pruning.pruners"):
+        masks = prune(model, "wanda", 0.9, images=images(64, 2))
+    expand = masks["blocks.1.0.se.conv_expand.weight"]
+    assert expand.shape == (96, 4, 1, 1) and expand.reshape(96, -1).sum(1).tolist() == [1] * 96
+    assert all(mask.reshape(mask.shape[0], -1).any(1).all() for mask in masks.values())
+    assert "blocks.1.0.se.conv_expand.weight" in caplog.text and "keeps one weight per row" in caplog.text
+
+
+def test_magnitude_never_empties_a_layer() -> None:
+    weights = {"a": torch.nn.Parameter(torch.full((2, 2), 0.01)), "b": torch.nn.Parameter(torch.ones(4, 4))}
+    from starfish.pruning import masks as M
+
+    assert int(M.magnitude_mask(torch.ones(1, 3), 0.9).sum()) == 1  # round(0.9 x 3) = 3 would take all
+    kept = M.global_magnitude_masks(weights, 0.8)
+    assert int(kept["a"].sum()) == 1 and int(kept["b"].sum()) == 4  # the layer keeps its largest weight
+
+
+def test_nm_on_convs_groups_input_channels_for_every_kernel_position() -> None:
+    """The KRSC (channels-last) layout that sparse tensor cores take: 2 of every 4 input channels."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10)
+    masks = prune(model, "nm", 0.5, nm="2:4")
+    conv = masks["layer1.0.conv1.weight"]  # (64, 64, 3, 3)
+    groups = conv.permute(0, 2, 3, 1).reshape(-1, 4)
+    assert groups.sum(1).eq(2).all()
+
+
+def test_nm_skips_layers_whose_channels_do_not_tile_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b0", num_classes=10)
+    with caplog.at_level(logging.WARNING, logger="starfish.pruning.pruners"):
+        masks = prune(model, "nm", 0.5, nm="2:4")
+    assert "blocks.1.0.se.conv_expand.weight" in masks  # 4 inputs tile
+    assert "blocks.1.1.se.conv_expand.weight" not in masks  # 6 do not
+    skipped = [name for name in scope_weights(model) if name not in masks]
+    assert skipped and all(model.get_parameter(name).shape[1] % 4 for name in skipped)
+    assert "do not tile" in caplog.text
+    assert all(mask.permute(0, 2, 3, 1).reshape(-1, 4).sum(1).eq(2).all() for mask in masks.values())
+    with pytest.raises(StarfishError, match="no layer of the pruning scope"):
+        prune(timm.create_model("resnet18", num_classes=10), "nm", 0.8, nm="1:5")  # widths 64..512
+
+
+def test_grouped_convs_are_in_scope_and_depthwise_convs_are_not() -> None:
+    """The authors' rule: leave out convs with groups == in_channels (depthwise), keep grouped ones."""
+    model = timm.create_model("regnety_002", num_classes=10)
+    names = list(scope_weights(model))
+    modules = dict(model.named_modules())
+    grouped = [n for n in names if 1 < modules[n.removesuffix(".weight")].groups]
+    assert grouped and all(modules[n.removesuffix(".weight")].groups < modules[n.removesuffix(".weight")].in_channels
+                           for n in grouped)
+    assert not any(isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1 and f"{n}.weight" in names
+                   for n, m in modules.items())
+
+
+def test_a_model_without_stages_is_refused_in_pruning_terms() -> None:
+    with pytest.raises(StarfishError, match=r"s1..4`, so the default pruning scope \(the layers inside its stages\)"):
+        prune(torch.nn.Sequential(torch.nn.Linear(4, 4)), "magnitude", 0.5)

@@ -74,14 +74,16 @@ class PruneConfig:
     sparsity: float = 0.5
     nm: str = "2:4"
     global_ranking: bool = False
+    scope: str = "default"  # a preset (pruning/pruners.py SCOPE_PRESETS) or comma-separated module-name patterns
 
     def __post_init__(self) -> None:
         from starfish.pruning.masks import check_sparsity, parse_nm
-        from starfish.pruning.pruners import get_pruner
+        from starfish.pruning.pruners import check_scope, get_pruner
 
         get_pruner(self.method)
         check_sparsity(self.sparsity)
         parse_nm(self.nm)
+        check_scope(self.scope)
 
 
 # The authors' budget: 10 epochs of 5,000 calibration images (0.4% of ImageNet) at batch 32.
@@ -326,7 +328,8 @@ EXECUTION_FIELDS = {"data": {"num_workers"}, "heal": {"cache", "solve_memory_mb"
 # and `auto` on a CPU, compute what every result before the field did (the device, as with
 # `model.device=auto`, is not part of a fingerprint); `evaluate.split=test` is the split every earlier result used.
 NEUTRAL_VALUES = {("model", "kwargs"): ({},), ("heal", "precision"): ("auto", "fp32"),
-                  ("evaluate", "precision"): ("auto", "fp32"), ("evaluate", "split"): ("test",)}
+                  ("evaluate", "precision"): ("auto", "fp32"), ("evaluate", "split"): ("test",),
+                  ("prune", "scope"): ("default",)}
 
 
 def result_fields(section: str, values: Mapping[str, Any]) -> dict[str, Any]:

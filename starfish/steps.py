@@ -129,7 +129,7 @@ def prune_step(cfg: PipelineConfig, manifest: str | Path, out: str | Path) -> di
     read_manifest(manifest)  # an input of the step even when the pruner reads no images
     images = calibration_images(cfg, manifest, model) if cfg.prune.method == "wanda" else None
     masks = prune(model, cfg.prune.method, cfg.prune.sparsity, images=images, nm=cfg.prune.nm,
-                  global_ranking=cfg.prune.global_ranking)
+                  global_ranking=cfg.prune.global_ranking, scope=cfg.prune.scope)
     sparsify_(model, masks)
     sparsity = measured_sparsity(model, list(masks))
     inputs = {"dense_sha256": _checkpoint_sha(cfg), "manifest_sha256": sha256_file(manifest)}

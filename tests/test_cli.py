@@ -130,24 +130,37 @@ BAD_INPUTS = {
     "steps and epochs": (["--set", "heal.steps=100", "--set", "heal.epochs=3"], "set exactly one budget"),
     "hold-out too large": (["--set", "heal.holdout=0.5"], "heal.holdout=0.5 must be in [0, 0.5)"),
     "unknown preset": (["--set", "heal.preset=fast"], "heal.preset='fast': use one of"),
+    "unknown scope preset": (["--set", "prune.scope=qkv_fc"], "prune.scope='qkv_fc' is neither a preset"),
 }
+# Bad input only the prune step can see: it needs the model.
+PRUNE_INPUTS = {
+    "scope names nothing": (["--set", "prune.scope=blocks.*.mlp.fc9"], "prune.scope pattern 'blocks.*.mlp.fc9' names no"),
+    "N:M on a layer that cannot take it": (["--set", "prune.method=nm", "--set", "prune.nm=1:10", "--set",
+                                            "prune.sparsity=0.9", "--set", "prune.scope=blocks.0.attn.qkv"],
+                                           "prune.nm=1:10 cannot take blocks.0.attn.qkv.weight (64 inputs)"),
+}
+BAD_INPUTS.update(PRUNE_INPUTS)
 
 
 DATA_CASES = ("missing dataset root", "zero calibration images")  # magnitude pruning reads no dataset
-CASES = [(case, "sample") for case in BAD_INPUTS] + [(case, "prune") for case in BAD_INPUTS if case not in DATA_CASES]
+CASES = ([(case, "sample") for case in BAD_INPUTS if case not in PRUNE_INPUTS]
+         + [(case, "prune") for case in BAD_INPUTS if case not in DATA_CASES])
 
 
 @pytest.mark.parametrize("case, command", CASES)
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(
         case: str, command: str, params_path: Path, demo_checkpoint: Path, bad_checkpoints: dict[str, Path],
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest) -> None:
     overrides, message = BAD_INPUTS[case]
     overrides = [o.format(**bad_checkpoints) for o in overrides]
     out_dir = tmp_path / "out"
     out = out_dir / ("calibration.json" if command == "sample" else "pruned.safetensors")
     args = [command, *base_args(params_path, demo_checkpoint), *overrides, "--out", str(out)]
-    if command == "prune":
-        args += ["--calibration", str(tmp_path / "calibration.json")]
+    if command == "prune":  # the cases only pruning sees get past the manifest to the model
+        manifest = request.getfixturevalue("step_files")["calibration"] if case in PRUNE_INPUTS else \
+            tmp_path / "calibration.json"
+        args += ["--calibration", str(manifest)]
+        capsys.readouterr()  # what making the fixture printed
     code = main(args)
     captured = capsys.readouterr()
     assert code == 2

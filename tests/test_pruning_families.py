@@ -10,6 +10,7 @@ import torch
 
 from starfish.errors import StarfishError
 from starfish.pruning import prune, scope_weights
+from starfish.pruning.pruners import resolve_scope
 
 
 def images(size: int, count: int = 4) -> torch.Tensor:
@@ -84,5 +85,82 @@ def test_grouped_convs_are_in_scope_and_depthwise_convs_are_not() -> None:
 
 
 def test_a_model_without_stages_is_refused_in_pruning_terms() -> None:
-    with pytest.raises(StarfishError, match=r"s1..4`, so the default pruning scope \(the layers inside its stages\)"):
+    with pytest.raises(StarfishError, match=r"s1..4`, so the pruning scope presets \(layers inside its stages\)"):
         prune(torch.nn.Sequential(torch.nn.Linear(4, 4)), "magnitude", 0.5)
+
+
+def scoped(model: torch.nn.Module, scope: str) -> list[str]:
+    return [name.removesuffix(".weight") for name in scope_weights(model, resolve_scope(model, scope))]
+
+
+def test_scope_presets_pick_attention_and_mlp_layers_by_role() -> None:
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10)
+    block0 = [name.removeprefix("blocks.0.") for name in scoped(vit, "default") if name.startswith("blocks.0.")]
+    assert block0 == ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+    assert scoped(vit, "default") == scoped(vit, "qkv_out_mlp")
+    assert all(name.endswith("attn.qkv") for name in scoped(vit, "qkv")) and len(scoped(vit, "qkv")) == 12
+    assert all(name.endswith(("mlp.fc1", "mlp.fc2")) for name in scoped(vit, "mlp"))
+    assert len(scoped(vit, "qkv_out")) == 24
+    with pytest.raises(StarfishError, match="selects no layers"):  # a fused qkv has no separate q and k
+        scoped(vit, "qk")
+    levit = timm.create_model("levit_128s", num_classes=10)  # Linears wrapped as qkv.linear, mlp.ln1.linear
+    names = scoped(levit, "default")
+    assert "stages.0.blocks.0.attn.qkv.linear" in names and "stages.0.blocks.0.mlp.ln2.linear" in names
+    assert "stages.0.blocks.0.attn.proj.ln.linear" in names and not any(n.startswith("head") for n in names)
+
+
+def test_cnn_presets_and_patterns() -> None:
+    net = timm.create_model("efficientnet_b0", num_classes=10)
+    modules = dict(net.named_modules())
+    dense_convs, all_convs = scoped(net, "conv_only"), scoped(net, "conv_dw")
+    assert set(dense_convs) < set(all_convs) and all(modules[n].groups == modules[n].in_channels > 1
+                                                     for n in set(all_convs) - set(dense_convs))
+    assert scoped(net, "default") == dense_convs and scoped(net, "all") == all_convs  # no Linear in its stages
+    assert not any(n.startswith(("conv_stem", "conv_head", "classifier")) for n in all_convs)
+    assert scoped(net, "blocks.1.*.conv_pwl, classifier") == ["blocks.1.0.conv_pwl", "blocks.1.1.conv_pwl",
+                                                              "classifier"]
+    with pytest.raises(StarfishError, match="pattern 'blocks.9.*' names no Linear or Conv2d"):
+        resolve_scope(net, "blocks.9.*")
+    with pytest.raises(StarfishError, match="neither a preset"):
+        resolve_scope(net, "convs")
+
+
+FAMILIES = {  # one small configuration per timm family, at a small input size where it allows one
+    "vit": ("vit_tiny_patch16_224", {"img_size": 64}),
+    "deit": ("deit_tiny_patch16_224", {"img_size": 64}),
+    "swin": ("swin_tiny_patch4_window7_224", {"img_size": 128, "window_size": 4}),
+    "resnet": ("resnet18", {}),
+    "mobilenet": ("mobilenetv3_small_100", {}),
+    "efficientnet": ("efficientnet_b0", {}),
+    "convnext": ("convnext_atto", {"conv_mlp": False}),
+    "regnet": ("regnety_002", {}),
+    "levit": ("levit_128s", {}),
+}
+
+
+@pytest.mark.parametrize("pruner, sparsity", [("magnitude", 0.75), ("wanda", 0.75), ("nm", 0.5)])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_pruner_on_every_family(family: str, pruner: str, sparsity: float) -> None:
+    """Exact per-layer (or per-row, per-group) sparsity, no layer emptied, masks within the scope and held."""
+    from starfish.evaluate import check_masks_hold
+    from starfish.pruning import sparsify_
+    from starfish.pruning import masks as M
+
+    name, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, **kwargs).eval()
+    size = kwargs.get("img_size", 224 if family == "levit" else 64)
+    scope = scope_weights(model)
+    masks = prune(model, pruner, sparsity, images=images(size, 2) if pruner == "wanda" else None)
+    assert set(masks) <= set(scope) and (pruner == "nm" or set(masks) == set(scope))
+    for layer, mask in masks.items():
+        weight = scope[layer]
+        assert mask.shape == weight.shape and mask.any(), layer
+        rows = mask.reshape(mask.shape[0], -1)
+        if pruner == "magnitude":
+            assert int(mask.sum()) == weight.numel() - M.capped_count(sparsity, weight.numel()), layer
+        elif pruner == "wanda":
+            assert rows.sum(1).eq(rows.shape[1] - M.capped_count(sparsity, rows.shape[1])).all(), layer
+        else:
+            assert mask.movedim(1, -1).reshape(-1, 4).sum(1).eq(2).all(), layer
+    check_masks_hold(sparsify_(model, masks), masks)

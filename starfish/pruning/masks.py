@@ -55,11 +55,13 @@ def global_magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float) ->
 
 
 def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
-    """Wanda's importance |W_ij| * ||x_j||_2, as (out, in) even for conv weights."""
+    """Wanda's importance |W_ij| * ||x_j||_2, as (out, in) even for conv weights. `input_norm` is
+    one norm per column, or (out, columns) where rows see different inputs (grouped convs)."""
     rows = weight.detach().reshape(weight.shape[0], -1).abs()
-    if input_norm.numel() != rows.shape[1]:
+    norms = input_norm if input_norm.ndim == 2 else input_norm.reshape(1, -1)
+    if norms.shape[1] != rows.shape[1] or norms.shape[0] not in (1, rows.shape[0]):
         raise StarfishError(f"wanda: {input_norm.numel()} input norms for {rows.shape[1]} weight columns")
-    return rows * input_norm.reshape(1, -1)
+    return rows * norms
 
 
 def row_mask(scores: torch.Tensor, sparsity: float, shape: torch.Size) -> torch.Tensor:

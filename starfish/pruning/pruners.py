@@ -8,6 +8,7 @@ the patch embedding, the stem or the head.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from typing import Callable, Protocol
 
@@ -23,30 +24,111 @@ log = logging.getLogger(__name__)
 
 Masks = dict[str, torch.Tensor]
 ScopePredicate = Callable[[str, nn.Module], bool]
-TRANSFORMER_LEAVES = ("qkv", "proj", "fc1", "fc2")
 NM_GROUP_SIZES = (4, 8, 10, 16, 20)
+
+
+# What a Linear layer does in a transformer block, from its name's parts: timm's ViT, DeiT,
+# Swin, ConvNeXt (attn.qkv, attn.proj, mlp.fc1, mlp.fc2) and LeViT (attn.qkv.linear,
+# attn.proj.ln.linear, mlp.ln1.linear).
+_ATTENTION_IN = {"qkv", "q", "k", "v", "kv"}
+
+
+def linear_role(name: str) -> str | None:
+    """`qk` (query or key), `v`, `qkv` (fused), `out` (attention output) or `mlp`; None for others."""
+    parts = name.split(".")
+    found = [part for part in parts if part in _ATTENTION_IN]
+    if found:
+        return {"q": "qk", "k": "qk", "v": "v"}.get(found[-1], "qkv")
+    if parts[-1] == "proj" or ("proj" in parts and any(part.startswith("attn") for part in parts)):
+        return "out"
+    if "mlp" in parts or parts[-1] in ("fc1", "fc2"):
+        return "mlp"
+    return None
+
+
+def _is_depthwise(module: nn.Conv2d) -> bool:
+    return module.groups == module.in_channels and module.in_channels > 1
+
+
+# `prune.scope` presets, the authors' names: which Linear roles and which convolutions each takes.
+# Every preset stays inside the model's stages (never the stem, patch embedding or head).
+SCOPE_PRESETS: dict[str, tuple[frozenset[str], str]] = {
+    "default": (frozenset({"qkv", "qk", "v", "out", "mlp"}), "dense"),
+    "qkv": (frozenset({"qkv", "qk", "v"}), "none"),
+    "qkv_out": (frozenset({"qkv", "qk", "v", "out"}), "none"),
+    "qkv_out_mlp": (frozenset({"qkv", "qk", "v", "out", "mlp"}), "none"),
+    "mlp": (frozenset({"mlp"}), "none"),
+    "qk": (frozenset({"qk"}), "none"),
+    "qk_mlp": (frozenset({"qk", "mlp"}), "none"),
+    "conv_only": (frozenset(), "dense"),
+    "fc_only": (frozenset({"qkv", "qk", "v", "out", "mlp", "other"}), "none"),
+    "conv_fc": (frozenset({"qkv", "qk", "v", "out", "mlp", "other"}), "dense"),
+    "conv_dw": (frozenset(), "all"),
+    "all": (frozenset({"qkv", "qk", "v", "out", "mlp", "other"}), "all"),
+}
+
+
+def is_scope_pattern(scope: str) -> bool:
+    """A module-name pattern list (names have dots; globs have * ? or [), not a preset name."""
+    return any(char in scope for char in ".*?[")
+
+
+def check_scope(scope: str) -> None:
+    if scope not in SCOPE_PRESETS and not is_scope_pattern(scope):
+        raise StarfishError(f"prune.scope={scope!r} is neither a preset ({', '.join(SCOPE_PRESETS)}) nor a list of "
+                            "module-name patterns (comma-separated, with dots or wildcards, e.g. blocks.*.mlp.fc1)")
+
+
+def resolve_scope(model: nn.Module, scope: str = "default") -> ScopePredicate:
+    """The predicate for `prune.scope`: a preset, or comma-separated fnmatch patterns over module
+    names (any Linear or Conv2d they name, wherever it is). A pattern that names nothing fails."""
+    check_scope(scope)
+    if scope in SCOPE_PRESETS:
+        return _preset_scope(model, scope)
+    patterns = [pattern.strip() for pattern in scope.split(",") if pattern.strip()]
+    modules = [(name, module) for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name, _ in modules):
+            raise StarfishError(f"prune.scope pattern {pattern!r} names no Linear or Conv2d layer of "
+                                f"{type(model).__name__} (e.g. {modules[0][0] if modules else 'none'}); fix the pattern")
+    return lambda name, module: isinstance(module, (nn.Linear, nn.Conv2d)) and any(
+        fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _preset_scope(model: nn.Module, preset: str) -> ScopePredicate:
+    roles, convs = SCOPE_PRESETS[preset]
+    inside = _inside_stages(model)
+
+    def in_scope(name: str, module: nn.Module) -> bool:
+        if not inside(name):
+            return False
+        if isinstance(module, nn.Linear):
+            return (linear_role(name) or "other") in roles
+        if isinstance(module, nn.Conv2d):
+            return convs == "all" or (convs == "dense" and not _is_depthwise(module))
+        return False
+
+    return in_scope
+
+
+def _inside_stages(model: nn.Module) -> Callable[[str], bool]:
+    try:
+        prefixes = tuple(f"{name}." for name in stage_names(model))
+    except StarfishError as exc:
+        raise StarfishError(f"{exc}, so the pruning scope presets (layers inside its stages) select nothing; "
+                            "name the layers with prune.scope patterns") from None
+    return lambda name: name.startswith(prefixes)
 
 
 def default_scope(model: nn.Module) -> ScopePredicate:
     """The predicate for `model`'s default scope: prunable layers inside its stages.
 
     Stages, not blocks: a stage may hold layers outside its blocks (ConvNeXt's downsample conv).
-    Convolutions are in unless depthwise (`groups == in_channels`, the authors' rule), so grouped
-    convolutions (RegNet's) are pruned too.
+    Linear layers by their role in a transformer block (attention in and out, MLP); convolutions
+    unless depthwise (`groups == in_channels`, the authors' rule), so grouped convolutions
+    (RegNet's) are pruned too.
     """
-    try:
-        prefixes = tuple(f"{name}." for name in stage_names(model))
-    except StarfishError as exc:
-        raise StarfishError(f"{exc}, so the default pruning scope (the layers inside its stages) is empty") from None
-
-    def in_scope(name: str, module: nn.Module) -> bool:
-        if not name.startswith(prefixes):
-            return False
-        if isinstance(module, nn.Linear):
-            return name.rsplit(".", 1)[-1] in TRANSFORMER_LEAVES
-        return isinstance(module, nn.Conv2d) and (module.groups != module.in_channels or module.in_channels == 1)
-
-    return in_scope
+    return _preset_scope(model, "default")
 
 
 def scope_weights(model: nn.Module, predicate: ScopePredicate | None = None) -> dict[str, nn.Parameter]:
@@ -144,12 +226,23 @@ def wanda(model: nn.Module, weights: dict[str, nn.Parameter], sparsity: float,
         raise StarfishError("wanda needs calibration images; pass a calibration manifest")
     layers = [name.removesuffix(".weight") for name in weights]
     norms = input_norms(model, layers, images)
+    modules = dict(model.named_modules())
     masks = {}
     for (name, weight), layer in zip(weights.items(), layers):
-        norm = norms[layer].repeat_interleave(weight[0, 0].numel()) if weight.ndim == 4 else norms[layer]
-        masks[name] = M.row_mask(M.wanda_scores(weight, norm), sparsity, weight.shape)
+        masks[name] = M.row_mask(M.wanda_scores(weight, _column_norms(modules[layer], weight, norms[layer])),
+                                 sparsity, weight.shape)
     _warn_capped(weights, sparsity, per_row=True)
     return masks
+
+
+def _column_norms(module: nn.Module, weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """Input norms per weight column: a conv's channel norm covers its kh*kw columns, and each
+    output row of a grouped conv sees only its own group's channels."""
+    if weight.ndim != 4:
+        return norms
+    groups = getattr(module, "groups", 1)
+    columns = norms.reshape(groups, -1).repeat_interleave(weight[0, 0].numel(), dim=1)  # (groups, columns)
+    return columns[0] if groups == 1 else columns.repeat_interleave(weight.shape[0] // groups, dim=0)
 
 
 def _warn_capped(weights: dict[str, nn.Parameter], sparsity: float, per_row: bool) -> None:
@@ -192,11 +285,20 @@ def nm_pattern_for(sparsity: float) -> str:
 
 
 def prune(model: nn.Module, method: str, sparsity: float, images: torch.Tensor | None = None,
-          predicate: ScopePredicate | None = None, nm: str = "2:4", global_ranking: bool = False) -> Masks:
-    """Masks for `model`'s scope from the registered pruner `method` (the model is not changed)."""
+          predicate: ScopePredicate | None = None, nm: str = "2:4", global_ranking: bool = False,
+          scope: str = "default") -> Masks:
+    """Masks for `model`'s scope (`predicate`, else `prune.scope`) from the registered pruner
+    `method` (the model is not changed). A layer that an explicit scope names and N:M cannot
+    take is an error; under a preset it stays dense, named in the log."""
     M.check_sparsity(sparsity)
     pruner = get_pruner(method)
-    weights = scope_weights(model, predicate)
+    weights = scope_weights(model, predicate or resolve_scope(model, scope))
+    if method == "nm" and predicate is None and is_scope_pattern(scope):
+        m = M.parse_nm(nm)[1]
+        untiled = [f"{name} ({weight.shape[1]} inputs)" for name, weight in weights.items() if weight.shape[1] % m]
+        if untiled:
+            raise StarfishError(f"prune.nm={nm} cannot take {untiled[0]}{' and more' if len(untiled) > 1 else ''} "
+                                f"named by prune.scope: its input channels do not tile by {m}; leave it out of the scope")
     masks = pruner(model, weights, sparsity, images, nm=nm, global_ranking=global_ranking)
     log.info("%s pruned %d layers to %.3f", method, len(masks), sparsity)
     return masks

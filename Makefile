@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test bench bench-timing scale clean
+.PHONY: setup demo test bench bench-timing scale export-sizes clean
 
 setup: $(VENV)/.installed $(FMNIST)
 
@@ -50,6 +50,9 @@ bench-timing: setup
 # Time and memory of each stage on a DeiT and a generated ImageNet-layout JPEG tree (resumable).
 scale: setup
 	$(VENV)/bin/starfish scale --out results/scale
+
+export-sizes: setup
+	$(VENV)/bin/starfish export-sizes --out results/export
 
 clean:
 	rm -rf out mlruns mlartifacts mlflow.db .prefect

@@ -1,4 +1,4 @@
-"""The `starfish` command line: one subcommand per pipeline step, plus train, bench and demo.
+"""The `starfish` command line: one subcommand per pipeline step, plus export, train, bench and demo.
 
 Bad input exits with status 2 and one line on stderr naming the problem and the fix; nothing
 is written in that case, since every output is written atomically at the end of its step.
@@ -55,6 +55,20 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from starfish.steps import evaluate_step
 
     _print(evaluate_step(_config(args), args.pruned, args.healed, args.out))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from starfish.steps import export_step
+
+    _print(export_step(args.checkpoint, args.out))
+
+
+def cmd_export_sizes(args: argparse.Namespace) -> None:
+    from starfish.export_sizes import run
+
+    for row in run(Path(args.out)):
+        print(f"{row['model']} at {row['sparsity']:g}: {row['size_ratio']:.3f}x of dense, pruned weights "
+              f"{100 * row['pruned_weight_over_ideal']:.2f}% over the bitmask ideal, bit-exact: {row['bit_exact']}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -123,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruned", required=True)
     p.add_argument("--healed", required=True)
     p.add_argument("--out", required=True, help="metrics path (.json)")
+    p = sub.add_parser("export", help="write a pruned or healed checkpoint in the compressed sparse-bitmask format",
+                       description="see starfish/sparse_format.py; any step reads the result as a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a pruned or healed checkpoint (.safetensors)")
+    p.add_argument("--out", required=True, help="compressed checkpoint path (.safetensors)")
+    p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("export-sizes", help="sizes of compressed exports against dense and the bitmask ideal",
+                       description="see starfish/export_sizes.py")
+    p.add_argument("--out", default="results/export")
+    p.set_defaults(fn=cmd_export_sizes)
     p = step("demo", cmd_demo, "sample, prune, heal and evaluate the demo model in one go")
     p.add_argument("--out", default="out/demo")
     p = step("bench", cmd_bench, "healers x pruners x sparsities (x calibration sizes x seeds) side by side; "

@@ -22,11 +22,12 @@ from typing import Any, Mapping
 import timm
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from timm.models import register_model
 from timm.models.efficientnet import EfficientNet, decode_arch_def
 from timm.models.vision_transformer import VisionTransformer
 
+from starfish import sparse_format
 from starfish.errors import StarfishError
 from starfish.io import atomic_path
 
@@ -167,6 +168,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Masks, d
         tensors, metadata = dict(loaded), {}
     else:
         raise StarfishError(f"checkpoint {path}: unsupported suffix {path.suffix!r}; use .safetensors or .pth")
+    if metadata.get("format") == sparse_format.FORMAT:  # a compressed export: the bitmasks are the masks
+        state, masks = sparse_format.decompress(tensors)
+        return state, masks, metadata
     masks = {k[len(MASK_PREFIX):]: v.bool() for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
     state = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
     return state, masks, metadata
@@ -201,6 +205,12 @@ def load_state_(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
                             "pass the model name the checkpoint was trained as")
     model.load_state_dict(state, strict=True)
     return model
+
+
+def checkpoint_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> bytes:
+    """A `.safetensors` file's bytes, the metadata as one header key of sorted JSON (see below)."""
+    return save({k: v.contiguous() for k, v in tensors.items()},
+                metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, model_name: str, masks: Masks | None = None,

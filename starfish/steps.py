@@ -32,7 +32,9 @@ from starfish.healing import heal_
 from starfish.rows import scratch_folder
 from starfish.io import (atomic_path, atomic_write_bytes, atomic_write_json, canonical_json, sha256_bytes,
                          sha256_file, sidecar_path, write_with_sidecar)
-from starfish.models import create_model, load_checkpoint, resolve_device, save_checkpoint
+from starfish import sparse_format
+from starfish.models import (checkpoint_bytes, create_model, load_checkpoint, read_checkpoint, resolve_device,
+                             save_checkpoint)
 from starfish.precision import resolve_precision
 from starfish.pruning import prune, sparsify_
 
@@ -168,6 +170,32 @@ def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out
         log.warning("healing did not improve the held-out alignment: %s holds the pruned weights", out)
     log.info("healed with %s in %.1fs", cfg.heal.method, seconds)
     return {"path": str(out), "sha256": meta["sha256"], "heal_seconds": seconds, "loss_curve": str(curve)}
+
+
+def export_step(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write a pruned or healed checkpoint in the compressed sparse-bitmask format
+    (`starfish.sparse_format`); `load_checkpoint` reads it back bit-exactly. The sidecar records
+    the sizes: the whole file against the same model stored dense, and the pruned weights
+    against the bitmask ideal."""
+    source, out = Path(checkpoint), Path(out)
+    if source.resolve() == out.resolve():
+        raise StarfishError(f"output {out} is the input checkpoint; choose another --out")
+    state, masks, metadata = read_checkpoint(source)
+    if not masks:
+        raise StarfishError(f"{source} carries no pruning masks, so there is nothing to compress; "
+                            "export a checkpoint that `starfish prune` or `starfish heal` wrote")
+    tensors = sparse_format.compress(state, masks)
+    data = checkpoint_bytes(tensors, {**metadata, "format": sparse_format.FORMAT})
+    dense = len(checkpoint_bytes(state, metadata))
+    pruned, ideal = sparse_format.pruned_bytes(tensors)
+    sizes = {"bytes": len(data), "dense_bytes": dense, "size_ratio": len(data) / dense,
+             "pruned_weight_bytes": pruned, "pruned_weight_ideal_bytes": round(ideal),
+             "pruned_weight_over_ideal": pruned / ideal - 1}
+    meta = write_with_sidecar(out, lambda path: path.write_bytes(data), inputs={"checkpoint_sha256": sha256_file(source)},
+                              sizes=sizes)
+    log.info("exported %s: %d bytes, %.3fx of dense; pruned weights %.2f%% over the bitmask ideal", out, len(data),
+             sizes["size_ratio"], 100 * sizes["pruned_weight_over_ideal"])
+    return {"path": str(out), "sha256": meta["sha256"], **sizes}
 
 
 def curve_path(healed: str | Path) -> Path:

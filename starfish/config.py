@@ -248,9 +248,12 @@ class GateConfig:
 
     min_recovery: float = 0.95
     max_sparsity_drift: float = 0.001
+    max_size_ratio: float | None = None  # the registered file's size over dense's (version tag size_ratio)
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.min_recovery, f"gate.min_recovery={self.min_recovery} must be >= 0")
+        _require(self.max_size_ratio is None or self.max_size_ratio > 0,
+                 f"gate.max_size_ratio={self.max_size_ratio} must be > 0, or empty for no limit")
         _require(self.max_sparsity_drift >= 0, f"gate.max_sparsity_drift={self.max_sparsity_drift} must be >= 0")
 
 

@@ -41,8 +41,8 @@ REGISTER_KEY_TAG = "starfish.register_key"  # on the run and its version: one re
 MODEL_ARTIFACT = "model"
 METRICS = ("dense_top1", "pruned_top1", "healed_top1", "recovery", "sparsity", "sparsity_drift")
 _PACKAGES = ("torch", "timm", "safetensors", "numpy")
-# log_model saves the model with torch.export, which keeps process-wide state: one at a time.
-_EXPORT_LOCK = threading.Lock()
+# log_model of a model from code runs that code to validate it, and sets process-wide state: one at a time.
+_LOG_LOCK = threading.Lock()
 
 
 def tracking_uri(explicit: str | None = None) -> str:
@@ -227,7 +227,9 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], pruned
     from mlflow.models import infer_signature
     from safetensors.torch import save_file
 
-    from starfish.steps import calibration_images, read_curve, stored_model
+    from starfish import serving
+    from starfish.serving import CHECKPOINT
+    from starfish.steps import calibration_images, export_step, read_curve, stored_model
 
     metrics = read_json(evaluation["path"])
     check_registrable(metrics, cfg.gate)
@@ -276,11 +278,19 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], pruned
             mlflow.log_artifact(str(masks_file), "masks")
         for path in (report, plot, evaluation["path"], healed["loss_curve"], calibration["path"]):
             mlflow.log_artifact(str(path), "report")
-        with _EXPORT_LOCK:
-            info = mlflow.pytorch.log_model(model, name=MODEL_ARTIFACT, input_example=example, signature=signature,
-                                            pip_requirements=_pip_requirements(), registered_model_name=model_name)
+        with tempfile.TemporaryDirectory() as tmp:  # the registered model is the compressed checkpoint
+            compressed = Path(tmp) / "model.sparse.safetensors"
+            sizes = export_step(healed["path"], compressed)
+            with _LOG_LOCK:
+                info = mlflow.pyfunc.log_model(
+                    name=MODEL_ARTIFACT, python_model=str(Path(serving.__file__)), artifacts={CHECKPOINT: str(compressed)},
+                    input_example=example, signature=signature, pip_requirements=_pip_requirements(),
+                    code_paths=[str(Path(serving.__file__).parent)],  # starfish itself travels with the model
+                    registered_model_name=model_name)
         model_version = str(info.registered_model_version)
         client.set_model_version_tag(model_name, model_version, "recovery", f"{metrics['recovery']:.6f}")
+        client.set_model_version_tag(model_name, model_version, "size_bytes", str(sizes["bytes"]))
+        client.set_model_version_tag(model_name, model_version, "size_ratio", f"{sizes['size_ratio']:.6f}")
         client.set_model_version_tag(model_name, model_version, REGISTER_KEY_TAG, register_key)
         client.set_registered_model_alias(model_name, CHALLENGER, model_version)
     log.info("registered %s version %s (alias %s) from run %s", model_name, model_version, CHALLENGER,
@@ -323,6 +333,11 @@ def promote(model_name: str, gate: GateConfig, uri: str, version: str | None = N
         reasons.append(f"recovery {recovery:.4f} < gate.min_recovery {gate.min_recovery}")
     if champion is not None and champion.version != candidate.version and recovery < champion_recovery:
         reasons.append(f"recovery {recovery:.4f} < champion v{champion.version}'s {champion_recovery:.4f}")
+    if gate.max_size_ratio is not None:
+        ratio = (candidate.tags or {}).get("size_ratio")
+        if ratio is None or float(ratio) > gate.max_size_ratio:
+            reasons.append(f"size on disk {'unknown' if ratio is None else f'{float(ratio):.4f}'} of dense > "
+                           f"gate.max_size_ratio {gate.max_size_ratio}")
     promoted = not reasons
     if promoted:
         client.set_registered_model_alias(model_name, CHAMPION, candidate.version)

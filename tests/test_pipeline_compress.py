@@ -135,6 +135,78 @@ def test_compress_logs_and_registers_everything(first_run: tuple[FlowRun, int], 
     assert {artifact.key for artifact in artifacts} == {"compress-table", "compress-summary"}
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_the_champion_is_the_compressed_model_and_serves_what_the_healed_model_predicts(
+        first_run: tuple[FlowRun, int], params_path: Path, pipeline_overrides: list[str], store: str,
+        tmp_path: Path) -> None:
+    """Registered as the compressed export (no pickle), loaded by alias, and served over HTTP on loopback."""
+    import urllib.request
+
+    import torch
+
+    from flows.promote import promote
+    from starfish.models import load_checkpoint
+
+    run, _ = first_run
+    registered, healed = run.result["registered"], run.result["healed"]
+    name, client = registered["model_name"], MlflowClient(store)
+    decision = promote(name, registered["version"], str(params_path), [*pipeline_overrides, "gate.min_recovery=0"],
+                       store)
+    assert decision["promoted"] or decision["reasons"] == []
+    version = client.get_model_version_by_alias(name, "champion")
+    ratio = float(version.tags["size_ratio"])
+    assert 0 < ratio < 1 and int(version.tags["size_bytes"]) > 0
+    refused = promote(name, registered["version"], str(params_path),
+                      [*pipeline_overrides, "gate.min_recovery=0", f"gate.max_size_ratio={ratio / 2}"], store)
+    assert not refused["promoted"] and any("gate.max_size_ratio" in reason for reason in refused["reasons"])
+
+    files = {f.path for f in client.list_artifacts(version.run_id, "model")}
+    artifacts = {f.path for f in client.list_artifacts(version.run_id, "model/artifacts")}
+    assert "model/MLmodel" in files and not any(path.endswith((".pkl", ".pth")) for path in files | artifacts)
+    assert artifacts == {"model/artifacts/model.sparse.safetensors"}
+
+    healed_model, _, _ = load_checkpoint(healed["path"])
+    images = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    with torch.no_grad():
+        expected = healed_model(torch.from_numpy(images)).numpy()
+    mlflow.set_tracking_uri(store)
+    champion = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    assert np.array_equal(np.asarray(champion.predict(images)), expected)
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "MLFLOW_TRACKING_URI": store,  # uvicorn from this environment
+                                   "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"},
+                              stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / "serve.log", "w"), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).read()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                time.sleep(1)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": images.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        served = np.asarray(json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"],
+                            dtype=np.float32)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert served.shape == expected.shape and np.array_equal(served, expected)
+
+
 def test_same_inputs_again_skip_every_step(first_run: tuple[FlowRun, int], params_path: Path,
                                            pipeline_overrides: list[str], pipeline_dir: Path, store: str) -> None:
     again = run_compress(params_path, pipeline_overrides, pipeline_dir, store)

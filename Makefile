@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test bench bench-timing scale export-sizes clean
+.PHONY: setup demo test bench bench-timing scale export-sizes latency clean
 
 setup: $(VENV)/.installed $(FMNIST)
 
@@ -53,6 +53,9 @@ scale: setup
 
 export-sizes: setup
 	$(VENV)/bin/starfish export-sizes --out results/export
+
+latency: setup
+	$(VENV)/bin/starfish latency --out results/latency
 
 clean:
 	rm -rf out mlruns mlartifacts mlflow.db .prefect

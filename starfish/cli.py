@@ -71,6 +71,14 @@ def cmd_export_sizes(args: argparse.Namespace) -> None:
               f"{100 * row['pruned_weight_over_ideal']:.2f}% over the bitmask ideal, bit-exact: {row['bit_exact']}")
 
 
+def cmd_latency(args: argparse.Namespace) -> None:
+    from starfish.latency import run
+
+    for row in run(Path(args.out)):
+        print(f"{row['device']} {row['kind']} {row.get('dtype', '')} {row.get('batch', row.get('sparsity'))}: "
+              f"dense {row['dense_ms']} ms, sparse {row['sparse_ms']} ms ({row['speedup']}x)")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from starfish.steps import evaluate_step, heal_step, prune_step, sample
 
@@ -146,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="see starfish/export_sizes.py")
     p.add_argument("--out", default="results/export")
     p.set_defaults(fn=cmd_export_sizes)
+    p = sub.add_parser("latency", help="inference time of dense against sparse: CSR on a CPU, 2:4 on CUDA",
+                       description="see starfish/latency.py")
+    p.add_argument("--out", default="results/latency")
+    p.set_defaults(fn=cmd_latency)
     p = step("demo", cmd_demo, "sample, prune, heal and evaluate the demo model in one go")
     p.add_argument("--out", default="out/demo")
     p = step("bench", cmd_bench, "healers x pruners x sparsities (x calibration sizes x seeds) side by side; "

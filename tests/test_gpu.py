@@ -77,3 +77,18 @@ def test_layerwise_on_cuda_with_inputs_on_disk(tmp_path: Path) -> None:
         report = heal_(model, dense, masks, images, HealConfig(method="layerwise", batch_size=16, cache="disk"))
     check_masks_hold(model, masks)
     assert next(model.parameters()).is_cuda and all(v < 1 for v in report["relative_weight_change"].values())
+
+
+def test_two_four_linears_run_as_semi_structured_sparse_tensors() -> None:
+    from starfish.latency import to_semi_structured_
+
+    torch.manual_seed(0)
+    dense = create_model("deit_small_patch16_224", num_classes=10).eval()
+    masks = prune(dense, "nm", 0.5, nm="2:4")
+    dense = sparsify_(dense, masks).to("cuda", torch.float16)
+    sparse = copy.deepcopy(dense)
+    skipped = to_semi_structured_(sparse, masks)
+    assert len(skipped) < len(masks)
+    x = torch.randn(32, 3, 224, 224, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        assert torch.allclose(dense(x).float(), sparse(x).float(), atol=5e-2, rtol=5e-2)

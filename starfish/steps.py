@@ -36,7 +36,8 @@ from starfish import sparse_format
 from starfish.models import (checkpoint_bytes, create_model, load_checkpoint, read_checkpoint, resolve_device,
                              save_checkpoint)
 from starfish.precision import resolve_precision
-from starfish.pruning import prune, sparsify_
+from starfish.pruning import held_back, prune, scope_weights, sparsify_
+from starfish.pruning.pruners import resolve_scope
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +133,15 @@ def prune_step(cfg: PipelineConfig, manifest: str | Path, out: str | Path) -> di
     images = calibration_images(cfg, manifest, model) if cfg.prune.method == "wanda" else None
     masks = prune(model, cfg.prune.method, cfg.prune.sparsity, images=images, nm=cfg.prune.nm,
                   global_ranking=cfg.prune.global_ranking, scope=cfg.prune.scope)
+    weights = scope_weights(model, resolve_scope(model, cfg.prune.scope))
+    held = held_back(weights, masks, cfg.prune.method, cfg.prune.sparsity, cfg.prune.nm, cfg.prune.global_ranking)
     sparsify_(model, masks)
     sparsity = measured_sparsity(model, list(masks))
     inputs = {"dense_sha256": _checkpoint_sha(cfg), "manifest_sha256": sha256_file(manifest)}
     meta = write_with_sidecar(out, lambda path: save_checkpoint(path, model, cfg.model.name, masks=masks,
                                                                          metadata=_architecture(cfg)),
                               config={"model": asdict(cfg.model), "prune": asdict(cfg.prune)}, inputs=inputs,
-                              sparsity=sparsity)
+                              sparsity=sparsity, **({"held_back": held} if held else {}))
     log.info("pruned %d layers, measured sparsity %.4f", len(masks), sparsity["total"])
     return {"path": str(out), "sha256": meta["sha256"], "sparsity": sparsity["total"]}
 

@@ -35,7 +35,11 @@ def test_per_row_rounding_never_empties_a_row_or_a_layer(caplog: pytest.LogCaptu
     expand = masks["blocks.1.0.se.conv_expand.weight"]
     assert expand.shape == (96, 4, 1, 1) and expand.reshape(96, -1).sum(1).tolist() == [1] * 96
     assert all(mask.reshape(mask.shape[0], -1).any(1).all() for mask in masks.values())
-    assert "blocks.1.0.se.conv_expand.weight" in caplog.text and "keeps one weight per row" in caplog.text
+    assert "blocks.1.0.se.conv_expand.weight: keeps one weight per row" in caplog.text
+    from starfish.pruning import held_back
+
+    held = held_back(scope_weights(model), masks, "wanda", 0.9)
+    assert held["blocks.1.0.se.conv_expand.weight"] == "keeps one weight per row"
 
 
 def test_magnitude_never_empties_a_layer() -> None:
@@ -66,7 +70,7 @@ def test_nm_skips_layers_whose_channels_do_not_tile_and_says_why(caplog: pytest.
     assert "blocks.1.1.se.conv_expand.weight" not in masks  # 6 do not
     skipped = [name for name in scope_weights(model) if name not in masks]
     assert skipped and all(model.get_parameter(name).shape[1] % 4 for name in skipped)
-    assert "do not tile" in caplog.text
+    assert "blocks.1.1.se.conv_expand.weight: left dense: its 6 input channels do not tile by 4" in caplog.text
     assert all(mask.permute(0, 2, 3, 1).reshape(-1, 4).sum(1).eq(2).all() for mask in masks.values())
     with pytest.raises(StarfishError, match="no layer of the pruning scope"):
         prune(timm.create_model("resnet18", num_classes=10), "nm", 0.8, nm="1:5")  # widths 64..512

@@ -4,6 +4,7 @@ from starfish.pruning.pruners import (
     PRUNERS,
     Pruner,
     default_scope,
+    held_back,
     nm_pattern_for,
     prune,
     register_pruner,
@@ -11,5 +12,5 @@ from starfish.pruning.pruners import (
     sparsify_,
 )
 
-__all__ = ["PRUNERS", "Pruner", "default_scope", "nm_pattern_for", "prune", "register_pruner",
+__all__ = ["PRUNERS", "Pruner", "default_scope", "held_back", "nm_pattern_for", "prune", "register_pruner",
            "scope_weights", "sparsify_"]

@@ -178,7 +178,6 @@ def magnitude(model: nn.Module, weights: dict[str, nn.Parameter], sparsity: floa
     """Smallest |w| first, per layer (every layer at exactly `sparsity`) or globally over the scope."""
     if global_ranking:
         return M.global_magnitude_masks(dict(weights), sparsity)
-    _warn_capped(weights, sparsity, per_row=False)
     return {name: M.magnitude_mask(weight, sparsity) for name, weight in weights.items()}
 
 
@@ -231,7 +230,6 @@ def wanda(model: nn.Module, weights: dict[str, nn.Parameter], sparsity: float,
     for (name, weight), layer in zip(weights.items(), layers):
         masks[name] = M.row_mask(M.wanda_scores(weight, _column_norms(modules[layer], weight, norms[layer])),
                                  sparsity, weight.shape)
-    _warn_capped(weights, sparsity, per_row=True)
     return masks
 
 
@@ -243,17 +241,6 @@ def _column_norms(module: nn.Module, weight: torch.Tensor, norms: torch.Tensor) 
     groups = getattr(module, "groups", 1)
     columns = norms.reshape(groups, -1).repeat_interleave(weight[0, 0].numel(), dim=1)  # (groups, columns)
     return columns[0] if groups == 1 else columns.repeat_interleave(weight.shape[0] // groups, dim=0)
-
-
-def _warn_capped(weights: dict[str, nn.Parameter], sparsity: float, per_row: bool) -> None:
-    """Name the layers held below `sparsity` because it would have pruned whole rows or the layer."""
-    capped = [name for name, weight in weights.items()
-              if round(sparsity * (weight[0].numel() if per_row else weight.numel()))
-              >= (weight[0].numel() if per_row else weight.numel())]
-    if capped:
-        log.warning("prune.sparsity=%g would prune every weight of %s%s: each keeps one weight per %s",
-                    sparsity, capped[0], f" and {len(capped) - 1} more layers" if len(capped) > 1 else "",
-                    "row" if per_row else "layer")
 
 
 @register_pruner("nm")
@@ -268,10 +255,6 @@ def n_of_m(model: nn.Module, weights: dict[str, nn.Parameter], sparsity: float,
     if not tiled:
         raise StarfishError(f"prune.nm={nm}: no layer of the pruning scope has a multiple of {m} input channels; "
                             "pick another M")
-    if len(tiled) < len(weights):
-        skipped = [f"{name} ({weight.shape[1]} inputs)" for name, weight in weights.items() if name not in tiled]
-        log.warning("prune.nm=%s leaves %d layers dense, whose input channels do not tile by %d: %s", nm, len(skipped),
-                    m, ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
     return {name: M.nm_mask(weight.detach().abs(), n, m) for name, weight in tiled.items()}
 
 
@@ -300,5 +283,31 @@ def prune(model: nn.Module, method: str, sparsity: float, images: torch.Tensor |
             raise StarfishError(f"prune.nm={nm} cannot take {untiled[0]}{' and more' if len(untiled) > 1 else ''} "
                                 f"named by prune.scope: its input channels do not tile by {m}; leave it out of the scope")
     masks = pruner(model, weights, sparsity, images, nm=nm, global_ranking=global_ranking)
+    held = held_back(weights, masks, method, sparsity, nm, global_ranking)
+    if held:
+        log.warning("%d layers are held back from prune.sparsity=%g: %s", len(held), sparsity,
+                    "; ".join(f"{name}: {why}" for name, why in list(held.items())[:5]) + (" ..." if len(held) > 5 else ""))
     log.info("%s pruned %d layers to %.3f", method, len(masks), sparsity)
     return masks
+
+
+def held_back(weights: dict[str, torch.Tensor], masks: Masks, method: str, sparsity: float, nm: str = "2:4",
+              global_ranking: bool = False) -> dict[str, str]:
+    """`{layer: why}` for the layers pruned less than asked: left dense by N:M, or keeping one
+    weight per row (wanda) or per layer (magnitude) that the target would have removed."""
+    held = {}
+    for name, weight in weights.items():
+        if name not in masks:
+            held[name] = f"left dense: its {weight.shape[1]} input channels do not tile by {M.parse_nm(nm)[1]}"
+        elif method == "wanda" and M.capped_count(sparsity, weight[0].numel()) < round(sparsity * weight[0].numel()):
+            held[name] = "keeps one weight per row"
+        elif method == "magnitude" and not global_ranking and \
+                M.capped_count(sparsity, weight.numel()) < round(sparsity * weight.numel()):
+            held[name] = "keeps one weight in the layer"
+    if method == "magnitude" and global_ranking:
+        kept = {name: weights[name].detach().abs()[masks[name]] for name in masks}
+        for name, values in kept.items():
+            others = [v.min() for other, v in kept.items() if other != name and v.numel()]
+            if values.numel() == 1 and weights[name].numel() > 1 and others and values[0] < min(others):
+                held[name] = "keeps one weight in the layer"
+    return held

@@ -126,8 +126,7 @@ class CalibrationImages:
         return self.finish(self.pixels[key])
 
     def close(self) -> None:
-        if hasattr(self.pixels, "close"):
-            self.pixels.close()
+        self.pixels.close()
 
 
 def load_images(dataset: ImageDataset, indices: list[int], num_workers: int | None = 0,

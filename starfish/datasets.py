@@ -2,10 +2,10 @@
 
 Every dataset exposes the same small contract (`ImageDataset`): stable string ids per sample,
 integer targets, raw bytes per sample (for content hashes), and `(image, target)` items already
-transformed for a given model. A transform is split in two: `pixels(i)`, the decoded, resized and
-cropped image as uint8 (what is worth keeping: 4x smaller than float), and `finish(batch)`, the
-scaling and normalization, bitwise the same on a batch as per item. Labels are only used for stratified sampling and evaluation;
-healing never sees them.
+transformed for a given model. A transform is split in two: `pixels(i)`, the decoded, resized
+and cropped image as uint8 (what is worth keeping: 4x smaller than float), and `finish(batch)`,
+the scaling and normalization, bitwise the same on a batch as per item. Labels are only used
+for stratified sampling and evaluation; healing never sees them.
 """
 
 from __future__ import annotations

@@ -53,6 +53,8 @@ class RowStore(Protocol):
 
     def write(self, start: int, values: torch.Tensor) -> None: ...
 
+    def close(self) -> None: ...
+
 
 class MemoryRows:
     """Rows in one preallocated tensor."""
@@ -69,6 +71,9 @@ class MemoryRows:
 
     def write(self, start: int, values: torch.Tensor) -> None:
         self.tensor[start : start + values.shape[0]] = values
+
+    def close(self) -> None:
+        """Nothing to release: the tensor goes with its last reference."""
 
 
 class FileRows:

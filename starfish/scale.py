@@ -62,44 +62,59 @@ def make_tree(root: Path, classes: int = TREE["classes"], train: int = TREE["tra
     (root / "COMPLETE").write_text(json.dumps(TREE))
 
 
-class MemorySampler:
-    """Peak anonymous memory (RssAnon) of this process, sampled every 50 ms in a thread."""
+class _PeakSampler:
+    """Calls `sample()` every `interval` seconds in a thread while the block runs, and once at its end."""
+
+    interval = 0.05
 
     def __init__(self) -> None:
-        self.peak, self._stop = 0, threading.Event()
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        raise NotImplementedError
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _status_kb("RssAnon"))
-            time.sleep(0.05)
+            self.sample()
+            time.sleep(self.interval)
 
-    def __enter__(self) -> "MemorySampler":
+    def __enter__(self) -> "_PeakSampler":
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self.sample()
+
+
+class MemorySampler(_PeakSampler):
+    """Peak anonymous memory (RssAnon) of this process, sampled every 50 ms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak = 0
+
+    def sample(self) -> None:
         self.peak = max(self.peak, _status_kb("RssAnon"))
 
 
 def _status_kb(field: str, pid: int | str = "self") -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:  # the process has ended
-        pass
-    return 0
+    return _proc_kb(f"/proc/{pid}/status", field)
 
 
 def _pss_kb(pid: int) -> int:
+    return _proc_kb(f"/proc/{pid}/smaps_rollup", "Pss")
+
+
+def _proc_kb(path: str, field: str) -> int:
+    """The kB value of `field` in a /proc file, or 0 once the process has ended."""
     try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    except OSError:  # the process has ended
+    except OSError:
         pass
     return 0
 
@@ -122,32 +137,23 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
-class TreeMemorySampler:
+class TreeMemorySampler(_PeakSampler):
     """Peak memory of process `root` and its descendants, every 100 ms: the largest single
     process's resident memory (VmRSS), and the tree's proportional set size (Pss: pages that
     forked loader workers share with their parent are counted once, not once per process)."""
 
+    interval = 0.1
+
     def __init__(self) -> None:
+        super().__init__()
         self.root: int | None = None
         self.peak_single = self.peak_total = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if self.root is not None:
-                tree = _descendants(self.root)
-                self.peak_single = max([self.peak_single] + [_status_kb("VmRSS", pid) for pid in tree])
-                self.peak_total = max(self.peak_total, sum(_pss_kb(pid) for pid in tree))
-            time.sleep(0.1)
-
-    def __enter__(self) -> "TreeMemorySampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        if self.root is not None:
+            tree = _descendants(self.root)
+            self.peak_single = max([self.peak_single] + [_status_kb("VmRSS", pid) for pid in tree])
+            self.peak_total = max(self.peak_total, sum(_pss_kb(pid) for pid in tree))
 
 
 @dataclass(frozen=True)

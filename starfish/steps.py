@@ -23,7 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Subset
 
-from starfish.calibration import CalibrationImages, build_manifest, load_images, read_manifest, resolve_manifest, write_manifest
+from starfish.calibration import (CalibrationImages, build_manifest, load_images, read_manifest, resolve_manifest,
+                                  write_manifest)
 from starfish.config import PipelineConfig, result_fields
 from starfish.datasets import ImageDataset, load_dataset
 from starfish.errors import StarfishError

@@ -133,8 +133,7 @@ class PairedInputs:
             if outputs is None:
                 outputs = self._store(y)
             outputs.write(start, y)
-        if hasattr(inputs, "close"):
-            inputs.close()
+        inputs.close()
         return outputs
 
     def feed(self, layer: str, consume: Consume) -> None:

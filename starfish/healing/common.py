@@ -93,8 +93,8 @@ def masked_training(model: nn.Module, masks: Masks) -> Iterator[list[nn.Paramete
 class Rows:
     """Rows `index` of `tensor`, gathered when read (`rows[i]`, `rows[a:b]`, `rows[index_tensor]`).
 
-    The training part of a calibration split, without copying it: at 5,000 images of 224 px
-    that copy was 3 GB. Reads give exactly what indexing a copy would.
+    The training and held-out parts of a calibration split, without copying them: at 5,000
+    images of 224 px the training copy was 3 GB. Reads give exactly what indexing a copy would.
     """
 
     def __init__(self, tensor: torch.Tensor, index: torch.Tensor) -> None:

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from starfish.healing.common import Images
 
 log = logging.getLogger(__name__)
+
+
 def available_memory() -> int:
     """Bytes of RAM available to new allocations (MemAvailable), or total physical RAM elsewhere."""
     with contextlib.suppress(OSError, ValueError, IndexError):
@@ -104,8 +106,7 @@ class DenseTargets:
         if self._capture is not None:
             self._capture.__exit__(None, None, None)
         for rows in self.stored.values():
-            if hasattr(rows, "close"):
-                rows.close()
+            rows.close()
         self.stored.clear()
 
 

@@ -42,6 +42,7 @@ from starfish.io import atomic_write_bytes, atomic_write_json, canonical_json, r
 from starfish.models import device_of
 from starfish.plots import save_png, subplots
 from starfish.pruning import nm_pattern_for, prune, sparsify_
+from starfish.pruning.masks import Masks
 from starfish.steps import dataset, dense_model
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ def _done(out: Path, key: str, fingerprint: str) -> bool:
     return path.is_file() and read_json(path).get("fingerprint") == fingerprint
 
 
-def measure_cell(dense: torch.nn.Module, masks: dict[str, torch.Tensor], images: torch.Tensor, test: Any,
+def measure_cell(dense: torch.nn.Module, masks: Masks, images: torch.Tensor, test: Any,
                  targets: torch.Tensor, dense_preds: torch.Tensor, heal_cfg: HealConfig,
                  eval_batch_size: int) -> dict[str, Any]:
     """Heal one copy of the pruned model and evaluate it: one bench row (without its grid keys)."""

@@ -15,13 +15,16 @@ import statistics
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
 from starfish.errors import StarfishError
 from starfish.io import atomic_write_json
+
+if TYPE_CHECKING:  # the model and pruning stack loads only for the CUDA rows
+    from starfish.pruning.masks import Masks
 
 log = logging.getLogger(__name__)
 BATCHES = (1, 32, 256)
@@ -35,7 +38,7 @@ def is_two_four(mask: torch.Tensor) -> bool:
     return mask.ndim == 2 and mask.shape[1] % 4 == 0 and bool(mask.reshape(-1, 4).sum(1).eq(2).all())
 
 
-def to_semi_structured_(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, str]:
+def to_semi_structured_(model: nn.Module, masks: Masks) -> dict[str, str]:
     """Swap every 2:4-masked Linear weight of a CUDA fp16/bf16 model for a semi-structured sparse
     tensor, in place; `{weight name: why it stayed dense}` for the others."""
     from torch.sparse import to_sparse_semi_structured

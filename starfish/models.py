@@ -17,7 +17,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import timm
 import torch
@@ -31,6 +31,9 @@ from starfish import sparse_format
 from starfish.errors import StarfishError
 from starfish.io import atomic_path
 
+if TYPE_CHECKING:  # the pruning package imports this module
+    from starfish.pruning.masks import Masks
+
 log = logging.getLogger(__name__)
 
 _DEMO_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"
@@ -42,8 +45,6 @@ MASK_PREFIX = "masks/"
 METADATA_KEY = "starfish"
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
-
-Masks = dict[str, torch.Tensor]
 
 
 def resolve_device(spec: str) -> torch.device:

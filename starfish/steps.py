@@ -38,6 +38,7 @@ from starfish.models import (checkpoint_bytes, create_model, load_checkpoint, re
                              save_checkpoint)
 from starfish.precision import resolve_precision
 from starfish.pruning import held_back, prune, scope_weights, sparsify_
+from starfish.pruning.masks import Masks
 from starfish.pruning.pruners import resolve_scope
 
 log = logging.getLogger(__name__)
@@ -56,13 +57,13 @@ def _architecture(cfg: PipelineConfig) -> dict[str, Any]:
     return {"model_kwargs": cfg.model.kwargs} if cfg.model.kwargs else {}
 
 
-def stored_model(cfg: PipelineConfig, path: str | Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor], str]:
+def stored_model(cfg: PipelineConfig, path: str | Path) -> tuple[torch.nn.Module, Masks, str]:
     """A pruned or healed checkpoint on the configured device: (model, masks, model name)."""
     model, masks, name = load_checkpoint(path)
     return model.to(resolve_device(cfg.model.device)), masks, name
 
 
-def pruned_checkpoint(cfg: PipelineConfig, path: str | Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor], str]:
+def pruned_checkpoint(cfg: PipelineConfig, path: str | Path) -> tuple[torch.nn.Module, Masks, str]:
     """`stored_model` for an input that must be a pruned checkpoint: one without masks is refused."""
     model, masks, name = stored_model(cfg, path)
     if not masks:

@@ -19,11 +19,12 @@ from starfish.healing import heal_
 from starfish.rows import scratch_folder
 from starfish.models import create_model
 from starfish.pruning import prune, sparsify_
+from starfish.pruning.masks import Masks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def pruned_on_cuda() -> tuple[torch.nn.Module, torch.nn.Module, dict[str, torch.Tensor], torch.Tensor]:
+def pruned_on_cuda() -> tuple[torch.nn.Module, torch.nn.Module, Masks, torch.Tensor]:
     torch.manual_seed(0)
     dense = create_model("starfish_vit_fmnist").cuda()
     masks = prune(dense, "magnitude", 0.75)

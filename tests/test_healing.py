@@ -27,9 +27,7 @@ from starfish.healing.targets import available_memory, choose_mode
 from starfish.rows import FileRows, scratch_folder
 from starfish.models import create_model, load_checkpoint, save_checkpoint
 from starfish.pruning import prune, sparsify_
-
-Masks = dict[str, torch.Tensor]
-
+from starfish.pruning.masks import Masks
 
 
 def variant(name: str, **fields: object) -> HealConfig:

@@ -19,13 +19,14 @@ from starfish.capture import block_names
 from starfish.errors import StarfishError
 from starfish.models import device_of
 from starfish.precision import numerics
+from starfish.pruning.masks import Masks
 
 if TYPE_CHECKING:
     from starfish.config import HealConfig
 
 
 class Healer(Protocol):
-    def __call__(self, model: nn.Module, dense: nn.Module, masks: dict[str, torch.Tensor],
+    def __call__(self, model: nn.Module, dense: nn.Module, masks: Masks,
                  images: torch.Tensor, cfg: "HealConfig") -> dict[str, object]: ...
 
 
@@ -46,7 +47,7 @@ def get_healer(name: str) -> Healer:
     return HEALERS[name]
 
 
-def heal_(model: nn.Module, dense: nn.Module, masks: dict[str, torch.Tensor], images: torch.Tensor,
+def heal_(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
           cfg: "HealConfig") -> dict[str, object]:
     """Heal `model` with the registered healer `cfg.method`, in place, in `cfg.precision`, with
     `cfg.grad_checkpointing` and `cfg.compile`; returns its report."""

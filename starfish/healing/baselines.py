@@ -28,14 +28,13 @@ from starfish.healing.common import Images, Objective, align_, kd_loss, split_ca
 from starfish.healing.targets import choose_mode
 from starfish.progress import progress
 from starfish.pruning import sparsify_
+from starfish.pruning.masks import Masks
 from starfish.rows import RowStore, current_scratch_folder, row_store
 
 if TYPE_CHECKING:
     from starfish.config import HealConfig
 
 log = logging.getLogger(__name__)
-
-Masks = dict[str, torch.Tensor]
 
 
 @register_healer("none")

@@ -23,13 +23,13 @@ from starfish.healing.targets import DenseTargets, dense_targets
 from starfish.models import device_of
 from starfish.progress import progress
 from starfish.pruning import sparsify_
+from starfish.pruning.masks import Masks
 
 if TYPE_CHECKING:
     from starfish.config import HealConfig
 
 log = logging.getLogger(__name__)
 
-Masks = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

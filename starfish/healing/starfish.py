@@ -26,6 +26,7 @@ from starfish.capture import state_names
 from starfish.healing import register_healer
 from starfish.healing.baselines import layerwise, non_linear_layers
 from starfish.healing.common import STATE_LOSSES, Objective, align_, kd_loss, snapshot, split_calibration
+from starfish.pruning.masks import Masks
 
 if TYPE_CHECKING:
     from starfish.config import HealConfig
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 @register_healer("starfish")
-def starfish(model: nn.Module, dense: nn.Module, masks: dict[str, torch.Tensor], images: torch.Tensor,
+def starfish(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
              cfg: "HealConfig") -> dict[str, object]:
     report: dict[str, object] = {}
     train, holdout = split_calibration(images, cfg.holdout)

@@ -14,6 +14,8 @@ import torch
 
 from starfish.errors import StarfishError
 
+Masks = dict[str, torch.Tensor]  # {parameter name: boolean keep-mask of that parameter's shape}
+
 
 def check_sparsity(sparsity: float) -> None:
     if not 0.0 <= sparsity < 1.0:
@@ -40,7 +42,7 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     return _prune_lowest(flat, capped_count(sparsity, flat.numel())).reshape(weight.shape)
 
 
-def global_magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+def global_magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float) -> Masks:
     """Prune the smallest-|w| entries over all tensors together: one threshold, per-layer rates vary."""
     check_sparsity(sparsity)
     flat = torch.cat([w.detach().abs().reshape(-1) for w in weights.values()]).reshape(1, -1)

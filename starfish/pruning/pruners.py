@@ -19,10 +19,10 @@ from starfish.capture import ActivationCapture, stage_names
 from starfish.errors import StarfishError
 from starfish.models import device_of
 from starfish.pruning import masks as M
+from starfish.pruning.masks import Masks
 
 log = logging.getLogger(__name__)
 
-Masks = dict[str, torch.Tensor]
 ScopePredicate = Callable[[str, nn.Module], bool]
 NM_GROUP_SIZES = (4, 8, 10, 16, 20)
 

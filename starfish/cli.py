@@ -1,4 +1,4 @@
-"""The `starfish` command line: one subcommand per pipeline step, plus export, train, bench and demo.
+"""The `starfish` command line: one subcommand per pipeline step, plus export, train, bench, demo and list.
 
 Bad input exits with status 2 and one line on stderr naming the problem and the fix; nothing
 is written in that case, since every output is written atomically at the end of its step.
@@ -17,6 +17,7 @@ from starfish.errors import StarfishError, error_line
 
 log = logging.getLogger("starfish")
 DEFAULT_PARAMS = "params.yaml"
+NAMES_EPILOG = "`starfish list` names the pruners, scopes, healers, heal presets and bench variants."
 
 
 def _config(args: argparse.Namespace):
@@ -92,6 +93,22 @@ def cmd_demo(args: argparse.Namespace) -> None:
           f"sparsity {metrics['sparsity']:.4f} | heal {healed['heal_seconds']:.1f}s -> {out}")
 
 
+def cmd_list(args: argparse.Namespace) -> None:
+    from starfish.config import HEAL_PRESETS, VARIANTS
+    from starfish.healing import HEALERS
+    from starfish.pruning import PRUNERS, SCOPE_PRESETS
+
+    sections = {
+        "pruners (prune.method)": PRUNERS.names(),
+        "prune scopes (prune.scope, or comma-separated module-name patterns)": list(SCOPE_PRESETS),
+        "healers (heal.method)": HEALERS.names(),
+        "heal presets (heal.preset)": list(HEAL_PRESETS),
+        "healer variants (starfish bench --healers)": list(VARIANTS),
+    }
+    for title, names in sections.items():
+        print(f"{title}:", *(f"  {name}" for name in names), sep="\n")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from starfish.train import TrainConfig, train
 
@@ -124,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def step(name: str, fn, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    def step(name: str, fn, help_text: str, names: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=NAMES_EPILOG if names else None)
         p.add_argument("--params", help=f"params file (default: ./{DEFAULT_PARAMS} if present, else built-in)")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                        help="override one parameter, e.g. --set prune.sparsity=0.75 (repeatable)")
@@ -134,10 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = step("sample", cmd_sample, "write the calibration split manifest")
     p.add_argument("--out", required=True, help="manifest path (.json)")
-    p = step("prune", cmd_prune, "prune the dense model into a checkpoint with masks")
+    p = step("prune", cmd_prune, "prune the dense model into a checkpoint with masks", names=True)
     p.add_argument("--calibration", required=True, help="calibration manifest (wanda uses its images)")
     p.add_argument("--out", required=True, help="pruned checkpoint path (.safetensors)")
-    p = step("heal", cmd_heal, "heal a pruned checkpoint on the calibration split")
+    p = step("heal", cmd_heal, "heal a pruned checkpoint on the calibration split", names=True)
     p.add_argument("--pruned", required=True)
     p.add_argument("--calibration", required=True)
     p.add_argument("--out", required=True, help="healed checkpoint path (.safetensors)")
@@ -158,18 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
                        description="see starfish/latency.py")
     p.add_argument("--out", default="results/latency")
     p.set_defaults(fn=cmd_latency)
-    p = step("demo", cmd_demo, "sample, prune, heal and evaluate the demo model in one go")
+    p = step("demo", cmd_demo, "sample, prune, heal and evaluate the demo model in one go", names=True)
     p.add_argument("--out", default="out/demo")
     p = step("bench", cmd_bench, "healers x pruners x sparsities (x calibration sizes x seeds) side by side; "
-             "resumable, and several processes on one --out share the grid")
+             "resumable, and several processes on one --out share the grid", names=True)
     p.add_argument("--out", default="results/bench")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75, 0.9, 0.95])
-    p.add_argument("--pruners", nargs="+", default=["magnitude", "wanda", "nm"])
+    p.add_argument("--pruners", nargs="+", default=["magnitude", "wanda", "nm"], help="see `starfish list`")
     p.add_argument("--healers", nargs="+", default=list(DEFAULT_HEALERS), help=f"variants: {', '.join(VARIANTS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="each seed: its own split and shuffle")
     p.add_argument("--fractions", type=float, nargs="+", default=None,
                    help="calibration fractions to sweep (default: calibration.fraction)")
     p.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N test images only")
+    p = sub.add_parser("list", help="name the registered pruners and healers, the prune scopes, the heal presets "
+                       "and the bench's healer variants", description="names that prune, heal and bench accept")
+    p.set_defaults(fn=cmd_list)
     p = sub.add_parser("scale", help="time and memory of each stage on a DeiT and an ImageNet-layout JPEG tree; "
                        "resumable", description="see starfish/scale.py")
     p.add_argument("--out", default="results/scale")

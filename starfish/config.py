@@ -78,9 +78,9 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         from starfish.pruning.masks import check_sparsity, parse_nm
-        from starfish.pruning.pruners import check_scope, get_pruner
+        from starfish.pruning.pruners import PRUNERS, check_scope
 
-        get_pruner(self.method)
+        PRUNERS.get(self.method)
         check_sparsity(self.sparsity)
         parse_nm(self.nm)
         check_scope(self.scope)
@@ -154,10 +154,10 @@ class HealConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from starfish.healing import get_healer
+        from starfish.healing import HEALERS
 
         _require(self.preset in HEAL_PRESETS, f"heal.preset={self.preset!r}: use one of {list(HEAL_PRESETS)}")
-        get_healer(self.method)
+        HEALERS.get(self.method)
         if self.steps is None and self.epochs is None:
             object.__setattr__(self, "steps", AUTHORS_STEPS)
         _require((self.steps is None) != (self.epochs is None),

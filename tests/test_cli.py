@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -309,3 +310,23 @@ def test_demo_with_n_of_m_and_warm_started_starfish(params_path: Path, demo_chec
     for name, keep in masks.items():
         assert bool((keep.reshape(-1, 4).sum(dim=1) == 1).all()), name
     assert read_json(sidecar_path(tmp_path / "healed.safetensors"))["report"]["warm_start"] == "layerwise"
+
+
+def test_list_names_the_registered_pruners_and_healers(capsys: pytest.CaptureFixture[str]) -> None:
+    from starfish.config import HEAL_PRESETS, VARIANTS
+    from starfish.healing import HEALERS
+    from starfish.pruning import PRUNERS
+
+    assert main(["list"]) == 0
+    sections = {}
+    for block in re.split(r"\n(?=\S)", capsys.readouterr().out.strip()):  # a title line, then indented names
+        title, *names = block.splitlines()
+        sections[title.split(" (")[0]] = [name.strip() for name in names]
+    assert sections["pruners"] == ["magnitude", "nm", "wanda"] == PRUNERS.names()
+    assert sections["healers"] == ["bias-correction", "layerwise", "logit-kd", "none", "starfish"] == HEALERS.names()
+    assert sections["heal presets"] == list(HEAL_PRESETS) and sections["healer variants"] == list(VARIANTS)
+    assert "qkv_out_mlp" in sections["prune scopes"]
+    for command in ("prune", "heal", "bench"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "`starfish list` names the pruners" in capsys.readouterr().out.replace("\n", " ")

@@ -279,7 +279,7 @@ def test_sparsify_zeros_exactly_the_masked_entries(vit: nn.Module) -> None:
 
 
 def test_registered_pruners() -> None:
-    assert {"magnitude", "wanda", "nm"} <= set(PRUNERS)
+    assert {"magnitude", "wanda", "nm"} <= set(PRUNERS.names())
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda"])

@@ -10,13 +10,15 @@ of the pruned weights (True = kept), `images` the unlabeled calibration images, 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import nn
 
 from starfish.capture import block_names
 from starfish.errors import StarfishError
+from starfish.healing import baselines, starfish  # noqa: F401  (importing them registers their healers)
+from starfish.healing.common import HEALERS, Healer
 from starfish.models import device_of
 from starfish.precision import numerics
 from starfish.pruning.masks import Masks
@@ -25,35 +27,13 @@ if TYPE_CHECKING:
     from starfish.config import HealConfig
 
 
-class Healer(Protocol):
-    def __call__(self, model: nn.Module, dense: nn.Module, masks: Masks,
-                 images: torch.Tensor, cfg: "HealConfig") -> dict[str, object]: ...
-
-
-HEALERS: dict[str, Healer] = {}
-
-
-def register_healer(name: str) -> Callable[[Healer], Healer]:
-    def decorate(fn: Healer) -> Healer:
-        HEALERS[name] = fn
-        return fn
-
-    return decorate
-
-
-def get_healer(name: str) -> Healer:
-    if name not in HEALERS:
-        raise StarfishError(f"unknown healer {name!r}; use one of {sorted(HEALERS)}")
-    return HEALERS[name]
-
-
 def heal_(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
           cfg: "HealConfig") -> dict[str, object]:
     """Heal `model` with the registered healer `cfg.method`, in place, in `cfg.precision`, with
     `cfg.grad_checkpointing` and `cfg.compile`; returns its report."""
     with numerics(cfg.precision, device_of(model)), gradient_checkpointing(model, cfg.grad_checkpointing), \
             compiled_blocks(model, cfg.compile):
-        return get_healer(cfg.method)(model, dense, masks, images, cfg)
+        return HEALERS.get(cfg.method)(model, dense, masks, images, cfg)
 
 
 @contextlib.contextmanager
@@ -94,6 +74,4 @@ def gradient_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
         model.set_grad_checkpointing(False)
 
 
-from starfish.healing import baselines, starfish  # noqa: E402,F401  (registers the healers)
-
-__all__ = ["HEALERS", "Healer", "get_healer", "heal_", "register_healer"]
+__all__ = ["HEALERS", "Healer", "heal_"]

@@ -23,8 +23,7 @@ from torch import nn
 from starfish.capture import ActivationCapture, stage_names
 from starfish.errors import StarfishError
 from starfish.models import device_of
-from starfish.healing import register_healer
-from starfish.healing.common import Images, Objective, align_, kd_loss, split_calibration
+from starfish.healing.common import HEALERS, Images, Objective, align_, kd_loss, split_calibration
 from starfish.healing.targets import choose_mode
 from starfish.progress import progress
 from starfish.pruning import sparsify_
@@ -37,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@register_healer("none")
+@HEALERS.register("none")
 def no_healing(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
                cfg: "HealConfig") -> dict[str, object]:
     return {}
@@ -153,7 +152,7 @@ class PairedInputs:
                 consume(x_ours.reshape(-1, x_ours.shape[-1]).double(), x_ref.reshape(-1, x_ref.shape[-1]).double())
 
 
-@register_healer("bias-correction")
+@HEALERS.register("bias-correction")
 @torch.no_grad()
 def bias_correction(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
                     cfg: "HealConfig") -> dict[str, object]:
@@ -217,7 +216,7 @@ def masked_least_squares(gram: torch.Tensor, cross: torch.Tensor, w_dense: torch
     return out
 
 
-@register_healer("layerwise")
+@HEALERS.register("layerwise")
 @torch.no_grad()
 def layerwise(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
               cfg: "HealConfig") -> dict[str, object]:
@@ -247,7 +246,7 @@ def layerwise(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Te
     return {"relative_weight_change": errors}
 
 
-@register_healer("logit-kd")
+@HEALERS.register("logit-kd")
 def logit_kd(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
              cfg: "HealConfig") -> dict[str, object]:
     """Distill only the final logits (the root module's output), same budget as STARFISH."""

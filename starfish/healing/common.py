@@ -1,4 +1,4 @@
-"""Shared healing machinery: mask enforcement, alignment losses, and the alignment loop.
+"""Shared healing machinery: the healer registry, mask enforcement, alignment losses, and the alignment loop.
 
 The loop is the same for STARFISH (targets: the dense model's block outputs) and logit
 distillation (target: the dense model's logits); only the captured modules and the loss differ.
@@ -10,7 +10,7 @@ import contextlib
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from starfish.models import device_of
 from starfish.progress import progress
 from starfish.pruning import sparsify_
 from starfish.pruning.masks import Masks
+from starfish.registry import Registry
 
 if TYPE_CHECKING:
     from starfish.config import HealConfig
@@ -31,6 +32,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Healer(Protocol):
+    def __call__(self, model: nn.Module, dense: nn.Module, masks: Masks,
+                 images: torch.Tensor, cfg: "HealConfig") -> dict[str, object]: ...
+
+
+HEALERS: Registry[Healer] = Registry("healer")  # here, not in the package's __init__: its healers import it
 
 
 def _groups(x: torch.Tensor) -> torch.Tensor:

@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 from starfish.capture import state_names
-from starfish.healing import register_healer
 from starfish.healing.baselines import layerwise, non_linear_layers
-from starfish.healing.common import STATE_LOSSES, Objective, align_, kd_loss, snapshot, split_calibration
+from starfish.healing.common import HEALERS, STATE_LOSSES, Objective, align_, kd_loss, snapshot, split_calibration
 from starfish.pruning.masks import Masks
 
 if TYPE_CHECKING:
@@ -34,7 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@register_healer("starfish")
+@HEALERS.register("starfish")
 def starfish(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
              cfg: "HealConfig") -> dict[str, object]:
     report: dict[str, object] = {}

@@ -2,15 +2,15 @@
 
 from starfish.pruning.pruners import (
     PRUNERS,
+    SCOPE_PRESETS,
     Pruner,
     default_scope,
     held_back,
     nm_pattern_for,
     prune,
-    register_pruner,
     scope_weights,
     sparsify_,
 )
 
-__all__ = ["PRUNERS", "Pruner", "default_scope", "held_back", "nm_pattern_for", "prune", "register_pruner",
+__all__ = ["PRUNERS", "SCOPE_PRESETS", "Pruner", "default_scope", "held_back", "nm_pattern_for", "prune",
            "scope_weights", "sparsify_"]

@@ -20,6 +20,7 @@ from starfish.errors import StarfishError
 from starfish.models import device_of
 from starfish.pruning import masks as M
 from starfish.pruning.masks import Masks
+from starfish.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -155,24 +156,10 @@ class Pruner(Protocol):
                  images: torch.Tensor | None, *, nm: str, global_ranking: bool) -> Masks: ...
 
 
-PRUNERS: dict[str, Pruner] = {}
+PRUNERS: Registry[Pruner] = Registry("pruner")
 
 
-def register_pruner(name: str) -> Callable[[Pruner], Pruner]:
-    def decorate(fn: Pruner) -> Pruner:
-        PRUNERS[name] = fn
-        return fn
-
-    return decorate
-
-
-def get_pruner(name: str) -> Pruner:
-    if name not in PRUNERS:
-        raise StarfishError(f"unknown pruner {name!r}; use one of {sorted(PRUNERS)}")
-    return PRUNERS[name]
-
-
-@register_pruner("magnitude")
+@PRUNERS.register("magnitude")
 def magnitude(model: nn.Module, weights: dict[str, nn.Parameter], sparsity: float,
               images: torch.Tensor | None, *, nm: str = "2:4", global_ranking: bool = False) -> Masks:
     """Smallest |w| first, per layer (every layer at exactly `sparsity`) or globally over the scope."""
@@ -214,7 +201,7 @@ def input_norms(model: nn.Module, layer_names: list[str], images: torch.Tensor,
     return {name: accumulator.norms(name) for name in layer_names}
 
 
-@register_pruner("wanda")
+@PRUNERS.register("wanda")
 def wanda(model: nn.Module, weights: dict[str, nn.Parameter], sparsity: float,
           images: torch.Tensor | None, *, nm: str = "2:4", global_ranking: bool = False) -> Masks:
     """Wanda: |W| * ||x|| ranked within each output row, norms from the calibration images.
@@ -243,7 +230,7 @@ def _column_norms(module: nn.Module, weight: torch.Tensor, norms: torch.Tensor) 
     return columns[0] if groups == 1 else columns.repeat_interleave(weight.shape[0] // groups, dim=0)
 
 
-@register_pruner("nm")
+@PRUNERS.register("nm")
 def n_of_m(model: nn.Module, weights: dict[str, nn.Parameter], sparsity: float,
            images: torch.Tensor | None, *, nm: str = "2:4", global_ranking: bool = False) -> Masks:
     """Semi-structured N:M by magnitude; `sparsity` must equal 1 - N/M."""
@@ -274,7 +261,7 @@ def prune(model: nn.Module, method: str, sparsity: float, images: torch.Tensor |
     `method` (the model is not changed). A layer that an explicit scope names and N:M cannot
     take is an error; under a preset it stays dense, named in the log."""
     M.check_sparsity(sparsity)
-    pruner = get_pruner(method)
+    pruner = PRUNERS.get(method)
     weights = scope_weights(model, predicate or resolve_scope(model, scope))
     if method == "nm" and predicate is None and is_scope_pattern(scope):
         m = M.parse_nm(nm)[1]

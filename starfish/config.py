@@ -1,7 +1,9 @@
 """Pipeline configuration: frozen dataclasses, validated once, loaded from params.yaml.
 
 Every check raises `StarfishError` naming the field (`section.field`) and what would fix it.
-The same sections feed the CLI, the DVC stages and the Prefect flows.
+The same sections feed the CLI, the DVC stages and the Prefect flows. Method names are checked
+against the pruner and healer registries, so this module imports the pruning and healing
+packages; they name these classes in annotations only, never importing this module at run time.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ import yaml
 
 from starfish.datasets import DATASET_KINDS, FASHION_MNIST_ROOT
 from starfish.errors import StarfishError
+from starfish.healing import HEALERS
+from starfish.models import resolve_device
 from starfish.precision import PRECISIONS
+from starfish.pruning.masks import check_sparsity, parse_nm
+from starfish.pruning.pruners import PRUNERS, check_scope
 
 LOSSES = ("cosine", "nmse")
 WARM_STARTS = ("none", "layerwise")
@@ -51,8 +57,6 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model, e.g. {img_size: 384}
 
     def __post_init__(self) -> None:
-        from starfish.models import resolve_device
-
         resolve_device(self.device)
         taken = sorted(set(self.kwargs) & {"pretrained", "num_classes", "checkpoint_path"})
         _require(not taken, f"model.kwargs sets {taken}: use the model section's own fields for those")
@@ -77,9 +81,6 @@ class PruneConfig:
     scope: str = "default"  # a preset (pruning/pruners.py SCOPE_PRESETS) or comma-separated module-name patterns
 
     def __post_init__(self) -> None:
-        from starfish.pruning.masks import check_sparsity, parse_nm
-        from starfish.pruning.pruners import PRUNERS, check_scope
-
         PRUNERS.get(self.method)
         check_sparsity(self.sparsity)
         parse_nm(self.nm)
@@ -154,8 +155,6 @@ class HealConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from starfish.healing import HEALERS
-
         _require(self.preset in HEAL_PRESETS, f"heal.preset={self.preset!r}: use one of {list(HEAL_PRESETS)}")
         HEALERS.get(self.method)
         if self.steps is None and self.epochs is None:

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Subset
 
 from starfish.calibration import stratified_indices
-from starfish.config import VARIANTS, HealConfig, PipelineConfig, result_fields, variant_config
+from starfish.config import VARIANTS, HealConfig, PipelineConfig, PruneConfig, result_fields, variant_config
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold, measured_sparsity, predict
 from starfish.healing import heal_
@@ -144,8 +144,9 @@ def run_bench(cfg: PipelineConfig, bench: BenchConfig, out: str | Path) -> list[
                         expected += list(keys.values())
                         continue
                     try:
-                        masks = prune(dense, pruner, sparsity, images=images, nm=nm,
-                                      global_ranking=cfg.prune.global_ranking)
+                        prune_cfg = PruneConfig(method=pruner, sparsity=sparsity, nm=nm,
+                                                global_ranking=cfg.prune.global_ranking)
+                        masks = prune(dense, prune_cfg, images).masks
                     except StarfishError as exc:
                         if pruner != "nm":
                             raise

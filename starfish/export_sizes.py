@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from starfish.config import PruneConfig
 from starfish.io import atomic_write_json
 from starfish.models import DEMO_CHECKPOINT, DEMO_MODEL, create_model, load_checkpoint, save_checkpoint
 from starfish.pruning import prune, sparsify_
@@ -31,7 +32,7 @@ def measure(model_name: str, checkpoint: Path | None, sparsity: float, work: Pat
 
     torch.manual_seed(0)
     dense = create_model(model_name, checkpoint=checkpoint)
-    masks = prune(dense, "magnitude", sparsity)
+    masks = prune(dense, PruneConfig("magnitude", sparsity)).masks
     model = sparsify_(copy.deepcopy(dense), masks)
     pruned, out = work / "pruned.safetensors", work / "export.safetensors"
     save_checkpoint(pruned, model, model_name, masks=masks)

@@ -104,6 +104,7 @@ def cpu_rows(repeats: int = 20) -> list[dict[str, Any]]:
 def cuda_rows(repeats: int = 50) -> list[dict[str, Any]]:
     import copy
 
+    from starfish.config import PruneConfig
     from starfish.models import create_model
     from starfish.pruning import prune, sparsify_
 
@@ -111,7 +112,7 @@ def cuda_rows(repeats: int = 50) -> list[dict[str, Any]]:
     for dtype in (torch.float16, torch.bfloat16):
         torch.manual_seed(0)
         dense = create_model("deit_base_patch16_224", num_classes=1000).eval()
-        masks = prune(dense, "nm", 0.5, nm="2:4")
+        masks = prune(dense, PruneConfig("nm", 0.5, "2:4")).masks
         dense = sparsify_(dense, masks).to("cuda", dtype)
         sparse = copy.deepcopy(dense)
         skipped = to_semi_structured_(sparse, masks)

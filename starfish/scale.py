@@ -217,6 +217,7 @@ def _sample(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
 
 def _heal(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
     from starfish.capture import state_names
+    from starfish.config import PruneConfig
     from starfish.healing import heal_
     from starfish.healing.targets import state_bytes_per_image
     from starfish.rows import scratch_folder
@@ -233,7 +234,7 @@ def _heal(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
         start = time.perf_counter()
         images = calibration_images(cfg, manifest, dense)
         load_seconds = time.perf_counter() - start
-        masks = prune(dense, "magnitude", 0.5)
+        masks = prune(dense, PruneConfig("magnitude", 0.5)).masks
         model = sparsify_(dense_copy(dense), masks)
         start = time.perf_counter()
         report = heal_(model, dense, masks, images, cfg.heal)
@@ -348,7 +349,7 @@ def _solve(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
     row at once (the solver before `heal.solve_memory_mb`)."""
     import copy
 
-    from starfish.config import HealConfig
+    from starfish.config import HealConfig, PruneConfig
     from starfish.healing import heal_
     from starfish.healing.baselines import masked_least_squares
     from starfish.models import DEMO_CHECKPOINT, DEMO_MODEL, create_model
@@ -368,7 +369,7 @@ def _solve(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - start
 
     dense = create_model(DEMO_MODEL, checkpoint=DEMO_CHECKPOINT)
-    masks = prune(dense, "magnitude", 0.75)
+    masks = prune(dense, PruneConfig("magnitude", 0.75)).masks
     images = torch.randn(64, 1, 28, 28, generator=generator)
     results = []
     for budget in (1, 1e9):  # the smallest budget (a row or a few per solve); every row of a layer at once

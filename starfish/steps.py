@@ -37,9 +37,8 @@ from starfish import sparse_format
 from starfish.models import (checkpoint_bytes, create_model, load_checkpoint, read_checkpoint, resolve_device,
                              save_checkpoint)
 from starfish.precision import resolve_precision
-from starfish.pruning import held_back, prune, scope_weights, sparsify_
+from starfish.pruning import prune, sparsify_
 from starfish.pruning.masks import Masks
-from starfish.pruning.pruners import resolve_scope
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +132,7 @@ def prune_step(cfg: PipelineConfig, manifest: str | Path, out: str | Path) -> di
     model = dense_model(cfg)
     read_manifest(manifest)  # an input of the step even when the pruner reads no images
     images = calibration_images(cfg, manifest, model) if cfg.prune.method == "wanda" else None
-    masks = prune(model, cfg.prune.method, cfg.prune.sparsity, images=images, nm=cfg.prune.nm,
-                  global_ranking=cfg.prune.global_ranking, scope=cfg.prune.scope)
-    weights = scope_weights(model, resolve_scope(model, cfg.prune.scope))
-    held = held_back(weights, masks, cfg.prune.method, cfg.prune.sparsity, cfg.prune.nm, cfg.prune.global_ranking)
+    masks, held = prune(model, cfg.prune, images)
     sparsify_(model, masks)
     sparsity = measured_sparsity(model, list(masks))
     inputs = {"dense_sha256": _checkpoint_sha(cfg), "manifest_sha256": sha256_file(manifest)}

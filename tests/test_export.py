@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from starfish.cli import main
+from starfish.config import PruneConfig
 from starfish.io import read_json, sidecar_path
 from starfish.models import create_model, load_checkpoint, save_checkpoint
 from starfish.pruning import prune, sparsify_
@@ -19,7 +20,7 @@ from starfish.sparse_format import compress, decompress
 def test_export_round_trip_is_bit_exact_and_near_the_bitmask_ideal(sparsity: float, tmp_path: Path) -> None:
     torch.manual_seed(0)
     dense = create_model("deit_tiny_patch16_224", num_classes=10)
-    masks = prune(dense, "magnitude", sparsity)
+    masks = prune(dense, PruneConfig("magnitude", sparsity)).masks
     model = sparsify_(copy.deepcopy(dense), masks)
     with torch.no_grad():  # a kept weight that is exactly zero stays kept
         first = masks["blocks.0.mlp.fc1.weight"].nonzero()[0].tolist()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from starfish.config import HealConfig
+from starfish.config import HealConfig, PruneConfig
 from starfish.evaluate import check_masks_hold, predict
 from starfish.healing import heal_
 from starfish.rows import scratch_folder
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def pruned_on_cuda() -> tuple[torch.nn.Module, torch.nn.Module, Masks, torch.Tensor]:
     torch.manual_seed(0)
     dense = create_model("starfish_vit_fmnist").cuda()
-    masks = prune(dense, "magnitude", 0.75)
+    masks = prune(dense, PruneConfig("magnitude", 0.75)).masks
     images = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     return dense, sparsify_(copy.deepcopy(dense), masks), masks, images
 
@@ -85,7 +85,7 @@ def test_two_four_linears_run_as_semi_structured_sparse_tensors() -> None:
 
     torch.manual_seed(0)
     dense = create_model("deit_small_patch16_224", num_classes=10).eval()
-    masks = prune(dense, "nm", 0.5, nm="2:4")
+    masks = prune(dense, PruneConfig("nm", 0.5, nm="2:4")).masks
     dense = sparsify_(dense, masks).to("cuda", torch.float16)
     sparse = copy.deepcopy(dense)
     skipped = to_semi_structured_(sparse, masks)

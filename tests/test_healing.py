@@ -14,7 +14,7 @@ from torch import nn
 
 from starfish.calibration import stratified_indices
 from starfish.capture import ActivationCapture, block_names, state_names
-from starfish.config import VARIANTS, HealConfig, variant_config
+from starfish.config import VARIANTS, HealConfig, PruneConfig, variant_config
 from starfish.datasets import FashionMNIST
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold
@@ -39,7 +39,7 @@ def pruned_pair(sparsity: float = 0.5, seed: int = 0) -> tuple[nn.Module, nn.Mod
     """(dense, pruned copy, masks) of the demo ViT with seeded random weights."""
     torch.manual_seed(seed)
     dense = create_model("starfish_vit_fmnist")
-    masks = prune(dense, "magnitude", sparsity)
+    masks = prune(dense, PruneConfig("magnitude", sparsity)).masks
     return dense, sparsify_(copy.deepcopy(dense), masks), masks
 
 
@@ -277,7 +277,7 @@ def test_layerwise_reduces_layer_output_error() -> None:
 def test_layerwise_refuses_conv_scopes() -> None:
     torch.manual_seed(0)
     dense = timm.create_model("resnet10t", num_classes=10).eval()
-    masks = prune(dense, "magnitude", 0.5)
+    masks = prune(dense, PruneConfig("magnitude", 0.5)).masks
     model = sparsify_(copy.deepcopy(dense), masks)
     for method in ("layerwise", "bias-correction"):
         with pytest.raises(StarfishError, match="Linear layers only"):
@@ -289,7 +289,7 @@ def test_layerwise_refuses_conv_scopes() -> None:
 
 def test_starfish_loss_decreases_on_the_demo_vit(demo_checkpoint: Path, fmnist_train: FashionMNIST) -> None:
     dense = create_model("starfish_vit_fmnist", checkpoint=demo_checkpoint)
-    masks = prune(dense, "magnitude", 0.75)
+    masks = prune(dense, PruneConfig("magnitude", 0.75)).masks
     model = sparsify_(copy.deepcopy(dense), masks)
     indices = stratified_indices(fmnist_train.targets, 0.002, seed=0)  # 120 real images
     images = torch.stack([fmnist_train[i][0] for i in indices])
@@ -364,7 +364,7 @@ def test_a_logit_term_changes_the_objective() -> None:
 def test_the_recommended_preset_on_a_cnn_skips_the_linear_only_warm_start() -> None:
     torch.manual_seed(0)
     dense = create_model("starfish_cnn_fmnist")
-    masks = prune(dense, "magnitude", 0.75)
+    masks = prune(dense, PruneConfig("magnitude", 0.75)).masks
     model = sparsify_(copy.deepcopy(dense), masks)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = HealConfig.from_preset("recommended", steps=4, batch_size=8, holdout_every=2)
@@ -401,7 +401,7 @@ def test_layerwise_block_by_block_matches_whole_model_passes(monkeypatch: pytest
 def test_starfish_on_a_cnn_aligns_block_outputs() -> None:
     torch.manual_seed(0)
     dense = timm.create_model("resnet10t", num_classes=10).eval()
-    masks = prune(dense, "magnitude", 0.5)
+    masks = prune(dense, PruneConfig("magnitude", 0.5)).masks
     before_masks = clone_masks(masks)
     model = sparsify_(copy.deepcopy(dense), masks)
     before = {k: v.clone() for k, v in model.state_dict().items()}

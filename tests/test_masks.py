@@ -7,6 +7,7 @@ import timm
 import torch
 from torch import nn
 
+from starfish.config import PruneConfig
 from starfish.errors import StarfishError
 from starfish.pruning import PRUNERS, default_scope, nm_pattern_for, prune, scope_weights, sparsify_
 from starfish.pruning import masks as M
@@ -70,8 +71,8 @@ def test_global_ranking_through_the_magnitude_pruner() -> None:
     model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
     with torch.no_grad():
         model[0].weight.mul_(0.01)  # the first layer is all small: one threshold takes it whole...
-    masks = prune(model, "magnitude", 0.5, predicate=lambda name, m: isinstance(m, nn.Linear),
-                  global_ranking=True)
+    masks = prune(model, PruneConfig("magnitude", 0.5, global_ranking=True),
+                  predicate=lambda name, m: isinstance(m, nn.Linear)).masks
     assert int(masks["0.weight"].sum()) == 1  # ...but for its largest weight: a layer is never emptied
     assert bool(masks["0.weight"].view(-1)[model[0].weight.abs().argmax()])
     assert bool(masks["1.weight"].all())
@@ -95,7 +96,7 @@ def test_wanda_input_norm_changes_the_choice_versus_magnitude() -> None:
         model[0].weight.copy_(w)
     images = torch.tensor([[3.0, 0.0], [4.0, 1.0]])  # ||x_0|| = 5, ||x_1|| = 1
     linear = lambda name, module: isinstance(module, nn.Linear)  # noqa: E731
-    wanda = prune(model, "wanda", 0.5, images=images, predicate=linear)["0.weight"]
+    wanda = prune(model, PruneConfig("wanda", 0.5), images, predicate=linear).masks["0.weight"]
     # scores [[5, 2], [15, 1]]: row 0 now drops column 1, which plain magnitude keeps
     assert torch.equal(wanda, mask([[T, F], [T, F]]))
     plain = M.row_mask(w.abs(), 0.5, w.shape)
@@ -114,15 +115,15 @@ def test_wanda_conv_norm_covers_each_channels_kernel_columns() -> None:
     model = nn.Sequential(conv)
     images = torch.zeros(1, 2, 1, 2)
     images[0, 0] = 3.0  # channel 0: ||x|| = sqrt(2 * 9) ~ 4.24; channel 1: 0
-    keep = prune(model, "wanda", 0.5, images=images,
-                 predicate=lambda name, m: isinstance(m, nn.Conv2d))["0.weight"]
+    keep = prune(model, PruneConfig("wanda", 0.5), images,
+                 predicate=lambda name, m: isinstance(m, nn.Conv2d)).masks["0.weight"]
     # columns (c0k0, c0k1, c1k0, c1k1) score (4.24, 4.24, 0, 0): channel 1 goes despite |w| = 2
     assert torch.equal(keep.reshape(-1), torch.tensor([T, T, F, F]))
 
 
 def test_wanda_needs_images(vit: nn.Module) -> None:
     with pytest.raises(StarfishError, match="wanda needs calibration images"):
-        prune(vit, "wanda", 0.5)
+        prune(vit, PruneConfig("wanda", 0.5))
 
 
 # --- N:M -------------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ def test_nm_input_size_must_be_a_multiple_of_m() -> None:
 
 def test_nm_pruner_requires_matching_sparsity(vit: nn.Module) -> None:
     with pytest.raises(StarfishError, match="prune.sparsity=0.75"):
-        prune(vit, "nm", 0.5, nm="1:4")
+        prune(vit, PruneConfig("nm", 0.5, nm="1:4"))
 
 
 def test_parse_nm() -> None:
@@ -187,18 +188,17 @@ def test_nm_pattern_for_impossible_sparsity() -> None:
 
 
 @pytest.mark.parametrize("sparsity", [1.0, -0.1, 1.5])
-def test_sparsity_outside_unit_interval_raises(sparsity: float, vit: nn.Module) -> None:
+def test_sparsity_outside_unit_interval_raises(sparsity: float) -> None:
     w = torch.ones(2, 4)
     for call in (lambda: M.magnitude_mask(w, sparsity), lambda: M.row_mask(w, sparsity, w.shape),
-                 lambda: M.global_magnitude_masks({"w": w}, sparsity),
-                 lambda: prune(vit, "magnitude", sparsity)):
+                 lambda: M.global_magnitude_masks({"w": w}, sparsity), lambda: PruneConfig("magnitude", sparsity)):
         with pytest.raises(StarfishError, match=r"prune.sparsity=.* must be in \[0, 1\)"):
             call()
 
 
-def test_unknown_pruner_raises(vit: nn.Module) -> None:
-    with pytest.raises(StarfishError, match="unknown pruner 'bogus'"):
-        prune(vit, "bogus", 0.5)
+def test_unknown_pruner_raises() -> None:
+    with pytest.raises(StarfishError, match=r"unknown pruner 'bogus'; use one of \['magnitude', 'nm', 'wanda'\]"):
+        PruneConfig("bogus", 0.5)
 
 
 # --- invariants on the demo ViT --------------------------------------------------------------
@@ -244,7 +244,7 @@ def test_exact_sparsity_per_layer_on_the_demo_vit(vit: nn.Module, method: str, s
     torch.manual_seed(1)
     images = torch.randn(8, 1, 28, 28)
     before = {k: v.clone() for k, v in vit.state_dict().items()}
-    masks = prune(vit, method, sparsity, images=images, nm=nm)
+    masks = prune(vit, PruneConfig(method, sparsity, nm=nm), images).masks
     assert list(masks) == expected_scope()
     for name, v in vit.state_dict().items():
         assert torch.equal(v, before[name]), f"prune changed {name}"
@@ -265,7 +265,7 @@ def test_exact_sparsity_per_layer_on_the_demo_vit(vit: nn.Module, method: str, s
 
 def test_sparsify_zeros_exactly_the_masked_entries(vit: nn.Module) -> None:
     before = {k: v.clone() for k, v in vit.state_dict().items()}
-    masks = prune(vit, "magnitude", 0.5)
+    masks = prune(vit, PruneConfig("magnitude", 0.5)).masks
     assert sparsify_(vit, masks) is vit
     after = vit.state_dict()
     for name, value in after.items():
@@ -287,7 +287,7 @@ def test_exact_sparsity_per_layer_on_a_cnn(method: str) -> None:
     torch.manual_seed(0)
     model = timm.create_model("resnet10t", num_classes=10).eval()
     images = torch.randn(2, 3, 32, 32)
-    masks = prune(model, method, 0.5, images=images)
+    masks = prune(model, PruneConfig(method, 0.5), images).masks
     for name, keep in masks.items():
         rows = (~keep).reshape(keep.shape[0], -1)
         if method == "magnitude":

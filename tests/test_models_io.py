@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from starfish.config import PruneConfig
 from starfish.errors import StarfishError
 from starfish.io import (atomic_path, atomic_write_bytes, atomic_write_json, read_json, sha256_file, sidecar_path,
                          write_with_sidecar)
@@ -33,7 +34,7 @@ def assert_same_state(a: nn.Module, b: nn.Module) -> None:
 
 
 def test_safetensors_roundtrip_with_masks_and_metadata(vit: nn.Module, tmp_path: Path) -> None:
-    masks = prune(vit, "magnitude", 0.5)
+    masks = prune(vit, PruneConfig("magnitude", 0.5)).masks
     sparsify_(vit, masks)
     path = tmp_path / "pruned.safetensors"
     save_checkpoint(path, vit, "starfish_vit_fmnist", masks=masks, metadata={"sparsity": 0.5, "tag": ["a"]})
@@ -84,7 +85,7 @@ def test_a_write_deletes_the_temp_files_of_killed_writers_only(tmp_path: Path) -
 
 def test_equal_models_save_to_equal_bytes(vit: nn.Module, tmp_path: Path) -> None:
     """Several metadata keys came out in a varying order (1 save in 6): hashes and dvc.lock changed."""
-    masks = prune(vit, "magnitude", 0.5)
+    masks = prune(vit, PruneConfig("magnitude", 0.5)).masks
     digests = set()
     for i in range(12):
         save_checkpoint(tmp_path / f"{i}.safetensors", vit, "starfish_vit_fmnist", masks=masks,
@@ -200,7 +201,7 @@ def test_demo_cnn_roundtrip_keeps_batchnorm_statistics(tmp_path: Path) -> None:
     model = create_model("starfish_cnn_fmnist").train()
     with torch.no_grad():
         model(torch.randn(8, 1, 28, 28))  # moves the running statistics off their initial values
-    masks = prune(model.eval(), "magnitude", 0.5)
+    masks = prune(model.eval(), PruneConfig("magnitude", 0.5)).masks
     sparsify_(model, masks)
     save_checkpoint(tmp_path / "cnn.safetensors", model, "starfish_cnn_fmnist", masks=masks)
     loaded, loaded_masks, name = load_checkpoint(tmp_path / "cnn.safetensors")

@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 
+from starfish.config import PruneConfig
 from starfish.errors import StarfishError
 from starfish.pruning import prune, scope_weights
 from starfish.pruning.pruners import resolve_scope
@@ -21,7 +22,7 @@ def test_wanda_on_a_linear_fed_channels_last_inputs() -> None:
     """ConvNeXt with conv_mlp=False runs its MLP Linears on NHWC maps: norms are per last dim."""
     torch.manual_seed(0)
     model = timm.create_model("convnext_atto", conv_mlp=False, num_classes=10).eval()
-    masks = prune(model, "wanda", 0.5, images=images(64))
+    masks = prune(model, PruneConfig("wanda", 0.5), images(64)).masks
     fc1 = masks["stages.0.blocks.0.mlp.fc1.weight"]
     assert fc1.shape == (160, 40) and int(fc1.sum()) == 160 * 20  # 20 of 40 kept in every row
 
@@ -31,14 +32,11 @@ def test_per_row_rounding_never_empties_a_row_or_a_layer(caplog: pytest.LogCaptu
     torch.manual_seed(0)
     model = timm.create_model("efficientnet_b0", num_classes=10).eval()
     with caplog.at_level(logging.WARNING, logger="starfish.pruning.pruners"):
-        masks = prune(model, "wanda", 0.9, images=images(64, 2))
+        masks, held = prune(model, PruneConfig("wanda", 0.9), images(64, 2))
     expand = masks["blocks.1.0.se.conv_expand.weight"]
     assert expand.shape == (96, 4, 1, 1) and expand.reshape(96, -1).sum(1).tolist() == [1] * 96
     assert all(mask.reshape(mask.shape[0], -1).any(1).all() for mask in masks.values())
     assert "blocks.1.0.se.conv_expand.weight: keeps one weight per row" in caplog.text
-    from starfish.pruning import held_back
-
-    held = held_back(scope_weights(model), masks, "wanda", 0.9)
     assert held["blocks.1.0.se.conv_expand.weight"] == "keeps one weight per row"
 
 
@@ -55,7 +53,7 @@ def test_nm_on_convs_groups_input_channels_for_every_kernel_position() -> None:
     """The KRSC (channels-last) layout that sparse tensor cores take: 2 of every 4 input channels."""
     torch.manual_seed(0)
     model = timm.create_model("resnet18", num_classes=10)
-    masks = prune(model, "nm", 0.5, nm="2:4")
+    masks = prune(model, PruneConfig("nm", 0.5, nm="2:4")).masks
     conv = masks["layer1.0.conv1.weight"]  # (64, 64, 3, 3)
     groups = conv.permute(0, 2, 3, 1).reshape(-1, 4)
     assert groups.sum(1).eq(2).all()
@@ -65,7 +63,7 @@ def test_nm_skips_layers_whose_channels_do_not_tile_and_says_why(caplog: pytest.
     torch.manual_seed(0)
     model = timm.create_model("efficientnet_b0", num_classes=10)
     with caplog.at_level(logging.WARNING, logger="starfish.pruning.pruners"):
-        masks = prune(model, "nm", 0.5, nm="2:4")
+        masks = prune(model, PruneConfig("nm", 0.5, nm="2:4")).masks
     assert "blocks.1.0.se.conv_expand.weight" in masks  # 4 inputs tile
     assert "blocks.1.1.se.conv_expand.weight" not in masks  # 6 do not
     skipped = [name for name in scope_weights(model) if name not in masks]
@@ -73,7 +71,7 @@ def test_nm_skips_layers_whose_channels_do_not_tile_and_says_why(caplog: pytest.
     assert "blocks.1.1.se.conv_expand.weight: left dense: its 6 input channels do not tile by 4" in caplog.text
     assert all(mask.permute(0, 2, 3, 1).reshape(-1, 4).sum(1).eq(2).all() for mask in masks.values())
     with pytest.raises(StarfishError, match="no layer of the pruning scope"):
-        prune(timm.create_model("resnet18", num_classes=10), "nm", 0.8, nm="1:5")  # widths 64..512
+        prune(timm.create_model("resnet18", num_classes=10), PruneConfig("nm", 0.8, nm="1:5"))  # widths 64..512
 
 
 def test_grouped_convs_are_in_scope_and_depthwise_convs_are_not() -> None:
@@ -90,7 +88,7 @@ def test_grouped_convs_are_in_scope_and_depthwise_convs_are_not() -> None:
 
 def test_a_model_without_stages_is_refused_in_pruning_terms() -> None:
     with pytest.raises(StarfishError, match=r"s1..4`, so the pruning scope presets \(layers inside its stages\)"):
-        prune(torch.nn.Sequential(torch.nn.Linear(4, 4)), "magnitude", 0.5)
+        prune(torch.nn.Sequential(torch.nn.Linear(4, 4)), PruneConfig("magnitude", 0.5))
 
 
 def scoped(model: torch.nn.Module, scope: str) -> list[str]:
@@ -155,7 +153,7 @@ def test_every_pruner_on_every_family(family: str, pruner: str, sparsity: float)
     model = timm.create_model(name, num_classes=10, **kwargs).eval()
     size = kwargs.get("img_size", 224 if family == "levit" else 64)
     scope = scope_weights(model)
-    masks = prune(model, pruner, sparsity, images=images(size, 2) if pruner == "wanda" else None)
+    masks = prune(model, PruneConfig(pruner, sparsity), images(size, 2) if pruner == "wanda" else None).masks
     assert set(masks) <= set(scope) and (pruner == "nm" or set(masks) == set(scope))
     for layer, mask in masks.items():
         weight = scope[layer]

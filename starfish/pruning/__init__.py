@@ -3,14 +3,14 @@
 from starfish.pruning.pruners import (
     PRUNERS,
     SCOPE_PRESETS,
+    Pruned,
     Pruner,
     default_scope,
-    held_back,
     nm_pattern_for,
     prune,
     scope_weights,
     sparsify_,
 )
 
-__all__ = ["PRUNERS", "SCOPE_PRESETS", "Pruner", "default_scope", "held_back", "nm_pattern_for", "prune",
+__all__ = ["PRUNERS", "SCOPE_PRESETS", "Pruned", "Pruner", "default_scope", "nm_pattern_for", "prune",
            "scope_weights", "sparsify_"]

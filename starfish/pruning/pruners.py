@@ -1,16 +1,21 @@
-"""Registered pruners: each turns a model, its scope and a target sparsity into keep-masks.
+"""Registered pruners: functions with one signature that turn a model's scope into keep-masks.
 
-A pruner never changes the model; `sparsify_` applies the masks. Scope is chosen by a
-`(module name, module) -> bool` predicate; the default keeps to the Linear layers inside the
-blocks (attn.qkv, attn.proj, mlp.fc1, mlp.fc2) and the convolutions inside CNN stages, never
-the patch embedding, the stem or the head.
+    pruner(model, weights, images, cfg) -> masks
+
+`weights` are the scope's `{parameter name: weight}` (`scope_weights`), `images` the calibration
+images (None for pruners that read none), `cfg` a `PruneConfig` (`method`, `sparsity`, `nm`,
+`global_ranking`). A pruner never changes the model; `sparsify_` applies the masks.
+
+Scope is chosen by a `(module name, module) -> bool` predicate; the default keeps to the Linear
+layers inside the blocks (attn.qkv, attn.proj, mlp.fc1, mlp.fc2) and the convolutions inside
+CNN stages, never the patch embedding, the stem or the head.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -21,6 +26,9 @@ from starfish.models import device_of
 from starfish.pruning import masks as M
 from starfish.pruning.masks import Masks
 from starfish.registry import Registry
+
+if TYPE_CHECKING:
+    from starfish.config import PruneConfig
 
 log = logging.getLogger(__name__)
 
@@ -152,20 +160,20 @@ def sparsify_(model: nn.Module, masks: Masks) -> nn.Module:
 
 
 class Pruner(Protocol):
-    def __call__(self, model: nn.Module, weights: dict[str, nn.Parameter], sparsity: float,
-                 images: torch.Tensor | None, *, nm: str, global_ranking: bool) -> Masks: ...
+    def __call__(self, model: nn.Module, weights: dict[str, nn.Parameter], images: torch.Tensor | None,
+                 cfg: "PruneConfig") -> Masks: ...
 
 
 PRUNERS: Registry[Pruner] = Registry("pruner")
 
 
 @PRUNERS.register("magnitude")
-def magnitude(model: nn.Module, weights: dict[str, nn.Parameter], sparsity: float,
-              images: torch.Tensor | None, *, nm: str = "2:4", global_ranking: bool = False) -> Masks:
+def magnitude(model: nn.Module, weights: dict[str, nn.Parameter], images: torch.Tensor | None,
+              cfg: "PruneConfig") -> Masks:
     """Smallest |w| first, per layer (every layer at exactly `sparsity`) or globally over the scope."""
-    if global_ranking:
-        return M.global_magnitude_masks(dict(weights), sparsity)
-    return {name: M.magnitude_mask(weight, sparsity) for name, weight in weights.items()}
+    if cfg.global_ranking:
+        return M.global_magnitude_masks(dict(weights), cfg.sparsity)
+    return {name: M.magnitude_mask(weight, cfg.sparsity) for name, weight in weights.items()}
 
 
 class InputNormAccumulator:
@@ -202,8 +210,8 @@ def input_norms(model: nn.Module, layer_names: list[str], images: torch.Tensor,
 
 
 @PRUNERS.register("wanda")
-def wanda(model: nn.Module, weights: dict[str, nn.Parameter], sparsity: float,
-          images: torch.Tensor | None, *, nm: str = "2:4", global_ranking: bool = False) -> Masks:
+def wanda(model: nn.Module, weights: dict[str, nn.Parameter], images: torch.Tensor | None,
+          cfg: "PruneConfig") -> Masks:
     """Wanda: |W| * ||x|| ranked within each output row, norms from the calibration images.
 
     For a conv weight (out, in, kh, kw) each input channel's norm covers its kh*kw columns.
@@ -216,7 +224,7 @@ def wanda(model: nn.Module, weights: dict[str, nn.Parameter], sparsity: float,
     masks = {}
     for (name, weight), layer in zip(weights.items(), layers):
         masks[name] = M.row_mask(M.wanda_scores(weight, _column_norms(modules[layer], weight, norms[layer])),
-                                 sparsity, weight.shape)
+                                 cfg.sparsity, weight.shape)
     return masks
 
 
@@ -231,17 +239,17 @@ def _column_norms(module: nn.Module, weight: torch.Tensor, norms: torch.Tensor) 
 
 
 @PRUNERS.register("nm")
-def n_of_m(model: nn.Module, weights: dict[str, nn.Parameter], sparsity: float,
-           images: torch.Tensor | None, *, nm: str = "2:4", global_ranking: bool = False) -> Masks:
+def n_of_m(model: nn.Module, weights: dict[str, nn.Parameter], images: torch.Tensor | None,
+           cfg: "PruneConfig") -> Masks:
     """Semi-structured N:M by magnitude; `sparsity` must equal 1 - N/M."""
-    n, m = M.parse_nm(nm)
-    if abs(sparsity - (1 - n / m)) > 1e-9:
-        raise StarfishError(f"prune.nm={nm} gives sparsity {1 - n / m:g}, not prune.sparsity={sparsity:g}; "
+    n, m = M.parse_nm(cfg.nm)
+    if abs(cfg.sparsity - (1 - n / m)) > 1e-9:
+        raise StarfishError(f"prune.nm={cfg.nm} gives sparsity {1 - n / m:g}, not prune.sparsity={cfg.sparsity:g}; "
                             f"set prune.sparsity={1 - n / m:g} or pick another N:M")
     tiled = {name: weight for name, weight in weights.items() if weight.shape[1] % m == 0}
     if not tiled:
-        raise StarfishError(f"prune.nm={nm}: no layer of the pruning scope has a multiple of {m} input channels; "
-                            "pick another M")
+        raise StarfishError(f"prune.nm={cfg.nm}: no layer of the pruning scope has a multiple of {m} input "
+                            "channels; pick another M")
     return {name: M.nm_mask(weight.detach().abs(), n, m) for name, weight in tiled.items()}
 
 
@@ -254,44 +262,52 @@ def nm_pattern_for(sparsity: float) -> str:
     raise StarfishError(f"no N:M pattern with M in {NM_GROUP_SIZES} gives sparsity {sparsity:g}")
 
 
-def prune(model: nn.Module, method: str, sparsity: float, images: torch.Tensor | None = None,
-          predicate: ScopePredicate | None = None, nm: str = "2:4", global_ranking: bool = False,
-          scope: str = "default") -> Masks:
-    """Masks for `model`'s scope (`predicate`, else `prune.scope`) from the registered pruner
-    `method` (the model is not changed). A layer that an explicit scope names and N:M cannot
-    take is an error; under a preset it stays dense, named in the log."""
-    M.check_sparsity(sparsity)
-    pruner = PRUNERS.get(method)
-    weights = scope_weights(model, predicate or resolve_scope(model, scope))
-    if method == "nm" and predicate is None and is_scope_pattern(scope):
-        m = M.parse_nm(nm)[1]
+class Pruned(NamedTuple):
+    """A pruner's masks, and the layers it held back from the target: `{layer: why}`."""
+
+    masks: Masks
+    held_back: dict[str, str]
+
+
+def prune(model: nn.Module, cfg: "PruneConfig", images: torch.Tensor | None = None,
+          predicate: ScopePredicate | None = None) -> Pruned:
+    """Masks for `model`'s scope (`predicate`, else `cfg.scope`) from the registered pruner
+    `cfg.method` (the model is not changed), and the layers held back from `cfg.sparsity`. A
+    layer that an explicit scope names and N:M cannot take is an error; under a preset it stays
+    dense, named in the log."""
+    pruner = PRUNERS.get(cfg.method)
+    weights = scope_weights(model, predicate or resolve_scope(model, cfg.scope))
+    if cfg.method == "nm" and predicate is None and is_scope_pattern(cfg.scope):
+        m = M.parse_nm(cfg.nm)[1]
         untiled = [f"{name} ({weight.shape[1]} inputs)" for name, weight in weights.items() if weight.shape[1] % m]
         if untiled:
-            raise StarfishError(f"prune.nm={nm} cannot take {untiled[0]}{' and more' if len(untiled) > 1 else ''} "
-                                f"named by prune.scope: its input channels do not tile by {m}; leave it out of the scope")
-    masks = pruner(model, weights, sparsity, images, nm=nm, global_ranking=global_ranking)
-    held = held_back(weights, masks, method, sparsity, nm, global_ranking)
+            raise StarfishError(f"prune.nm={cfg.nm} cannot take {untiled[0]}{' and more' if len(untiled) > 1 else ''} "
+                                f"named by prune.scope: its input channels do not tile by {m}; leave it out of the "
+                                "scope")
+    masks = pruner(model, weights, images, cfg)
+    held = _held_back(weights, masks, cfg)
     if held:
-        log.warning("%d layers are held back from prune.sparsity=%g: %s", len(held), sparsity,
-                    "; ".join(f"{name}: {why}" for name, why in list(held.items())[:5]) + (" ..." if len(held) > 5 else ""))
-    log.info("%s pruned %d layers to %.3f", method, len(masks), sparsity)
-    return masks
+        log.warning("%d layers are held back from prune.sparsity=%g: %s", len(held), cfg.sparsity,
+                    "; ".join(f"{name}: {why}" for name, why in list(held.items())[:5])
+                    + (" ..." if len(held) > 5 else ""))
+    log.info("%s pruned %d layers to %.3f", cfg.method, len(masks), cfg.sparsity)
+    return Pruned(masks, held)
 
 
-def held_back(weights: dict[str, torch.Tensor], masks: Masks, method: str, sparsity: float, nm: str = "2:4",
-              global_ranking: bool = False) -> dict[str, str]:
+def _held_back(weights: dict[str, torch.Tensor], masks: Masks, cfg: "PruneConfig") -> dict[str, str]:
     """`{layer: why}` for the layers pruned less than asked: left dense by N:M, or keeping one
     weight per row (wanda) or per layer (magnitude) that the target would have removed."""
     held = {}
+    method, sparsity = cfg.method, cfg.sparsity
     for name, weight in weights.items():
         if name not in masks:
-            held[name] = f"left dense: its {weight.shape[1]} input channels do not tile by {M.parse_nm(nm)[1]}"
+            held[name] = f"left dense: its {weight.shape[1]} input channels do not tile by {M.parse_nm(cfg.nm)[1]}"
         elif method == "wanda" and M.capped_count(sparsity, weight[0].numel()) < round(sparsity * weight[0].numel()):
             held[name] = "keeps one weight per row"
-        elif method == "magnitude" and not global_ranking and \
+        elif method == "magnitude" and not cfg.global_ranking and \
                 M.capped_count(sparsity, weight.numel()) < round(sparsity * weight.numel()):
             held[name] = "keeps one weight in the layer"
-    if method == "magnitude" and global_ranking:
+    if method == "magnitude" and cfg.global_ranking:
         kept = {name: weights[name].detach().abs()[masks[name]] for name in masks}
         for name, values in kept.items():
             others = [v.min() for other, v in kept.items() if other != name and v.numel()]

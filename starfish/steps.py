@@ -13,10 +13,11 @@ import fcntl
 import io
 import logging
 import os
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -197,6 +198,19 @@ def export_step(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     log.info("exported %s: %d bytes, %.3fx of dense; pruned weights %.2f%% over the bitmask ideal", out, len(data),
              sizes["size_ratio"], 100 * sizes["pruned_weight_over_ideal"])
     return {"path": str(out), "sha256": meta["sha256"], **sizes}
+
+
+@contextlib.contextmanager
+def registration_inputs(cfg: PipelineConfig, manifest: str | Path, healed: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """What registering `healed` (the heal step's result) records, as `tracking.log_compress_run`'s
+    keyword arguments, so the recorder loads nothing: the healed model on the CPU and its masks,
+    an input example (the split's first two images, not all of it), the loss curve, and the
+    compressed export that is registered (in a temporary folder, gone when the block ends)."""
+    model, masks, _ = stored_model(cfg.replace(model={"device": "cpu"}), healed["path"])
+    example = calibration_images(cfg, manifest, model, limit=2)[:].numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        yield {"model": model, "masks": masks, "example": example, "curve": read_curve(healed["loss_curve"]),
+               "export": export_step(healed["path"], Path(tmp) / "model.sparse.safetensors")}
 
 
 def curve_path(healed: str | Path) -> Path:

@@ -23,12 +23,14 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from starfish.config import GateConfig, PipelineConfig
 from starfish.errors import StarfishError
 from starfish.io import atomic_write_bytes, read_json, sidecar_path
 from starfish.plots import save_png, subplots
+from starfish.pruning.masks import Masks
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +121,10 @@ def git_commit(cwd: str | Path = ".") -> str | None:
 
 
 def write_report(out_dir: str | Path, cfg: PipelineConfig, metrics: dict[str, Any], calibration: dict[str, Any],
-                 healed: dict[str, Any]) -> tuple[Path, Path]:
+                 healed: dict[str, Any], curve: list[dict[str, Any]]) -> tuple[Path, Path]:
     """Write `report.md` and `loss.png` (calibration and held-out loss per step) into `out_dir`;
-    `healed` is the heal step's result (checkpoint path, loss curve, wall time)."""
-    from starfish.steps import read_curve
-
+    `healed` is the heal step's result (checkpoint path, wall time), `curve` its loss curve."""
     out_dir = Path(out_dir)
-    curve = read_curve(healed["loss_curve"])
     heal_report = read_json(sidecar_path(healed["path"])).get("report", {})
     figure, axis = subplots(figsize=(5.5, 3.4))
     steps = [p["step"] for p in curve]
@@ -212,11 +211,15 @@ def _earlier_attempt(client: Any, experiment_id: str, model_name: str, key: str)
     return complete
 
 
-def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], pruned: dict[str, Any],
-                     healed: dict[str, Any], evaluation: dict[str, Any], model_name: str, uri: str,
+def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed: dict[str, Any],
+                     evaluation: dict[str, Any], model: torch.nn.Module, masks: Masks, example: np.ndarray,
+                     curve: list[dict[str, Any]], export: dict[str, Any], model_name: str, uri: str,
                      report_dir: str | Path, register_key: str, flow_run_id: str | None = None) -> dict[str, Any]:
     """Record one compressed model and register it as a version with alias `challenger`.
 
+    What is recorded comes in loaded: the healed `model` (on the CPU) and its `masks`, an input
+    `example`, the heal loss `curve`, and `export`, the compressed checkpoint that is registered
+    (`steps.export_step`'s result: its path and sizes); `healed` is the heal step's result.
     The gate is checked first, so a model that failed a check leaves no trace in MLflow.
     `register_key` names this registration: a retry finds a complete earlier attempt and reuses
     it, or removes an unfinished one first. The version's tags and the alias are set inside the
@@ -229,13 +232,10 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], pruned
 
     from starfish import serving
     from starfish.serving import CHECKPOINT
-    from starfish.steps import calibration_images, export_step, read_curve, stored_model
 
     metrics = read_json(evaluation["path"])
     check_registrable(metrics, cfg.gate)
-    report, plot = write_report(report_dir, cfg, metrics, calibration, healed)
-    model, masks, _ = stored_model(cfg.replace(model={"device": "cpu"}), healed["path"])
-    example = calibration_images(cfg, calibration["path"], model, limit=2)[:].numpy()  # not the whole split
+    report, plot = write_report(report_dir, cfg, metrics, calibration, healed, curve)
     with torch.no_grad():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
 
@@ -264,7 +264,7 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], pruned
                            for key, value in fields.items()})
         mlflow.log_metrics({**{key: float(metrics[key]) for key in METRICS},
                             "heal_seconds": float(healed["heal_seconds"])})
-        for point in read_curve(healed["loss_curve"]):
+        for point in curve:
             mlflow.log_metrics({f"heal_{k}": point[k] for k in ("calibration_loss", "holdout_loss")
                                 if point[k] is not None}, step=point["step"])
         with warnings.catch_warnings():  # MLflow registers two equal local sources and warns about it
@@ -278,19 +278,17 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], pruned
             mlflow.log_artifact(str(masks_file), "masks")
         for path in (report, plot, evaluation["path"], healed["loss_curve"], calibration["path"]):
             mlflow.log_artifact(str(path), "report")
-        with tempfile.TemporaryDirectory() as tmp:  # the registered model is the compressed checkpoint
-            compressed = Path(tmp) / "model.sparse.safetensors"
-            sizes = export_step(healed["path"], compressed)
-            with _LOG_LOCK:
-                info = mlflow.pyfunc.log_model(
-                    name=MODEL_ARTIFACT, python_model=str(Path(serving.__file__)), artifacts={CHECKPOINT: str(compressed)},
-                    input_example=example, signature=signature, pip_requirements=_pip_requirements(),
-                    code_paths=[str(Path(serving.__file__).parent)],  # starfish itself travels with the model
-                    registered_model_name=model_name)
+        with _LOG_LOCK:  # the registered model is the compressed checkpoint
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT, python_model=str(Path(serving.__file__)),
+                artifacts={CHECKPOINT: str(export["path"])}, input_example=example, signature=signature,
+                pip_requirements=_pip_requirements(),
+                code_paths=[str(Path(serving.__file__).parent)],  # starfish itself travels with the model
+                registered_model_name=model_name)
         model_version = str(info.registered_model_version)
         client.set_model_version_tag(model_name, model_version, "recovery", f"{metrics['recovery']:.6f}")
-        client.set_model_version_tag(model_name, model_version, "size_bytes", str(sizes["bytes"]))
-        client.set_model_version_tag(model_name, model_version, "size_ratio", f"{sizes['size_ratio']:.6f}")
+        client.set_model_version_tag(model_name, model_version, "size_bytes", str(export["bytes"]))
+        client.set_model_version_tag(model_name, model_version, "size_ratio", f"{export['size_ratio']:.6f}")
         client.set_model_version_tag(model_name, model_version, REGISTER_KEY_TAG, register_key)
         client.set_registered_model_alias(model_name, CHALLENGER, model_version)
     log.info("registered %s version %s (alias %s) from run %s", model_name, model_version, CHALLENGER,

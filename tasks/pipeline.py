@@ -137,10 +137,12 @@ def register(config: dict[str, Any], calibration: Ref, pruned: Ref, healed: Ref,
     out = output_dir("register", **params)
     for ref in (calibration, pruned, healed, evaluation):
         _checked(ref)
-    return tracking.log_compress_run(from_dict(config), calibration=calibration, pruned=pruned, healed=healed,
-                                     evaluation=evaluation, model_name=model_name, uri=tracking_uri,
-                                     report_dir=out, register_key=step_key("register", params),
-                                     flow_run_id=flow_run.id)
+    cfg = from_dict(config)
+    with steps.registration_inputs(cfg, calibration["path"], healed) as recorded:
+        return tracking.log_compress_run(cfg, calibration=calibration, healed=healed, evaluation=evaluation,
+                                         model_name=model_name, uri=tracking_uri, report_dir=out,
+                                         register_key=step_key("register", params), flow_run_id=flow_run.id,
+                                         **recorded)
 
 
 @task(name="promote_version", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),

@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test bench bench-timing scale export-sizes latency clean
+.PHONY: setup demo test lint bench bench-timing scale export-sizes latency clean
 
 setup: $(VENV)/.installed $(FMNIST)
 
@@ -27,6 +27,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# pycodestyle, pyflakes and import order, as configured in pyproject.toml.
+lint: setup
+	$(VENV)/bin/ruff check .
 
 # The committed benchmarks. Each grid saves its cells as they finish and resumes where it stopped;
 # run `make bench` in a second shell to use a second core (the two share every grid).

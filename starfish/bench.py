@@ -136,8 +136,9 @@ def run_bench(cfg: PipelineConfig, bench: BenchConfig, out: str | Path) -> list[
                     nm = nm_pattern_for(sparsity) if pruner == "nm" else cfg.prune.nm
                     keys = {h: cell_key(pruner, sparsity, fraction, seed, h) for h in bench.healers}
                     configs = {h: variant_config(cfg.heal, h, seed=seed) for h in bench.healers}
-                    fingerprints = {h: sha256_bytes(canonical_json({**context, "heal": result_fields("heal", asdict(configs[h])), "nm": nm,
-                                                                    "calibration_images": len(indices)}))
+                    fingerprints = {h: sha256_bytes(canonical_json({**context,
+                                                                    "heal": result_fields("heal", asdict(configs[h])),
+                                                                    "nm": nm, "calibration_images": len(indices)}))
                                     for h in bench.healers}
                     todo = [h for h in bench.healers if not _done(out, keys[h], fingerprints[h])]
                     if not todo:
@@ -272,7 +273,8 @@ def markdown_table(summary: dict[str, Any]) -> str:
         if cells:
             ratios = sorted(r["heal_over_plain"] for r in cells)
             steps = sorted({r["steps"] for r in cells})
-            lines.append(f"| {h} | {'/'.join(map(str, steps))} | {statistics.fmean(r['heal_seconds'] for r in cells):.1f}"
+            lines.append(f"| {h} | {'/'.join(map(str, steps))} | "
+                         f"{statistics.fmean(r['heal_seconds'] for r in cells):.1f}"
                          f" | {max(r['heal_seconds'] for r in cells):.1f} | "
                          + (f"{statistics.median(ratios):.2f} | {ratios[-1]:.2f} |" if ratios[-1] else "- | - |"))
     kept = [r for r in rows if r.get("kept_pruned")]

@@ -212,7 +212,8 @@ class ImageFolderDataset(Dataset):
         return Path(self.folder.samples[index][0]).read_bytes()
 
     def fingerprint(self) -> str:
-        return _stat_fingerprint([(sample_id, Path(path)) for sample_id, (path, _) in zip(self.ids, self.folder.samples)])
+        return _stat_fingerprint([(sample_id, Path(path))
+                                  for sample_id, (path, _) in zip(self.ids, self.folder.samples)])
 
     in_memory = False  # decoded and resized per item: the work loader workers share
 

@@ -170,8 +170,8 @@ class Cell:
 
 def cells() -> list[Cell]:
     return ([Cell("sample", n) for n in SIZES] + [Cell("heal", n, mode) for n in SIZES for mode in CACHE_MODES]
-            + [Cell("evaluate", workers=w) for w in (0, 2)] + [Cell("dvc", DVC_FILES)] + [Cell("flow", FLOW_SIZE, "disk")]
-            + [Cell("sizing"), Cell("solve")])
+            + [Cell("evaluate", workers=w) for w in (0, 2)] + [Cell("dvc", DVC_FILES)]
+            + [Cell("flow", FLOW_SIZE, "disk"), Cell("sizing"), Cell("solve")])
 
 
 def _config(tree: Path, **sections: dict[str, Any]) -> Any:
@@ -220,8 +220,8 @@ def _heal(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
     from starfish.config import PruneConfig
     from starfish.healing import heal_
     from starfish.healing.targets import state_bytes_per_image
-    from starfish.rows import scratch_folder
     from starfish.pruning import prune, sparsify_
+    from starfish.rows import scratch_folder
     from starfish.steps import calibration_images, dense_model, sample
 
     cfg = _config(tree, calibration={"fraction": _fraction(cell.size)},
@@ -506,9 +506,9 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
     solve = by[("solve", 0, "", 0)]
     lines += ["## layerwise at ViT-B width", "", f"The least-squares solve of a {solve['rows']} x {solve['width']} "
               f"layer (ViT-B's fc2; random inputs, half the weights kept) with the default "
-              f"`heal.solve_memory_mb=1024`: {solve['solve_seconds']} s, {solve['extra_memory_mb']} MB of memory beyond "
-              "the layer's statistics. On the demo model at 75% sparsity, `heal.solve_memory_mb=1` (1 to 16 rows per solve) "
-              "against every row of a layer at once: "
+              f"`heal.solve_memory_mb=1024`: {solve['solve_seconds']} s, {solve['extra_memory_mb']} MB of memory "
+              "beyond the layer's statistics. On the demo model at 75% sparsity, `heal.solve_memory_mb=1` (1 to 16 "
+              "rows per solve) against every row of a layer at once: "
               f"largest weight difference {solve['demo_max_abs_difference']:.1e}.", ""]
     lines += sizing_lines(by[("sizing", 0, "", 0)], serial["loader_images_per_s"])
     (out / "scale.md").write_text("\n".join(lines))
@@ -518,7 +518,8 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
         axes[0].plot(SIZES, [by[("heal", n, mode, 0)]["peak_anon_mb"] for n in SIZES], marker="o", label=mode)
         axes[1].plot(SIZES, [by[("heal", n, mode, 0)]["heal_seconds"] for n in SIZES], marker="o", label=mode)
     axes[0].set(xlabel="calibration images", ylabel="peak anonymous memory (MB)", title="heal memory by heal.cache")
-    axes[1].set(xlabel="calibration images", ylabel=f"heal seconds ({HEAL_STEPS} steps)", title="heal time by heal.cache")
+    axes[1].set(xlabel="calibration images", ylabel=f"heal seconds ({HEAL_STEPS} steps)",
+                title="heal time by heal.cache")
     for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
@@ -555,8 +556,9 @@ def sizing_lines(sizing: dict[str, Any], decode_per_core: float, images: int = 5
             f"Constants counted on `{sizing['model']}` by this benchmark: {p / 1e6:.1f}M parameters; one image's "
             f"block states {s / 2**20:.2f} MiB in float16; {a / 2**20:.0f} MiB of saved activations per image in a "
             f"training step; {f / 1e9:.1f} GFLOPs per image forward; decoding {decode_per_core:g} images/s per core "
-            f"(the loader alone above, on this tree's 256 px JPEGs: ImageNet's larger ones decode slower). Extrapolated with N = {images:,} calibration "
-            f"images, batch {batch}, {steps:,} steps, and an assumed {sustained_tflops:g} TFLOP/s sustained (TF32 "
+            "(the loader alone above, on this tree's 256 px JPEGs: ImageNet's larger ones decode slower). "
+            f"Extrapolated with N = {images:,} calibration images, batch {batch}, {steps:,} steps, and an assumed "
+            f"{sustained_tflops:g} TFLOP/s sustained (TF32 "
             "on an H100-class GPU, about a fifth of its peak): an extrapolation, not a measurement.", "",
             f"| quantity | formula | {images:,} images |", "|---|---|---|",
             *[f"| {name} | {formula} | {value} |" for name, formula, value in rows], ""]

@@ -24,22 +24,42 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Subset
 
-from starfish.calibration import (CalibrationImages, build_manifest, load_images, read_manifest, resolve_manifest,
-                                  write_manifest)
+from starfish import sparse_format
+from starfish.calibration import (
+    CalibrationImages,
+    build_manifest,
+    load_images,
+    read_manifest,
+    resolve_manifest,
+    write_manifest,
+)
 from starfish.config import PipelineConfig, result_fields
 from starfish.datasets import ImageDataset, load_dataset
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold, compare, measured_sparsity, predict
 from starfish.healing import heal_
-from starfish.rows import scratch_folder
-from starfish.io import (atomic_path, atomic_write_bytes, atomic_write_json, canonical_json, sha256_bytes,
-                         sha256_file, sidecar_path, write_with_sidecar)
-from starfish import sparse_format
-from starfish.models import (checkpoint_bytes, create_model, load_checkpoint, read_checkpoint, resolve_device,
-                             save_checkpoint)
+from starfish.io import (
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    canonical_json,
+    sha256_bytes,
+    sha256_file,
+    sidecar_path,
+    write_with_sidecar,
+)
+from starfish.models import (
+    checkpoint_bytes,
+    create_model,
+    load_checkpoint,
+    read_checkpoint,
+    resolve_device,
+    save_checkpoint,
+)
 from starfish.precision import resolve_precision
 from starfish.pruning import prune, sparsify_
 from starfish.pruning.masks import Masks
+from starfish.rows import scratch_folder
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +176,7 @@ def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out
     if name != cfg.model.name:
         raise StarfishError(f"pruned checkpoint {pruned} is a {name}, but model.name is {cfg.model.name}")
     with scratch_folder(Path(out).parent), \
-            contextlib.closing(calibration_images(cfg, manifest, dense)) as images:  # scratch files go beside the output
+            contextlib.closing(calibration_images(cfg, manifest, dense)) as images:  # scratch files beside the output
         start = time.perf_counter()
         report = heal_(model, dense, masks, images, cfg.heal)
         seconds = time.perf_counter() - start
@@ -193,8 +213,8 @@ def export_step(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     sizes = {"bytes": len(data), "dense_bytes": dense, "size_ratio": len(data) / dense,
              "pruned_weight_bytes": pruned, "pruned_weight_ideal_bytes": round(ideal),
              "pruned_weight_over_ideal": pruned / ideal - 1}
-    meta = write_with_sidecar(out, lambda path: path.write_bytes(data), inputs={"checkpoint_sha256": sha256_file(source)},
-                              sizes=sizes)
+    meta = write_with_sidecar(out, lambda path: path.write_bytes(data),
+                              inputs={"checkpoint_sha256": sha256_file(source)}, sizes=sizes)
     log.info("exported %s: %d bytes, %.3fx of dense; pruned weights %.2f%% over the bitmask ideal", out, len(data),
              sizes["size_ratio"], 100 * sizes["pruned_weight_over_ideal"])
     return {"path": str(out), "sha256": meta["sha256"], **sizes}

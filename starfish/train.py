@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from starfish.progress import progress
 
 from starfish.datasets import load_dataset
 from starfish.evaluate import top1_accuracy
 from starfish.io import sha256_file, write_with_sidecar
 from starfish.models import create_model, save_checkpoint
+from starfish.progress import progress
 
 log = logging.getLogger(__name__)
 

@@ -135,7 +135,8 @@ BAD_INPUTS = {
 }
 # Bad input only the prune step can see: it needs the model.
 PRUNE_INPUTS = {
-    "scope names nothing": (["--set", "prune.scope=blocks.*.mlp.fc9"], "prune.scope pattern 'blocks.*.mlp.fc9' names no"),
+    "scope names nothing": (["--set", "prune.scope=blocks.*.mlp.fc9"],
+                            "prune.scope pattern 'blocks.*.mlp.fc9' names no"),
     "N:M on a layer that cannot take it": (["--set", "prune.method=nm", "--set", "prune.nm=1:10", "--set",
                                             "prune.sparsity=0.9", "--set", "prune.scope=blocks.0.attn.qkv"],
                                            "prune.nm=1:10 cannot take blocks.0.attn.qkv.weight (64 inputs)"),

@@ -13,8 +13,15 @@ from PIL import Image
 from timm.data import resolve_data_config
 
 from starfish.calibration import build_manifest, load_images
-from starfish.datasets import (FashionMNIST, TensorTransform, _read_idx, load_dataset, loader_workers, make_loader,
-                               usable_cores)
+from starfish.datasets import (
+    FashionMNIST,
+    TensorTransform,
+    _read_idx,
+    load_dataset,
+    loader_workers,
+    make_loader,
+    usable_cores,
+)
 from starfish.errors import StarfishError
 from starfish.models import create_model
 from starfish.rows import scratch_folder

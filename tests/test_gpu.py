@@ -16,10 +16,10 @@ import torch
 from starfish.config import HealConfig, PruneConfig
 from starfish.evaluate import check_masks_hold, predict
 from starfish.healing import heal_
-from starfish.rows import scratch_folder
 from starfish.models import create_model
 from starfish.pruning import prune, sparsify_
 from starfish.pruning.masks import Masks
+from starfish.rows import scratch_folder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

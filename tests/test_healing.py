@@ -18,16 +18,14 @@ from starfish.config import VARIANTS, HealConfig, PruneConfig, variant_config
 from starfish.datasets import FashionMNIST
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold
-from starfish.healing import HEALERS, heal_
-from starfish.healing.baselines import masked_least_squares, solve_rows
-from starfish.healing import baselines
-from starfish.healing.baselines import PairedInputs
+from starfish.healing import HEALERS, baselines, heal_
+from starfish.healing.baselines import PairedInputs, masked_least_squares, solve_rows
 from starfish.healing.common import cosine_loss, masked_training, nmse_loss, split_calibration
 from starfish.healing.targets import available_memory, choose_mode
-from starfish.rows import FileRows, scratch_folder
 from starfish.models import create_model, load_checkpoint, save_checkpoint
 from starfish.pruning import prune, sparsify_
 from starfish.pruning.masks import Masks
+from starfish.rows import FileRows, scratch_folder
 
 
 def variant(name: str, **fields: object) -> HealConfig:

@@ -23,6 +23,7 @@ def test_two_four_masks_and_what_stays_dense_off_cuda() -> None:
     keep = torch.tensor([[True, False, True, False, False, True, True, False]])
     assert latency.is_two_four(keep) and not latency.is_two_four(torch.ones(1, 8, dtype=torch.bool))
     model = nn.Sequential(nn.Linear(8, 1), nn.Conv2d(1, 1, 1))
-    skipped = latency.to_semi_structured_(model, {"0.weight": keep, "1.weight": torch.ones(1, 1, 1, 1, dtype=torch.bool)})
+    masks = {"0.weight": keep, "1.weight": torch.ones(1, 1, 1, 1, dtype=torch.bool)}
+    skipped = latency.to_semi_structured_(model, masks)
     assert skipped == {"0.weight": "needs a CUDA fp16 or bf16 weight", "1.weight": "not a Linear layer"}
     assert model[0].weight.layout == torch.strided

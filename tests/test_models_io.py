@@ -15,10 +15,23 @@ from torch import nn
 
 from starfish.config import PruneConfig
 from starfish.errors import StarfishError
-from starfish.io import (atomic_path, atomic_write_bytes, atomic_write_json, read_json, sha256_file, sidecar_path,
-                         write_with_sidecar)
-from starfish.models import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, create_model, load_checkpoint, read_checkpoint,
-                             save_checkpoint)
+from starfish.io import (
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json,
+    sha256_file,
+    sidecar_path,
+    write_with_sidecar,
+)
+from starfish.models import (
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    create_model,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from starfish.pruning import prune, sparsify_
 
 

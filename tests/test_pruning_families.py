@@ -145,8 +145,8 @@ FAMILIES = {  # one small configuration per timm family, at a small input size w
 def test_every_pruner_on_every_family(family: str, pruner: str, sparsity: float) -> None:
     """Exact per-layer (or per-row, per-group) sparsity, no layer emptied, masks within the scope and held."""
     from starfish.evaluate import check_masks_hold
-    from starfish.pruning import sparsify_
     from starfish.pruning import masks as M
+    from starfish.pruning import sparsify_
 
     name, kwargs = FAMILIES[family]
     torch.manual_seed(0)

@@ -256,8 +256,12 @@ def test_sigkill_of_the_flow_command(step: str, reference: dict[str, Any], kill_
 def test_the_next_command_marks_the_killed_runs_crashed(kill_home: Path) -> None:
     """After the SIGKILL cells: their runs were left RUNNING; the next command's session ends that."""
     from prefect import get_client
-    from prefect.settings import (PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_DATABASE_CONNECTION_URL,
-                                  temporary_settings)
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_HOME,
+        PREFECT_SERVER_DATABASE_CONNECTION_URL,
+        temporary_settings,
+    )
 
     if len(MATRIX.get("SIGKILL", {})) != len(STEPS):
         pytest.skip("needs every SIGKILL cell")

@@ -22,9 +22,9 @@ from torch import nn
 
 from starfish.capture import ActivationCapture, stage_names
 from starfish.errors import StarfishError
-from starfish.models import device_of
 from starfish.healing.common import HEALERS, Images, Objective, align_, kd_loss, split_calibration
 from starfish.healing.targets import choose_mode
+from starfish.models import device_of
 from starfish.progress import progress
 from starfish.pruning import sparsify_
 from starfish.pruning.masks import Masks

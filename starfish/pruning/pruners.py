@@ -98,8 +98,9 @@ def resolve_scope(model: nn.Module, scope: str = "default") -> ScopePredicate:
     modules = [(name, module) for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(name, pattern) for name, _ in modules):
+            example = modules[0][0] if modules else "none"
             raise StarfishError(f"prune.scope pattern {pattern!r} names no Linear or Conv2d layer of "
-                                f"{type(model).__name__} (e.g. {modules[0][0] if modules else 'none'}); fix the pattern")
+                                f"{type(model).__name__} (e.g. {example}); fix the pattern")
     return lambda name, module: isinstance(module, (nn.Linear, nn.Conv2d)) and any(
         fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 

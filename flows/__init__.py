@@ -1,4 +1,4 @@
-"""Prefect flows that sequence the pipeline's tasks: `compress`, `sweep`, `promote`."""
+"""Prefect flows that sequence the pipeline's tasks: `compress`, `sweep`, `promote`, `watch`."""
 
 import logging
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 from prefect import Task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from starfish.config import PipelineConfig, variant_config
 from starfish.errors import StarfishError, error_line
 
 log = logging.getLogger("starfish.flows")
@@ -31,6 +35,21 @@ class StepStates:
         state = task(*args, return_state=True, **kwargs)
         self.states[task.name] = state.name
         return state.result()
+
+
+def point_config(base: PipelineConfig, sparsity: float | None = None, healer: str | None = None,
+                 pruner: str | None = None) -> PipelineConfig:
+    """One grid point's config: `base` with its pruner and sparsity, and the heal config of the
+    healer variant `healer` with `base`'s step budget (faithful keeps its own). The same in a
+    sweep's threads and in a compress run a sweep started on a worker."""
+    prune = {key: value for key, value in (("method", pruner), ("sparsity", sparsity)) if value is not None}
+    heal = asdict(variant_config(base.heal, healer)) if healer is not None else {}
+    return base.replace(**({"prune": prune} if prune else {}), **({"heal": heal} if heal else {}))
+
+
+def ran_on() -> str:
+    """Who ran this flow: the Prefect worker that started the process, else host and pid."""
+    return os.environ.get("PREFECT__WORKER_NAME") or f"{socket.gethostname()}:{os.getpid()}"
 
 
 def publish(flow: str, rows: list[dict[str, Any]], markdown: str, description: str) -> None:

@@ -3,6 +3,9 @@
 `python -m flows.compress` (what `make demo` runs) works on the embedded defaults: Prefect
 without a server, MLflow in sqlite:///mlflow.db, the calibration split from the local DVC
 stage. A second run with the same inputs reuses every finished step (state `Cached`).
+
+Its result is persisted as plain JSON, so a sweep that started it on a work pool reads it back
+(with a result storage every machine reaches; see docs/pipeline.md).
 """
 
 from __future__ import annotations
@@ -11,23 +14,26 @@ from typing import Any
 
 from prefect import flow
 
-from flows.common import StepStates, absolute, cli, markdown_table, publish, run_cli
+from flows.common import StepStates, absolute, cli, markdown_table, point_config, publish, ran_on, run_cli
 from flows.promote import promote as promote_flow
 from flows.session import flow_session
 from starfish import tracking
 from starfish.config import load_config
 from tasks import evaluate, heal, prune, register, sample_calibration
+from tasks.results import PlainJSON
 
 DEFAULT_WORKDIR = "out/compress"
 DEFAULT_CALIBRATION = "data/calibration.json"
 
 
-@flow(name="compress")
+@flow(name="compress", persist_result=True, result_serializer=PlainJSON())
 def compress(params: str | None = "params.yaml", overrides: list[str] | None = None,
              workdir: str = DEFAULT_WORKDIR, calibration: str = DEFAULT_CALIBRATION,
-             model_name: str | None = None, tracking_uri: str | None = None, promote: bool = True) -> dict[str, Any]:
-    """Compress one model and register it as `challenger`; with `promote`, then run the gate."""
-    cfg = load_config(params, overrides)
+             model_name: str | None = None, tracking_uri: str | None = None, promote: bool = True,
+             healer: str | None = None) -> dict[str, Any]:
+    """Compress one model and register it as `challenger`; with `promote`, then run the gate.
+    `healer` names a sweep's healer variant, which replaces the heal section (keeping its budget)."""
+    cfg = point_config(load_config(params, overrides), healer=healer)
     config, uri = cfg.to_dict(), tracking.tracking_uri(tracking_uri)
     tracking.preflight(uri)  # an unreachable store fails here, before any compute
     workdir, calibration = absolute(workdir), absolute(calibration)
@@ -54,7 +60,7 @@ def compress(params: str | None = "params.yaml", overrides: list[str] | None = N
         markdown_table(rows), ""]),
         f"{name} v{registered['version']}: recovery {evaluation['recovery']:.4f}")
     return {"calibration": split, "pruned": pruned, "healed": healed, "evaluation": evaluation,
-            "registered": registered, "promotion": decision, "states": run.states}
+            "registered": registered, "promotion": decision, "states": run.states, "ran_on": ran_on()}
 
 
 def main() -> None:

@@ -24,13 +24,16 @@ from typing import Iterator
 
 import httpx
 from prefect import get_client, tags
-from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, FlowRunFilterState,
-                                            FlowRunFilterStateType)
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterState, FlowRunFilterStateType
 from prefect.client.schemas.objects import StateType
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
-from prefect.settings import (PREFECT_API_URL, PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, get_current_settings,
-                              temporary_settings)
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW,
+    get_current_settings,
+    temporary_settings,
+)
 from prefect.states import Crashed
 
 from starfish.io import process_alive
@@ -105,8 +108,6 @@ def temporary_server() -> Iterator[None]:
             log.info("temporary Prefect server on %s (pid %d), stopped with this command", url, server.pid)
             yield
     finally:
-        for worker in (APILogWorker, EventsWorker):  # what the run still has to send, while the server is up
-            worker.drain_all(timeout=10)
         server.terminate()
         try:
             server.wait(timeout=10)
@@ -126,8 +127,18 @@ def _healthy(url: str) -> bool:
 def flow_session() -> Iterator[None]:
     """What a flow command runs its flow in: the server, orphans of dead commands marked
     Crashed, and this process's tag on every run it starts. Our log lines outside a flow run
-    stay on the console instead of warning that the API cannot take them."""
+    stay on the console instead of warning that the API cannot take them. What the runs still
+    have to send is sent before it ends."""
     with temporary_settings(updates={PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}), temporary_server():
         mark_orphans_crashed()
-        with tags(process_tag()):
-            yield
+        try:
+            with tags(process_tag()):
+                yield
+        finally:
+            _drain()
+
+
+def _drain() -> None:
+    """Send the logs and events still queued (a watch's event, say) before the command exits."""
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=10)

@@ -23,7 +23,7 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("starfish: error:")]
 
 
-@pytest.mark.parametrize("module", ["flows.compress", "flows.sweep", "flows.promote"])
+@pytest.mark.parametrize("module", ["flows.compress", "flows.sweep", "flows.promote", "flows.watch"])
 def test_a_bad_config_ends_in_one_line_before_the_flow(module: str, repo_root: Path, params_path: Path,
                                                        tmp_path: Path) -> None:
     result = run_flow(module, ["--params", str(params_path), "--set", "prune.sparsity=abc",
@@ -31,6 +31,16 @@ def test_a_bad_config_ends_in_one_line_before_the_flow(module: str, repo_root: P
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == ["starfish: error: prune.sparsity='abc' must be a number (float)"]
     assert result.stdout == "" and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_pool_sweep_with_a_store_on_one_machine_ends_in_one_line(repo_root: Path, params_path: Path,
+                                                                   tmp_path: Path) -> None:
+    result = run_flow("flows.sweep", ["--params", str(params_path), "--mode", "pool",
+                                      "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], repo_root, tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("starfish: error: a pool sweep registers from every worker") and "http://" in line
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_a_starfish_error_inside_a_flow_run_ends_in_one_line_without_a_traceback(repo_root: Path, params_path: Path,

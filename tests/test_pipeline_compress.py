@@ -132,7 +132,8 @@ def test_compress_logs_and_registers_everything(first_run: tuple[FlowRun, int], 
     with get_client(sync_client=True) as prefect:
         artifacts = prefect.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
-    assert {artifact.key for artifact in artifacts} == {"compress-table", "compress-summary"}
+    # the two summaries under stable keys, beside Prefect's record of the persisted flow result (no key)
+    assert {artifact.key for artifact in artifacts if artifact.key} == {"compress-table", "compress-summary"}
 
 
 def free_port() -> int:

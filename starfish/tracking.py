@@ -40,6 +40,7 @@ EXPERIMENT = "starfish"
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 REGISTER_KEY_TAG = "starfish.register_key"  # on the run and its version: one registration per key
+SPLIT_HASH_TAG = "starfish.calibration_split_hash"  # on the run: the calibration split it was healed on
 MODEL_ARTIFACT = "model"
 METRICS = ("dense_top1", "pruned_top1", "healed_top1", "recovery", "sparsity", "sparsity_drift")
 _PACKAGES = ("torch", "timm", "safetensors", "numpy")
@@ -251,7 +252,7 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
     manifest = read_json(calibration["path"])
     tags = {
         "mlflow.source.git.commit": git_commit() or "unknown",
-        "starfish.calibration_split_hash": calibration["split_hash"],
+        SPLIT_HASH_TAG: calibration["split_hash"],
         "starfish.calibration_dvc_md5": calibration["md5"],
         "starfish.model_name": cfg.model.name,
         "prefect.flow_run_id": flow_run_id or "none",
@@ -345,3 +346,18 @@ def promote(model_name: str, gate: GateConfig, uri: str, version: str | None = N
     return {"model_name": model_name, "version": str(candidate.version), "recovery": recovery,
             "promoted": promoted, "reasons": reasons,
             "champion": str(candidate.version) if promoted else (str(champion.version) if champion else None)}
+
+
+def champion_split(model_name: str, uri: str) -> dict[str, str] | None:
+    """The champion's version and the calibration split hash its run was healed on; None when
+    the model has no champion (or is not registered)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(uri)
+    try:
+        champion = client.get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        return None
+    tags = client.get_run(champion.run_id).data.tags
+    return {"version": str(champion.version), "split_hash": tags.get(SPLIT_HASH_TAG, "")}

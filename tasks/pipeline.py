@@ -138,6 +138,7 @@ def register(config: dict[str, Any], calibration: Ref, pruned: Ref, healed: Ref,
     for ref in (calibration, pruned, healed, evaluation):
         _checked(ref)
     cfg = from_dict(config)
+    tracking.check_registrable(evaluation, cfg.gate)  # before loading and exporting a model that stays out
     with steps.registration_inputs(cfg, calibration["path"], healed) as recorded:
         return tracking.log_compress_run(cfg, calibration=calibration, healed=healed, evaluation=evaluation,
                                          model_name=model_name, uri=tracking_uri, report_dir=out,

@@ -64,15 +64,15 @@ def _outcome(future: PrefectFuture) -> tuple[Any, str]:
     return None, f"{future.state.name}: {future.state.message}"
 
 
-def _local_rows(base: PipelineConfig, points: list[Point], calibration: str, workdir: str, name: str,
-                uri: str) -> list[dict[str, Any]]:
+def _local_rows(base: PipelineConfig, configs: dict[Point, PipelineConfig], calibration: str, workdir: str,
+                name: str, uri: str) -> list[dict[str, Any]]:
     """Every point on this process's task runner; each (pruner, sparsity) is pruned once."""
     split = sample_calibration(base.to_dict(), calibration)
     pruned: dict[tuple[str, float], PrefectFuture] = {}
     futures = []
-    for point in points:
-        pruner, sparsity, healer = point
-        config = point_config(base, sparsity, healer, pruner).to_dict()
+    for point, point_cfg in configs.items():
+        pruner, sparsity, _ = point
+        config = point_cfg.to_dict()
         if (pruner, sparsity) not in pruned:
             pruned[pruner, sparsity] = prune.submit(point_config(base, sparsity, pruner=pruner).to_dict(), split,
                                                     workdir)
@@ -170,10 +170,10 @@ def sweep(sparsities: list[float] = DEFAULT_SPARSITIES, healers: list[str] = DEF
     name = model_name or tracking.registered_model_name(base)
     points = [(pruner, sparsity, healer) for pruner in (pruners or [base.prune.method])
               for sparsity in sparsities for healer in healers]
-    for point in points:  # every point's config is checked here, before any compute
-        point_config(base, point[1], point[2], point[0])
+    # every point's config, checked here before any compute
+    configs = {point: point_config(base, point[1], point[2], point[0]) for point in points}
     if mode == "local":
-        rows = _local_rows(base, points, absolute(calibration), absolute(workdir), name, uri)
+        rows = _local_rows(base, configs, absolute(calibration), absolute(workdir), name, uri)
     elif mode == "pool":
         check_shared_store(uri)
         _check_deployment(deployment)

@@ -77,7 +77,8 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -91,7 +92,7 @@ def temporary_server() -> Iterator[None]:
     if settings.api.url:
         yield
         return
-    port, parent = _free_port(), os.getpid()
+    port, parent = free_port(), os.getpid()
     env = {**os.environ, **settings.to_environment_variables(exclude_unset=True), "PREFECT_UI_ENABLED": "0",
            "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}  # as Prefect's own temporary server
     command = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",

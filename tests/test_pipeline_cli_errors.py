@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from flows.session import free_port
 
 
 def run_flow(module: str, args: list[str], cwd: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -56,9 +57,7 @@ def test_a_starfish_error_inside_a_flow_run_ends_in_one_line_without_a_traceback
 
 def test_an_unreachable_tracking_server_fails_fast_before_any_compute(repo_root: Path, params_path: Path,
                                                                      tmp_path: Path) -> None:
-    with socket.socket() as probe:  # a loopback port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     start = time.monotonic()
     result = run_flow("flows.compress", ["--params", str(params_path), "--workdir", str(tmp_path / "work"),
                                          "--calibration", str(tmp_path / "calibration.json"),

@@ -26,6 +26,7 @@ from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
 from flows.compress import compress
+from flows.session import free_port
 from starfish import steps, tracking
 from starfish.config import GateConfig
 from starfish.errors import StarfishError
@@ -134,14 +135,6 @@ def test_compress_logs_and_registers_everything(first_run: tuple[FlowRun, int], 
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
     # the two summaries under stable keys, beside Prefect's record of the persisted flow result (no key)
     assert {artifact.key for artifact in artifacts if artifact.key} == {"compress-table", "compress-summary"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_the_champion_is_the_compressed_model_and_serves_what_the_healed_model_predicts(

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,17 +23,13 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
+from flows.session import free_port
+
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 NAME = "starfish-starfish-vit-fmnist"
 DRIFTING = 0.3333  # 1/3 of each layer cannot be pruned exactly: fails a tight drift gate
 OVERRIDES = ["heal.steps=8", "evaluate.max_samples=500", "gate.max_sparsity_drift=0.00001"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run(command: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> str:

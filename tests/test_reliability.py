@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from mlflow import MlflowClient
 
 import tasks
 from flows.compress import compress
-from flows.session import mark_orphans_crashed, temporary_server
+from flows.session import free_port, mark_orphans_crashed, temporary_server
 from starfish import steps, tracking
 from starfish.config import GateConfig
 from starfish.errors import StarfishError
@@ -55,11 +54,6 @@ def record(fault: str, step: str, outcome: str) -> None:
 
 
 # --- shared pieces --------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class MlflowServer:

@@ -8,7 +8,6 @@ variables set for the server only; the client talks HTTP to MLflow).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,16 +22,11 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.compress import compress
+from flows.session import free_port
 
 pytestmark = pytest.mark.slow
 BUCKET = "starfish-artifacts"
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serve(command: list[str], url: str, env: dict[str, str], log: Path) -> subprocess.Popen:

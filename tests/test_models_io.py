@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import starfish.io as io_module
 from starfish.config import PruneConfig
 from starfish.errors import StarfishError
 from starfish.io import (
@@ -324,3 +325,33 @@ def test_timm_kwargs_shape_the_model_and_travel_with_its_checkpoint(tmp_path: Pa
     assert_same_state(loaded, model)
     with pytest.raises(StarfishError, match="fix model.kwargs"):
         create_model("resnet18", kwargs={"img_size": 32})
+
+
+def _hashing_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    real = hashlib.new
+    monkeypatch.setattr(io_module.hashlib, "new", lambda name: calls.append(name) or real(name))
+    return calls
+
+
+def test_an_unchanged_file_is_hashed_once_and_a_rewrite_with_its_old_times_is_hashed_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 4096)
+    stat = path.stat()
+    monkeypatch.setattr(io_module, "RACY_NS", -1)  # as if it had been written long ago
+    calls = _hashing_calls(monkeypatch)
+    first = sha256_file(path)
+    assert sha256_file(path) == first and len(calls) == 1
+    path.write_bytes(b"b" * 4096)  # same size, and the old times put back: only ctime moves
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert sha256_file(path) == hashlib.sha256(b"b" * 4096).hexdigest() != first and len(calls) == 2
+
+
+def test_a_file_written_just_now_is_read_every_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 4096)
+    calls = _hashing_calls(monkeypatch)
+    sha256_file(path)
+    sha256_file(path)
+    assert len(calls) == 2  # a write within the same clock tick would not have moved its times

@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import httpx
 import pytest
+import servers
 from mlflow import MlflowClient
+from servers import Service
 
 import tasks
 from flows.compress import compress
@@ -54,36 +55,6 @@ def record(fault: str, step: str, outcome: str) -> None:
 
 
 # --- shared pieces --------------------------------------------------------------------------------
-
-
-class MlflowServer:
-    """A real `mlflow server` on loopback that can be killed and started again on the same port and store."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.port, self.process = folder, free_port(), None
-        self.uri = f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                   f"sqlite:///{self.folder / 'server.db'}", "--artifacts-destination",
-                   (self.folder / "artifacts").as_uri(), "--host", "127.0.0.1", "--port", str(self.port),
-                   "--workers", "1"]
-        log = (self.folder / "server.log").open("a")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while True:
-            assert self.process.poll() is None, (self.folder / "server.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.uri}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "mlflow server never answered"
-            time.sleep(0.3)
-
-    def kill(self) -> None:
-        os.killpg(self.process.pid, 9)
-        self.process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -358,12 +329,12 @@ def test_a_full_disk_is_one_line_and_exit_2_on_the_command_line(small_disk: Path
 # --- the tracking server --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    server.start()
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """A real `mlflow server` that a test can kill and start again on the same port and store."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    server = servers.mlflow_server(folder, (folder / "artifacts").as_uri()).start()
     yield server
-    if server.process.poll() is None:
-        server.kill()
+    server.kill()
 
 
 def test_the_tracking_server_down_from_the_start(reference: dict[str, Any], params_path: Path,
@@ -383,7 +354,7 @@ def test_the_tracking_server_down_from_the_start(reference: dict[str, Any], para
 
 @pytest.mark.parametrize("point", list(REGISTER_POINTS))
 def test_the_tracking_server_killed_during_registration(point: str, reference: dict[str, Any],
-                                                        mlflow_server: MlflowServer, params_path: Path,
+                                                        mlflow_server: Service, params_path: Path,
                                                         pipeline_overrides: list[str], tmp_path: Path) -> None:
     HOW["tracking server killed"] = (
         "A real `mlflow server` is SIGKILLed from inside `register`: just before the run's params are "
@@ -391,7 +362,7 @@ def test_the_tracking_server_killed_during_registration(point: str, reference: d
         "the alias is set; it is started again on the same port and store before the rerun. The "
         "gate's side: a version whose run did not finish can never be promoted "
         "(`test_the_gate_refuses_a_version_whose_run_did_not_finish`).")
-    uri = mlflow_server.uri
+    uri = mlflow_server.url
     before = {(v.name, v.version) for v in MlflowClient(uri).search_model_versions()}
     target = REGISTER_POINTS[point]
     import mlflow

@@ -8,76 +8,35 @@ variables set for the server only; the client talks HTTP to MLflow).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
-import boto3
-import httpx
 import mlflow
 import numpy as np
 import pytest
+import servers
 from mlflow import MlflowClient
+from servers import AWS, s3_client, s3_server
 
 from flows.compress import compress
-from flows.session import free_port
 
 pytestmark = pytest.mark.slow
 BUCKET = "starfish-artifacts"
-AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def serve(command: list[str], url: str, env: dict[str, str], log: Path) -> subprocess.Popen:
-    """Start a server process and wait until `url` answers."""
-    process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while True:
-        assert process.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return process
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"{url} never answered:\n{log.read_text()[-3000:]}"
-        time.sleep(0.5)
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    logs = tmp_path_factory.mktemp("moto")
-    process = serve([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], endpoint,
-                    {**os.environ, **AWS}, logs / "moto.log")
-    boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in AWS.items() if k != "AWS_DEFAULT_REGION"},
-                 region_name=AWS["AWS_DEFAULT_REGION"]).create_bucket(Bucket=BUCKET)
-    yield endpoint
-    stop(process)
+    service = s3_server(tmp_path_factory.mktemp("moto"), BUCKET)
+    yield service.url
+    service.stop()
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-               "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1"]
     env = {**os.environ, **AWS, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
-    process = serve(command, f"{url}/health", env, folder / "server.log")
-    yield url
-    stop(process)
+    service = servers.mlflow_server(tmp_path_factory.mktemp("mlflow-server"), f"s3://{BUCKET}/mlflow", env).start()
+    yield service.url
+    service.stop()
 
 
 def test_compress_through_an_mlflow_server_puts_artifacts_in_s3(
@@ -90,9 +49,7 @@ def test_compress_through_an_mlflow_server_puts_artifacts_in_s3(
     registered = result["registered"]
     assert registered["tracking_uri"] == mlflow_server
 
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                      region_name="us-east-1")
-    keys = [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+    keys = [item["Key"] for page in s3_client(s3_endpoint).get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
             for item in page.get("Contents", [])]
     run_keys = [key for key in keys if registered["run_id"] in key]
     for name in ("masks/masks.safetensors", "report/report.md", "report/loss.png", "report/metrics.json"):

@@ -1,0 +1,96 @@
+"""Real servers and workers on loopback for the tests: one way to start, wait for and stop them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import httpx
+
+from flows.session import free_port
+
+# moto accepts any keys; these keep boto3 from looking for real ones
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+class Service:
+    """One server or worker process in its own session (so its children stop with it), logging to
+    `<folder>/<name>.log`. It can be killed and started again with the same command and log.
+    A server has the `url` it answers on and the `health` URL that says it is up."""
+
+    def __init__(self, name: str, command: list[str], folder: Path, env: dict[str, str] | None = None,
+                 url: str | None = None, health: str | None = None) -> None:
+        self.name, self.command, self.folder, self.env = name, command, folder, env
+        self.url, self.health = url, health
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Service:
+        """Start it (if it is not running) and, with a health URL, wait until that answers (a server
+        error counts as not yet)."""
+        if self.running():
+            return self
+        with (self.folder / f"{self.name}.log").open("a") as log:
+            self.process = subprocess.Popen(self.command, env=self.env, cwd=self.folder, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while self.health is not None:
+            try:
+                if httpx.get(self.health, timeout=2).status_code < 500:
+                    return self
+            except httpx.HTTPError:
+                pass
+            assert self.running() and time.monotonic() < deadline, f"{self.name} did not start:\n{self.log()[-3000:]}"
+            time.sleep(0.3)
+        return self
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self) -> str:
+        return (self.folder / f"{self.name}.log").read_text()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no chance to clean up."""
+        if self.running():
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        """SIGTERM to the whole session; SIGKILL after 20 s."""
+        if self.running():
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def mlflow_server(folder: Path, artifacts: str, env: dict[str, str] | None = None) -> Service:
+    """An `mlflow server` (not started yet), its sqlite store in `folder`, its artifacts proxied to `artifacts`."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+               "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    return Service("mlflow-server", command, folder, env, url=url, health=f"{url}/health")
+
+
+def s3_server(folder: Path, *buckets: str) -> Service:
+    """A started moto S3 server holding the empty `buckets`; its `url` is the endpoint."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    service = Service("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], folder,
+                      {**os.environ, **AWS}, url=url, health=url).start()
+    client = s3_client(url)
+    for bucket in buckets:
+        client.create_bucket(Bucket=bucket)
+    return service
+
+
+def s3_client(endpoint: str):
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"], region_name=AWS["AWS_DEFAULT_REGION"])

@@ -22,7 +22,13 @@ import time
 from typing import Any, Literal
 
 from prefect import flow, get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    TaskRunFilter,
+    TaskRunFilterFlowRunId,
+    TaskRunFilterName,
+)
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
@@ -108,7 +114,7 @@ def _pool_rows(points: list[Point], deployment: str, params: str | None, overrid
     for point, run in finished.items():
         where = run.infrastructure_pid or ""
         if not run.state.is_completed():
-            rows.append(_row(point, None, "", f"{run.state.name}: {run.state.message}", where))
+            rows.append(_row(point, _evaluation(run), "", f"{run.state.name}: {run.state.message}", where))
             continue
         try:
             result = run.state.result()
@@ -119,6 +125,21 @@ def _pool_rows(points: list[Point], deployment: str, params: str | None, overrid
         rows.append(_row(point, result["evaluation"], result["registered"]["version"], run.state.name,
                          result["ran_on"]))
     return rows
+
+
+def _evaluation(run: FlowRun) -> dict[str, Any] | None:
+    """The metrics of a point that failed after its evaluate step (at registration's checks, say),
+    read from that step's stored result, as a local sweep's row has them; None if it has none."""
+    with get_client(sync_client=True) as client:
+        steps = client.read_task_runs(task_run_filter=TaskRunFilter(
+            flow_run_id=TaskRunFilterFlowRunId(any_=[run.id]), name=TaskRunFilterName(like_="evaluate")))
+    for step in steps:
+        if step.state is not None and step.state.is_completed():
+            try:
+                return step.state.result()
+            except Exception as exc:  # a row without metrics still says why the point failed
+                log.warning("cannot read the evaluation of %s (%s)", run.name, exc)
+    return None
 
 
 def check_shared_store(uri: str) -> None:

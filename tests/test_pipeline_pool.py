@@ -3,8 +3,10 @@
 A Prefect server, an MLflow server and two `prefect worker start` processes on a process-type
 work pool (concurrency limit 2, one run per worker). The repository is deployed with
 `prefect deploy --all` from a bare git repository, so every point's run clones it (`git_clone`)
-and pulls the calibration split from a DVC remote (`dvc pull`), as on a GPU worker. The sweep
-has one point that fails the gate's sparsity check on its worker; the others must not notice.
+and pulls the calibration split from a DVC remote (`dvc pull`), as on a GPU worker. The points'
+results go to an `s3-bucket` block on moto's S3 server, the storage the sweep reads them from;
+each process keeps a local folder of its own. The sweep has one point that fails the gate's
+sparsity check on its worker; the others must not notice.
 """
 
 from __future__ import annotations
@@ -12,16 +14,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import httpx
 import pytest
 from mlflow import MlflowClient
+from servers import AWS, Service, mlflow_server, s3_client, s3_server
 
 from flows.session import free_port
 
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 NAME = "starfish-starfish-vit-fmnist"
 DRIFTING = 0.3333  # 1/3 of each layer cannot be pruned exactly: fails a tight drift gate
+RESULTS_BUCKET, RESULTS_BLOCK = "starfish-results", "starfish-results"
 OVERRIDES = ["heal.steps=8", "evaluate.max_samples=500", "gate.max_sparsity_drift=0.00001"]
 
 
@@ -38,44 +40,22 @@ def run(command: list[str], cwd: Path, env: dict[str, str], timeout: float = 300
     return done.stdout + done.stderr
 
 
-class Services:
-    """Server and worker processes, each in its own session, stopped (and their children) at the end."""
+class Services(dict):
+    """The servers and workers by name, all killed at the end."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.processes = folder, {}
+    def start(self, service: Service) -> Service:
+        self[service.name] = service
+        return service.start()
 
-    def start(self, name: str, command: list[str], env: dict[str, str], health: str | None = None) -> None:
-        log = (self.folder / f"{name}.log").open("w")
-        process = subprocess.Popen(command, env=env, cwd=self.folder, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        self.processes[name] = process
-        deadline = time.monotonic() + 120
-        while health is not None:
-            try:
-                if httpx.get(health, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, \
-                f"{name} did not start:\n{self.log(name)[-3000:]}"
-            time.sleep(0.5)
+    def kill_all(self) -> None:
+        """Killed, not stopped: all they hold is in this test's folder, and a graceful stop takes seconds each."""
+        for service in self.values():
+            service.kill()
 
-    def log(self, name: str) -> str:
-        return (self.folder / f"{name}.log").read_text()
 
-    def stop(self, name: str) -> None:
-        process = self.processes.pop(name)
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-    def stop_all(self) -> None:
-        for name in list(self.processes):
-            self.stop(name)
+def local_storage(folder: Path, name: str) -> dict[str, str]:
+    """A process's own local result folder (cache-key records), as on a machine of its own."""
+    return {"PREFECT_LOCAL_STORAGE_PATH": str(folder / name / "results")}
 
 
 def bare_repository(repo_root: Path, folder: Path, remote: Path, env: dict[str, str]) -> Path:
@@ -105,26 +85,31 @@ def pool(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect_aws import AwsCredentials, S3Bucket
 
     folder = tmp_path_factory.mktemp("pool")
-    services = Services(folder)
-    prefect_port, mlflow_port = free_port(), free_port()
-    api, uri = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
+    services = Services()
+    prefect_port = free_port()
+    api = f"http://127.0.0.1:{prefect_port}/api"
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_HOME": str(folder / "home"),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
-           "PREFECT_LOCAL_STORAGE_PATH": str(folder / "results"),  # the result storage workers and sweep share
-           "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_EXTRA_LOGGERS": "starfish",
-           "MLFLOW_TRACKING_URI": uri}
+           "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_EXTRA_LOGGERS": "starfish"}
     try:
         database = f"sqlite+aiosqlite:///{folder / 'prefect.db'}"
-        services.start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                                          str(prefect_port)],
-                       {**env, "PREFECT_SERVER_DATABASE_CONNECTION_URL": database}, health=f"{api}/health")
+        services.start(Service("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                                  "--port", str(prefect_port)], folder,
+                               {**env, "PREFECT_SERVER_DATABASE_CONNECTION_URL": database}, url=api,
+                               health=f"{api}/health"))
         env["PREFECT_API_URL"] = api
-        services.start("mlflow-server", [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                                         f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination",
-                                         str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(mlflow_port)],
-                       env, health=f"{uri}/health")
+        uri = services.start(mlflow_server(folder, str(folder / "artifacts"), env)).url
+        env["MLFLOW_TRACKING_URI"] = uri
+        # the result storage workers and sweep share, as docs/pipeline.md sets it up: an S3 bucket block
+        s3 = services.start(s3_server(folder, RESULTS_BUCKET)).url
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            S3Bucket(bucket_name=RESULTS_BUCKET, credentials=AwsCredentials(
+                aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"], aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"],
+                region_name=AWS["AWS_DEFAULT_REGION"], aws_client_parameters={"endpoint_url": s3})).save(RESULTS_BLOCK)
+        env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = f"s3-bucket/{RESULTS_BLOCK}"
         bare = bare_repository(repo_root, folder, folder / "dvc-remote", env)
         source = folder / "source"
         with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
@@ -132,22 +117,23 @@ def pool(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             client.create_work_pool(WorkPoolCreate(name="starfish-control", type="process"))
         run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], source, {**env, "STARFISH_REPO": f"file://{bare}"})
         for worker in ("worker-a", "worker-b"):
-            services.start(worker, [str(BIN / "prefect"), "worker", "start", "--pool", "starfish-gpu", "--name", worker,
-                                    "--limit", "1", "--type", "process"], env)
+            services.start(Service(worker, [str(BIN / "prefect"), "worker", "start", "--pool", "starfish-gpu", "--name",
+                                            worker, "--limit", "1", "--type", "process"], folder,
+                                   {**env, **local_storage(folder, worker)}))
         with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
             deadline = time.monotonic() + 60
             while {w.name for w in client.read_workers_for_work_pool("starfish-gpu")} != {"worker-a", "worker-b"}:
-                assert time.monotonic() < deadline, services.log("worker-a")[-2000:] + services.log("worker-b")[-2000:]
+                assert time.monotonic() < deadline, "".join(services[w].log()[-2000:] for w in ("worker-a", "worker-b"))
                 time.sleep(0.5)
         started = time.monotonic()
         sweep = subprocess.run(
             [sys.executable, "-m", "flows.sweep", "--mode", "pool", "--sparsities", "0.5", "0.75", str(DRIFTING),
              "--healers", "starfish", "--tracking-uri", uri, *(f"--set={item}" for item in OVERRIDES)],
-            cwd=source, env=env, capture_output=True, text=True, timeout=600)
-        yield {"api": api, "uri": uri, "env": env, "source": source, "services": services, "sweep": sweep,
-               "sweep_seconds": time.monotonic() - started}
+            cwd=source, env={**env, **local_storage(folder, "sweep")}, capture_output=True, text=True, timeout=600)
+        yield {"api": api, "uri": uri, "s3": s3, "folder": folder, "env": env, "source": source,
+               "services": services, "sweep": sweep, "sweep_seconds": time.monotonic() - started}
     finally:
-        services.stop_all()
+        services.kill_all()
 
 
 def api_client(pool: dict[str, Any]):
@@ -206,6 +192,7 @@ def test_every_passing_point_is_registered_once_and_the_failure_stays_a_row(pool
     assert set(rows) == {0.5, 0.75, DRIFTING}
     failed = rows[DRIFTING]
     assert failed["version"] == "" and failed["status"].startswith("Failed") and "sparsity drift" in failed["status"]
+    assert 0 < failed["healed_top1"] <= 1 and failed["recovery"] > 0  # it failed after evaluating: metrics kept
     client = MlflowClient(pool["uri"])
     versions = sorted(str(v.version) for v in client.search_model_versions(f"name='{NAME}'"))
     assert versions == sorted([rows[0.5]["version"], rows[0.75]["version"]])
@@ -216,8 +203,27 @@ def test_every_passing_point_is_registered_once_and_the_failure_stays_a_row(pool
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == best["version"]
 
 
+def test_the_sweep_read_each_points_record_from_the_shared_s3_result_storage(pool: dict[str, Any]) -> None:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    completed = [row for row in sweep_rows(pool) if row["status"] == "Completed"]
+    assert len(completed) == 2 and all(row["healed_top1"] > 0 for row in completed)
+    s3 = s3_client(pool["s3"])
+    stored = {item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=RESULTS_BUCKET)
+              for item in page.get("Contents", [])}
+    with api_client(pool) as client:
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["compress"])))
+    records = [run.state.data.storage_key for run in runs if run.state.is_completed()]
+    assert len(records) == 2 and set(records) <= stored, (records, sorted(stored)[:20])
+    # nothing but cache keys on the machines' own disks: no worker shares a folder with the sweep
+    local = [path for name in ("worker-a", "worker-b", "sweep") for path in
+             (pool["folder"] / name / "results").glob("**/*") if path.is_file() and "cache-keys" not in path.parts]
+    keys = list((pool["folder"] / "worker-a" / "results" / "cache-keys").iterdir())
+    assert local == [] and keys
+
+
 def test_each_run_cloned_the_repository_and_pulled_the_split(pool: dict[str, Any]) -> None:
-    logs = pool["services"].log("worker-a") + pool["services"].log("worker-b")
+    logs = pool["services"]["worker-a"].log() + pool["services"]["worker-b"].log()
     steps = [line for line in logs.splitlines() if "Deployment step" in line or line.startswith("A   ")]
     print("\n".join(steps))
     for step in ("git_clone", "set_working_directory", "run_shell_script"):
@@ -230,7 +236,7 @@ def test_a_changed_calibration_split_fires_the_event_and_the_trigger_starts_comp
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
     for worker in ("worker-a", "worker-b"):  # the triggered run then waits, Scheduled, where the test sees it
-        pool["services"].stop(worker)
+        pool["services"][worker].kill()
 
     def triggered() -> list:
         with api_client(pool) as client:

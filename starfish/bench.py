@@ -26,7 +26,7 @@ import logging
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Subset
 
 from starfish.calibration import stratified_indices
-from starfish.config import VARIANTS, HealConfig, PipelineConfig, PruneConfig, result_fields, variant_config
+from starfish.config import VARIANTS, HealConfig, PipelineConfig, result_fields, variant_config
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold, measured_sparsity, predict
 from starfish.healing import heal_
@@ -145,9 +145,8 @@ def run_bench(cfg: PipelineConfig, bench: BenchConfig, out: str | Path) -> list[
                         expected += list(keys.values())
                         continue
                     try:
-                        prune_cfg = PruneConfig(method=pruner, sparsity=sparsity, nm=nm,
-                                                global_ranking=cfg.prune.global_ranking)
-                        masks = prune(dense, prune_cfg, images).masks
+                        # the params' other prune settings (scope, global ranking) hold, as the fingerprint says
+                        masks = prune(dense, replace(cfg.prune, method=pruner, sparsity=sparsity, nm=nm), images).masks
                     except StarfishError as exc:
                         if pruner != "nm":
                             raise

@@ -144,3 +144,16 @@ def test_nm_sparsity_that_does_not_fit_the_model_is_skipped(params_path: Path, d
     with pytest.raises(StarfishError, match="bench measured nothing"):
         run_bench(cfg, BenchConfig(sparsities=(0.9,), pruners=("nm",), healers=("none",), eval_samples=100),
                   tmp_path / "empty")
+
+
+def test_the_bench_prunes_with_the_params_scope(params_path: Path, demo_checkpoint: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    pruned: list = []
+    real = bench_module.prune
+    monkeypatch.setattr(bench_module, "prune", lambda model, cfg, images: pruned.append(real(model, cfg, images))
+                        or pruned[-1])
+    cfg = tiny_config(params_path, demo_checkpoint, "prune.scope=mlp")
+    run_bench(cfg, BenchConfig(sparsities=(0.5,), pruners=("magnitude",), healers=("none",), eval_samples=50),
+              tmp_path)
+    [result] = pruned
+    assert result.masks and all(".mlp." in name for name in result.masks)  # no attention layer was pruned

@@ -48,7 +48,7 @@ from starfish.steps import dataset, dense_model
 log = logging.getLogger(__name__)
 
 DEFAULT_HEALERS = ("none", "bias-correction", "layerwise", "logit-kd", "faithful", "starfish", "recommended")
-PLAIN_TIMED_STEPS = 200  # plain fwd+bwd passes timed per cell, scaled to the heal's steps
+PLAIN_TIMED_STEPS = 200  # plain fwd+bwd passes timed per cell (at most), scaled to the heal's steps
 
 
 @dataclass(frozen=True)
@@ -191,9 +191,10 @@ def measure_cell(dense: torch.nn.Module, masks: Masks, images: torch.Tensor, tes
                  eval_batch_size: int) -> dict[str, Any]:
     """Heal one copy of the pruned model and evaluate it: one bench row (without its grid keys)."""
     model = sparsify_(copy.deepcopy(dense), masks)
-    # The reference is timed right before each heal, so both see the same machine load.
-    per_step = (plain_step_seconds(model, images, heal_cfg.batch_size, PLAIN_TIMED_STEPS) / PLAIN_TIMED_STEPS
-                if heal_cfg.method != "none" else 0.0)
+    # The reference is timed right before each heal, so both see the same machine load; a short
+    # heal (a test's) gets as many passes as its steps, not the full PLAIN_TIMED_STEPS.
+    timed = min(PLAIN_TIMED_STEPS, heal_cfg.total_steps(len(images))) if heal_cfg.method != "none" else 0
+    per_step = plain_step_seconds(model, images, heal_cfg.batch_size, timed) / timed if timed else 0.0
     start = time.perf_counter()
     report = heal_(model, dense, masks, images, heal_cfg)
     seconds = time.perf_counter() - start

@@ -14,7 +14,8 @@ from typing import Any, Callable
 from prefect import Task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from starfish.config import PipelineConfig, variant_config
+from starfish import tracking
+from starfish.config import PipelineConfig, load_config, variant_config
 from starfish.errors import StarfishError, error_line
 
 log = logging.getLogger("starfish.flows")
@@ -77,6 +78,15 @@ def cli(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     return parser
+
+
+def check_before_prefect(args: argparse.Namespace) -> PipelineConfig:
+    """What a flow command checks before Prefect starts, so bad input ends in one line within
+    seconds: the config, and the tracking store (reachable, writable). The flows check the store
+    again, for runs started by a deployment."""
+    cfg = load_config(args.params, args.set)
+    tracking.preflight(tracking.tracking_uri(args.tracking_uri))
+    return cfg
 
 
 class _OneLineStarfishErrors(logging.Filter):

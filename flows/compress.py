@@ -14,7 +14,17 @@ from typing import Any
 
 from prefect import flow
 
-from flows.common import StepStates, absolute, cli, markdown_table, point_config, publish, ran_on, run_cli
+from flows.common import (
+    StepStates,
+    absolute,
+    check_before_prefect,
+    cli,
+    markdown_table,
+    point_config,
+    publish,
+    ran_on,
+    run_cli,
+)
 from flows.promote import promote as promote_flow
 from flows.session import flow_session
 from starfish import tracking
@@ -69,7 +79,7 @@ def main() -> None:
     parser.add_argument("--calibration", default=DEFAULT_CALIBRATION, help="calibration split path")
     parser.add_argument("--no-promote", action="store_true", help="register as challenger only")
     args = parser.parse_args()
-    load_config(args.params, args.set)  # a bad config ends here, in one line, before Prefect starts
+    check_before_prefect(args)
     with flow_session():
         result = compress(args.params, args.set, args.workdir, args.calibration, tracking_uri=args.tracking_uri,
                           promote=not args.no_promote)

@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.common import cli, markdown_table, publish, run_cli
+from flows.common import check_before_prefect, cli, markdown_table, publish, run_cli
 from flows.session import flow_session
 from starfish import tracking
 from starfish.config import load_config
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--model-name", default=None, help="registered model (default: from model.name)")
     parser.add_argument("--version", default=None, help="version to promote (default: the challenger)")
     args = parser.parse_args()
-    load_config(args.params, args.set)  # a bad config ends here, in one line, before Prefect starts
+    check_before_prefect(args)
     with flow_session():
         decision = promote(args.model_name, args.version, args.params, args.set, args.tracking_uri)
     print(f"{decision['model_name']} v{decision['version']}: "

@@ -36,7 +36,7 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.common import absolute, cli, markdown_table, point_config, publish, ran_on, run_cli
+from flows.common import absolute, check_before_prefect, cli, markdown_table, point_config, publish, ran_on, run_cli
 from flows.promote import promote as promote_flow
 from flows.session import flow_session
 from starfish import tracking
@@ -226,7 +226,7 @@ def main() -> None:
                         help="local: every point in this process; pool: each point a run of --deployment")
     parser.add_argument("--deployment", default=COMPRESS_DEPLOYMENT, help="the compress deployment (pool mode)")
     args = parser.parse_args()
-    load_config(args.params, args.set)  # a bad config ends here, in one line, before Prefect starts
+    check_before_prefect(args)
     if args.mode == "pool":
         check_shared_store(tracking.tracking_uri(args.tracking_uri))
     with flow_session():

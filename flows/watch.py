@@ -16,7 +16,7 @@ from typing import Any
 from prefect import flow
 from prefect.events import emit_event
 
-from flows.common import absolute, cli, run_cli
+from flows.common import absolute, check_before_prefect, cli, run_cli
 from flows.session import flow_session
 from starfish import tracking
 from starfish.config import load_config
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--calibration", default="data/calibration.json", help="calibration split path")
     parser.add_argument("--model-name", default=None, help="registered model (default: from model.name)")
     args = parser.parse_args()
-    load_config(args.params, args.set)  # a bad config ends here, in one line, before Prefect starts
+    check_before_prefect(args)
     with flow_session():
         outcome = watch_calibration(args.params, args.set, args.calibration, args.model_name, args.tracking_uri)
     if outcome["champion_version"] is None:

@@ -80,13 +80,12 @@ def cli(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def check_before_prefect(args: argparse.Namespace) -> PipelineConfig:
+def check_before_prefect(args: argparse.Namespace) -> None:
     """What a flow command checks before Prefect starts, so bad input ends in one line within
     seconds: the config, and the tracking store (reachable, writable). The flows check the store
     again, for runs started by a deployment."""
-    cfg = load_config(args.params, args.set)
+    load_config(args.params, args.set)
     tracking.preflight(tracking.tracking_uri(args.tracking_uri))
-    return cfg
 
 
 class _OneLineStarfishErrors(logging.Filter):

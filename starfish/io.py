@@ -45,11 +45,12 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
         unchanged = _identity(algorithm, os.fstat(handle.fileno())) == identity
+    hexdigest = digest.hexdigest()
     if unchanged and started - max(identity[4], identity[5]) > RACY_NS:
         if len(_DIGESTS) >= _REMEMBERED_AT_MOST:
             _DIGESTS.clear()
-        _DIGESTS[identity] = digest.hexdigest()
-    return digest.hexdigest()
+        _DIGESTS[identity] = hexdigest
+    return hexdigest
 
 
 def sha256_file(path: str | Path) -> str:

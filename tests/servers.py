@@ -94,3 +94,9 @@ def s3_server(folder: Path, *buckets: str) -> Service:
 def s3_client(endpoint: str):
     return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"],
                         aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"], region_name=AWS["AWS_DEFAULT_REGION"])
+
+
+def s3_keys(endpoint: str, bucket: str) -> set[str]:
+    """Every object key in `bucket`."""
+    pages = s3_client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return {item["Key"] for page in pages for item in page.get("Contents", [])}

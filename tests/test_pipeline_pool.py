@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import pytest
 from mlflow import MlflowClient
-from servers import AWS, Service, mlflow_server, s3_client, s3_server
+from servers import AWS, Service, mlflow_server, s3_keys, s3_server
 
 from flows.session import free_port
 
@@ -208,9 +208,7 @@ def test_the_sweep_read_each_points_record_from_the_shared_s3_result_storage(poo
 
     completed = [row for row in sweep_rows(pool) if row["status"] == "Completed"]
     assert len(completed) == 2 and all(row["healed_top1"] > 0 for row in completed)
-    s3 = s3_client(pool["s3"])
-    stored = {item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=RESULTS_BUCKET)
-              for item in page.get("Contents", [])}
+    stored = s3_keys(pool["s3"], RESULTS_BUCKET)
     with api_client(pool) as client:
         runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["compress"])))
     records = [run.state.data.storage_key for run in runs if run.state.is_completed()]

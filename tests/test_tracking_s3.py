@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import servers
 from mlflow import MlflowClient
-from servers import AWS, s3_client, s3_server
+from servers import AWS, s3_keys, s3_server
 
 from flows.compress import compress
 
@@ -49,8 +49,7 @@ def test_compress_through_an_mlflow_server_puts_artifacts_in_s3(
     registered = result["registered"]
     assert registered["tracking_uri"] == mlflow_server
 
-    keys = [item["Key"] for page in s3_client(s3_endpoint).get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
-            for item in page.get("Contents", [])]
+    keys = s3_keys(s3_endpoint, BUCKET)
     run_keys = [key for key in keys if registered["run_id"] in key]
     for name in ("masks/masks.safetensors", "report/report.md", "report/loss.png", "report/metrics.json"):
         assert any(key.endswith(name) for key in run_keys), (name, run_keys)

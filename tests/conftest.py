@@ -23,6 +23,13 @@ def single_torch_thread() -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def patient_temporary_servers() -> None:
+    """Flow commands start Prefect's temporary server with its 20 s deadline; beside the suite's
+    other worker on two cores it can take longer, so they get the 120 s the harness gets."""
+    os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+
+
+@pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Derived-data caches (dense predictions) in a session folder, for flow subprocesses too."""
     os.environ["STARFISH_CACHE_DIR"] = str(tmp_path_factory.mktemp("starfish-cache"))

@@ -22,6 +22,7 @@ import contextlib
 import copy
 import csv
 import io
+import itertools
 import logging
 import os
 import statistics
@@ -38,6 +39,7 @@ from starfish.config import VARIANTS, HealConfig, PipelineConfig, result_fields,
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold, measured_sparsity, predict
 from starfish.healing import heal_
+from starfish.healing.batchnorm import has_batchnorm
 from starfish.io import atomic_write_bytes, atomic_write_json, canonical_json, read_json, sha256_bytes
 from starfish.models import device_of
 from starfish.plots import save_png, subplots
@@ -57,6 +59,7 @@ class BenchConfig:
     pruners: tuple[str, ...] = ("magnitude", "wanda", "nm")
     healers: tuple[str, ...] = DEFAULT_HEALERS
     fractions: tuple[float, ...] | None = None  # calibration fractions; None: calibration.fraction
+    steps: tuple[int, ...] | None = None  # step budgets for every healer (presets' own too); None: heal.steps
     seeds: tuple[int, ...] = (0,)
     eval_samples: int | None = None
 
@@ -66,6 +69,8 @@ class BenchConfig:
             raise StarfishError(f"bench: unknown healer variant(s) {unknown}; use any of {list(VARIANTS)}")
         if not (self.sparsities and self.pruners and self.healers and self.seeds):
             raise StarfishError("bench: --sparsities, --pruners, --healers and --seeds each need a value")
+        if self.steps is not None and (not self.steps or min(self.steps) < 1):
+            raise StarfishError(f"bench: --steps {list(self.steps or [])}: give step budgets >= 1")
 
 
 def plain_step_seconds(model: torch.nn.Module, images: torch.Tensor, batch_size: int, steps: int) -> float:
@@ -108,8 +113,17 @@ def claim(lock: Path) -> Iterator[bool]:
     yield False
 
 
-def cell_key(pruner: str, sparsity: float, fraction: float, seed: int, healer: str) -> str:
-    return f"{pruner}_s{sparsity:g}_f{fraction:g}_seed{seed}_{healer}"
+def cell_key(pruner: str, sparsity: float, fraction: float, seed: int, healer: str, steps: int | None = None) -> str:
+    return f"{pruner}_s{sparsity:g}_f{fraction:g}_seed{seed}_{healer}" + (f"_steps{steps}" if steps else "")
+
+
+def heal_fingerprint_fields(heal: HealConfig, dense: torch.nn.Module) -> dict[str, Any]:
+    """The heal fields that decide a cell's result: `result_fields`, less `batchnorm` on a model
+    without BatchNorm, where every mode heals the same (so no ViT cell goes stale with its default)."""
+    fields = result_fields("heal", asdict(heal))
+    if not has_batchnorm(dense):
+        fields.pop("batchnorm", None)
+    return fields
 
 
 def run_bench(cfg: PipelineConfig, bench: BenchConfig, out: str | Path) -> list[dict[str, Any]]:
@@ -123,6 +137,7 @@ def run_bench(cfg: PipelineConfig, bench: BenchConfig, out: str | Path) -> list[
     dense_preds, targets = predict(dense, test, cfg.evaluate.batch_size, desc="evaluate dense")
     dense_top1 = float((dense_preds == targets).float().mean())
     fractions = bench.fractions or (cfg.calibration.fraction,)
+    budgets = bench.steps or (None,)
     context = {name: result_fields(name, asdict(getattr(cfg, name))) for name in ("model", "data", "prune")}
     context.update(test_images=len(targets), dense_top1=dense_top1)
     log.info("dense top-1 %.4f on %d test images", dense_top1, len(targets))
@@ -131,40 +146,39 @@ def run_bench(cfg: PipelineConfig, bench: BenchConfig, out: str | Path) -> list[
         for fraction in fractions:
             indices = stratified_indices(train.targets, fraction, seed)
             images = torch.stack([train[i][0] for i in indices])
-            for pruner in bench.pruners:
-                for sparsity in bench.sparsities:
-                    nm = nm_pattern_for(sparsity) if pruner == "nm" else cfg.prune.nm
-                    keys = {h: cell_key(pruner, sparsity, fraction, seed, h) for h in bench.healers}
-                    configs = {h: variant_config(cfg.heal, h, seed=seed) for h in bench.healers}
-                    fingerprints = {h: sha256_bytes(canonical_json({**context,
-                                                                    "heal": result_fields("heal", asdict(configs[h])),
-                                                                    "nm": nm, "calibration_images": len(indices)}))
-                                    for h in bench.healers}
-                    todo = [h for h in bench.healers if not _done(out, keys[h], fingerprints[h])]
-                    if not todo:
-                        expected += list(keys.values())
-                        continue
-                    try:
-                        # the params' other prune settings (scope, global ranking) hold, as the fingerprint says
-                        masks = prune(dense, replace(cfg.prune, method=pruner, sparsity=sparsity, nm=nm), images).masks
-                    except StarfishError as exc:
-                        if pruner != "nm":
-                            raise
-                        log.info("nm at sparsity %g does not fit this model (%s); skipped", sparsity, exc)
-                        continue
+            for pruner, sparsity, budget in itertools.product(bench.pruners, bench.sparsities, budgets):
+                nm = nm_pattern_for(sparsity) if pruner == "nm" else cfg.prune.nm
+                keys = {h: cell_key(pruner, sparsity, fraction, seed, h, budget) for h in bench.healers}
+                configs = {h: variant_config(cfg.heal, h, seed=seed, steps=budget) for h in bench.healers}
+                fingerprints = {h: sha256_bytes(canonical_json({**context,
+                                                                "heal": heal_fingerprint_fields(configs[h], dense),
+                                                                "nm": nm, "calibration_images": len(indices)}))
+                                for h in bench.healers}
+                todo = [h for h in bench.healers if not _done(out, keys[h], fingerprints[h])]
+                if not todo:
                     expected += list(keys.values())
-                    for healer in todo:
-                        with claim(out / "cells" / f"{keys[healer]}.lock") as mine:
-                            if not mine or _done(out, keys[healer], fingerprints[healer]):
-                                continue
-                            row = measure_cell(dense, masks, images, test, targets, dense_preds, configs[healer],
-                                               cfg.evaluate.batch_size)
-                            row.update(pruner=pruner if pruner != "nm" else f"nm ({nm})", sparsity=sparsity,
-                                       fraction=fraction, seed=seed, healer=healer,
-                                       calibration_images=len(indices), fingerprint=fingerprints[healer])
-                            atomic_write_json(out / "cells" / f"{keys[healer]}.json", row)
-                            log.info("%-10s %.2f f=%g seed %d %-18s recovery %.4f heal %.1fs", row["pruner"],
-                                     sparsity, fraction, seed, healer, row["top1"] / dense_top1, row["heal_seconds"])
+                    continue
+                try:
+                    # the params' other prune settings (scope, global ranking) hold, as the fingerprint says
+                    masks = prune(dense, replace(cfg.prune, method=pruner, sparsity=sparsity, nm=nm), images).masks
+                except StarfishError as exc:
+                    if pruner != "nm":
+                        raise
+                    log.info("nm at sparsity %g does not fit this model (%s); skipped", sparsity, exc)
+                    continue
+                expected += list(keys.values())
+                for healer in todo:
+                    with claim(out / "cells" / f"{keys[healer]}.lock") as mine:
+                        if not mine or _done(out, keys[healer], fingerprints[healer]):
+                            continue
+                        row = measure_cell(dense, masks, images, test, targets, dense_preds, configs[healer],
+                                           cfg.evaluate.batch_size)
+                        row.update(pruner=pruner if pruner != "nm" else f"nm ({nm})", sparsity=sparsity,
+                                   fraction=fraction, seed=seed, healer=healer,
+                                   calibration_images=len(indices), fingerprint=fingerprints[healer])
+                        atomic_write_json(out / "cells" / f"{keys[healer]}.json", row)
+                        log.info("%-10s %.2f f=%g seed %d %-18s recovery %.4f heal %.1fs", row["pruner"],
+                                 sparsity, fraction, seed, healer, row["top1"] / dense_top1, row["heal_seconds"])
     if not expected:
         raise StarfishError("bench measured nothing: no pruner fits any requested sparsity; change --sparsities")
     missing = [key for key in expected if not (out / "cells" / f"{key}.json").is_file()]
@@ -176,7 +190,8 @@ def run_bench(cfg: PipelineConfig, bench: BenchConfig, out: str | Path) -> list[
         row["recovery"] = row["top1"] / dense_top1
     summary = {"dense_top1": dense_top1, "test_images": len(targets), "model": cfg.model.name,
                "budget": {"steps": cfg.heal.steps, "epochs": cfg.heal.epochs}, "seeds": list(bench.seeds),
-               "fractions": list(fractions), "torch_threads": torch.get_num_threads(), "rows": rows}
+               "fractions": list(fractions), "steps_grid": list(bench.steps or []),
+               "torch_threads": torch.get_num_threads(), "rows": rows}
     write_outputs(out, summary)
     return rows
 
@@ -226,12 +241,12 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def grouped(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, list[float]]]:
-    """Recovery per (pruner, sparsity, fraction) and healer, one value per seed."""
+def grouped(rows: list[dict[str, Any]], by_steps: bool = False) -> dict[tuple, dict[str, list[float]]]:
+    """Recovery per (pruner, sparsity, fraction, steps if `by_steps` else None) and healer, one value per seed."""
     groups: dict[tuple, dict[str, list[float]]] = {}
     for r in rows:
-        groups.setdefault((r["pruner"], r["sparsity"], r["fraction"]), {}).setdefault(r["healer"], []).append(
-            r["recovery"])
+        key = (r["pruner"], r["sparsity"], r["fraction"], r["steps"] if by_steps else None)
+        groups.setdefault(key, {}).setdefault(r["healer"], []).append(r["recovery"])
     return groups
 
 
@@ -241,16 +256,20 @@ def markdown_table(summary: dict[str, Any]) -> str:
     healers = list(dict.fromkeys(r["healer"] for r in rows))
     seeds = summary["seeds"]
     several_fractions = len(summary["fractions"]) > 1
+    by_steps = bool(summary.get("steps_grid"))
     sizes = sorted({(r["fraction"], r["calibration_images"]) for r in rows})
     budget = summary["budget"]
     budget_text = f"{budget['steps']} Adam steps" if budget["steps"] else f"{budget['epochs']} epochs"
+    if by_steps:
+        budget_text = f"each budget of {summary['steps_grid']} Adam steps, with the cosine schedule over it"
     lines = [f"Dense top-1 {summary['dense_top1']:.4f} on {summary['test_images']} test images; calibration "
              + ", ".join(f"{n} images ({f:g})" for f, n in sizes) + f"; every gradient healer gets {budget_text} "
              f"(faithful: the authors' 10 epochs). Cells: recovery (healed / dense top-1)"
              + (f", mean ± std over seeds {seeds}." if len(seeds) > 1 else f", seed {seeds[0]}."), "",
-             "| pruner | sparsity | " + ("calibration | " if several_fractions else "") + " | ".join(healers) + " |",
-             "|---|---|" + ("---|" if several_fractions else "") + "---|" * len(healers)]
-    for (pruner, sparsity, fraction), cells in grouped(rows).items():
+             "| pruner | sparsity | " + ("calibration | " if several_fractions else "")
+             + ("steps | " if by_steps else "") + " | ".join(healers) + " |",
+             "|---|---|" + ("---|" if several_fractions else "") + ("---|" if by_steps else "") + "---|" * len(healers)]
+    for (pruner, sparsity, fraction, steps), cells in grouped(rows, by_steps).items():
         means = {h: _mean_std(v) for h, v in cells.items()}
         best = max(m for m, _ in means.values())
 
@@ -262,7 +281,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
             return f"**{text}**" if mean == best else text
 
         lines.append(f"| {pruner} | {sparsity:g} | " + (f"{fraction:g} | " if several_fractions else "")
-                     + " | ".join(show(h) for h in healers) + " |")
+                     + (f"{steps} | " if by_steps else "") + " | ".join(show(h) for h in healers) + " |")
     timed = [r for r in rows if r["healer"] != "none"]
     lines += ["", "Heal time, and heal time over as many plain forward+backward passes as the heal takes steps "
               "(timed on the same model just before):", "",
@@ -336,6 +355,26 @@ def plot_calibration_size(summary: dict[str, Any], path: Path) -> None:
     save_png(fig, path, dpi=120)
 
 
+def plot_steps(summary: dict[str, Any], path: Path) -> None:
+    """Recovery vs step budget, one panel per (pruner, sparsity): what each recipe needs."""
+    rows = summary["rows"]
+    panels = list(dict.fromkeys((r["pruner"], r["sparsity"]) for r in rows))
+    fig, axes = subplots(1, len(panels), figsize=(5 * len(panels), 4), sharey=False, squeeze=False)
+    for ax, (pruner, sparsity) in zip(axes[0], panels):
+        for healer in dict.fromkeys(r["healer"] for r in rows):
+            _errorbar_series(ax, [r for r in rows if (r["pruner"], r["sparsity"], r["healer"]) ==
+                                  (pruner, sparsity, healer)], "steps", healer)
+        ax.set_xscale("log")
+        ax.set_title(f"{pruner}, sparsity {sparsity:g}")
+        ax.set_xlabel("Adam steps (log)")
+        ax.set_ylabel("recovery")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(f"{summary['model']}: recovery vs step budget (cosine schedule over each budget)")
+    fig.tight_layout()
+    save_png(fig, path, dpi=120)
+
+
 def plot_curves(summary: dict[str, Any], path: Path) -> bool:
     """Calibration vs held-out alignment loss over the steps: the first pruner, seed and calibration
     size, one panel per gradient healer, one colour per sparsity."""
@@ -378,6 +417,8 @@ def write_outputs(out: Path, summary: dict[str, Any]) -> None:
     atomic_write_bytes(out / "bench.md", table.encode())
     if len(summary["fractions"]) > 1:
         plot_calibration_size(summary, out / "recovery_vs_calibration_size.png")
+    elif summary.get("steps_grid"):
+        plot_steps(summary, out / "recovery_vs_steps.png")
     else:
         plot_recovery(summary, out / "recovery_vs_sparsity.png")
     plot_curves(summary, out / "holdout_vs_calibration_loss.png")

@@ -34,6 +34,10 @@ def _print(result: dict) -> None:
     print(json.dumps(result, indent=2, sort_keys=True, default=str))
 
 
+def cmd_config(args: argparse.Namespace) -> None:
+    _print(_config(args).to_dict())
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     from starfish.steps import sample
 
@@ -123,6 +127,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     bench_cfg = BenchConfig(sparsities=tuple(args.sparsities), pruners=tuple(args.pruners),
                             healers=tuple(args.healers), seeds=tuple(args.seeds),
                             fractions=tuple(args.fractions) if args.fractions else None,
+                            steps=tuple(args.steps) if args.steps else None,
                             eval_samples=args.eval_samples)
     run_bench(_config(args), bench_cfg, args.out)
 
@@ -149,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
+    step("config", cmd_config, "print the effective configuration (params file, heal preset, overrides) that "
+         "every step would run with; runs nothing", names=True)
     p = step("sample", cmd_sample, "write the calibration split manifest")
     p.add_argument("--out", required=True, help="manifest path (.json)")
     p = step("prune", cmd_prune, "prune the dense model into a checkpoint with masks", names=True)
@@ -186,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="each seed: its own split and shuffle")
     p.add_argument("--fractions", type=float, nargs="+", default=None,
                    help="calibration fractions to sweep (default: calibration.fraction)")
+    p.add_argument("--steps", type=int, nargs="+", default=None,
+                   help="step budgets to sweep, for every healer (default: heal.steps; presets keep their own)")
     p.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N test images only")
     p = sub.add_parser("list", help="name the registered pruners and healers, the prune scopes, the heal presets "
                        "and the bench's healer variants", description="names that prune, heal and bench accept")

@@ -168,8 +168,9 @@ def prune_step(cfg: PipelineConfig, manifest: str | Path, out: str | Path) -> di
 def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out: str | Path) -> dict[str, Any]:
     """Heal the pruned checkpoint on the calibration split; write the healed checkpoint and loss curve.
 
-    The wall time is returned and logged, never written into the outputs: they hold only what
-    the inputs determine, so a rerun writes the same bytes and `dvc.lock` stays put."""
+    The wall times (the heal's, and its warm start's) are returned and logged, never written into
+    the outputs: they hold only what the inputs determine, so a rerun writes the same bytes and
+    `dvc.lock` stays put."""
     check_outputs(cfg, [out, curve_path(out)], [pruned, manifest])
     dense = dense_model(cfg)
     model, masks, name = pruned_checkpoint(cfg, pruned)
@@ -182,6 +183,8 @@ def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out
         seconds = time.perf_counter() - start
     check_masks_hold(model, masks)
     inputs = {"pruned_sha256": sha256_file(pruned), "manifest_sha256": sha256_file(manifest)}
+    timings = {"heal_seconds": seconds, **({"warm_start_seconds": report.pop("warm_start_seconds")}
+                                           if "warm_start_seconds" in report else {})}
     curve, curve_text = curve_path(out), curve_csv(report.pop("curve", [])).encode()
     atomic_write_bytes(curve, curve_text)  # a side output, first: the sidecar records its hash
     meta = write_with_sidecar(out, lambda path: save_checkpoint(path, model, name, masks=masks,
@@ -191,7 +194,7 @@ def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out
     if report.get("kept_pruned"):
         log.warning("healing did not improve the held-out alignment: %s holds the pruned weights", out)
     log.info("healed with %s in %.1fs", cfg.heal.method, seconds)
-    return {"path": str(out), "sha256": meta["sha256"], "heal_seconds": seconds, "loss_curve": str(curve)}
+    return {"path": str(out), "sha256": meta["sha256"], **timings, "loss_curve": str(curve)}
 
 
 def export_step(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:

@@ -7,15 +7,17 @@ import os
 import struct
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from starfish import bench as bench_module
-from starfish.bench import BenchConfig, claim, run_bench
+from starfish.bench import BenchConfig, claim, heal_fingerprint_fields, run_bench
 from starfish.config import HealConfig, load_config, variant_config
 from starfish.errors import StarfishError
 from starfish.io import read_json
+from starfish.models import create_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -104,7 +106,7 @@ def test_seeds_and_calibration_sizes(params_path: Path, demo_checkpoint: Path, t
     assert png_size(tmp_path / "recovery_vs_calibration_size.png") == (600, 480)
 
 
-def test_variants_share_the_budget_except_faithful() -> None:
+def test_variants_share_the_budget_except_faithful_and_fast() -> None:
     base = HealConfig(steps=300, holdout=0.2, batch_size=16)
     for name in ("logit-kd", "starfish", "recommended"):
         cfg = variant_config(base, name, seed=2)
@@ -112,8 +114,30 @@ def test_variants_share_the_budget_except_faithful() -> None:
     faithful = variant_config(base, "faithful", seed=2)
     assert (faithful.steps, faithful.epochs, faithful.holdout, faithful.batch_size) == (None, 10, 0.0, 16)
     assert variant_config(base, "starfish-holdout0", seed=0).holdout == 0.0
-    with pytest.raises(StarfishError, match="unknown healer variant 'fast'"):
-        variant_config(base, "fast")
+    fast = variant_config(base, "fast", seed=2)
+    assert (fast.steps, fast.holdout, fast.batch_size, fast.lr) == (400, 0.2, 16, 2e-3)
+    with pytest.raises(StarfishError, match="unknown healer variant 'quick'"):
+        variant_config(base, "quick")
+
+
+def test_a_budget_grid_gives_every_healer_each_budget_and_a_steps_column(
+        params_path: Path, demo_checkpoint: Path, tmp_path: Path) -> None:
+    rows = run_bench(tiny_config(params_path, demo_checkpoint), BenchConfig(sparsities=(0.75,), pruners=("magnitude",),
+                                               healers=("starfish", "fast"), steps=(2, 4), eval_samples=100), tmp_path)
+    assert sorted((r["healer"], r["steps"]) for r in rows) == [("fast", 2), ("fast", 4), ("starfish", 2),
+                                                                 ("starfish", 4)]
+    assert (tmp_path / "cells" / "magnitude_s0.75_f0.004_seed0_fast_steps2.json").is_file()
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "| pruner | sparsity | steps | starfish | fast |" in markdown
+    assert png_size(tmp_path / "recovery_vs_steps.png")[0] > 0
+
+
+def test_batchnorm_is_left_out_of_a_cell_fingerprint_only_where_the_model_has_none() -> None:
+    heal = HealConfig(batchnorm="train")
+    assert "batchnorm" not in heal_fingerprint_fields(heal, create_model("starfish_vit_fmnist"))
+    assert heal_fingerprint_fields(heal, create_model("starfish_cnn_fmnist"))["batchnorm"] == "train"
+    assert "batchnorm" not in heal_fingerprint_fields(replace(heal, batchnorm="frozen"),
+                                                      create_model("starfish_cnn_fmnist"))  # as before the field
 
 
 def test_a_cell_claimed_by_a_live_process_is_left_to_it(tmp_path: Path) -> None:

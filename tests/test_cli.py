@@ -130,7 +130,7 @@ BAD_INPUTS = {
     "zero heal steps": (["--set", "heal.steps=0"], "heal.steps=0 must be >= 1"),
     "steps and epochs": (["--set", "heal.steps=100", "--set", "heal.epochs=3"], "set exactly one budget"),
     "hold-out too large": (["--set", "heal.holdout=0.5"], "heal.holdout=0.5 must be in [0, 0.5)"),
-    "unknown preset": (["--set", "heal.preset=fast"], "heal.preset='fast': use one of"),
+    "unknown preset": (["--set", "heal.preset=quick"], "heal.preset='quick': use one of"),
     "unknown scope preset": (["--set", "prune.scope=qkv_fc"], "prune.scope='qkv_fc' is neither a preset"),
 }
 # Bad input only the prune step can see: it needs the model.

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import yaml
 
-from starfish.config import PipelineConfig, load_config
+from flows.common import point_config
+from starfish.cli import main
+from starfish.config import HEAL_PRESETS, HealConfig, PipelineConfig, from_dict, load_config, read_yaml, variant_config
 from starfish.errors import StarfishError
 
 
@@ -15,7 +21,58 @@ def test_repository_params_load(params_path: Path) -> None:
     assert cfg.calibration.fraction == 0.004 and cfg.heal.method == "starfish"
     assert cfg.heal.lr == 6e-4 and cfg.heal.batch_size == 32
     assert cfg.heal.steps == 1570 and cfg.heal.epochs is None  # the authors' budget: 10 x ceil(5000 / 32)
-    assert cfg.heal == load_config(None).heal  # params.yaml spells out the built-in defaults
+    assert cfg.heal == load_config(None).heal == HealConfig()
+    # the shipped file names the preset alone, so a preset chosen later is never overridden by it
+    assert list(yaml.safe_load(params_path.read_text())["heal"]) == ["preset"]
+
+
+@pytest.mark.parametrize("preset", list(HEAL_PRESETS))
+def test_every_preset_from_the_repository_root_is_what_runs(
+        preset: str, repo_root: Path, params_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Selected as a user selects it, with the shipped params.yaml, a preset heals with exactly its fields."""
+    expected = HealConfig.from_preset(preset)
+    chosen = load_config(params_path, [f"heal.preset={preset}"])
+    assert chosen.heal == expected
+    # written into the params file, as a DVC user edits it
+    edited = yaml.safe_load(params_path.read_text())
+    edited["heal"]["preset"] = preset
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
+    assert load_config(tmp_path / "params.yaml").heal == expected
+    # the CLI, from the repository root, reads ./params.yaml as every step does
+    monkeypatch.chdir(repo_root)
+    assert main(["config", "--set", f"heal.preset={preset}"]) == 0
+    assert json.loads(capsys.readouterr().out)["heal"] == asdict(expected)
+    # the compress flow: its config, as a dict to its tasks and back
+    assert from_dict(point_config(chosen).to_dict()).heal == expected
+
+
+def test_a_field_set_beside_a_preset_wins_and_the_log_says_what_it_replaced(
+        params_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="starfish.config"):
+        heal = load_config(params_path, ["heal.preset=fast", "heal.keep=best"]).heal
+    assert heal == HealConfig.from_preset("fast", keep="best")
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("heal preset 'fast'"))
+    assert "set on top: {'keep': 'best'}" in line and "replacing the preset's keep (preset: 'last')" in line
+
+
+def test_sweep_variants_keep_their_presets_own_budget() -> None:
+    base = load_config(None, ["heal.steps=300"]).heal
+    assert variant_config(base, "fast").steps == HEAL_PRESETS["fast"]["steps"]
+    assert variant_config(base, "recommended").steps == 300
+    assert variant_config(base, "fast", steps=100) == HealConfig.from_preset("fast", steps=100)
+
+
+def test_yaml_is_read_as_yaml_1_2_as_dvc_writes_it(tmp_path: Path) -> None:
+    assert read_yaml("a: 2:4\nb: yes\nc: 010\nd: 0x1f\ne: 1e-3\nf: 2026-12-01\ng: true\nh: -7\ni: .inf") == \
+        {"a": "2:4", "b": "yes", "c": 10, "d": 31, "e": 0.001, "f": "2026-12-01", "g": True, "h": -7,
+         "i": float("inf")}
+    params = tmp_path / "params.yaml"
+    params.write_text("prune:\n  nm: 2:4\n  sparsity: 0.5\n")  # unquoted, as `dvc exp run -S` rewrites it
+    assert load_config(params).prune.nm == "2:4"
+    params.write_text("prune:\n  nm: 24\n")
+    with pytest.raises(StarfishError, match="prune.nm='24' is not N:M"):
+        load_config(params)
 
 
 def test_the_step_budget_does_not_depend_on_the_split_size() -> None:
@@ -72,7 +129,10 @@ def test_overrides_are_typed_by_the_field() -> None:
     ("heal.holdout=0.5", "heal.holdout=0.5 must be in [0, 0.5)"),
     ("heal.holdout_every=0", "heal.holdout_every=0 must be >= 1"),
     ("heal.logit_weight=-1", "heal.logit_weight=-1.0 must be >= 0"),
-    ("heal.preset=fast", "heal.preset='fast': use one of"),
+    ("heal.preset=quick", "heal.preset='quick': use one of"),
+    ("prune.nm=124", "prune.nm='124' is not N:M"),
+    ("heal.batchnorm=eval", "heal.batchnorm='eval': use one of"),
+    ("heal.solver=lu", "heal.solver='lu': use one of"),
 ])
 def test_bad_overrides_name_the_field(override: str, message: str) -> None:
     with pytest.raises(StarfishError) as info:

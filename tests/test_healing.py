@@ -19,7 +19,14 @@ from starfish.datasets import FashionMNIST
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold
 from starfish.healing import HEALERS, baselines, heal_
-from starfish.healing.baselines import PairedInputs, masked_least_squares, solve_rows
+from starfish.healing.baselines import (
+    PairedInputs,
+    cg_least_squares,
+    masked_least_squares,
+    solve_rows,
+    sparsegpt_least_squares,
+)
+from starfish.healing.batchnorm import batchnorm_buffers
 from starfish.healing.common import cosine_loss, masked_training, nmse_loss, split_calibration
 from starfish.healing.targets import available_memory, choose_mode
 from starfish.models import create_model, load_checkpoint, save_checkpoint
@@ -403,7 +410,8 @@ def test_starfish_on_a_cnn_aligns_block_outputs() -> None:
     before_masks = clone_masks(masks)
     model = sparsify_(copy.deepcopy(dense), masks)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = heal_(model, dense, masks, random_images(8, (3, 48, 48)), HealConfig(epochs=2, batch_size=4))
+    report = heal_(model, dense, masks, random_images(8, (3, 48, 48)),
+                   HealConfig(epochs=2, batch_size=4, batchnorm="frozen"))
     assert report["states"] == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
     check_masks_hold(model, masks)
     assert all(torch.equal(masks[k], before_masks[k]) for k in masks)
@@ -411,6 +419,93 @@ def test_starfish_on_a_cnn_aligns_block_outputs() -> None:
     assert all(torch.equal(v, before[k]) for k, v in state.items() if k not in masks)  # BN stats included
     assert any(not torch.equal(state[k], before[k]) for k in masks)
     assert no_hooks(model) and no_hooks(dense)
+
+
+def cnn_pair() -> tuple[nn.Module, nn.Module, Masks]:
+    torch.manual_seed(0)
+    dense = timm.create_model("resnet10t", num_classes=10).eval()
+    masks = prune(dense, PruneConfig("magnitude", 0.5)).masks
+    return dense, sparsify_(copy.deepcopy(dense), masks), masks
+
+
+def test_batchnorm_train_mode_updates_the_statistics_once_per_step_and_never_on_the_held_out_slice(
+        fmnist_train: FashionMNIST) -> None:
+    dense = create_model("starfish_cnn_fmnist", checkpoint="data/demo/starfish_cnn_fmnist.safetensors")
+    masks = prune(dense, PruneConfig("magnitude", 0.75)).masks
+    model = sparsify_(copy.deepcopy(dense), masks)
+    dense_stats = {k: v.clone() for k, v in batchnorm_buffers(dense).items()}
+    images = torch.stack([fmnist_train[i][0] for i in range(16)])
+    report = heal_(model, dense, masks, images,
+                   HealConfig(epochs=2, batch_size=4, holdout=0.25, holdout_every=1, keep="last", batchnorm="train"))
+    assert report["steps"] == 6 and report["selected_step"] == 6  # 12 training images in batches of 4, twice
+    stats = batchnorm_buffers(model)
+    counts = {k: int(v - dense_stats[k]) for k, v in stats.items() if k.endswith("num_batches_tracked")}
+    assert counts and set(counts.values()) == {6}  # 7 held-out checks ran, none counted
+    assert any(not torch.equal(stats[k], dense_stats[k]) for k in stats if k.endswith("running_mean"))
+    assert all(torch.equal(v, dense_stats[k]) for k, v in batchnorm_buffers(dense).items())  # dense untouched
+    assert not any(m.training for m in model.modules())  # returned in eval mode
+
+
+def test_batchnorm_recalibrate_re_estimates_the_statistics_on_the_training_images() -> None:
+    dense, model, masks = cnn_pair()
+    images = random_images(12, (3, 48, 48))
+    report = heal_(model, dense, masks, images, HealConfig(steps=3, batch_size=4, holdout=0.0, batchnorm="recalibrate"))
+    assert report["batchnorm_recalibrated"] is True
+    first = model.conv1[1]  # the first BatchNorm: no other one before it normalizes its input
+    with torch.no_grad(), ActivationCapture(model, ["conv1.1"], inputs=True) as capture:
+        model(images)
+        x = capture.values["conv1.1"]
+    # a cumulative average over equal batches: the mean over all 12 images
+    assert torch.allclose(first.running_mean, x.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert int(first.num_batches_tracked) == 3
+
+
+def test_a_train_mode_heal_that_only_hurts_returns_the_pruned_batchnorm_statistics_too() -> None:
+    dense, model, masks = cnn_pair()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = heal_(model, dense, masks, random_images(16, (3, 48, 48)),
+                   HealConfig(steps=2, batch_size=4, lr=50.0, lr_min=50.0, holdout=0.25, batchnorm="train"))
+    assert report["kept_pruned"] is True
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def random_least_squares(rows: int = 24, width: int = 32, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(300, width, generator=g, dtype=torch.float64) @ torch.randn(width, width, generator=g,
+                                                                                 dtype=torch.float64)
+    x_dense = x + 0.3 * torch.randn(300, width, generator=g, dtype=torch.float64)
+    return x.T @ x, x.T @ x_dense, torch.randn(rows, width, generator=g, dtype=torch.float64)
+
+
+def test_sparsegpt_is_exact_when_the_pruned_columns_come_first() -> None:
+    gram, cross, w_dense = random_least_squares()
+    keep = torch.ones_like(w_dense, dtype=torch.bool)
+    keep[:, :20] = False  # every pruned column before every kept one: each column's update is the exact one
+    assert torch.allclose(sparsegpt_least_squares(gram, cross, w_dense, keep, 0.01, block=8),
+                          masked_least_squares(gram, cross, w_dense, keep, 0.01), atol=1e-9)
+
+
+def test_cg_solves_the_masked_systems_exactly() -> None:
+    gram, cross, w_dense = random_least_squares()
+    keep = torch.rand(w_dense.shape, generator=torch.Generator().manual_seed(3)) < 0.3
+    exact = masked_least_squares(gram, cross, w_dense, keep, 0.01)
+    start = sparsegpt_least_squares(gram, cross, w_dense, keep, 0.01)
+    solved = cg_least_squares(gram, cross, w_dense, keep, 0.01)
+    assert bool((solved[~keep] == 0).all())
+    assert float((solved - exact).abs().max()) < 1e-4 * float(exact.abs().max()) < float((start - exact).abs().max())
+
+
+def test_the_cg_warm_start_gives_the_exact_one_on_the_demo_vit() -> None:
+    dense, _, masks = pruned_pair(0.9)
+    images = random_images(24)
+    healed = {}
+    for solver in ("exact", "cg"):
+        model = sparsify_(copy.deepcopy(dense), masks)
+        heal_(model, dense, masks, images, HealConfig(method="layerwise", batch_size=8, solver=solver))
+        healed[solver] = model.state_dict()
+    # the same weights up to the conjugate gradients' tolerance: 1e-4 of the largest weight (float32 weights)
+    assert all(float((healed["cg"][k] - healed["exact"][k]).abs().max()) <= 1e-4 * float(healed["exact"][k].abs().max())
+               for k in masks)
 
 
 @pytest.mark.parametrize("loss, states", [("nmse", "last"), ("cosine", "blocks.1,blocks.3")])

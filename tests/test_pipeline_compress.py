@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,9 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from flows.compress import compress
 from flows.session import free_port
 from starfish import steps, tracking
-from starfish.config import GateConfig
+from starfish.config import GateConfig, HealConfig
 from starfish.errors import StarfishError
-from starfish.io import read_json, sha256_file
+from starfish.io import read_json, sha256_file, sidecar_path
 
 pytestmark = pytest.mark.slow
 STEPS = ["sample_calibration", "prune", "heal", "evaluate", "register"]
@@ -106,6 +106,10 @@ def test_compress_logs_and_registers_everything(first_run: tuple[FlowRun, int], 
     assert tags["starfish.model_name"] == "starfish_vit_fmnist"
     assert tags["prefect.flow_run_id"] == run.id
     assert logged.data.params["heal.steps"] == "8" and logged.data.params["prune.sparsity"] == "0.5"
+    # the heal ran, and recorded, exactly the shipped params' preset with the one field the run set
+    effective = asdict(HealConfig.from_preset("default", steps=8))
+    assert read_json(sidecar_path(run.result["healed"]["path"]))["config"]["heal"] == effective
+    assert {key: logged.data.params[f"heal.{key}"] for key in effective} == {k: str(v) for k, v in effective.items()}
     for key in tracking.METRICS:
         assert logged.data.metrics[key] == pytest.approx(evaluation[key])
     assert logged.data.metrics["heal_seconds"] == pytest.approx(run.result["healed"]["heal_seconds"])

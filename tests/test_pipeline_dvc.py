@@ -102,6 +102,33 @@ def test_dvc_repro_runs_the_stages_then_only_what_changed(project: Path) -> None
     assert sh(project, "dvc", "status").strip() == "Data and pipelines are up to date."
 
 
+def test_dvc_experiments_set_params_and_a_failed_one_changes_nothing(project: Path) -> None:
+    """`dvc exp run -S` rewrites params.yaml with ruamel.yaml, so `nm: 2:4` comes back unquoted
+    (YAML 1.1 would read the base-60 integer 124): the stages still read it as the pattern."""
+    before = (project / "params.yaml").read_text()
+    assert "nm: '2:4'" in before  # written by PyYAML, quoted, before DVC rewrites it
+    done = sh(project, "dvc", "exp", "run", "-S", "prune.sparsity=0.75")
+    assert "Running stage 'prune'" in done and "Running stage 'calibrate'" not in done
+    written = yaml.safe_load((project / "params.yaml").read_text())
+    assert "nm: 2:4\n" in (project / "params.yaml").read_text() and written["prune"]["sparsity"] == 0.75
+    metrics = json.loads((project / "out" / "dvc" / "metrics.json").read_text())
+    assert metrics["sparsity"] == pytest.approx(0.75)
+    shown = json.loads(sh(project, "dvc", "exp", "show", "--json"))
+    listed = [rev["data"]["params"]["params.yaml"]["data"]["prune"] for commit in shown
+              for exp in commit.get("experiments") or [] for rev in exp["revs"]]
+    assert {"method": "magnitude", "sparsity": 0.75, "nm": "2:4", "global_ranking": False} in listed
+    sh(project, "git", "checkout", "-q", "--", "params.yaml", "dvc.lock")
+    sh(project, "dvc", "checkout", "-q")
+
+    # As the docs say: an experiment in a temporary copy (--temp) that fails leaves the workspace as it was.
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
+    failed = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-S", "prune.sparsity=1.5"],
+                            cwd=project, env=env, capture_output=True, text=True)
+    assert failed.returncode != 0 and "prune.sparsity=1.5 must be in [0, 1)" in failed.stdout + failed.stderr
+    assert (project / "params.yaml").read_text() == before
+    assert sh(project, "git", "status", "--porcelain", "params.yaml", "dvc.lock") == ""
+
+
 def test_new_seed_new_split_and_old_commit_same_split_and_metrics(
         project: Path, prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(project)

@@ -10,6 +10,9 @@ of the pruned weights (True = kept), `images` the unlabeled calibration images, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+import logging
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -26,11 +29,14 @@ from starfish.pruning.masks import Masks
 if TYPE_CHECKING:
     from starfish.config import HealConfig
 
+log = logging.getLogger(__name__)
+
 
 def heal_(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
           cfg: "HealConfig") -> dict[str, object]:
     """Heal `model` with the registered healer `cfg.method`, in place, in `cfg.precision`, with
     `cfg.grad_checkpointing` and `cfg.compile`; returns its report."""
+    log.info("heal config: %s", json.dumps(dataclasses.asdict(cfg), separators=(",", ":")))
     with numerics(cfg.precision, device_of(model)), gradient_checkpointing(model, cfg.grad_checkpointing), \
             compiled_blocks(model, cfg.compile):
         return HEALERS.get(cfg.method)(model, dense, masks, images, cfg)

@@ -19,6 +19,7 @@ from torch import nn
 from starfish.calibration import CalibrationImages
 from starfish.capture import ActivationCapture
 from starfish.errors import StarfishError
+from starfish.healing.batchnorm import batchnorm_buffers, evaluation, recalibrate_, set_batchnorm_training_
 from starfish.healing.targets import DenseTargets, dense_targets
 from starfish.models import device_of
 from starfish.progress import progress
@@ -159,16 +160,17 @@ class Objective:
 
 
 def snapshot(model: nn.Module, masks: Masks) -> dict[str, torch.Tensor]:
-    """A copy of the weights healing changes (those named in `masks`)."""
+    """A copy of what healing changes: the weights named in `masks`, and BatchNorm's running statistics."""
     params = dict(model.named_parameters())
-    return {name: params[name].detach().clone() for name in masks}
+    return {**{name: params[name].detach().clone() for name in masks},
+            **{name: value.clone() for name, value in batchnorm_buffers(model).items()}}
 
 
 @torch.no_grad()
 def restore_(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    params = dict(model.named_parameters())
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     for name, value in state.items():
-        params[name].copy_(value)
+        tensors[name].copy_(value)
     return model
 
 
@@ -185,14 +187,31 @@ def _mean_loss(model: nn.Module, capture: ActivationCapture, objective: Objectiv
     return total / images.shape[0]
 
 
+def _recalibrate(model: nn.Module, masks: Masks, images: Images, held_out_loss: Callable[[], float | None],
+                 batch_size: int) -> bool:
+    """`recalibrate_` the kept state's BatchNorm statistics on the training images, unless that
+    makes the held-out alignment worse (then the statistics stay as they were): whether it did."""
+    before, held_before = snapshot(model, masks), held_out_loss()
+    recalibrate_(model, images, batch_size)
+    held_after = held_out_loss()
+    if held_before is not None and held_after > held_before:
+        log.warning("recalibrated BatchNorm statistics made the held-out loss worse (%.5f > %.5f): kept the "
+                    "statistics as they were", held_after, held_before)
+        restore_(model, before)
+        return False
+    log.info("BatchNorm statistics recalibrated on %d images", images.shape[0])
+    return True
+
+
 def align_(model: nn.Module, dense: nn.Module, masks: Masks, images: Images, holdout: Images | None,
            objective: Objective, cfg: "HealConfig", fallback: dict[str, torch.Tensor] | None = None
            ) -> dict[str, object]:
     """Train the masked weights so the captured outputs match the dense model's, in place.
 
     Adam with a cosine schedule from `cfg.lr` to `cfg.lr_min` over the step budget; a fresh
-    shuffle of `images` every pass. The model stays in eval mode (norm statistics and dropout
-    frozen). With a held-out slice, its loss is measured before training, every
+    shuffle of `images` every pass. The model is in eval mode (dropout off) but for its
+    BatchNorm layers, which heal as `cfg.batchnorm` says (`healing.batchnorm`). With a
+    held-out slice, its loss is measured before training, every
     `cfg.holdout_every` steps and at the end; the best of those states (`keep=best`) or of the
     start and the end (`keep=last`) is kept, so the result is never worse on it than the start
     (or than `fallback`, the pruned weights before a warm start). Returns the curve of
@@ -215,14 +234,16 @@ def _align(model: nn.Module, masks: Masks, images: Images, holdout: Images | Non
     losses: list[float] = []
     curve: list[dict[str, float | int | None]] = []
     best: dict[str, object] = {"loss": math.inf, "step": None, "state": None}
-    model.eval()
+    recalibrated: bool | None = None
+    set_batchnorm_training_(model.eval(), cfg.batchnorm == "train")
     start = time.perf_counter()
     with masked_training(model, masks) as trainable, ActivationCapture(model, names) as capture:
 
         def held_out_loss() -> float | None:
             if holdout is None:
                 return None
-            return _mean_loss(model, capture, objective, holdout, held_targets, cfg.batch_size)
+            with evaluation(model):
+                return _mean_loss(model, capture, objective, holdout, held_targets, cfg.batch_size)
 
         def keep_if_best(held: float | None, label: int | str) -> None:
             if held is not None and held < best["loss"]:
@@ -233,6 +254,8 @@ def _align(model: nn.Module, masks: Masks, images: Images, holdout: Images | Non
             restore_(model, fallback)
             keep_if_best(held_out_loss(), "pruned")
             restore_(model, current)
+        start_held = held_out_loss()  # the starting point, before a training pass can move BatchNorm statistics
+        keep_if_best(start_held, 0)
         optimizer = torch.optim.Adam(trainable, lr=cfg.lr, foreach=True)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=cfg.lr_min)
         bar = progress(range(total_steps), desc="heal")
@@ -245,9 +268,7 @@ def _align(model: nn.Module, masks: Masks, images: Images, holdout: Images | Non
             model(images[index].to(device))
             loss = objective(capture.values, batch)
             if step == 0:  # the starting point: its first batch, before any update
-                held = held_out_loss()
-                curve.append({"step": 0, "calibration_loss": loss.item(), "holdout_loss": held})
-                keep_if_best(held, 0)
+                curve.append({"step": 0, "calibration_loss": loss.item(), "holdout_loss": start_held})
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -263,9 +284,14 @@ def _align(model: nn.Module, masks: Masks, images: Images, holdout: Images | Non
                 bar.set_postfix(loss=f"{curve[-1]['calibration_loss']:.4f}", refresh=False)
         if best["state"] is not None:
             restore_(model, best["state"])
+        model.eval()
+        if cfg.batchnorm == "recalibrate" and batchnorm_buffers(model):
+            recalibrated = _recalibrate(model, masks, images, held_out_loss, cfg.batch_size)
     report: dict[str, object] = {"steps": total_steps, "train_images": images.shape[0],
                                  "holdout_images": 0 if holdout is None else holdout.shape[0],
                                  "final_loss": curve[-1]["calibration_loss"], "curve": curve}
+    if recalibrated is not None:
+        report["batchnorm_recalibrated"] = recalibrated
     if holdout is not None:
         start_label = "pruned" if fallback is not None else 0
         report.update(selected_step=best["step"], holdout_loss=best["loss"], kept_pruned=best["step"] == start_label)

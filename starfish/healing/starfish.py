@@ -48,8 +48,8 @@ def starfish(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Ten
         else:
             start = time.perf_counter()
             layerwise(model, dense, masks, train, cfg)
-            report["warm_start"] = "layerwise"
-            log.info("layerwise warm start in %.1fs", time.perf_counter() - start)
+            report.update(warm_start="layerwise", warm_start_seconds=time.perf_counter() - start)
+            log.info("layerwise warm start (%s solver) in %.1fs", cfg.solver, report["warm_start_seconds"])
     names = state_names(model, cfg.states)
     terms = {name: (STATE_LOSSES[cfg.loss], 1.0 / len(names)) for name in names}
     terms[""] = (kd_loss(cfg.temperature), cfg.logit_weight)  # "" is the model itself: its logits

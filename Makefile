@@ -39,19 +39,26 @@ lint: setup
 CNN := --set model.name=starfish_cnn_fmnist --set model.checkpoint=data/demo/starfish_cnn_fmnist.safetensors
 bench: setup
 	$(VENV)/bin/starfish bench --out results/bench
-	$(VENV)/bin/starfish bench --out results/seeds --pruners magnitude wanda --sparsities 0.75 0.9 0.95 --seeds 0 1 2
+	$(VENV)/bin/starfish bench --out results/seeds --pruners magnitude wanda --sparsities 0.75 0.9 0.95 --seeds 0 1 2 \
+		--healers none bias-correction layerwise logit-kd faithful starfish recommended fast
+	$(VENV)/bin/starfish bench --out results/fast_lr --pruners magnitude wanda --sparsities 0.75 0.9 0.95 \
+		--healers fast fast-lr0.0006 fast-lr0.001 fast-lr0.004
+	$(VENV)/bin/starfish bench --out results/steps --pruners magnitude --sparsities 0.9 0.95 \
+		--healers starfish recommended fast --steps 100 200 400 800 1570
 	$(VENV)/bin/starfish bench --out results/calibration_size --pruners magnitude --sparsities 0.75 0.9 \
 		--fractions 0.001 0.004 0.01 0.02 --healers layerwise logit-kd starfish
 	$(VENV)/bin/starfish bench --out results/holdout --pruners magnitude --sparsities 0.75 0.9 0.95 \
 		--healers starfish starfish-holdout0 starfish-holdout0.2
 	$(VENV)/bin/starfish bench --out results/bench_cnn $(CNN) --pruners magnitude wanda --sparsities 0.5 0.75 0.9 \
 		--healers none logit-kd faithful starfish recommended
+	$(VENV)/bin/starfish bench --out results/batchnorm $(CNN) --pruners magnitude wanda --sparsities 0.75 0.9 \
+		--seeds 0 1 2 --healers starfish-bn-train starfish-bn-frozen starfish-bn-recalibrate
 	@echo "heal-time ratios: run 'make bench-timing' alone on a quiet machine"
 
 # Heal time over plain fwd+bwd passes needs a quiet machine: one process, every core.
 bench-timing: setup
 	$(VENV)/bin/starfish bench --out results/timing --pruners magnitude --sparsities 0.9 \
-		--healers logit-kd starfish recommended
+		--healers logit-kd starfish recommended fast
 
 # Time and memory of each stage on a DeiT and a generated ImageNet-layout JPEG tree (resumable).
 scale: setup

@@ -262,9 +262,15 @@ def markdown_table(summary: dict[str, Any]) -> str:
     budget_text = f"{budget['steps']} Adam steps" if budget["steps"] else f"{budget['epochs']} epochs"
     if by_steps:
         budget_text = f"each budget of {summary['steps_grid']} Adam steps, with the cosine schedule over it"
+    own = {h: sorted({r["steps"] for r in rows if r["healer"] == h}) for h in healers}
+    own = {h: steps for h, steps in own.items() if steps and 0 not in steps and not by_steps
+           and steps != [budget["steps"]]}  # presets with a budget of their own
+    if own:
+        budget_text += " (" + ", ".join(f"{h}: {'/'.join(map(str, steps))} steps, its preset's own"
+                                        for h, steps in own.items()) + ")"
     lines = [f"Dense top-1 {summary['dense_top1']:.4f} on {summary['test_images']} test images; calibration "
-             + ", ".join(f"{n} images ({f:g})" for f, n in sizes) + f"; every gradient healer gets {budget_text} "
-             f"(faithful: the authors' 10 epochs). Cells: recovery (healed / dense top-1)"
+             + ", ".join(f"{n} images ({f:g})" for f, n in sizes) + f"; every gradient healer gets {budget_text}"
+             ". Cells: recovery (healed / dense top-1)"
              + (f", mean ± std over seeds {seeds}." if len(seeds) > 1 else f", seed {seeds[0]}."), "",
              "| pruner | sparsity | " + ("calibration | " if several_fractions else "")
              + ("steps | " if by_steps else "") + " | ".join(healers) + " |",

@@ -9,7 +9,8 @@
   the loader and the model apart);
 - `flow`: the whole compress flow with 5,000 calibration images and `heal.cache=disk`;
 - `dvc`: `dvc status` on a stage that depends on a 100,000-file folder, first and second time;
-- `solve`: `layerwise`'s solve at ViT-B's fc2 width, and its result against one big solve;
+- `solve`: `layerwise`'s solve at ViT-B's fc2 width with each `heal.solver`, the cost of a
+  ViT-B's warm start against its heal, and a small budget's result against one big solve;
 - `sizing`: DeiT-B's constants for the sizing formulas (states, activations, FLOPs per image).
 Per cell: wall time, images/s, and peak memory, both resident (VmHWM) and anonymous (RssAnon,
 sampled); scratch files are read with pread, so they are in neither.
@@ -340,45 +341,80 @@ def _dvc(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
 
 
 SOLVE_SHAPE = (768, 3072)  # ViT-B's fc2: 768 outputs, 3,072 inputs
+# Every masked layer of one ViT-B block, (outputs, inputs): qkv, proj, fc1, fc2; 12 blocks.
+VIT_B_LAYERS = ((2304, 768), (768, 768), (3072, 768), (768, 3072))
+VIT_B_BLOCKS = 12
+HEAL_BATCH, HEAL_TIMED_BATCH = 32, 8
+
+
+def _random_layer(rows: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's statistics from 4,096 random inputs, its dense weights and a 50% mask."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(4096, width, generator=generator, dtype=torch.float64)
+    gram = x.T @ x
+    w_dense = torch.randn(rows, width, generator=generator, dtype=torch.float64)
+    return gram, w_dense, torch.rand(rows, width, generator=generator) < 0.5
 
 
 def _solve(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
-    """`layerwise`'s least-squares solve on a layer of ViT-B's fc2 shape (random inputs, 50% kept),
-    its extra memory over what the layer's statistics take; and on the demo model, the result
-    with the smallest budget (1 MB: 1 row per solve at width 256, 16 at width 64) against every
-    row at once (the solver before `heal.solve_memory_mb`)."""
+    """`layerwise`'s least-squares solve on a layer of ViT-B's fc2 shape (random inputs, 50% kept)
+    with each `heal.solver`, side by side: time, the extra memory of the exact one, and how far
+    apart their weights are. Then what the warm start costs a ViT-B against its heal on this
+    machine: the `cg` solve of every layer shape of a ViT-B block (x 12 blocks), against 1,570
+    steps at batch 32 of DeiT-B's forward+backward (timed at batch 8, scaled by 4). And on the
+    demo model, the exact solve with the smallest budget (1 MB: 1 row per solve at width 256,
+    16 at width 64) against every row at once (the solver before `heal.solve_memory_mb`)."""
     import copy
 
-    from starfish.config import HealConfig, PruneConfig
+    from starfish.config import AUTHORS_STEPS, HealConfig, PruneConfig
     from starfish.healing import heal_
-    from starfish.healing.baselines import masked_least_squares
+    from starfish.healing.baselines import cg_least_squares, masked_least_squares
     from starfish.models import DEMO_CHECKPOINT, DEMO_MODEL, create_model
     from starfish.pruning import prune, sparsify_
 
     rows, width = SOLVE_SHAPE
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(4096, width, generator=generator, dtype=torch.float64)
-    gram = x.T @ x
-    del x
-    w_dense = torch.randn(rows, width, generator=generator, dtype=torch.float64)
-    keep = torch.rand(rows, width, generator=generator) < 0.5
+    gram, w_dense, keep = _random_layer(rows, width)
     before = _status_kb("RssAnon")
     start = time.perf_counter()
     with MemorySampler() as memory:
-        masked_least_squares(gram, gram, w_dense, keep, damp=0.01)
+        exact = masked_least_squares(gram, gram, w_dense, keep, damp=0.01)
     seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    solved = cg_least_squares(gram, gram, w_dense, keep, damp=0.01)
+    cg_seconds = time.perf_counter() - start
+    cg_difference = float((solved - exact).abs().max() / exact.abs().max())
+    del gram, exact, solved
+
+    layer_seconds = {}
+    for shape in VIT_B_LAYERS:
+        layer = _random_layer(*shape)
+        start = time.perf_counter()
+        cg_least_squares(layer[0], layer[0], layer[1], layer[2], damp=0.01)
+        layer_seconds["x".join(map(str, shape))] = round(time.perf_counter() - start, 2)
+    model = create_model(SIZING_MODEL, num_classes=1000).train()
+    images = torch.randn(HEAL_TIMED_BATCH, 3, 224, 224)
+    model(images).sum().backward()  # warm-up, untimed
+    start = time.perf_counter()
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        model(images).sum().backward()
+    step_seconds = (time.perf_counter() - start) / 2 * HEAL_BATCH / HEAL_TIMED_BATCH
+    del model
 
     dense = create_model(DEMO_MODEL, checkpoint=DEMO_CHECKPOINT)
     masks = prune(dense, PruneConfig("magnitude", 0.75)).masks
-    images = torch.randn(64, 1, 28, 28, generator=generator)
+    images = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     results = []
     for budget in (1, 1e9):  # the smallest budget (a row or a few per solve); every row of a layer at once
         model = sparsify_(copy.deepcopy(dense), masks)
         heal_(model, dense, masks, images, HealConfig(method="layerwise", batch_size=32, solve_memory_mb=budget))
         results.append(model.state_dict())
     difference = max(float((results[0][k] - results[1][k]).abs().max()) for k in results[0])
-    return {"rows": rows, "width": width, "solve_seconds": round(seconds, 1),
-            "extra_memory_mb": round((memory.peak - before) / 1024), "demo_max_abs_difference": difference}
+    return {"rows": rows, "width": width, "solve_seconds": round(seconds, 1), "cg_seconds": round(cg_seconds, 2),
+            "cg_max_difference_over_max_weight": cg_difference,
+            "extra_memory_mb": round((memory.peak - before) / 1024), "demo_max_abs_difference": difference,
+            "vit_b_layer_cg_seconds": layer_seconds, "vit_b_blocks": VIT_B_BLOCKS,
+            "vit_b_heal_step_seconds": round(step_seconds, 2), "heal_steps": AUTHORS_STEPS}
 
 
 SIZING_MODEL = "deit_base_patch16_224"
@@ -504,12 +540,30 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
               f"{flow['flow_tree_peak_rss_mb']} MB peak proportional set size for its whole process tree (Prefect "
               f"server and loader workers included); registered: {'yes' if flow['registered'] else 'no'}.", ""]
     solve = by[("solve", 0, "", 0)]
+    warm = sum(solve["vit_b_layer_cg_seconds"].values()) * solve["vit_b_blocks"]
+    heal_seconds = solve["vit_b_heal_step_seconds"] * solve["heal_steps"]
+    per_block = 2 * len(VIT_B_LAYERS) + 2
+    stat_passes, heal_passes = per_block * 5000, 3 * solve["heal_steps"] * HEAL_BATCH + 5000
     lines += ["## layerwise at ViT-B width", "", f"The least-squares solve of a {solve['rows']} x {solve['width']} "
-              f"layer (ViT-B's fc2; random inputs, half the weights kept) with the default "
-              f"`heal.solve_memory_mb=1024`: {solve['solve_seconds']} s, {solve['extra_memory_mb']} MB of memory "
-              "beyond the layer's statistics. On the demo model at 75% sparsity, `heal.solve_memory_mb=1` (1 to 16 "
-              "rows per solve) against every row of a layer at once: "
-              f"largest weight difference {solve['demo_max_abs_difference']:.1e}.", ""]
+              f"layer (ViT-B's fc2; random inputs, half the weights kept), each `heal.solver` in this run: `exact` "
+              f"(one system per output row, `heal.solve_memory_mb=1024`) {solve['solve_seconds']} s and "
+              f"{solve['extra_memory_mb']} MB of memory beyond the layer's statistics; `cg` (one Hessian per layer) "
+              f"{solve['cg_seconds']} s, {solve['solve_seconds'] / solve['cg_seconds']:.0f}x faster, its weights "
+              f"within {solve['cg_max_difference_over_max_weight']:.1e} of the largest weight of the exact ones.", "",
+              f"A whole ViT-B's warm start solves {solve['vit_b_blocks']} blocks of these layers; `cg` per layer "
+              f"(outputs x inputs, seconds): "
+              + ", ".join(f"{shape} {sec}" for shape, sec in solve["vit_b_layer_cg_seconds"].items())
+              + f": {warm:.0f} s for the model. DeiT-B's forward+backward at batch {HEAL_BATCH} takes "
+              f"{solve['vit_b_heal_step_seconds']} s on this machine (timed at batch {HEAL_TIMED_BATCH}), so a "
+              f"{solve['heal_steps']:,}-step heal about {heal_seconds / 3600:.1f} h: the solves are "
+              f"{warm / heal_seconds:.2%} of it (estimated from these measured times, not a whole run). "
+              f"Not in that figure: the passes that gather the layers' statistics, which the solver does not "
+              f"change. Each layer costs a pass of its block in both models and each block two more to move the "
+              f"inputs on, about {stat_passes:,} forward passes of the model for 5,000 images against the heal's "
+              f"{heal_passes:,} (three per image per step, plus caching the states): {stat_passes / heal_passes:.0%} "
+              "of it by that count.", "",
+              "On the demo model at 75% sparsity, `heal.solve_memory_mb=1` (1 to 16 rows per solve) against every "
+              f"row of a layer at once: largest weight difference {solve['demo_max_abs_difference']:.1e}.", ""]
     lines += sizing_lines(by[("sizing", 0, "", 0)], serial["loader_images_per_s"])
     (out / "scale.md").write_text("\n".join(lines))
 

@@ -341,42 +341,23 @@ def plot_recovery(summary: dict[str, Any], path: Path) -> None:
     save_png(fig, path, dpi=120)
 
 
-def plot_calibration_size(summary: dict[str, Any], path: Path) -> None:
-    """Recovery vs calibration images, one panel per (pruner, sparsity): how much data is needed."""
+def plot_recovery_against(summary: dict[str, Any], path: Path, x_key: str, x_label: str, title: str) -> None:
+    """Recovery vs `x_key` (log axis), one panel per (pruner, sparsity), one line per healer:
+    how much calibration data, or how many steps, each healer needs."""
     rows = summary["rows"]
     panels = list(dict.fromkeys((r["pruner"], r["sparsity"]) for r in rows))
     fig, axes = subplots(1, len(panels), figsize=(5 * len(panels), 4), sharey=False, squeeze=False)
     for ax, (pruner, sparsity) in zip(axes[0], panels):
         for healer in dict.fromkeys(r["healer"] for r in rows):
             _errorbar_series(ax, [r for r in rows if (r["pruner"], r["sparsity"], r["healer"]) ==
-                                  (pruner, sparsity, healer)], "calibration_images", healer)
+                                  (pruner, sparsity, healer)], x_key, healer)
         ax.set_xscale("log")
         ax.set_title(f"{pruner}, sparsity {sparsity:g}")
-        ax.set_xlabel("calibration images (log)")
+        ax.set_xlabel(f"{x_label} (log)")
         ax.set_ylabel("recovery")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(f"{summary['model']}: recovery vs calibration size at an equal step budget")
-    fig.tight_layout()
-    save_png(fig, path, dpi=120)
-
-
-def plot_steps(summary: dict[str, Any], path: Path) -> None:
-    """Recovery vs step budget, one panel per (pruner, sparsity): what each recipe needs."""
-    rows = summary["rows"]
-    panels = list(dict.fromkeys((r["pruner"], r["sparsity"]) for r in rows))
-    fig, axes = subplots(1, len(panels), figsize=(5 * len(panels), 4), sharey=False, squeeze=False)
-    for ax, (pruner, sparsity) in zip(axes[0], panels):
-        for healer in dict.fromkeys(r["healer"] for r in rows):
-            _errorbar_series(ax, [r for r in rows if (r["pruner"], r["sparsity"], r["healer"]) ==
-                                  (pruner, sparsity, healer)], "steps", healer)
-        ax.set_xscale("log")
-        ax.set_title(f"{pruner}, sparsity {sparsity:g}")
-        ax.set_xlabel("Adam steps (log)")
-        ax.set_ylabel("recovery")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle(f"{summary['model']}: recovery vs step budget (cosine schedule over each budget)")
+    fig.suptitle(f"{summary['model']}: {title}")
     fig.tight_layout()
     save_png(fig, path, dpi=120)
 
@@ -422,9 +403,11 @@ def write_outputs(out: Path, summary: dict[str, Any]) -> None:
     table = markdown_table(summary)
     atomic_write_bytes(out / "bench.md", table.encode())
     if len(summary["fractions"]) > 1:
-        plot_calibration_size(summary, out / "recovery_vs_calibration_size.png")
+        plot_recovery_against(summary, out / "recovery_vs_calibration_size.png", "calibration_images",
+                              "calibration images", "recovery vs calibration size at an equal step budget")
     elif summary.get("steps_grid"):
-        plot_steps(summary, out / "recovery_vs_steps.png")
+        plot_recovery_against(summary, out / "recovery_vs_steps.png", "steps", "Adam steps",
+                              "recovery vs step budget (cosine schedule over each budget)")
     else:
         plot_recovery(summary, out / "recovery_vs_sparsity.png")
     plot_curves(summary, out / "holdout_vs_calibration_loss.png")

@@ -463,7 +463,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if overridden:
         values["heal"] = layer_heal_fields(values["heal"], overridden)
     cfg = from_dict(values)
-    log.info("%s", describe_heal(cfg.heal, explicit))
+    # said out loud only when a setting replaced one of the preset's own fields; every heal logs its config anyway
+    replaced = any(key in HEAL_PRESETS[cfg.heal.preset] and key != "preset" for key in explicit)
+    log.log(logging.INFO if replaced else logging.DEBUG, "%s", describe_heal(cfg.heal, explicit))
     return cfg
 
 

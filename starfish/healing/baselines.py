@@ -193,6 +193,16 @@ def solve_rows(width: int, memory_mb: float, itemsize: int = 8) -> int:
     return max(1, int(memory_mb * 2**20) // (2 * width * width * itemsize))
 
 
+def damping(gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """lambda = damp * mean(diag G): the ridge every least-squares solve adds to its kept weights."""
+    return damp * torch.diagonal(gram).mean().clamp_min(1e-12)
+
+
+def damped_hessian(gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """G + lambda I: every row's Hessian when all weights are free (`damping`)."""
+    return gram + damping(gram, damp) * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+
+
 def masked_least_squares(gram: torch.Tensor, cross: torch.Tensor, w_dense: torch.Tensor, keep: torch.Tensor,
                          damp: float, memory_mb: float = 1024) -> torch.Tensor:
     """Per output row r, the kept weights minimizing ||X_S w_S - X_dense w_dense[r]||^2 + damping.
@@ -203,7 +213,7 @@ def masked_least_squares(gram: torch.Tensor, cross: torch.Tensor, w_dense: torch
     so memory is bounded by configuration, not by the layer's width; each row's solve is the
     same whatever the batch.
     """
-    lam = damp * torch.diagonal(gram).mean().clamp_min(1e-12)
+    lam = damping(gram, damp)
     rhs_all = w_dense @ cross.T  # row r: C w_dense[r]
     out = torch.zeros_like(w_dense)
     rows = solve_rows(gram.shape[0], memory_mb, gram.element_size())
@@ -231,9 +241,7 @@ def sparsegpt_least_squares(gram: torch.Tensor, cross: torch.Tensor, w_dense: to
     per layer instead of O(rows d^3); pruned entries come out exactly zero.
     """
     d = gram.shape[0]
-    lam = damp * torch.diagonal(gram).mean().clamp_min(1e-12)
-    hessian = gram + lam * torch.eye(d, dtype=gram.dtype, device=gram.device)
-    factor = torch.linalg.cholesky(hessian)
+    factor = torch.linalg.cholesky(damped_hessian(gram, damp))
     weights = torch.cholesky_solve(cross @ w_dense.T, factor).T.contiguous()  # row r: H^-1 C w_dense[r]
     upper = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
     keep = keep.to(gram.device, gram.dtype)
@@ -263,9 +271,7 @@ def cg_least_squares(gram: torch.Tensor, cross: torch.Tensor, w_dense: torch.Ten
     Frobenius norms) or `max_iterations`; the damping bounds the systems' condition number.
     Pruned entries stay exactly zero.
     """
-    d = gram.shape[0]
-    lam = damp * torch.diagonal(gram).mean().clamp_min(1e-12)
-    hessian = gram + lam * torch.eye(d, dtype=gram.dtype, device=gram.device)
+    hessian = damped_hessian(gram, damp)
     mask = keep.to(gram.device, gram.dtype)
     rhs = (w_dense @ cross.T) * mask  # row r: (C w_dense[r]) on the kept entries
     weights = sparsegpt_least_squares(gram, cross, w_dense, keep, damp)

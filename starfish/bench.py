@@ -45,7 +45,8 @@ from starfish.models import device_of
 from starfish.plots import save_png, subplots
 from starfish.pruning import nm_pattern_for, prune, sparsify_
 from starfish.pruning.masks import Masks
-from starfish.steps import dataset, dense_model
+from starfish.pruning.structured import parse_structure, size_ratios, slim_, slim_masks
+from starfish.steps import dataset, dense_model, structure_report
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class BenchConfig:
     steps: tuple[int, ...] | None = None  # step budgets for every healer (presets' own too); None: heal.steps
     seeds: tuple[int, ...] = (0,)
     eval_samples: int | None = None
+    structures: tuple[str, ...] | None = None  # prune.structure values; None: the params' prune.structure
+    masked: bool = False  # structured cells heal the masked model instead of the slim one
 
     def __post_init__(self) -> None:
         unknown = [h for h in self.healers if h not in VARIANTS]
@@ -71,6 +74,8 @@ class BenchConfig:
             raise StarfishError("bench: --sparsities, --pruners, --healers and --seeds each need a value")
         if self.steps is not None and (not self.steps or min(self.steps) < 1):
             raise StarfishError(f"bench: --steps {list(self.steps or [])}: give step budgets >= 1")
+        for structure in self.structures or ():
+            parse_structure(structure)
 
 
 def plain_step_seconds(model: torch.nn.Module, images: torch.Tensor, batch_size: int, steps: int) -> float:
@@ -113,8 +118,10 @@ def claim(lock: Path) -> Iterator[bool]:
     yield False
 
 
-def cell_key(pruner: str, sparsity: float, fraction: float, seed: int, healer: str, steps: int | None = None) -> str:
-    return f"{pruner}_s{sparsity:g}_f{fraction:g}_seed{seed}_{healer}" + (f"_steps{steps}" if steps else "")
+def cell_key(pruner: str, sparsity: float, fraction: float, seed: int, healer: str, steps: int | None = None,
+             structure: str = "unstructured", masked: bool = False) -> str:
+    return (f"{pruner}_s{sparsity:g}_f{fraction:g}_seed{seed}_{healer}" + (f"_steps{steps}" if steps else "")
+            + (f"_{structure}" + ("_masked" if masked else "") if structure != "unstructured" else ""))
 
 
 def heal_fingerprint_fields(heal: HealConfig, dense: torch.nn.Module) -> dict[str, Any]:
@@ -138,6 +145,7 @@ def run_bench(cfg: PipelineConfig, bench: BenchConfig, out: str | Path) -> list[
     dense_top1 = float((dense_preds == targets).float().mean())
     fractions = bench.fractions or (cfg.calibration.fraction,)
     budgets = bench.steps or (None,)
+    structures = bench.structures or (cfg.prune.structure,)
     context = {name: result_fields(name, asdict(getattr(cfg, name))) for name in ("model", "data", "prune")}
     context.update(test_images=len(targets), dense_top1=dense_top1)
     log.info("dense top-1 %.4f on %d test images", dense_top1, len(targets))
@@ -146,13 +154,22 @@ def run_bench(cfg: PipelineConfig, bench: BenchConfig, out: str | Path) -> list[
         for fraction in fractions:
             indices = stratified_indices(train.targets, fraction, seed)
             images = torch.stack([train[i][0] for i in indices])
-            for pruner, sparsity, budget in itertools.product(bench.pruners, bench.sparsities, budgets):
+            for pruner, sparsity, budget, structure in itertools.product(bench.pruners, bench.sparsities, budgets,
+                                                                         structures):
                 nm = nm_pattern_for(sparsity) if pruner == "nm" else cfg.prune.nm
-                keys = {h: cell_key(pruner, sparsity, fraction, seed, h, budget) for h in bench.healers}
+                structured = structure != "unstructured"
+                if structured and pruner not in ("magnitude", "wanda"):
+                    log.info("%s prunes single weights; no %s cells", pruner, structure)
+                    continue
+                slim = structured and not bench.masked
+                keys = {h: cell_key(pruner, sparsity, fraction, seed, h, budget, structure, bench.masked)
+                        for h in bench.healers}
                 configs = {h: variant_config(cfg.heal, h, seed=seed, steps=budget) for h in bench.healers}
                 fingerprints = {h: sha256_bytes(canonical_json({**context,
                                                                 "heal": heal_fingerprint_fields(configs[h], dense),
-                                                                "nm": nm, "calibration_images": len(indices)}))
+                                                                "nm": nm, "calibration_images": len(indices),
+                                                                **({"structure": structure, "slim": slim}
+                                                                   if structured else {})}))
                                 for h in bench.healers}
                 todo = [h for h in bench.healers if not _done(out, keys[h], fingerprints[h])]
                 if not todo:
@@ -160,7 +177,8 @@ def run_bench(cfg: PipelineConfig, bench: BenchConfig, out: str | Path) -> list[
                     continue
                 try:
                     # the params' other prune settings (scope, global ranking) hold, as the fingerprint says
-                    masks = prune(dense, replace(cfg.prune, method=pruner, sparsity=sparsity, nm=nm), images).masks
+                    masks = prune(dense, replace(cfg.prune, method=pruner, sparsity=sparsity, nm=nm,
+                                                 structure=structure), images).masks
                 except StarfishError as exc:
                     if pruner != "nm":
                         raise
@@ -172,8 +190,9 @@ def run_bench(cfg: PipelineConfig, bench: BenchConfig, out: str | Path) -> list[
                         if not mine or _done(out, keys[healer], fingerprints[healer]):
                             continue
                         row = measure_cell(dense, masks, images, test, targets, dense_preds, configs[healer],
-                                           cfg.evaluate.batch_size)
+                                           cfg.evaluate.batch_size, structure if structured else None, slim)
                         row.update(pruner=pruner if pruner != "nm" else f"nm ({nm})", sparsity=sparsity,
+                                   structure=structure,
                                    fraction=fraction, seed=seed, healer=healer,
                                    calibration_images=len(indices), fingerprint=fingerprints[healer])
                         atomic_write_json(out / "cells" / f"{keys[healer]}.json", row)
@@ -203,9 +222,17 @@ def _done(out: Path, key: str, fingerprint: str) -> bool:
 
 def measure_cell(dense: torch.nn.Module, masks: Masks, images: torch.Tensor, test: Any,
                  targets: torch.Tensor, dense_preds: torch.Tensor, heal_cfg: HealConfig,
-                 eval_batch_size: int) -> dict[str, Any]:
-    """Heal one copy of the pruned model and evaluate it: one bench row (without its grid keys)."""
+                 eval_batch_size: int, structure: str | None = None, slim: bool = False) -> dict[str, Any]:
+    """Heal one copy of the pruned model and evaluate it: one bench row (without its grid keys).
+    Structured masks (`structure`) heal as the slim model when `slim`, else masked."""
     model = sparsify_(copy.deepcopy(dense), masks)
+    structure_fields = {}
+    if structure is not None:
+        structure_fields = {"removed": structure_report(model, dense, masks, structure)["removed"], "slim": slim}
+        if slim:
+            slim_(model, masks)
+            masks = slim_masks(model)
+        structure_fields.update(size_ratios(model, dense))
     # The reference is timed right before each heal, so both see the same machine load; a short
     # heal (a test's) gets as many passes as its steps, not the full PLAIN_TIMED_STEPS.
     timed = min(PLAIN_TIMED_STEPS, heal_cfg.total_steps(len(images))) if heal_cfg.method != "none" else 0
@@ -229,11 +256,12 @@ def measure_cell(dense: torch.nn.Module, masks: Masks, images: torch.Tensor, tes
         "selected_step": report.get("selected_step"),
         "kept_pruned": report.get("kept_pruned"),
         "curve": report.get("curve", []),
+        **structure_fields,
     }
 
 
-CSV_FIELDS = ("pruner", "sparsity", "fraction", "calibration_images", "seed", "healer", "steps", "top1", "recovery",
-              "agreement", "measured_sparsity", "heal_seconds", "plain_fwd_bwd_seconds", "heal_over_plain",
+CSV_FIELDS = ("pruner", "structure", "sparsity", "fraction", "calibration_images", "seed", "healer", "steps", "top1",
+              "recovery", "agreement", "measured_sparsity", "heal_seconds", "plain_fwd_bwd_seconds", "heal_over_plain",
               "selected_step", "kept_pruned")
 
 
@@ -245,9 +273,15 @@ def grouped(rows: list[dict[str, Any]], by_steps: bool = False) -> dict[tuple, d
     """Recovery per (pruner, sparsity, fraction, steps if `by_steps` else None) and healer, one value per seed."""
     groups: dict[tuple, dict[str, list[float]]] = {}
     for r in rows:
-        key = (r["pruner"], r["sparsity"], r["fraction"], r["steps"] if by_steps else None)
+        key = (_pruner_label(r), r["sparsity"], r["fraction"], r["steps"] if by_steps else None)
         groups.setdefault(key, {}).setdefault(r["healer"], []).append(r["recovery"])
     return groups
+
+
+def _pruner_label(row: dict[str, Any]) -> str:
+    """The pruner, and the structure it removed when not single weights."""
+    structure = row.get("structure", "unstructured")
+    return row["pruner"] if structure == "unstructured" else f"{row['pruner']} {structure}"
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
@@ -322,7 +356,7 @@ def _errorbar_series(ax: Any, rows: list[dict[str, Any]], x_key: str, label: str
 
 def plot_recovery(summary: dict[str, Any], path: Path) -> None:
     """Recovery vs sparsity, one panel per pruner (all N:M patterns share one), error bars over seeds."""
-    rows = [{**r, "pruner": r["pruner"].split(" (")[0]} for r in summary["rows"]
+    rows = [{**r, "pruner": _pruner_label(r).split(" (")[0]} for r in summary["rows"]
             if r["fraction"] == summary["fractions"][0]]
     pruners = list(dict.fromkeys(r["pruner"] for r in rows))
     fig, axes = subplots(1, len(pruners), figsize=(5 * len(pruners), 4), sharey=True, squeeze=False)

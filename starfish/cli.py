@@ -128,7 +128,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
                             healers=tuple(args.healers), seeds=tuple(args.seeds),
                             fractions=tuple(args.fractions) if args.fractions else None,
                             steps=tuple(args.steps) if args.steps else None,
-                            eval_samples=args.eval_samples)
+                            eval_samples=args.eval_samples,
+                            structures=tuple(args.structures) if args.structures else None, masked=args.masked)
     run_bench(_config(args), bench_cfg, args.out)
 
 
@@ -196,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, nargs="+", default=None,
                    help="step budgets to sweep, for every healer (default: heal.steps; presets keep their own)")
     p.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N test images only")
+    p.add_argument("--structures", nargs="+", default=None,
+                   help="prune.structure values to sweep, e.g. unstructured neurons+heads (default: prune.structure)")
+    p.add_argument("--masked", action="store_true", help="heal structured cells masked instead of slim")
     p = sub.add_parser("list", help="name the registered pruners and healers, the prune scopes, the heal presets "
                        "and the bench's healer variants", description="names that prune, heal and bench accept")
     p.set_defaults(fn=cmd_list)

@@ -25,6 +25,7 @@ from starfish.models import resolve_device
 from starfish.precision import PRECISIONS
 from starfish.pruning.masks import check_sparsity, parse_nm
 from starfish.pruning.pruners import PRUNERS, check_scope
+from starfish.pruning.structured import parse_structure
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +115,27 @@ class PruneConfig:
     nm: str = "2:4"
     global_ranking: bool = False
     scope: str = "default"  # a preset (pruning/pruners.py SCOPE_PRESETS) or comma-separated module-name patterns
+    # unstructured (single weights), or whole units: neurons, heads, channels, or several joined by +
+    # (pruning/structured.py); `sparsity` is then the fraction of each layer's units removed.
+    structure: str = "unstructured"
+    slim: bool = True  # structured: write the smaller model (false: the dense shapes with the units masked)
 
     def __post_init__(self) -> None:
         PRUNERS.get(self.method)
         check_sparsity(self.sparsity)
         parse_nm(self.nm)
         check_scope(self.scope)
+        parse_structure(self.structure)
+        _require(self.structure == "unstructured" or self.method in ("magnitude", "wanda"),
+                 f"prune.method={self.method!r} prunes single weights; prune.structure={self.structure!r} "
+                 "takes magnitude or wanda")
+        _require(self.structure == "unstructured" or self.scope == "default",
+                 f"prune.scope={self.scope!r} chooses layers for unstructured pruning; prune.structure="
+                 f"{self.structure!r} prunes every unit of its kind: leave prune.scope at default")
+
+    @property
+    def structured(self) -> bool:
+        return self.structure != "unstructured"
 
 
 # The authors' budget: 10 epochs of 5,000 calibration images (0.4% of ImageNet) at batch 32.
@@ -305,11 +321,14 @@ class GateConfig:
     min_recovery: float = 0.95
     max_sparsity_drift: float = 0.001
     max_size_ratio: float | None = None  # the registered file's size over dense's (version tag size_ratio)
+    max_flops_ratio: float | None = None  # the healed model's forward FLOPs over dense's (structured pruning)
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.min_recovery, f"gate.min_recovery={self.min_recovery} must be >= 0")
         _require(self.max_size_ratio is None or self.max_size_ratio > 0,
                  f"gate.max_size_ratio={self.max_size_ratio} must be > 0, or empty for no limit")
+        _require(self.max_flops_ratio is None or self.max_flops_ratio > 0,
+                 f"gate.max_flops_ratio={self.max_flops_ratio} must be > 0, or empty for no limit")
         _require(self.max_sparsity_drift >= 0, f"gate.max_sparsity_drift={self.max_sparsity_drift} must be >= 0")
 
 

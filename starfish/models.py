@@ -6,7 +6,8 @@ size and normalization): a ViT (blocks `blocks.{i}`) and a MobileNetV1-style CNN
 EfficientNet builder (blocks `blocks.{i}.{j}`, as in the STARFISH authors' MobileNetV1).
 
 A starfish checkpoint is one `.safetensors` file: the model's state under its own keys, the
-pruning masks under `masks/<parameter name>`, and the model name in the file's metadata.
+pruning masks under `masks/<parameter name>`, and the model name in the file's metadata; a
+slim (structurally pruned) model's metadata also holds its `architecture` record.
 """
 
 from __future__ import annotations
@@ -217,10 +218,15 @@ def checkpoint_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, Any])
 def save_checkpoint(path: str | Path, model: torch.nn.Module, model_name: str, masks: Masks | None = None,
                     metadata: dict[str, Any] | None = None) -> None:
     """Write model state (+ masks) to one `.safetensors` file, atomically."""
+    from starfish.pruning.structured import architecture_of  # the pruning package imports this module
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    architecture = architecture_of(model)
     for name, mask in (masks or {}).items():
-        tensors[MASK_PREFIX + name] = mask.detach().bool().contiguous().cpu()
-    meta = {"model": model_name, "num_classes": getattr(model, "num_classes", None), **(metadata or {})}
+        if architecture is None or not mask.all():  # a slim model's all-True masks say nothing: not stored
+            tensors[MASK_PREFIX + name] = mask.detach().bool().contiguous().cpu()
+    meta = {"model": model_name, "num_classes": getattr(model, "num_classes", None), **(metadata or {}),
+            **({"architecture": architecture} if architecture is not None else {})}
     # One header key holding sorted JSON: safetensors writes several keys in a varying order,
     # and equal models must give equal bytes (hashes, dvc.lock).
     with atomic_path(path) as tmp:
@@ -234,7 +240,11 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, model_name: str, m
 
 
 def load_checkpoint(path: str | Path, model_name: str | None = None) -> tuple[torch.nn.Module, Masks, str]:
-    """Rebuild a model from a starfish checkpoint: (model, masks, model name)."""
+    """Rebuild a model from a starfish checkpoint: (model, masks, model name). A slim checkpoint
+    (structured pruning) is rebuilt at its recorded shapes; its masks are all-True over the
+    narrowed weights (`structured.slim_masks`): the layers a heal trains."""
+    from starfish.pruning.structured import rebuild_, slim_masks  # the pruning package imports this module
+
     state, masks, metadata = read_checkpoint(path)
     name = model_name or metadata.get("model")
     if not name:
@@ -242,5 +252,8 @@ def load_checkpoint(path: str | Path, model_name: str | None = None) -> tuple[to
     num_classes = metadata.get("num_classes") if isinstance(metadata.get("num_classes"), int) else None
     kwargs = metadata.get("model_kwargs") if isinstance(metadata.get("model_kwargs"), dict) else None
     model = create_model(name, num_classes=num_classes, kwargs=kwargs)
+    if "architecture" in metadata:  # a slim checkpoint: the smaller modules first, from its record
+        rebuild_(model, metadata["architecture"], source=str(path))
+        masks = {**slim_masks(model), **masks}
     load_state_(model, state, source=str(path))
     return model.eval(), masks, name

@@ -59,6 +59,7 @@ from starfish.models import (
 from starfish.precision import resolve_precision
 from starfish.pruning import prune, sparsify_
 from starfish.pruning.masks import Masks
+from starfish.pruning.structured import find_groups, kept_by_group, parse_structure, size_ratios, slim_, slim_masks
 from starfish.rows import scratch_folder
 
 log = logging.getLogger(__name__)
@@ -156,13 +157,32 @@ def prune_step(cfg: PipelineConfig, manifest: str | Path, out: str | Path) -> di
     masks, held = prune(model, cfg.prune, images)
     sparsify_(model, masks)
     sparsity = measured_sparsity(model, list(masks))
+    extra: dict[str, Any] = {"held_back": held} if held else {}
+    if cfg.prune.structured:
+        extra["structure"] = structure_report(model, model, masks, cfg.prune.structure)
+        if cfg.prune.slim:
+            slim_(model, masks)
+            masks = slim_masks(model)  # all True: the slim model has nothing left to keep at zero
+            extra["structure"].update(size_ratios(model, dense_model(cfg)))
     inputs = {"dense_sha256": _checkpoint_sha(cfg), "manifest_sha256": sha256_file(manifest)}
     meta = write_with_sidecar(out, lambda path: save_checkpoint(path, model, cfg.model.name, masks=masks,
                                                                          metadata=_architecture(cfg)),
                               config={"model": asdict(cfg.model), "prune": asdict(cfg.prune)}, inputs=inputs,
-                              sparsity=sparsity, **({"held_back": held} if held else {}))
+                              sparsity=sparsity, **extra)
     log.info("pruned %d layers, measured sparsity %.4f", len(masks), sparsity["total"])
-    return {"path": str(out), "sha256": meta["sha256"], "sparsity": sparsity["total"]}
+    return {"path": str(out), "sha256": meta["sha256"], "sparsity": sparsity["total"],
+            **({"structure": extra["structure"]} if "structure" in extra else {})}
+
+
+def structure_report(model: torch.nn.Module, dense: torch.nn.Module, masks: Masks, structure: str) -> dict[str, Any]:
+    """What structured pruning removed from `dense`: the structure, the fraction of units removed
+    over all its groups (measured from `model`'s masks or slim record), and the groups narrowed."""
+    groups = find_groups(dense, parse_structure(structure))
+    kept = kept_by_group(model, masks)
+    units = sum(g.units for g in groups)
+    removed = sum(g.units - len(kept.get(g.name, range(g.units))) for g in groups)
+    return {"structure": structure, "removed": removed / max(units, 1), "groups": len(groups),
+            "narrowed": sum(g.name in kept for g in groups)}
 
 
 def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out: str | Path) -> dict[str, Any]:
@@ -319,7 +339,12 @@ def evaluate_step(cfg: PipelineConfig, pruned: str | Path, healed: str | Path, o
         test = Subset(test, range(min(cfg.evaluate.max_samples, len(test))))
     metrics = compare(dense, {"pruned": pruned_model, "healed": healed_model}, test, cfg.evaluate.batch_size,
                       cfg.data.num_workers, cached_dense_predictions(cfg, dense, test), cfg.evaluate.precision)
-    sparsity = measured_sparsity(healed_model, list(masks))["total"]
+    if cfg.prune.structured:  # the fraction of units removed, and what the model costs against dense
+        report = structure_report(healed_model, dense, masks, cfg.prune.structure)
+        sparsity = report["removed"]
+        metrics.update(size_ratios(healed_model, dense))
+    else:
+        sparsity = measured_sparsity(healed_model, list(masks))["total"]
     metrics.update({
         "recovery": metrics["healed_recovery"],
         "sparsity": sparsity,

@@ -132,9 +132,17 @@ BAD_INPUTS = {
     "hold-out too large": (["--set", "heal.holdout=0.5"], "heal.holdout=0.5 must be in [0, 0.5)"),
     "unknown preset": (["--set", "heal.preset=quick"], "heal.preset='quick': use one of"),
     "unknown scope preset": (["--set", "prune.scope=qkv_fc"], "prune.scope='qkv_fc' is neither a preset"),
+    "unknown structure": (["--set", "prune.structure=rows"], "prune.structure='rows': use unstructured, or one"),
+    "N:M with a structure": (["--set", "prune.method=nm", "--set", "prune.structure=heads"],
+                             "prune.method='nm' prunes single weights; prune.structure='heads' takes"),
 }
 # Bad input only the prune step can see: it needs the model.
 PRUNE_INPUTS = {
+    "a structure the family does not have": (["--set", "prune.structure=channels"],
+                                             "prune.structure='channels': VisionTransformer has no channels that "
+                                             "can be removed (it has: heads, neurons)"),
+    "a ratio that would empty a layer": (["--set", "prune.structure=heads", "--set", "prune.sparsity=0.9"],
+                                         "prune.sparsity=0.9 would remove all 4 heads of blocks.0.attn; lower it"),
     "scope names nothing": (["--set", "prune.scope=blocks.*.mlp.fc9"],
                             "prune.scope pattern 'blocks.*.mlp.fc9' names no"),
     "N:M on a layer that cannot take it": (["--set", "prune.method=nm", "--set", "prune.nm=1:10", "--set",

@@ -30,6 +30,7 @@ from starfish.models import device_of
 from starfish.progress import progress
 from starfish.pruning import sparsify_
 from starfish.pruning.masks import Masks
+from starfish.pruning.structured import dense_rows
 from starfish.rows import RowStore, current_scratch_folder, row_store
 
 if TYPE_CHECKING:
@@ -163,6 +164,7 @@ def bias_correction(model: nn.Module, dense: nn.Module, masks: Masks, images: to
     corrected = 0
     model.eval(), dense.eval()
     layers = _linear_layers(model, masks, "bias-correction")
+    rows = dense_rows(model, dense)  # a slim model's layers are some of the dense rows
     inputs = PairedInputs(model, dense, [name.removesuffix(".weight") for name in layers], images, cfg.batch_size,
                           cfg.cache)
     for name, layer in progress(layers.items(), desc="bias-correction"):
@@ -180,7 +182,11 @@ def bias_correction(model: nn.Module, dense: nn.Module, masks: Masks, images: to
         inputs.feed(layer_name, consume)
         mean_model, mean_dense = sums["model"] / sums["count"], sums["dense"] / sums["count"]
         w_dense = dense_params[name].double()
+        if name in rows:
+            w_dense = w_dense.index_select(0, rows[name].to(w_dense.device))
         b_dense = dense_params[f"{layer_name}.bias"].double()
+        if name in rows:
+            b_dense = b_dense.index_select(0, rows[name].to(b_dense.device))
         target = b_dense + w_dense @ mean_dense - layer.weight.double() @ mean_model
         layer.bias.copy_(target.to(layer.bias.dtype))
         corrected += 1
@@ -193,14 +199,21 @@ def solve_rows(width: int, memory_mb: float, itemsize: int = 8) -> int:
     return max(1, int(memory_mb * 2**20) // (2 * width * width * itemsize))
 
 
-def damping(gram: torch.Tensor, damp: float) -> torch.Tensor:
-    """lambda = damp * mean(diag G): the ridge every least-squares solve adds to its kept weights."""
-    return damp * torch.diagonal(gram).mean().clamp_min(1e-12)
+def damping(gram: torch.Tensor, damp: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """lambda = damp * the mean of diag G over the inputs the layer still reads (the columns `keep`
+    has a kept entry in; all without `keep`): the ridge every least-squares solve adds to its kept
+    weights. Inputs no row reads any more (an MLP's removed neurons, which still output GELU of
+    their bias) do not set it, so a masked layer and its slim counterpart get the same ridge."""
+    diagonal = torch.diagonal(gram)
+    if keep is not None:
+        read = keep.reshape(keep.shape[0], -1).any(0).to(diagonal.device)
+        diagonal = diagonal[read] if read.any() else diagonal
+    return damp * diagonal.mean().clamp_min(1e-12)
 
 
-def damped_hessian(gram: torch.Tensor, damp: float) -> torch.Tensor:
+def damped_hessian(gram: torch.Tensor, damp: float, keep: torch.Tensor | None = None) -> torch.Tensor:
     """G + lambda I: every row's Hessian when all weights are free (`damping`)."""
-    return gram + damping(gram, damp) * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return gram + damping(gram, damp, keep) * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
 
 
 def masked_least_squares(gram: torch.Tensor, cross: torch.Tensor, w_dense: torch.Tensor, keep: torch.Tensor,
@@ -208,14 +221,14 @@ def masked_least_squares(gram: torch.Tensor, cross: torch.Tensor, w_dense: torch
     """Per output row r, the kept weights minimizing ||X_S w_S - X_dense w_dense[r]||^2 + damping.
 
     `gram` = X^T X over the pruned model's inputs, `cross` = X^T X_dense. Row r solves
-    (G_SS + lambda I) w_S = (C w_dense[r])_S, with lambda = damp * mean(diag G); pruned
+    (G_SS + lambda I) w_S = (C w_dense[r])_S, with lambda from `damping`; pruned
     entries come out exactly zero. Rows are solved in batches sized by `memory_mb` (`solve_rows`),
     so memory is bounded by configuration, not by the layer's width; each row's solve is the
     same whatever the batch.
     """
-    lam = damping(gram, damp)
+    lam = damping(gram, damp, keep)
     rhs_all = w_dense @ cross.T  # row r: C w_dense[r]
-    out = torch.zeros_like(w_dense)
+    out = w_dense.new_zeros(w_dense.shape[0], gram.shape[0])  # a slim layer reads fewer inputs than dense's
     rows = solve_rows(gram.shape[0], memory_mb, gram.element_size())
     for start in range(0, w_dense.shape[0], rows):
         k = keep[start : start + rows].to(gram.device, gram.dtype)  # (rows, d)
@@ -241,7 +254,7 @@ def sparsegpt_least_squares(gram: torch.Tensor, cross: torch.Tensor, w_dense: to
     per layer instead of O(rows d^3); pruned entries come out exactly zero.
     """
     d = gram.shape[0]
-    factor = torch.linalg.cholesky(damped_hessian(gram, damp))
+    factor = torch.linalg.cholesky(damped_hessian(gram, damp, keep))
     weights = torch.cholesky_solve(cross @ w_dense.T, factor).T.contiguous()  # row r: H^-1 C w_dense[r]
     upper = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
     keep = keep.to(gram.device, gram.dtype)
@@ -271,7 +284,7 @@ def cg_least_squares(gram: torch.Tensor, cross: torch.Tensor, w_dense: torch.Ten
     Frobenius norms) or `max_iterations`; the damping bounds the systems' condition number.
     Pruned entries stay exactly zero.
     """
-    hessian = damped_hessian(gram, damp)
+    hessian = damped_hessian(gram, damp, keep)
     mask = keep.to(gram.device, gram.dtype)
     rhs = (w_dense @ cross.T) * mask  # row r: (C w_dense[r]) on the kept entries
     weights = sparsegpt_least_squares(gram, cross, w_dense, keep, damp)
@@ -303,12 +316,13 @@ def layerwise(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Te
     model.eval(), dense.eval()
     errors = {}
     layers = _linear_layers(model, masks, "layerwise")
+    rows = dense_rows(model, dense)  # a slim model's layers are some of the dense rows
     inputs = PairedInputs(model, dense, [name.removesuffix(".weight") for name in layers], images, cfg.batch_size,
                           cfg.cache)
     for name, layer in progress(layers.items(), desc="layerwise"):
-        d = layer.in_features
+        d, d_dense = layer.in_features, dense_params[name].shape[1]
         zeros = torch.zeros(d, d, dtype=torch.float64, device=device_of(model))
-        stats = {"gram": zeros, "cross": zeros.clone()}
+        stats = {"gram": zeros, "cross": torch.zeros(d, d_dense, dtype=torch.float64, device=zeros.device)}
 
         def consume(x_model: torch.Tensor, x_dense: torch.Tensor) -> None:
             stats["gram"] += x_model.T @ x_model
@@ -316,13 +330,16 @@ def layerwise(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Te
 
         inputs.feed(name.removesuffix(".weight"), consume)
         w_dense = dense_params[name].double()
+        if name in rows:
+            w_dense = w_dense.index_select(0, rows[name].to(w_dense.device))
         if cfg.solver == "exact":
             solved = masked_least_squares(stats["gram"], stats["cross"], w_dense, masks[name], cfg.damp,
                                           cfg.solve_memory_mb)
         else:
             solved = cg_least_squares(stats["gram"], stats["cross"], w_dense, masks[name], cfg.damp)
+        before = layer.weight.double()
         layer.weight.copy_(solved.to(layer.weight.dtype))
-        errors[name] = float(torch.linalg.norm(solved - w_dense) / torch.linalg.norm(w_dense))
+        errors[name] = float(torch.linalg.norm(solved - before) / torch.linalg.norm(before).clamp_min(1e-300))
     sparsify_(model, masks)
     return {"relative_weight_change": errors}
 

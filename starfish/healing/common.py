@@ -72,6 +72,19 @@ def kd_loss(temperature: float) -> LossFn:
 STATE_LOSSES: dict[str, LossFn] = {"cosine": cosine_loss, "nmse": nmse_loss}
 
 
+def on_channels(loss: LossFn, channels: torch.Tensor) -> LossFn:
+    """`loss` on the dense state's `channels` only: the block outputs that structured pruning
+    narrowed. A masked student's state is cut to the same channels; a slim one has only those."""
+
+    def narrowed(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        index = channels.to(teacher.device)
+        if student.shape[1] != index.numel():
+            student = student.index_select(1, index)
+        return loss(student, teacher.index_select(1, index))
+
+    return narrowed
+
+
 @contextlib.contextmanager
 def masked_training(model: nn.Module, masks: Masks) -> Iterator[list[nn.Parameter]]:
     """Train only the masked weights, with pruned entries pinned at zero.

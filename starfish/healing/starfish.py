@@ -4,7 +4,8 @@ As the authors' public code has it: the output of every block is compared per to
 1 - cosine similarity over the hidden dimension, averaged over tokens and blocks; only the
 weights in the pruning scope train (biases, norms, embeddings and head stay frozen); Adam at
 6e-4 with a cosine schedule to 1e-6, batch 32; dense states cached once in fp16. CNN block
-outputs are compared per sample over the flattened C*H*W. The budget is counted in Adam steps
+outputs are compared per sample over the flattened C*H*W; a block output that structured
+pruning narrowed (a CNN without residuals) is compared on the channels it keeps. The budget is counted in Adam steps
 (`heal.steps`, the authors' 1,570 by default), so a smaller split gets the same optimization.
 
 Options (HealConfig): `loss` (cosine | nmse), `states` (blocks | stages | last | module names),
@@ -24,8 +25,18 @@ from torch import nn
 
 from starfish.capture import state_names
 from starfish.healing.baselines import layerwise, non_linear_layers
-from starfish.healing.common import HEALERS, STATE_LOSSES, Objective, align_, kd_loss, snapshot, split_calibration
+from starfish.healing.common import (
+    HEALERS,
+    STATE_LOSSES,
+    Objective,
+    align_,
+    kd_loss,
+    on_channels,
+    snapshot,
+    split_calibration,
+)
 from starfish.pruning.masks import Masks
+from starfish.pruning.structured import state_channels
 
 if TYPE_CHECKING:
     from starfish.config import HealConfig
@@ -51,7 +62,9 @@ def starfish(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Ten
             report.update(warm_start="layerwise", warm_start_seconds=time.perf_counter() - start)
             log.info("layerwise warm start (%s solver) in %.1fs", cfg.solver, report["warm_start_seconds"])
     names = state_names(model, cfg.states)
-    terms = {name: (STATE_LOSSES[cfg.loss], 1.0 / len(names)) for name in names}
+    narrowed = state_channels(model, dense, masks)
+    terms = {name: (on_channels(STATE_LOSSES[cfg.loss], narrowed[name]) if name in narrowed else STATE_LOSSES[cfg.loss],
+                    1.0 / len(names)) for name in names}
     terms[""] = (kd_loss(cfg.temperature), cfg.logit_weight)  # "" is the model itself: its logits
     report.update(align_(model, dense, masks, train, holdout, Objective(terms), cfg, fallback=pruned))
     report["states"] = names

@@ -25,6 +25,7 @@ from starfish.errors import StarfishError
 from starfish.models import device_of
 from starfish.pruning import masks as M
 from starfish.pruning.masks import Masks
+from starfish.pruning.structured import groups_for, structured_masks
 from starfish.registry import Registry
 
 if TYPE_CHECKING:
@@ -276,6 +277,8 @@ def prune(model: nn.Module, cfg: "PruneConfig", images: torch.Tensor | None = No
     `cfg.method` (the model is not changed), and the layers held back from `cfg.sparsity`. A
     layer that an explicit scope names and N:M cannot take is an error; under a preset it stays
     dense, named in the log."""
+    if cfg.structured:
+        return Pruned(_structured(model, cfg, images), {})
     pruner = PRUNERS.get(cfg.method)
     weights = scope_weights(model, predicate or resolve_scope(model, cfg.scope))
     if cfg.method == "nm" and predicate is None and is_scope_pattern(cfg.scope):
@@ -293,6 +296,21 @@ def prune(model: nn.Module, cfg: "PruneConfig", images: torch.Tensor | None = No
                     + (" ..." if len(held) > 5 else ""))
     log.info("%s pruned %d layers to %.3f", cfg.method, len(masks), cfg.sparsity)
     return Pruned(masks, held)
+
+
+def _structured(model: nn.Module, cfg: "PruneConfig", images: torch.Tensor | None) -> Masks:
+    """Masks removing whole units (`prune.structure`), scored by group magnitude or, for wanda,
+    with every masked weight's columns scaled by its input's norm on the calibration images."""
+    groups = groups_for(model, cfg.structure)
+    norms = None
+    if cfg.method == "wanda":
+        if images is None:
+            raise StarfishError("wanda needs calibration images; pass a calibration manifest")
+        layers = sorted({member.key.removesuffix(".weight") for g in groups for member in g.masked})
+        norms = input_norms(model, layers, images)
+    masks = structured_masks(model, groups, cfg, norms)
+    log.info("%s removed %g of the %s of %d groups", cfg.method, cfg.sparsity, cfg.structure, len(groups))
+    return masks
 
 
 def _held_back(weights: dict[str, torch.Tensor], masks: Masks, cfg: "PruneConfig") -> dict[str, str]:

@@ -1,0 +1,581 @@
+"""Structured pruning: remove whole MLP neurons, attention heads or inner conv channels.
+
+A *group* is one prunable dimension of the model, written down as data: the tensors that hold
+its units and where. Removing unit `u` of a group removes, in every member tensor, the entries
+`[s * units * width + u * width + j]` along the member's axis, for each of its `sections`
+(q, k and v of a fused qkv; the two halves of a gated MLP's fc1) and `j < width` (a head's
+head_dim rows). Weights that make a unit (rows) or read it (input columns) are *masked*; the
+rest (biases, norms, a Swin head's relative-position bias) are only *sliced* by `slim_`.
+
+Lifecycle: `find_groups(model, structure)` -> `structured_masks(...)` (keep-masks over the
+masked weights, True = kept, the same format as unstructured masks, so the healers and the
+checks take them unchanged) -> `slim_(model, masks)` (smaller modules; returns the
+`architecture` record a checkpoint stores) -> `rebuild_(model, architecture)` (the same
+smaller modules on a freshly built dense model, from that record alone).
+
+Which modules have which structure is one finder per module type (`FINDERS`), because the
+coupling lives in each type's forward: a fused qkv's (3, heads, head_dim) layout, a gated MLP's
+chunk, an inverted residual's squeeze-excite. A module type with no finder is left whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import torch
+from timm.layers import Attention, GluMlp, Mlp, SwiGLU
+from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
+from timm.models.resnet import BasicBlock, Bottleneck
+from timm.models.swin_transformer import WindowAttention
+from torch import nn
+
+from starfish.errors import StarfishError
+from starfish.pruning.masks import Masks, capped_count, check_sparsity
+
+if TYPE_CHECKING:
+    from starfish.config import PruneConfig
+
+STRUCTURES = ("neurons", "heads", "channels")
+ARCHITECTURE_ATTRIBUTES = ("num_heads", "attn_dim")  # module attributes a slim checkpoint may set
+ARCHITECTURE_ATTR = "starfish_architecture"  # where a slim model keeps its record (`architecture_of`)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One tensor of a group: its state key, the axis that indexes units, and the layout along it."""
+
+    key: str
+    axis: int
+    sections: int = 1
+    width: int = 1
+    masked: bool = False  # a weight whose mask carries the group (rows it makes, columns that read it)
+
+    def index(self, keep: torch.Tensor, units: int) -> torch.Tensor:
+        """Entries along `axis` that the kept units own, in order."""
+        offsets = torch.arange(self.width)
+        per_section = (keep.view(-1, 1) * self.width + offsets).reshape(-1)
+        return torch.cat([per_section + s * units * self.width for s in range(self.sections)])
+
+
+@dataclass(frozen=True)
+class Group:
+    """A prunable dimension: `units` of kind `structure` owned by module `name`.
+
+    `attributes` are the module attributes that count units (`{module: {attribute: per unit}}`:
+    an attention's num_heads is 1 per head, its attn_dim head_dim per head). `state` names the
+    block whose output width the group sets, when it does (a CNN without residuals)."""
+
+    name: str
+    structure: str
+    units: int
+    members: tuple[Member, ...]
+    attributes: dict[str, dict[str, int]] = field(default_factory=dict)
+    state: str | None = None
+
+    @property
+    def masked(self) -> tuple[Member, ...]:
+        return tuple(m for m in self.members if m.masked)
+
+    @property
+    def producer(self) -> Member:
+        """The first masked member with units on axis 0: whose mask says which units are kept."""
+        return next(m for m in self.masked if m.axis == 0)
+
+
+Finder = Callable[[str, nn.Module, dict[str, nn.Module]], Iterator[Group]]
+FINDERS: dict[type, tuple[str, Finder]] = {}
+
+
+def finder(structure: str, *types: type) -> Callable[[Finder], Finder]:
+    def register(fn: Finder) -> Finder:
+        for kind in types:
+            FINDERS[kind] = (structure, fn)
+        return fn
+
+    return register
+
+
+def _weight(name: str, axis: int, sections: int = 1, width: int = 1) -> Member:
+    return Member(f"{name}.weight", axis, sections, width, masked=True)
+
+
+def _sliced(module: nn.Module, name: str, axis: int = 0, sections: int = 1, width: int = 1,
+            keys: tuple[str, ...] = ("bias",)) -> list[Member]:
+    """Members for the per-unit tensors of `module` (its bias; a norm's affine and statistics)."""
+    owned = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
+    return [Member(f"{name}.{key}", axis, sections, width) for key in keys if owned.get(key) is not None]
+
+
+_NORM_KEYS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _per_channel_norm(module: nn.Module, name: str, where: str) -> list[Member]:
+    """A norm between a group's producer and consumer: BatchNorm is per channel (sliced with the
+    units); one that mixes channels (LayerNorm, GRN) would make the masked and the slim model differ."""
+    if isinstance(module, nn.Identity):
+        return []
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return _sliced(module, name, keys=_NORM_KEYS)
+    raise StarfishError(f"{where} normalizes across its units ({type(module).__name__} at {name}), so removing units "
+                        "changes what the kept ones compute; structured pruning does not take this module")
+
+
+@finder("neurons", Mlp, GluMlp, SwiGLU)
+def _mlp(name: str, mlp: nn.Module, modules: dict[str, nn.Module]) -> Iterator[Group]:
+    """MLP hidden units: fc1's rows (both halves of a gated fc1, or SwiGLU's fc1_g and fc1_x),
+    fc2's columns, and a per-channel norm between them."""
+    gated = isinstance(mlp, GluMlp)
+    producers = ("fc1_g", "fc1_x") if isinstance(mlp, SwiGLU) else ("fc1",)
+    members: list[Member] = []
+    for producer in producers:
+        layer = getattr(mlp, producer)
+        members += [_weight(f"{name}.{producer}", 0, 2 if gated else 1),
+                    *_sliced(layer, f"{name}.{producer}", 0, 2 if gated else 1)]
+    members += _per_channel_norm(mlp.norm, f"{name}.norm", f"the MLP {name}")
+    members.append(_weight(f"{name}.fc2", 1))
+    units = mlp.fc2.weight.shape[1]
+    yield Group(name, "neurons", units, tuple(members))
+
+
+@finder("heads", Attention)
+def _attention(name: str, attn: Attention, modules: dict[str, nn.Module]) -> Iterator[Group]:
+    """Heads of timm's fused-qkv attention (ViT, DeiT, ...): each head's head_dim rows of q, k and
+    v (and of the output gate), and its head_dim columns of the output projection."""
+    if not isinstance(attn.norm, nn.Identity):
+        raise StarfishError(f"the attention {name} normalizes across its heads (scale_norm), so removing heads changes "
+                            "what the kept ones compute; structured pruning does not take this module")
+    hd = attn.head_dim
+    members = [_weight(f"{name}.qkv", 0, 3, hd), *_sliced(attn.qkv, f"{name}.qkv", 0, 3, hd)]
+    if attn.gate is not None:
+        members += [_weight(f"{name}.gate", 0, 1, hd), *_sliced(attn.gate, f"{name}.gate", 0, 1, hd)]
+    members.append(_weight(f"{name}.proj", 1, 1, hd))
+    yield Group(name, "heads", attn.num_heads, tuple(members), {name: {"num_heads": 1, "attn_dim": hd}})
+
+
+@finder("heads", WindowAttention)
+def _window_attention(name: str, attn: WindowAttention, modules: dict[str, nn.Module]) -> Iterator[Group]:
+    """Heads of Swin's window attention: as `_attention`, plus each head's column of the
+    relative-position bias table."""
+    hd = attn.qkv.out_features // (3 * attn.num_heads)
+    members = (_weight(f"{name}.qkv", 0, 3, hd), *_sliced(attn.qkv, f"{name}.qkv", 0, 3, hd),
+               Member(f"{name}.relative_position_bias_table", 1), _weight(f"{name}.proj", 1, 1, hd))
+    yield Group(name, "heads", attn.num_heads, members, {name: {"num_heads": 1}})
+
+
+def _plain_conv(conv: nn.Module, name: str) -> None:
+    if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
+        raise StarfishError(f"channels: {name} is a grouped convolution; structured pruning takes plain and "
+                            "depthwise convolutions only")
+
+
+def _no_aa(block: nn.Module, name: str) -> None:
+    if not isinstance(getattr(block, "aa", None), (nn.Identity, type(None))):
+        raise StarfishError(f"channels: {name} anti-aliases its inner channels; structured pruning does not take it")
+
+
+def _conv_chain(name: str, block: nn.Module, chain: list[tuple[str, str]]) -> Iterator[Group]:
+    """Groups over a chain of plain convs `conv -> norm -> conv`: each conv's output channels
+    (its rows, the norm after it, the next conv's columns), for every link but the last."""
+    for (conv, norm), (reader, _) in zip(chain, chain[1:]):
+        _plain_conv(getattr(block, reader), f"{name}.{reader}")
+        members = [_weight(f"{name}.{conv}", 0), *_sliced(getattr(block, conv), f"{name}.{conv}"),
+                   *_per_channel_norm(getattr(block, norm), f"{name}.{norm}", f"the block {name}"),
+                   _weight(f"{name}.{reader}", 1)]
+        yield Group(f"{name}.{conv}", "channels", getattr(block, conv).out_channels, tuple(members))
+
+
+@finder("channels", Bottleneck)
+def _bottleneck(name: str, block: Bottleneck, modules: dict[str, nn.Module]) -> Iterator[Group]:
+    """ResNet's bottleneck: conv1's and conv2's output channels (conv3 writes the residual stream)."""
+    _no_aa(block, name)
+    _plain_conv(block.conv1, f"{name}.conv1")
+    yield from _conv_chain(name, block, [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")])
+
+
+@finder("channels", BasicBlock)
+def _basic_block(name: str, block: BasicBlock, modules: dict[str, nn.Module]) -> Iterator[Group]:
+    """ResNet's basic block: conv1's output channels."""
+    _no_aa(block, name)
+    _plain_conv(block.conv1, f"{name}.conv1")
+    yield from _conv_chain(name, block, [("conv1", "bn1"), ("conv2", "bn2")])
+
+
+def _depthwise(conv: nn.Module, name: str) -> list[Member]:
+    if not (isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels == conv.out_channels):
+        raise StarfishError(f"channels: {name} is not a depthwise convolution; structured pruning does not take it")
+    return [_weight(name, 0), *_sliced(conv, name)]
+
+
+def _squeeze_excite(se: nn.Module, name: str) -> list[Member]:
+    """A squeeze-excite over the group's channels reads each (conv_reduce's columns) and gates each
+    (conv_expand's rows)."""
+    if isinstance(se, nn.Identity):
+        return []
+    if not (hasattr(se, "conv_reduce") and hasattr(se, "conv_expand")):
+        raise StarfishError(f"channels: {name} is a {type(se).__name__}, which structured pruning does not take")
+    return [_weight(f"{name}.conv_reduce", 1), _weight(f"{name}.conv_expand", 0),
+            *_sliced(se.conv_expand, f"{name}.conv_expand")]
+
+
+@finder("channels", InvertedResidual)
+def _inverted_residual(name: str, block: InvertedResidual, modules: dict[str, nn.Module]) -> Iterator[Group]:
+    """EfficientNet's / MobileNetV2-V3's inverted residual: the expansion channels (conv_pw's rows,
+    bn1, the depthwise conv, bn2, the squeeze-excite, conv_pwl's columns)."""
+    _no_aa(block, name)
+    _plain_conv(block.conv_pw, f"{name}.conv_pw")
+    _plain_conv(block.conv_pwl, f"{name}.conv_pwl")
+    members = [_weight(f"{name}.conv_pw", 0), *_sliced(block.conv_pw, f"{name}.conv_pw"),
+               *_per_channel_norm(block.bn1, f"{name}.bn1", f"the block {name}"),
+               *_depthwise(block.conv_dw, f"{name}.conv_dw"),
+               *_per_channel_norm(block.bn2, f"{name}.bn2", f"the block {name}"),
+               *_squeeze_excite(block.se, f"{name}.se"), _weight(f"{name}.conv_pwl", 1)]
+    yield Group(f"{name}.conv_pw", "channels", block.conv_pw.out_channels, tuple(members))
+
+
+@finder("channels", DepthwiseSeparableConv)
+def _separable(name: str, block: DepthwiseSeparableConv, modules: dict[str, nn.Module]) -> Iterator[Group]:
+    """MobileNetV1's depthwise-separable block without a skip: its output channels (conv_pw's rows,
+    bn2), read by the next such block (its depthwise conv, bn1, squeeze-excite, conv_pw's columns).
+    The block's output is narrower, so `state` names it. A block with a skip, or the last one, is
+    left whole: its output is the residual stream or the head's input."""
+    following = _next_block(name, modules)
+    if block.has_skip or not isinstance(following, DepthwiseSeparableConv) or following.has_skip:
+        return
+    nxt = _name_of(following, modules)
+    _no_aa(block, name)
+    _no_aa(following, nxt)
+    _plain_conv(block.conv_pw, f"{name}.conv_pw")
+    _plain_conv(following.conv_pw, f"{nxt}.conv_pw")
+    members = [_weight(f"{name}.conv_pw", 0), *_sliced(block.conv_pw, f"{name}.conv_pw"),
+               *_per_channel_norm(block.bn2, f"{name}.bn2", f"the block {name}"),
+               *_depthwise(following.conv_dw, f"{nxt}.conv_dw"),
+               *_per_channel_norm(following.bn1, f"{nxt}.bn1", f"the block {nxt}"),
+               *_squeeze_excite(following.se, f"{nxt}.se"), _weight(f"{nxt}.conv_pw", 1)]
+    yield Group(f"{name}.conv_pw", "channels", block.conv_pw.out_channels, tuple(members), state=name)
+
+
+def _next_block(name: str, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The module after `name` in an EfficientNet's `blocks` (stages of blocks), or None."""
+    flat = [key for key, module in modules.items() if key.startswith("blocks.") and key.count(".") == 2]
+    return modules[flat[flat.index(name) + 1]] if name in flat and flat.index(name) + 1 < len(flat) else None
+
+
+def _name_of(module: nn.Module, modules: dict[str, nn.Module]) -> str:
+    return next(key for key, value in modules.items() if value is module)
+
+
+def parse_structure(structure: str) -> tuple[str, ...]:
+    """`prune.structure`: `unstructured`, or structures joined by `+` (e.g. `neurons+heads`)."""
+    if structure == "unstructured":
+        return ()
+    parts = tuple(part.strip() for part in structure.split("+"))
+    unknown = [part for part in parts if part not in STRUCTURES]
+    if unknown or len(set(parts)) != len(parts):
+        raise StarfishError(f"prune.structure={structure!r}: use unstructured, or one or more of {list(STRUCTURES)} "
+                            "joined by + (e.g. neurons+heads)")
+    return parts
+
+
+def find_groups(model: nn.Module, structures: tuple[str, ...] = STRUCTURES) -> list[Group]:
+    """Every group of the named structures in `model`, in forward order. ConvNeXt's MLP (its
+    only inner channels) counts as both neurons and channels."""
+    modules = dict(model.named_modules())
+    groups = []
+    for name, module in modules.items():
+        structure, find = FINDERS.get(type(module), (None, None))
+        if find is None:
+            continue
+        if structure not in structures and structure == "neurons" and "channels" in structures \
+                and type(modules.get(name.rpartition(".")[0])).__name__ == "ConvNeXtBlock":
+            groups += [dataclasses.replace(g, structure="channels") for g in find(name, module, modules)]
+        elif structure in structures:
+            groups += list(find(name, module, modules))
+    return groups
+
+
+def groups_for(model: nn.Module, structure: str) -> list[Group]:
+    """`find_groups` for `prune.structure`, or an error naming the structures the model has."""
+    wanted = parse_structure(structure)
+    groups = find_groups(model, wanted)
+    missing = [s for s in wanted if not any(g.structure == s for g in groups)]
+    if missing:
+        has = sorted({g.structure for g in find_groups(model)})
+        raise StarfishError(f"prune.structure={structure!r}: {type(model).__name__} has no {missing[0]} that can be "
+                            f"removed (it has: {', '.join(has) or 'no prunable structure'}); pick one it has")
+    return groups
+
+
+def _unit_scores(group: Group, weights: dict[str, torch.Tensor], norms: dict[str, torch.Tensor] | None
+                 ) -> torch.Tensor:
+    """One importance per unit over all its masked weights: the group's L2 norm (magnitude), or
+    wanda's sum of |W| * ||x|| with each weight column scaled by its input's norm."""
+    score = torch.zeros(group.units)
+    for member in group.masked:
+        w = weights[member.key].detach().float().cpu()
+        w = w.movedim(member.axis, 0).reshape(w.shape[member.axis], -1)  # (entries along axis, rest)
+        if norms is None:
+            per_entry = w.pow(2).sum(1)
+        else:  # columns of a row scale by the layer's input norms; a column is one input
+            layer = member.key.removesuffix(".weight")
+            x = norms[layer].float().cpu()
+            if member.axis == 1:  # the entries are input columns: each scales by its own input's norm
+                per_entry = w.abs().sum(1) * x
+            elif x.numel() == w.shape[0] and w.shape[1] < x.numel():  # depthwise: row i reads channel i
+                per_entry = w.abs().sum(1) * x
+            else:  # a conv's channel norm covers its kh*kw columns
+                per_entry = (w.abs() * x.repeat_interleave(w.shape[1] // x.numel()).view(1, -1)).sum(1)
+        score += per_entry.view(member.sections, group.units, member.width).sum((0, 2))
+    return score.sqrt() if norms is None else score
+
+
+def _check_amount(groups: list[Group], amount: float) -> None:
+    check_sparsity(amount)
+    for group in groups:
+        if round(amount * group.units) >= group.units:
+            raise StarfishError(f"prune.sparsity={amount:g} would remove all {group.units} {group.structure} of "
+                                f"{group.name}; lower it (at most {(group.units - 1) / group.units:g} here)")
+
+
+def structured_masks(model: nn.Module, groups: list[Group], cfg: "PruneConfig",
+                     norms: dict[str, torch.Tensor] | None = None) -> Masks:
+    """Keep-masks removing `cfg.sparsity` of each group's units, lowest scores first: the same
+    count in every group, or (`cfg.global_ranking`) one ranking per structure over all its groups
+    with scores normalized per group, keeping each group's best unit. Ties go by position."""
+    _check_amount(groups, cfg.sparsity)
+    weights = {**dict(model.named_parameters())}
+    scores = {g.name: _unit_scores(g, weights, norms) for g in groups}
+    removed: dict[str, torch.Tensor] = {}
+    if cfg.global_ranking:
+        for structure in {g.structure for g in groups}:
+            members = [g for g in groups if g.structure == structure]
+            flat = torch.cat([scores[g.name] / scores[g.name].mean().clamp_min(1e-12) for g in members])
+            count = round(cfg.sparsity * flat.numel())
+            pruned = torch.zeros(flat.numel(), dtype=torch.bool)
+            pruned[torch.argsort(flat, stable=True)[:count]] = True
+            start = 0
+            for g in members:
+                cut = pruned[start : start + g.units].clone()
+                if cut.all():
+                    cut[scores[g.name].argmax()] = False
+                removed[g.name] = cut.nonzero().squeeze(1)
+                start += g.units
+    else:
+        for g in groups:
+            removed[g.name] = torch.argsort(scores[g.name], stable=True)[: capped_count(cfg.sparsity, g.units)]
+    masks: Masks = {}
+    for g in groups:
+        for member in g.masked:
+            weight = weights[member.key]
+            mask = masks.get(member.key, torch.ones(weight.shape, dtype=torch.bool, device=weight.device))
+            mask.index_fill_(member.axis, member.index(removed[g.name].sort().values, g.units).to(weight.device),
+                             False)
+            masks[member.key] = mask
+    return masks
+
+
+def kept_units(group: Group, masks: Masks) -> torch.Tensor:
+    """The units the masks keep: all but those with every entry pruned in every masked member
+    (so single weights pruned apart never read as a removed unit)."""
+    alive = torch.zeros(group.units, dtype=torch.bool)
+    for member in group.masked:
+        mask = masks[member.key].movedim(member.axis, 0)
+        entries = mask.reshape(mask.shape[0], -1).any(1).cpu()
+        alive |= entries.view(member.sections, group.units, member.width).any(2).any(0)
+    return alive.nonzero().squeeze(1)
+
+
+def architecture_of(model: nn.Module) -> dict[str, Any] | None:
+    """The architecture record of a slim model (set by `slim_` and `rebuild_`), None for a dense one."""
+    return getattr(model, ARCHITECTURE_ATTR, None)
+
+
+def kept_by_group(model: nn.Module, masks: Masks) -> dict[str, list[int]]:
+    """`{group: kept units}` of the groups a slim model or structured masks narrowed."""
+    architecture = architecture_of(model)
+    if architecture is not None:
+        return architecture["kept"]
+    kept = {}
+    for g in find_groups(model):
+        if all(m.key in masks for m in g.masked):
+            units = kept_units(g, masks)
+            if len(units) < g.units:
+                kept[g.name] = units.tolist()
+    return kept
+
+
+def state_channels(model: nn.Module, dense: nn.Module, masks: Masks) -> dict[str, torch.Tensor]:
+    """`{block: the dense channels its output keeps}` for the blocks whose output width the
+    structure narrows (a CNN without residuals): the channels of the dense state to align with."""
+    kept = kept_by_group(model, masks)
+    return {g.state: torch.tensor(kept[g.name]) for g in find_groups(dense) if g.state is not None and g.name in kept}
+
+
+def dense_rows(model: nn.Module, dense: nn.Module) -> dict[str, torch.Tensor]:
+    """`{weight: the dense rows its rows are}` for the weights a slim model has fewer rows of."""
+    architecture = architecture_of(model)
+    if architecture is None:
+        return {}
+    rows = {}
+    for g in find_groups(dense):
+        if g.name in architecture["kept"]:
+            for member in g.masked:
+                if member.axis == 0:
+                    rows[member.key] = member.index(torch.tensor(architecture["kept"][g.name]), g.units)
+    return rows
+
+
+def slim_(model: nn.Module, masks: Masks) -> dict[str, Any]:
+    """Turn structured masks into smaller modules, in place; returns the `architecture` record
+    (`rebuild_` builds the same modules from it): the new shape of every tensor it changed, the
+    module attributes that count units, and each narrowed group's kept units (which dense rows
+    and channels the slim ones are)."""
+    if architecture_of(model) is not None:
+        raise StarfishError("the model is slim already; slim the masked model once")
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    index: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    attributes: dict[str, dict[str, int]] = {}
+    kept: dict[str, list[int]] = {}
+    for g in find_groups(model):
+        if not all(m.key in masks for m in g.masked):
+            continue
+        keep = kept_units(g, masks)
+        if len(keep) == g.units:
+            continue
+        for member in g.members:
+            index.setdefault(member.key, []).append((member.axis, member.index(keep, g.units)))
+        for module, counts in g.attributes.items():
+            attributes[module] = {attr: per_unit * len(keep) for attr, per_unit in counts.items()}
+        kept[g.name] = keep.tolist()
+    tensors = {}
+    for key, cuts in index.items():
+        value = state[key].detach()
+        for axis, idx in cuts:
+            value = value.index_select(axis, idx.to(value.device))
+        tensors[key] = value
+    architecture = {"shapes": {key: list(value.shape) for key, value in tensors.items()},
+                    "attributes": attributes, "kept": kept}
+    _resize_(model, tensors, attributes)
+    setattr(model, ARCHITECTURE_ATTR, architecture)
+    return architecture
+
+
+def slim_masks(model: nn.Module) -> Masks:
+    """All-True masks over the weights a slim model's structure narrowed: the layers a heal trains
+    (every weight of them; there is nothing left to keep at zero)."""
+    architecture = architecture_of(model)
+    if architecture is None:
+        return {}
+    modules = dict(model.named_modules())
+    return {key: torch.ones(shape, dtype=torch.bool) for key, shape in architecture["shapes"].items()
+            if key.endswith(".weight") and isinstance(modules.get(key.removesuffix(".weight")), (nn.Linear, nn.Conv2d))}
+
+
+def check_architecture(model: nn.Module, architecture: Any, source: str) -> dict[str, Any]:
+    """Validate a checkpoint's architecture record against the dense model it will shrink, before
+    anything is allocated: known tensors, the same rank, every size in 1..the dense size, known
+    attributes with values in 1..the dense value, kept units that are increasing unit numbers."""
+    def bad(why: str) -> StarfishError:
+        return StarfishError(f"checkpoint {source}: its architecture record {why}; the file is damaged or not "
+                             "written by starfish: write it again")
+
+    if not isinstance(architecture, dict) or set(architecture) != {"shapes", "attributes", "kept"}:
+        raise bad("is not a mapping of shapes, attributes and kept units")
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    modules = dict(model.named_modules())
+    shapes, attributes, kept = architecture["shapes"], architecture["attributes"], architecture["kept"]
+    if not all(isinstance(x, dict) for x in (shapes, attributes, kept)):
+        raise bad("has a section that is not a mapping")
+    for key, shape in shapes.items():
+        if key not in state:
+            raise bad(f"names {key!r}, which {type(model).__name__} does not have")
+        dense = state[key].shape
+        if not (isinstance(shape, list) and len(shape) == len(dense)
+                and all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= d for s, d in zip(shape, dense))):
+            raise bad(f"gives {key} the shape {shape!r}, which does not fit its dense shape {list(dense)}")
+    for module, values in attributes.items():
+        if module not in modules or not isinstance(values, dict):
+            raise bad(f"sets attributes of {module!r}, which {type(model).__name__} does not have")
+        for attr, value in values.items():
+            dense_value = getattr(modules[module], attr, None)
+            if attr not in ARCHITECTURE_ATTRIBUTES or not isinstance(dense_value, int) or not (
+                    isinstance(value, int) and not isinstance(value, bool) and 0 < value <= dense_value):
+                raise bad(f"sets {module}.{attr}={value!r}, which is not a unit count up to {dense_value}")
+    units = {g.name: g.units for g in find_groups(model)}
+    for group, values in kept.items():
+        if group not in units or not (isinstance(values, list) and values and all(
+                isinstance(u, int) and not isinstance(u, bool) for u in values)
+                and values == sorted(set(values)) and 0 <= values[0] and values[-1] < units[group]):
+            raise bad(f"keeps units {str(values)[:40]} of {group!r}, which are not increasing unit numbers of a "
+                      "prunable group")
+    return architecture
+
+
+def rebuild_(model: nn.Module, architecture: dict[str, Any], source: str = "the checkpoint") -> nn.Module:
+    """Shrink a freshly built dense `model` to a slim checkpoint's architecture, in place (the
+    tensors are left uninitialized: load the checkpoint's state next)."""
+    check_architecture(model, architecture, source)
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    tensors = {key: torch.empty(shape, dtype=state[key].dtype, device=state[key].device)
+               for key, shape in architecture["shapes"].items()}
+    _resize_(model, tensors, architecture["attributes"])
+    setattr(model, ARCHITECTURE_ATTR, architecture)
+    return model
+
+
+@torch.no_grad()
+def _resize_(model: nn.Module, tensors: dict[str, torch.Tensor], attributes: dict[str, dict[str, int]]) -> None:
+    """Put the resized `tensors` in place and make each module's size attributes agree with them."""
+    touched = set()
+    for key, value in tensors.items():
+        owner_name, _, leaf = key.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if leaf in owner._parameters:
+            old = owner._parameters[leaf]
+            owner._parameters[leaf] = nn.Parameter(value.clone(), requires_grad=old.requires_grad)
+        else:
+            owner._buffers[leaf] = value.clone()
+        touched.add(owner_name)
+    for name in touched:
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Linear):
+            module.out_features, module.in_features = module.weight.shape
+        elif isinstance(module, nn.Conv2d):
+            depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+            module.out_channels = module.weight.shape[0]
+            module.groups = module.out_channels if depthwise else module.groups
+            module.in_channels = module.weight.shape[1] * module.groups
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.num_features = module.weight.shape[0] if module.weight is not None else module.running_mean.numel()
+    for name, values in attributes.items():
+        for attr, value in values.items():
+            setattr(model.get_submodule(name), attr, value)
+
+
+def size_ratios(slim: nn.Module, dense: nn.Module, image_size: tuple[int, ...] | None = None) -> dict[str, float]:
+    """Parameters and forward FLOPs (torch's FLOP counter) of `slim` over `dense`, on one image of
+    `image_size` (C, H, W; default: the model's input size in timm's data config)."""
+    from timm.data import resolve_data_config
+    from torch.utils.flop_counter import FlopCounterMode
+
+    image_size = image_size or resolve_data_config({}, model=dense)["input_size"]
+
+    def flops(model: nn.Module) -> int:
+        counter = FlopCounterMode(display=False)
+        param = next(model.parameters())
+        with counter, torch.no_grad():
+            model.eval()(torch.zeros(1, *image_size, dtype=param.dtype, device=param.device))
+        return counter.get_total_flops()
+
+    def params(model: nn.Module) -> int:
+        return sum(p.numel() for p in model.parameters())
+
+    return {"params_ratio": params(slim) / params(dense), "flops_ratio": flops(slim) / max(flops(dense), 1)}
+
+
+def expected_removed(groups: list[Group], amount: float) -> float:
+    """The fraction of each group's units that `amount` removes at uniform ratios (what a layer keeps
+    at least one of can make it lower)."""
+    return math.fsum(capped_count(amount, g.units) for g in groups) / max(sum(g.units for g in groups), 1)

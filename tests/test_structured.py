@@ -1,0 +1,182 @@
+"""Structured pruning: hand-worked groups and masks, masked == slim on every covered family, slim
+checkpoints rebuilt from their record alone, and the heal of a slim model against the masked one."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from timm.layers import Mlp
+
+from starfish.config import HealConfig, PruneConfig
+from starfish.errors import StarfishError
+from starfish.healing import heal_
+from starfish.models import create_model, load_checkpoint, save_checkpoint
+from starfish.pruning import prune, sparsify_
+from starfish.pruning.structured import (
+    Member,
+    architecture_of,
+    find_groups,
+    groups_for,
+    kept_by_group,
+    rebuild_,
+    size_ratios,
+    slim_,
+    slim_masks,
+    structured_masks,
+)
+
+# (timm name, kwargs that keep it small, structure, input size): every family structured pruning covers.
+FAMILIES = [
+    ("starfish_vit_fmnist", {}, "neurons+heads", (1, 28, 28)),
+    ("starfish_cnn_fmnist", {}, "channels", (1, 28, 28)),
+    ("vit_tiny_patch16_224", {"img_size": 32, "depth": 2}, "neurons+heads", (3, 32, 32)),
+    ("deit_tiny_patch16_224", {"img_size": 32, "depth": 2}, "neurons+heads", (3, 32, 32)),
+    ("swin_tiny_patch4_window7_224", {"img_size": 56, "depths": (1, 1, 1, 1), "embed_dim": 32,
+                                      "num_heads": (2, 2, 4, 4)}, "neurons+heads", (3, 56, 56)),
+    ("convnext_atto", {}, "channels", (3, 64, 64)),
+    ("resnet18", {}, "channels", (3, 64, 64)),
+    ("resnet26", {}, "channels", (3, 64, 64)),
+    ("efficientnet_b0", {}, "channels", (3, 64, 64)),
+    ("mobilenetv3_small_100", {}, "channels", (3, 64, 64)),
+]
+
+
+def family_model(name: str, kwargs: dict) -> torch.nn.Module:
+    """The family at random weights, with BatchNorm statistics and affines moved off their identity
+    defaults (else a removed channel's BatchNorm would output zero and hide a missed coupling)."""
+    torch.manual_seed(0)
+    model = create_model(name, kwargs=kwargs).double().eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_mean.normal_(0, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_(0, 0.2)
+    return model
+
+
+def test_member_index_covers_each_section_and_head_width() -> None:
+    """A fused qkv of 3 heads of width 2: keeping heads 0 and 2 keeps rows 0-1 and 4-5 of each of q, k, v."""
+    rows = Member("qkv.weight", 0, sections=3, width=2).index(torch.tensor([0, 2]), units=3)
+    assert rows.tolist() == [0, 1, 4, 5, 6, 7, 10, 11, 12, 13, 16, 17]
+
+
+def test_magnitude_removes_the_neurons_with_the_smallest_group_norm() -> None:
+    """Hand-worked: neuron i's group is fc1 row i and fc2 column i; norms sqrt(1+1), sqrt(9+9), sqrt(0.25+0.25), 2."""
+    mlp = Mlp(2, 4, 1)
+    with torch.no_grad():
+        mlp.fc1.weight.copy_(torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.5, 0.0], [2.0, 0.0]]))
+        mlp.fc2.weight.copy_(torch.tensor([[1.0, 3.0, 0.5, 0.0]]))
+    wrapper = torch.nn.Module()
+    wrapper.mlp = mlp
+    groups = find_groups(wrapper, ("neurons",))
+    masks = structured_masks(wrapper, groups, PruneConfig(sparsity=0.5))
+    assert masks["mlp.fc1.weight"].all(1).tolist() == [False, True, False, True]  # neurons 0 and 2 go
+    assert masks["mlp.fc2.weight"].tolist() == [[False, True, False, True]]
+    assert kept_by_group(wrapper, masks) == {"mlp": [1, 3]}
+
+
+@pytest.mark.parametrize("name, kwargs, structure, size", FAMILIES, ids=[f[0] for f in FAMILIES])
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_the_slim_model_computes_what_the_masked_model_does(name: str, kwargs: dict, structure: str,
+                                                            size: tuple[int, ...], method: str,
+                                                            tmp_path: Path) -> None:
+    model = family_model(name, kwargs)
+    x = torch.randn(3, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    masks = prune(model, PruneConfig(method, 0.5, structure=structure), x).masks
+    sparsify_(model, masks)
+    with torch.no_grad():
+        masked = model(x)
+    dense = family_model(name, kwargs)
+    architecture = slim_(model, masks)
+    with torch.no_grad():
+        slim = model(x)
+    assert (slim - masked).abs().max() <= 1e-5
+    ratios = size_ratios(model, dense, size)
+    assert ratios["params_ratio"] < 0.9 and ratios["flops_ratio"] < 0.8
+    assert set(kept_by_group(model, {})) == {g.name for g in groups_for(dense, structure)}
+    # the checkpoint rebuilds the same modules from its record alone, and its masks say which layers train
+    path = tmp_path / "slim.safetensors"
+    save_checkpoint(path, model.float(), name, masks=slim_masks(model), metadata={"model_kwargs": kwargs})
+    with safe_open(str(path), framework="pt") as handle:
+        assert not any(key.startswith("masks/") for key in handle.keys())
+        assert json.loads(handle.metadata()["starfish"])["architecture"] == json.loads(json.dumps(architecture))
+    restored, restored_masks, _ = load_checkpoint(path)
+    assert architecture_of(restored) == architecture
+    assert set(restored_masks) == set(slim_masks(model)) and all(m.all() for m in restored_masks.values())
+    with torch.no_grad():
+        assert torch.equal(restored.double()(x), model.double()(x))
+
+
+def test_a_structure_the_family_lacks_and_norms_across_units_are_refused() -> None:
+    resnet = create_model("resnet18")
+    with pytest.raises(StarfishError, match=r"ResNet has no heads that can be removed \(it has: channels\)"):
+        groups_for(resnet, "heads")
+    vit = create_model("starfish_vit_fmnist", kwargs={"mlp_layer": Mlp, "scale_mlp_norm": True})
+    with pytest.raises(StarfishError, match="the MLP blocks.0.mlp normalizes across its units"):
+        groups_for(vit, "neurons")
+
+
+def test_a_damaged_architecture_record_is_refused_before_allocating() -> None:
+    model = create_model("starfish_vit_fmnist")
+    for record, why in [({"shapes": {"blocks.0.mlp.fc1.weight": [10**9, 64]}, "attributes": {}, "kept": {}},
+                         "does not fit its dense shape"),
+                        ({"shapes": {"nope.weight": [1]}, "attributes": {}, "kept": {}}, "does not have"),
+                        ({"shapes": {}, "attributes": {"blocks.0.attn": {"num_heads": 99}}, "kept": {}},
+                         "not a unit count up to 4"),
+                        ({"shapes": {}, "attributes": {"blocks.0.attn": {"forward": 1}}, "kept": {}},
+                         "not a unit count"),
+                        ({"shapes": {}, "attributes": {}, "kept": {"blocks.0.mlp": [3, 1]}}, "not increasing"),
+                        ({"shapes": {}}, "is not a mapping of shapes")]:
+        with pytest.raises(StarfishError, match=why):
+            rebuild_(copy.deepcopy(model), record, "x.safetensors")
+
+
+@pytest.mark.parametrize("preset", ["default", "recommended"])
+def test_healing_the_slim_model_matches_healing_the_masked_model(preset: str, demo_checkpoint: Path,
+                                                                 fmnist_train: torch.utils.data.Dataset) -> None:
+    """The same heal on the masked and on the slim model (STARFISH; the recommended least-squares
+    warm start, logit term and last state): every slim weight ends where its masked counterpart
+    does. The warm start's conjugate gradients stop at a 1e-6 residual, and Adam's normalized steps
+    carry that difference into weights whose gradients are near zero, so recommended's tolerance is
+    wider (measured: weights 1.2e-3, outputs 2e-4 of their scale)."""
+    weight_tol, output_tol = {"default": (2e-5, 1e-4), "recommended": (5e-3, 1e-3)}[preset]
+    images = torch.stack([fmnist_train[i][0] for i in range(64)])
+    dense = create_model("starfish_vit_fmnist", checkpoint=demo_checkpoint)
+    masks = prune(dense, PruneConfig("magnitude", 0.5, structure="neurons+heads")).masks
+    cfg = HealConfig.from_preset(preset, steps=6, batch_size=16, holdout=0.0)
+    masked = sparsify_(copy.deepcopy(dense), masks)
+    heal_(masked, dense, masks, images, cfg)
+    slim = sparsify_(copy.deepcopy(dense), masks)
+    slim_(slim, masks)
+    heal_(slim, dense, slim_masks(slim), images, cfg)
+    expected = copy.deepcopy(masked)
+    slim_(expected, masks)
+    for key, value in slim.state_dict().items():
+        assert (value - expected.state_dict()[key]).abs().max() <= weight_tol, key
+    with torch.no_grad():
+        masked_out, slim_out = masked(images), slim(images)
+    assert (slim_out - masked_out).abs().max() <= output_tol * masked_out.abs().max()
+
+
+def test_the_demo_cnn_aligns_the_kept_channels_of_narrowed_block_outputs() -> None:
+    """The demo CNN has no residuals: its channels group narrows block outputs, so the heal compares
+    only the dense channels a block keeps (and a masked block is cut to the same channels)."""
+    from starfish.pruning.structured import state_channels
+
+    torch.manual_seed(0)
+    dense = create_model("starfish_cnn_fmnist")
+    masks = prune(dense, PruneConfig("magnitude", 0.5, structure="channels")).masks
+    masked = sparsify_(copy.deepcopy(dense), masks)
+    narrowed = state_channels(masked, dense, masks)
+    assert list(narrowed) == ["blocks.0.0", "blocks.1.0", "blocks.1.1", "blocks.2.0", "blocks.2.1"]
+    assert narrowed["blocks.0.0"].numel() == 16  # of 32
+    slim = copy.deepcopy(masked)
+    slim_(slim, masks)
+    assert {k: v.tolist() for k, v in state_channels(slim, dense, {}).items()} == \
+        {k: v.tolist() for k, v in narrowed.items()}

@@ -39,11 +39,12 @@ class StepStates:
 
 
 def point_config(base: PipelineConfig, sparsity: float | None = None, healer: str | None = None,
-                 pruner: str | None = None) -> PipelineConfig:
-    """One grid point's config: `base` with its pruner and sparsity, and the heal config of the
-    healer variant `healer` with `base`'s step budget (faithful keeps its own). The same in a
-    sweep's threads and in a compress run a sweep started on a worker."""
-    prune = {key: value for key, value in (("method", pruner), ("sparsity", sparsity)) if value is not None}
+                 pruner: str | None = None, structure: str | None = None) -> PipelineConfig:
+    """One grid point's config: `base` with its pruner, structure and sparsity, and the heal config
+    of the healer variant `healer` with `base`'s step budget (faithful keeps its own). The same in
+    a sweep's threads and in a compress run a sweep started on a worker."""
+    prune = {key: value for key, value in (("method", pruner), ("sparsity", sparsity), ("structure", structure))
+             if value is not None}
     heal = asdict(variant_config(base.heal, healer)) if healer is not None else {}
     return base.replace(**({"prune": prune} if prune else {}), **({"heal": heal} if heal else {}))
 

@@ -1,8 +1,8 @@
-"""The sweep flow: a pruner x sparsity x healer grid, one summary table, the best point promoted.
+"""The sweep flow: a pruner x structure x sparsity x healer grid, one summary table, the best point promoted.
 
 Two ways to run the grid, chosen by `mode`:
 
-- `local` (one machine): the split is sampled once and each (pruner, sparsity) pruned once;
+- `local` (one machine): the split is sampled once and each (pruner, structure, sparsity) pruned once;
   every point is healed, evaluated and registered on this process's task runner.
 - `pool` (a work pool of GPU workers): every point is its own run of the `compress`
   deployment, started with `run_deployment`, so each worker takes the next point when it
@@ -48,17 +48,18 @@ log = logging.getLogger("starfish.flows")
 DEFAULT_SPARSITIES = [0.5, 0.75, 0.9]
 DEFAULT_HEALERS = ["none", "layerwise", "starfish"]
 COMPRESS_DEPLOYMENT = "compress/compress"
-METRICS = ("pruned_top1", "healed_top1", "recovery")
+METRICS = ("pruned_top1", "healed_top1", "recovery", "flops_ratio")
 # Tracking URIs every worker of a pool reaches; a sqlite or file store lives on one machine.
 SHARED_STORES = ("http://", "https://", "databricks")
 
-Point = tuple[str, float, str]  # (pruner, sparsity, healer)
+Point = tuple[str, str, float, str]  # (pruner, structure, sparsity, healer)
 
 
 def _row(point: Point, metrics: dict[str, Any] | None, version: str, status: str, where: str) -> dict[str, Any]:
-    pruner, sparsity, healer = point
-    return {"pruner": pruner, "sparsity": sparsity, "healer": healer,
-            **{key: (metrics or {}).get(key, math.nan) for key in METRICS},
+    pruner, structure, sparsity, healer = point
+    return {"pruner": pruner, "structure": structure, "sparsity": sparsity, "healer": healer,
+            **{key: (metrics or {}).get(key, 1.0 if key == "flops_ratio" and metrics else math.nan)
+               for key in METRICS},
             "version": version, "status": status, "ran_on": where}
 
 
@@ -72,20 +73,19 @@ def _outcome(future: PrefectFuture) -> tuple[Any, str]:
 
 def _local_rows(base: PipelineConfig, configs: dict[Point, PipelineConfig], calibration: str, workdir: str,
                 name: str, uri: str) -> list[dict[str, Any]]:
-    """Every point on this process's task runner; each (pruner, sparsity) is pruned once."""
+    """Every point on this process's task runner; each (pruner, structure, sparsity) is pruned once."""
     split = sample_calibration(base.to_dict(), calibration)
-    pruned: dict[tuple[str, float], PrefectFuture] = {}
+    pruned: dict[tuple[str, str, float], PrefectFuture] = {}
     futures = []
     for point, point_cfg in configs.items():
-        pruner, sparsity, _ = point
-        config = point_cfg.to_dict()
-        if (pruner, sparsity) not in pruned:
-            pruned[pruner, sparsity] = prune.submit(point_config(base, sparsity, pruner=pruner).to_dict(), split,
-                                                    workdir)
-        healed = heal.submit(config, pruned[pruner, sparsity], split, workdir)
-        evaluation = evaluate.submit(config, pruned[pruner, sparsity], healed, workdir)
-        futures.append((point, evaluation, register.submit(config, split, pruned[pruner, sparsity], healed,
-                                                           evaluation, name, uri, workdir)))
+        key, config = point[:3], point_cfg.to_dict()
+        if key not in pruned:
+            pruned[key] = prune.submit(point_config(base, point[2], pruner=point[0], structure=point[1]).to_dict(),
+                                       split, workdir)
+        healed = heal.submit(config, pruned[key], split, workdir)
+        evaluation = evaluate.submit(config, pruned[key], healed, workdir)
+        futures.append((point, evaluation, register.submit(config, split, pruned[key], healed, evaluation, name,
+                                                           uri, workdir)))
     rows = []
     for point, evaluation, registered in futures:
         metrics, _ = _outcome(evaluation)
@@ -99,13 +99,13 @@ def _pool_rows(points: list[Point], deployment: str, params: str | None, overrid
     """Every point as a run of the compress deployment on its work pool; waits for all of them."""
     runs: dict[Point, FlowRun] = {}
     for point in points:
-        pruner, sparsity, healer = point
-        label = f"{pruner} {sparsity:g} + {healer}"
+        pruner, structure, sparsity, healer = point
+        label = f"{pruner} {structure} {sparsity:g} + {healer}"
         # a retried sweep finds the runs it started instead of starting them again
         runs[point] = run_deployment(
             deployment, timeout=0, flow_run_name=label, idempotency_key=f"{flow_run.id}:{label}",
             parameters={"params": params, "overrides": [*overrides, f"prune.method={pruner}",
-                                                        f"prune.sparsity={sparsity}"],
+                                                        f"prune.structure={structure}", f"prune.sparsity={sparsity}"],
                         "healer": healer, "workdir": workdir, "calibration": calibration, "model_name": name,
                         "tracking_uri": uri, "promote": False})
     log.info("started %d points on %s", len(runs), deployment)
@@ -182,17 +182,18 @@ def sweep(sparsities: list[float] = DEFAULT_SPARSITIES, healers: list[str] = DEF
           calibration: str = "data/calibration.json", model_name: str | None = None,
           tracking_uri: str | None = None, promote: bool = True, pruners: list[str] | None = None,
           mode: Literal["local", "pool"] = "local", deployment: str = COMPRESS_DEPLOYMENT,
-          poll_seconds: float = 5.0) -> dict[str, Any]:
+          poll_seconds: float = 5.0, structures: list[str] | None = None) -> dict[str, Any]:
     """Compress the model at every grid point; register each point that passes; promote the best.
-    `pruners` defaults to the params' prune.method; `mode` is `local` or `pool` (see above)."""
+    `pruners` and `structures` default to the params' prune.method and prune.structure; `mode` is
+    `local` or `pool` (see above)."""
     base = load_config(params, overrides)
     uri = tracking.tracking_uri(tracking_uri)
     tracking.preflight(uri)  # an unreachable store fails here, before any compute
     name = model_name or tracking.registered_model_name(base)
-    points = [(pruner, sparsity, healer) for pruner in (pruners or [base.prune.method])
-              for sparsity in sparsities for healer in healers]
+    points = [(pruner, structure, sparsity, healer) for pruner in (pruners or [base.prune.method])
+              for structure in (structures or [base.prune.structure]) for sparsity in sparsities for healer in healers]
     # every point's config, checked here before any compute
-    configs = {point: point_config(base, point[1], point[2], point[0]) for point in points}
+    configs = {point: point_config(base, point[2], point[3], point[0], point[1]) for point in points}
     if mode == "local":
         rows = _local_rows(base, configs, absolute(calibration), absolute(workdir), name, uri)
     elif mode == "pool":
@@ -209,17 +210,21 @@ def sweep(sparsities: list[float] = DEFAULT_SPARSITIES, healers: list[str] = DEF
     decision = promote_flow(name, best["version"], params, overrides, uri) if promote and best else None
     champion = f"; champion: {'yes' if decision['promoted'] else 'no'}" if decision else ""
     verdict = ("no point was registered" if best is None else
-               f"best: {best['pruner']} {best['sparsity']:g} + {best['healer']} (v{best['version']}, recovery "
+               f"best: {best['pruner']} {best['structure']} {best['sparsity']:g} + {best['healer']} "
+               f"(v{best['version']}, recovery "
                f"{best['recovery']:.4f}){champion}")
     publish("sweep", rows, f"# sweep of {name}\n\n{markdown_table(rows)}\n\n{verdict}.\n", verdict)
     return {"rows": rows, "best": best, "promotion": decision}
 
 
 def main() -> None:
-    parser = cli("Sweep pruner x sparsity x healer: compress, evaluate and register every point; promote the best.")
+    parser = cli("Sweep pruner x structure x sparsity x healer: compress, evaluate and register every point; "
+                 "promote the best.")
     parser.add_argument("--sparsities", type=float, nargs="+", default=DEFAULT_SPARSITIES)
     parser.add_argument("--healers", nargs="+", default=DEFAULT_HEALERS)
     parser.add_argument("--pruners", nargs="+", default=None, help="default: the params' prune.method")
+    parser.add_argument("--structures", nargs="+", default=None,
+                        help="prune.structure values, e.g. unstructured neurons+heads (default: the params')")
     parser.add_argument("--workdir", default="out/sweep")
     parser.add_argument("--no-promote", action="store_true")
     parser.add_argument("--mode", choices=["local", "pool"], default="local",
@@ -232,7 +237,7 @@ def main() -> None:
     with flow_session():
         result = sweep(args.sparsities, args.healers, args.params, args.set, args.workdir,
                        tracking_uri=args.tracking_uri, promote=not args.no_promote, pruners=args.pruners,
-                       mode=args.mode, deployment=args.deployment)
+                       mode=args.mode, deployment=args.deployment, structures=args.structures)
     print(markdown_table(result["rows"]))
 
 

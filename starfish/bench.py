@@ -158,7 +158,7 @@ def run_bench(cfg: PipelineConfig, bench: BenchConfig, out: str | Path) -> list[
                                                                          structures):
                 nm = nm_pattern_for(sparsity) if pruner == "nm" else cfg.prune.nm
                 structured = structure != "unstructured"
-                if structured and pruner not in ("magnitude", "wanda"):
+                if structured and pruner not in ("magnitude", "wanda", "torch-pruning"):
                     log.info("%s prunes single weights; no %s cells", pruner, structure)
                     continue
                 slim = structured and not bench.masked

@@ -63,9 +63,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from starfish.steps import export_step
+    from starfish.steps import export_step, onnx_export_step
 
-    _print(export_step(args.checkpoint, args.out))
+    _print(onnx_export_step(args.checkpoint, args.out) if args.format == "onnx" else
+           export_step(args.checkpoint, args.out))
 
 
 def cmd_export_sizes(args: argparse.Namespace) -> None:
@@ -170,10 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruned", required=True)
     p.add_argument("--healed", required=True)
     p.add_argument("--out", required=True, help="metrics path (.json)")
-    p = sub.add_parser("export", help="write a pruned or healed checkpoint in the compressed sparse-bitmask format",
-                       description="see starfish/sparse_format.py; any step reads the result as a checkpoint")
+    p = sub.add_parser("export", help="write a checkpoint as a compressed sparse-bitmask checkpoint or as ONNX",
+                       description="see starfish/sparse_format.py and starfish/formats/onnx.py")
     p.add_argument("--checkpoint", required=True, help="a pruned or healed checkpoint (.safetensors)")
-    p.add_argument("--out", required=True, help="compressed checkpoint path (.safetensors)")
+    p.add_argument("--out", required=True, help="output path (.safetensors for bitmask, .onnx for onnx)")
+    p.add_argument("--format", choices=("bitmask", "onnx"), default="bitmask",
+                   help="bitmask: the compressed sparse-bitmask checkpoint; onnx: an ONNX model for onnxruntime, "
+                        "checked against torch before it is kept")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("export-sizes", help="sizes of compressed exports against dense and the bitmask ideal",
                        description="see starfish/export_sizes.py")

@@ -126,9 +126,11 @@ class PruneConfig:
         parse_nm(self.nm)
         check_scope(self.scope)
         parse_structure(self.structure)
-        _require(self.structure == "unstructured" or self.method in ("magnitude", "wanda"),
+        _require(self.structure == "unstructured" or self.method in ("magnitude", "wanda", "torch-pruning"),
                  f"prune.method={self.method!r} prunes single weights; prune.structure={self.structure!r} "
-                 "takes magnitude or wanda")
+                 "takes magnitude, wanda or torch-pruning")
+        _require(self.structure != "unstructured" or self.method != "torch-pruning",
+                 "prune.method=torch-pruning removes whole units: set prune.structure (e.g. neurons+heads)")
         _require(self.structure == "unstructured" or self.scope == "default",
                  f"prune.scope={self.scope!r} chooses layers for unstructured pruning; prune.structure="
                  f"{self.structure!r} prunes every unit of its kind: leave prune.scope at default")

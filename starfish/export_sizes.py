@@ -39,7 +39,8 @@ def measure(model_name: str, checkpoint: Path | None, sparsity: float, work: Pat
     sizes = export_step(pruned, out)
     restored, restored_masks, _ = load_checkpoint(out)
     exact = set(restored_masks) == set(masks) and all(torch.equal(restored_masks[k], masks[k]) for k in masks) \
-        and all(torch.equal(v, model.state_dict()[k]) for k, v in restored.state_dict().items())
+        and all(v.contiguous().view(torch.uint8).equal(model.state_dict()[k].contiguous().view(torch.uint8))
+                for k, v in restored.state_dict().items())  # bytes: torch.equal calls -0.0 and +0.0 equal
     pruned_weights = sum(masks[k].numel() for k in masks)
     return {"model": model_name, "sparsity": sparsity, "pruned_weights": pruned_weights,
             "parameters": sum(v.numel() for v in model.state_dict().values()), "bit_exact": exact,

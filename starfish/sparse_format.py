@@ -1,4 +1,4 @@
-"""The compressed checkpoint: the sparse-bitmask layout of compressed-tensors, in safetensors.
+"""The compressed checkpoint: starfish's own sparse-bitmask layout, in safetensors.
 
 Each pruned weight `W` (rows = output features, columns = everything else) is stored as
 - `W.compressed`: 1-D, its kept values in row-major order, in the weight's dtype;
@@ -6,9 +6,14 @@ Each pruned weight `W` (rows = output features, columns = everything else) is st
   (little bit order, as `numpy.packbits(..., bitorder="little")`);
 - `W.shape`: int64, the weight's shape.
 Every other tensor is stored as it is; the metadata is the checkpoint's plus `"format":
-"sparse-bitmask"`. compressed-tensors also stores each row's offset into the values: those are
-the running popcounts of the bitmask, so they are derived on load instead. The bitmask is the
-mask, so a kept weight that happens to be zero stays kept, and a round trip is bit-exact.
+"sparse-bitmask"`. The idea is compressed-tensors' bitmask compression, but the layout is not
+theirs and their readers do not take it: their 0.14 release also stores per-row offsets under
+other key names and packs conv masks along the last axis, and their current release has no
+bitmask compressor. Only starfish reads this format.
+
+The bitmask is the mask, so a kept weight that happens to be zero stays kept. Pruned entries
+read back as +0.0, which is what `sparsify_` writes, so the round trip of a pruned or healed
+checkpoint is byte for byte.
 
 A pruned weight takes (1 - s) x itemsize + 1/8 bytes per entry: at float32, 0.53x of dense at
 50% sparsity, 0.28x at 75%, 0.13x at 90%.

@@ -59,7 +59,15 @@ from starfish.models import (
 from starfish.precision import resolve_precision
 from starfish.pruning import prune, sparsify_
 from starfish.pruning.masks import Masks
-from starfish.pruning.structured import find_groups, kept_by_group, parse_structure, size_ratios, slim_, slim_masks
+from starfish.pruning.structured import (
+    architecture_of,
+    find_groups,
+    kept_by_group,
+    parse_structure,
+    size_ratios,
+    slim_,
+    slim_masks,
+)
 from starfish.rows import scratch_folder
 
 log = logging.getLogger(__name__)
@@ -243,6 +251,33 @@ def export_step(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     return {"path": str(out), "sha256": meta["sha256"], **sizes}
 
 
+def onnx_export_step(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write a checkpoint (dense, pruned, healed or slim) as ONNX (`starfish.formats.onnx`): it
+    passes onnx.checker and onnxruntime matches torch within 1e-4 before it is kept. The sidecar
+    records the check, and the parameters and FLOPs against the dense architecture."""
+    from timm.data import resolve_data_config
+
+    from starfish.formats.onnx import export_onnx
+
+    source, out = Path(checkpoint), Path(out)
+    if source.resolve() == out.resolve():
+        raise StarfishError(f"output {out} is the input checkpoint; choose another --out")
+    model, _, name = load_checkpoint(source)
+    _, _, metadata = read_checkpoint(source)
+    input_size = tuple(resolve_data_config({}, model=model)["input_size"])
+    ratios = size_ratios(model, create_model(name, num_classes=metadata.get("num_classes"),
+                                             kwargs=metadata.get("model_kwargs")), input_size)
+    tags = {"model": name, "checkpoint_sha256": sha256_file(source), "input_size": list(input_size),
+            **{key: metadata[key] for key in ("architecture", "model_kwargs", "num_classes") if key in metadata}}
+    check: dict[str, Any] = {}
+    meta = write_with_sidecar(out, lambda path: check.update(export_onnx(model, path, input_size, tags)),
+                              inputs={"checkpoint_sha256": tags["checkpoint_sha256"]}, format="onnx",
+                              input_size=list(input_size), check=check, **ratios)
+    log.info("exported %s as ONNX: onnxruntime within %.1e of torch; %.3fx of dense's FLOPs", out,
+             check["max_abs_difference"], ratios["flops_ratio"])
+    return {"path": str(out), "sha256": meta["sha256"], "format": "onnx", **check, **ratios}
+
+
 @contextlib.contextmanager
 def registration_inputs(cfg: PipelineConfig, manifest: str | Path, healed: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """What registering `healed` (the heal step's result) records, as `tracking.log_compress_run`'s
@@ -252,8 +287,28 @@ def registration_inputs(cfg: PipelineConfig, manifest: str | Path, healed: dict[
     model, masks, _ = stored_model(cfg.replace(model={"device": "cpu"}), healed["path"])
     example = calibration_images(cfg, manifest, model, limit=2)[:].numpy()
     with tempfile.TemporaryDirectory() as tmp:
+        if architecture_of(model) is None:
+            export = export_step(healed["path"], Path(tmp) / "model.sparse.safetensors")
+        else:  # a slim model is served as ONNX, with its cost against dense measured here
+            export = onnx_export_step(healed["path"], Path(tmp) / "model.onnx")
+            dense = dense_model(cfg.replace(model={"device": "cpu"}))
+            export.update(bytes=Path(export["path"]).stat().st_size,
+                          latency_ratio=measured_latency_ratio(model, dense, torch.from_numpy(example)))
+            export["size_ratio"] = export["bytes"] / len(checkpoint_bytes(dense.state_dict(), {}))
         yield {"model": model, "masks": masks, "example": example, "curve": read_curve(healed["loss_curve"]),
-               "export": export_step(healed["path"], Path(tmp) / "model.sparse.safetensors")}
+               "export": export}
+
+
+def measured_latency_ratio(model: torch.nn.Module, dense: torch.nn.Module, example: torch.Tensor,
+                           batch: int = 32, repeats: int = 10) -> float:
+    """The model's time over dense's for a forward pass at `batch` on this machine (torch eager,
+    medians of alternating runs): the latency a registered version records."""
+    from starfish.latency import median_ratio
+
+    x = example[:1].expand(batch, *example.shape[1:]).contiguous()
+    with torch.no_grad():
+        dense_s, model_s, _ = median_ratio(lambda: dense(x), lambda: model(x), repeats, lambda: None)
+    return model_s / dense_s
 
 
 def curve_path(healed: str | Path) -> Path:

@@ -43,7 +43,7 @@ REGISTER_KEY_TAG = "starfish.register_key"  # on the run and its version: one re
 SPLIT_HASH_TAG = "starfish.calibration_split_hash"  # on the run: the calibration split it was healed on
 MODEL_ARTIFACT = "model"
 METRICS = ("dense_top1", "pruned_top1", "healed_top1", "recovery", "sparsity", "sparsity_drift")
-_PACKAGES = ("torch", "timm", "safetensors", "numpy")
+_PACKAGES = ("torch", "timm", "safetensors", "numpy", "onnxruntime")
 # log_model of a model from code runs that code to validate it, and sets process-wide state: one at a time.
 _LOG_LOCK = threading.Lock()
 
@@ -232,7 +232,7 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
     from safetensors.torch import save_file
 
     from starfish import serving
-    from starfish.serving import CHECKPOINT
+    from starfish.serving import CHECKPOINT, ONNX
 
     metrics = read_json(evaluation["path"])
     check_registrable(metrics, cfg.gate)
@@ -264,6 +264,8 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
         mlflow.log_params({f"{section}.{key}": value for section, fields in cfg.to_dict().items()
                            for key, value in fields.items()})
         mlflow.log_metrics({**{key: float(metrics[key]) for key in METRICS},
+                            **{key: float(metrics[key]) for key in ("flops_ratio", "params_ratio") if key in metrics},
+                            **({"latency_ratio": float(export["latency_ratio"])} if "latency_ratio" in export else {}),
                             "heal_seconds": float(healed["heal_seconds"])})
         for point in curve:
             mlflow.log_metrics({f"heal_{k}": point[k] for k in ("calibration_loss", "holdout_loss")
@@ -282,7 +284,8 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
         with _LOG_LOCK:  # the registered model is the compressed checkpoint
             info = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT, python_model=str(Path(serving.__file__)),
-                artifacts={CHECKPOINT: str(export["path"])}, input_example=example, signature=signature,
+                artifacts={ONNX if export.get("format") == "onnx" else CHECKPOINT: str(export["path"])},
+                input_example=example, signature=signature,
                 pip_requirements=_pip_requirements(),
                 code_paths=[str(Path(serving.__file__).parent)],  # starfish itself travels with the model
                 registered_model_name=model_name)
@@ -290,6 +293,10 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
         client.set_model_version_tag(model_name, model_version, "recovery", f"{metrics['recovery']:.6f}")
         client.set_model_version_tag(model_name, model_version, "size_bytes", str(export["bytes"]))
         client.set_model_version_tag(model_name, model_version, "size_ratio", f"{export['size_ratio']:.6f}")
+        for key in ("flops_ratio", "params_ratio", "latency_ratio"):  # a slim model's cost against dense
+            if key in export:
+                client.set_model_version_tag(model_name, model_version, key, f"{export[key]:.6f}")
+        client.set_model_version_tag(model_name, model_version, "format", export.get("format", "bitmask"))
         client.set_model_version_tag(model_name, model_version, REGISTER_KEY_TAG, register_key)
         client.set_registered_model_alias(model_name, CHALLENGER, model_version)
     log.info("registered %s version %s (alias %s) from run %s", model_name, model_version, CHALLENGER,
@@ -332,6 +339,11 @@ def promote(model_name: str, gate: GateConfig, uri: str, version: str | None = N
         reasons.append(f"recovery {recovery:.4f} < gate.min_recovery {gate.min_recovery}")
     if champion is not None and champion.version != candidate.version and recovery < champion_recovery:
         reasons.append(f"recovery {recovery:.4f} < champion v{champion.version}'s {champion_recovery:.4f}")
+    if gate.max_flops_ratio is not None:
+        flops = metrics.get("flops_ratio")
+        if flops is None or flops > gate.max_flops_ratio:
+            reasons.append(f"forward FLOPs {'unknown' if flops is None else f'{flops:.4f}'} of dense > "
+                           f"gate.max_flops_ratio {gate.max_flops_ratio}")
     if gate.max_size_ratio is not None:
         ratio = (candidate.tags or {}).get("size_ratio")
         if ratio is None or float(ratio) > gate.max_size_ratio:

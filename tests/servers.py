@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import boto3
 import httpx
@@ -100,3 +101,35 @@ def s3_keys(endpoint: str, bucket: str) -> set[str]:
     """Every object key in `bucket`."""
     pages = s3_client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket)
     return {item["Key"] for page in pages for item in page.get("Contents", [])}
+
+
+def served_predictions(tracking_uri: str, model_uri: str, images: Any, log: Path) -> Any:
+    """What `mlflow models serve` of `model_uri` answers for `images`, on a free loopback port."""
+    import json
+    import urllib.request
+
+    import numpy as np
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,  # uvicorn from this environment
+                                   "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"},
+                              stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).read()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(1)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": images.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        return np.asarray(json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"],
+                          dtype=np.float32)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -24,9 +24,9 @@ import pytest
 from mlflow import MlflowClient
 from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from servers import served_predictions
 
 from flows.compress import compress
-from flows.session import free_port
 from starfish import steps, tracking
 from starfish.config import GateConfig, HealConfig
 from starfish.errors import StarfishError
@@ -145,8 +145,6 @@ def test_the_champion_is_the_compressed_model_and_serves_what_the_healed_model_p
         first_run: tuple[FlowRun, int], params_path: Path, pipeline_overrides: list[str], store: str,
         tmp_path: Path) -> None:
     """Registered as the compressed export (no pickle), loaded by alias, and served over HTTP on loopback."""
-    import urllib.request
-
     import torch
 
     from flows.promote import promote
@@ -178,30 +176,7 @@ def test_the_champion_is_the_compressed_model_and_serves_what_the_healed_model_p
     champion = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     assert np.array_equal(np.asarray(champion.predict(images)), expected)
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@champion",
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, "MLFLOW_TRACKING_URI": store,  # uvicorn from this environment
-                                   "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"},
-                              stdout=subprocess.DEVNULL,
-                              stderr=open(tmp_path / "serve.log", "w"), start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).read()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-                time.sleep(1)
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                         data=json.dumps({"inputs": images.tolist()}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        served = np.asarray(json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"],
-                            dtype=np.float32)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+    served = served_predictions(store, f"models:/{name}@champion", images, tmp_path / "serve.log")
     assert served.shape == expected.shape and np.array_equal(served, expected)
 
 

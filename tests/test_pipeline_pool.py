@@ -155,16 +155,18 @@ def test_prefect_yaml_deploys_every_flow_with_its_pool_schedule_and_trigger(pool
     with api_client(pool) as client:
         deployments = {name: client.read_deployment_by_name(name) for name in
                        ("compress/compress", "compress/nightly-compress", "sweep/sweep",
-                        "watch-calibration/watch-calibration")}
+                        "sweep/sweep-structured", "watch-calibration/watch-calibration")}
         [automation] = client.read_automations_by_name("compress-on-calibration-change")
     pools = {name: deployment.work_pool_name for name, deployment in deployments.items()}
     assert pools == {"compress/compress": "starfish-gpu", "compress/nightly-compress": "starfish-gpu",
-                     "sweep/sweep": "starfish-control", "watch-calibration/watch-calibration": "starfish-control"}
+                     "sweep/sweep": "starfish-control", "sweep/sweep-structured": "starfish-control",
+                     "watch-calibration/watch-calibration": "starfish-control"}
     nightly = deployments["compress/nightly-compress"]
     assert nightly.parameters["overrides"] == ["model.device=cuda"]
     assert (nightly.schedules[0].schedule.cron, nightly.schedules[0].schedule.timezone) == ("0 2 * * *",
                                                                                           "Europe/Berlin")
     assert deployments["sweep/sweep"].parameters["mode"] == "pool"
+    assert deployments["sweep/sweep-structured"].parameters["structures"] == ["neurons+heads"]
     assert "CUDA_VISIBLE_DEVICES" not in nightly.job_variables["env"]  # each worker keeps its own GPU
     steps = [next(iter(step)) for step in nightly.pull_steps]
     assert steps == ["prefect.deployments.steps.git_clone", "prefect.deployments.steps.set_working_directory",

@@ -180,3 +180,22 @@ def test_the_demo_cnn_aligns_the_kept_channels_of_narrowed_block_outputs() -> No
     slim_(slim, masks)
     assert {k: v.tolist() for k, v in state_channels(slim, dense, {}).items()} == \
         {k: v.tolist() for k, v in narrowed.items()}
+
+
+def test_torch_pruning_chooses_what_group_magnitude_does_where_it_takes_the_family() -> None:
+    """Torch-Pruning's MetaPruner, kept to the same groups, picks the very units our group
+    magnitude picks on a ViT and leaves the model as it was; where it cannot take the coupling
+    (a depthwise conv inside the group) it is refused in one line, not silently a no-op."""
+    vit = family_model("starfish_vit_fmnist", {})
+    before = {k: v.clone() for k, v in vit.state_dict().items()}
+    x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
+    chosen = prune(vit, PruneConfig("torch-pruning", 0.5, structure="neurons+heads"), x).masks
+    ours = prune(vit, PruneConfig("magnitude", 0.5, structure="neurons+heads")).masks
+    assert set(chosen) == set(ours) and all(torch.equal(chosen[k], ours[k]) for k in ours)
+    assert all(torch.equal(before[k], v) for k, v in vit.state_dict().items())
+    cnn = family_model("starfish_cnn_fmnist", {})
+    with pytest.raises(StarfishError, match="Torch-Pruning does not take this family's channels as one group"):
+        prune(cnn, PruneConfig("torch-pruning", 0.5, structure="channels"), torch.randn(4, 1, 28, 28,
+                                                                                      dtype=torch.float64))
+    with pytest.raises(StarfishError, match="torch-pruning removes whole units"):
+        PruneConfig("torch-pruning", 0.5)

@@ -25,7 +25,7 @@ from starfish.errors import StarfishError
 from starfish.models import device_of
 from starfish.pruning import masks as M
 from starfish.pruning.masks import Masks
-from starfish.pruning.structured import groups_for, structured_masks
+from starfish.pruning.structured import groups_for, structured_masks, torch_pruning_masks
 from starfish.registry import Registry
 
 if TYPE_CHECKING:
@@ -154,10 +154,12 @@ def scope_weights(model: nn.Module, predicate: ScopePredicate | None = None) -> 
 
 @torch.no_grad()
 def sparsify_(model: nn.Module, masks: Masks) -> nn.Module:
-    """Zero every weight whose mask is False, in place."""
+    """Set every weight whose mask is False to +0.0, in place (a product with the mask would leave
+    -0.0 where a pruned weight was negative, and a file of the result would not be what a reader
+    rebuilding zeros writes)."""
     params = dict(model.named_parameters())
     for name, mask in masks.items():
-        params[name].mul_(mask.to(params[name].device, params[name].dtype))
+        params[name].masked_fill_(~mask.to(params[name].device, torch.bool), 0.0)
     return model
 
 
@@ -240,6 +242,13 @@ def _column_norms(module: nn.Module, weight: torch.Tensor, norms: torch.Tensor) 
     return columns[0] if groups == 1 else columns.repeat_interleave(weight.shape[0] // groups, dim=0)
 
 
+@PRUNERS.register("torch-pruning")
+def torch_pruning(model: nn.Module, weights: dict[str, nn.Parameter], images: torch.Tensor | None,
+                  cfg: "PruneConfig") -> Masks:
+    """Torch-Pruning's structured pruner (`structured.torch_pruning_masks`): with prune.structure only."""
+    raise StarfishError("prune.method=torch-pruning removes whole units: set prune.structure (e.g. neurons+heads)")
+
+
 @PRUNERS.register("nm")
 def n_of_m(model: nn.Module, weights: dict[str, nn.Parameter], images: torch.Tensor | None,
            cfg: "PruneConfig") -> Masks:
@@ -308,7 +317,12 @@ def _structured(model: nn.Module, cfg: "PruneConfig", images: torch.Tensor | Non
             raise StarfishError("wanda needs calibration images; pass a calibration manifest")
         layers = sorted({member.key.removesuffix(".weight") for g in groups for member in g.masked})
         norms = input_norms(model, layers, images)
-    masks = structured_masks(model, groups, cfg, norms)
+    if cfg.method == "torch-pruning":
+        if images is None:
+            raise StarfishError("torch-pruning traces the model on calibration images; pass a calibration manifest")
+        masks = torch_pruning_masks(model, groups, cfg, images)
+    else:
+        masks = structured_masks(model, groups, cfg, norms)
     log.info("%s removed %g of the %s of %d groups", cfg.method, cfg.sparsity, cfg.structure, len(groups))
     return masks
 

@@ -376,6 +376,65 @@ def structured_masks(model: nn.Module, groups: list[Group], cfg: "PruneConfig",
     return masks
 
 
+def torch_pruning_masks(model: nn.Module, groups: list[Group], cfg: "PruneConfig", images: torch.Tensor
+                        ) -> Masks:
+    """The same groups as `structured_masks`, with Torch-Pruning choosing the units: its
+    dependency graph and group-magnitude importance (`MetaPruner`, the recipe of its timm ViT
+    example), kept to these groups' layers (every other layer ignored, so the residual width stays)
+    and read back as masks, not applied. The alternative a user would reach for, measured on the
+    same footing."""
+    import warnings
+
+    import torch_pruning as tp
+
+    modules = {module: name for name, module in model.named_modules()}
+    roots, heads = {}, {}
+    for g in groups:
+        if g.structure == "heads":
+            qkv = model.get_submodule(f"{g.name}.qkv")
+            heads[qkv] = g.units
+            roots[qkv] = g
+        else:
+            roots[model.get_submodule(g.producer.key.removesuffix(".weight"))] = g
+    by_key = {m.key: (g, m) for g in groups for m in g.masked}
+    ignored = [m for m in modules if isinstance(m, (nn.Linear, nn.Conv2d)) and m not in roots]
+    removed: dict[str, set[int]] = {g.name: set() for g in groups}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(
+            model, images[:2].to(next(model.parameters()).device),
+            importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=cfg.sparsity,
+            global_pruning=cfg.global_ranking, ignored_layers=ignored, num_heads=heads, prune_num_heads=bool(heads),
+            prune_head_dims=False, head_pruning_ratio=cfg.sparsity if heads else 0.0)
+        for tp_group in pruner.step(interactive=True):  # read each group's choice; nothing is pruned
+            for dep, idxs in tp_group:
+                name = modules.get(dep.target.module)
+                handler = getattr(dep.handler, "__name__", "")
+                axis = 0 if "out_channels" in handler else 1 if "in_channels" in handler else None
+                found = by_key.get(f"{name}.weight")
+                if found is None or axis is None or found[1].axis != axis:
+                    continue
+                g, member = found
+                removed[g.name] |= {(int(i) % (g.units * member.width)) // member.width for i in idxs}
+    untouched = [g.name for g in groups if not removed[g.name] and capped_count(cfg.sparsity, g.units)]
+    if untouched:  # measured: groups through a depthwise conv (MobileNet, EfficientNet), Swin's heads
+        raise StarfishError(f"torch-pruning removes nothing from {untouched[0]} and {len(untouched) - 1} more groups: "
+                            f"Torch-Pruning does not take this family's {groups[0].structure} as one group; use "
+                            "prune.method=magnitude or wanda")
+    masks: Masks = {}
+    weights = dict(model.named_parameters())
+    for g in groups:
+        cut = torch.tensor(sorted(removed[g.name]), dtype=torch.long)
+        if len(cut) >= g.units:
+            raise StarfishError(f"torch-pruning would remove all {g.units} {g.structure} of {g.name}; lower "
+                                "prune.sparsity")
+        for member in g.masked:
+            mask = masks.get(member.key, torch.ones(weights[member.key].shape, dtype=torch.bool))
+            mask.index_fill_(member.axis, member.index(cut, g.units), False)
+            masks[member.key] = mask
+    return masks
+
+
 def kept_units(group: Group, masks: Masks) -> torch.Tensor:
     """The units the masks keep: all but those with every entry pruned in every masked member
     (so single weights pruned apart never read as a removed unit)."""

@@ -1,0 +1,1 @@
+"""File formats starfish writes besides its checkpoints: ONNX for serving (`formats.onnx`)."""

@@ -1,0 +1,62 @@
+"""Structured pruning through the compress flow: a real Prefect run and MLflow store, the slim
+model registered as ONNX with its cost against dense, gated on FLOPs, and served on loopback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from servers import served_predictions
+
+from flows.compress import compress
+from flows.promote import promote
+from starfish.io import read_json
+from starfish.models import load_checkpoint
+from starfish.pruning.structured import architecture_of
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_slim_model_is_registered_as_onnx_gated_on_flops_and_served(
+        prefect_harness, params_path: Path, pipeline_overrides: list[str], tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [*pipeline_overrides, "prune.structure=neurons+heads"]
+    state = compress(params=str(params_path), overrides=overrides, workdir=str(tmp_path / "work"),
+                     calibration=str(tmp_path / "calibration.json"), tracking_uri=store, return_state=True)
+    result = state.result()
+    registered, healed = result["registered"], result["healed"]
+    metrics = read_json(result["evaluation"]["path"])
+    assert metrics["sparsity"] == pytest.approx(0.5) and metrics["sparsity_drift"] == 0
+    assert 0.4 < metrics["flops_ratio"] < 0.6 and 0.4 < metrics["params_ratio"] < 0.6
+
+    client, name = MlflowClient(store), registered["model_name"]
+    version = client.get_model_version(name, registered["version"])
+    assert version.tags["format"] == "onnx"
+    assert float(version.tags["flops_ratio"]) == pytest.approx(metrics["flops_ratio"])
+    assert float(version.tags["latency_ratio"]) > 0 and float(version.tags["params_ratio"]) < 0.6
+    run = client.get_run(version.run_id)
+    assert run.data.params["prune.structure"] == "neurons+heads"
+    assert {"flops_ratio", "params_ratio", "latency_ratio"} <= set(run.data.metrics)
+    artifacts = {f.path for f in client.list_artifacts(version.run_id, "model/artifacts")}
+    assert artifacts == {"model/artifacts/model.onnx"}
+
+    refused = promote(name, registered["version"], str(params_path),
+                      [*overrides, "gate.min_recovery=0", "gate.max_flops_ratio=0.3"], store)
+    assert not refused["promoted"] and any("gate.max_flops_ratio" in reason for reason in refused["reasons"])
+    assert promote(name, registered["version"], str(params_path),
+                   [*overrides, "gate.min_recovery=0", "gate.max_flops_ratio=0.6"], store)["promoted"]
+
+    healed_model, _, _ = load_checkpoint(healed["path"])
+    assert architecture_of(healed_model) is not None
+    images = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    with torch.no_grad():
+        expected = healed_model(torch.from_numpy(images)).numpy()
+    mlflow.set_tracking_uri(store)
+    champion = np.asarray(mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(images))
+    assert np.abs(champion - expected).max() <= 1e-4
+    served = served_predictions(store, f"models:/{name}@champion", images, tmp_path / "serve.log")
+    assert served.shape == expected.shape and np.array_equal(served, champion)

@@ -331,7 +331,7 @@ def test_list_names_the_registered_pruners_and_healers(capsys: pytest.CaptureFix
     for block in re.split(r"\n(?=\S)", capsys.readouterr().out.strip()):  # a title line, then indented names
         title, *names = block.splitlines()
         sections[title.split(" (")[0]] = [name.strip() for name in names]
-    assert sections["pruners"] == ["magnitude", "nm", "wanda"] == PRUNERS.names()
+    assert sections["pruners"] == ["magnitude", "nm", "torch-pruning", "wanda"] == PRUNERS.names()
     assert sections["healers"] == ["bias-correction", "layerwise", "logit-kd", "none", "starfish"] == HEALERS.names()
     assert sections["heal presets"] == list(HEAL_PRESETS) and sections["healer variants"] == list(VARIANTS)
     assert "qkv_out_mlp" in sections["prune scopes"]

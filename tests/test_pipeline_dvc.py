@@ -116,7 +116,8 @@ def test_dvc_experiments_set_params_and_a_failed_one_changes_nothing(project: Pa
     shown = json.loads(sh(project, "dvc", "exp", "show", "--json"))
     listed = [rev["data"]["params"]["params.yaml"]["data"]["prune"] for commit in shown
               for exp in commit.get("experiments") or [] for rev in exp["revs"]]
-    assert {"method": "magnitude", "sparsity": 0.75, "nm": "2:4", "global_ranking": False} in listed
+    assert {"method": "magnitude", "sparsity": 0.75, "nm": "2:4", "global_ranking": False,
+            "structure": "unstructured"} in listed
     sh(project, "git", "checkout", "-q", "--", "params.yaml", "dvc.lock")
     sh(project, "dvc", "checkout", "-q")
 

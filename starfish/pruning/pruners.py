@@ -22,7 +22,6 @@ from torch import nn
 
 from starfish.capture import ActivationCapture, stage_names
 from starfish.errors import StarfishError
-from starfish.models import device_of
 from starfish.pruning import masks as M
 from starfish.pruning.masks import Masks
 from starfish.pruning.structured import groups_for, structured_masks, torch_pruning_masks
@@ -209,7 +208,7 @@ def input_norms(model: nn.Module, layer_names: list[str], images: torch.Tensor,
     accumulator = InputNormAccumulator({name for name in layer_names if isinstance(modules[name], nn.Conv2d)})
     with ActivationCapture(model, layer_names, inputs=True, on_value=accumulator):
         for start in range(0, images.shape[0], batch_size):
-            model(images[start : start + batch_size].to(device_of(model)))
+            model(images[start : start + batch_size].to(next(model.parameters()).device))
     return {name: accumulator.norms(name) for name in layer_names}
 
 

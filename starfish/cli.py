@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="see starfish/export_sizes.py")
     p.add_argument("--out", default="results/export")
     p.set_defaults(fn=cmd_export_sizes)
-    p = sub.add_parser("latency", help="inference time of dense against sparse: CSR on a CPU, 2:4 on CUDA",
+    p = sub.add_parser("latency", help="inference time of dense against sparse (CSR on a CPU, 2:4 on CUDA) and "
+                       "against slim models (torch eager and onnxruntime)",
                        description="see starfish/latency.py")
     p.add_argument("--out", default="results/latency")
     p.set_defaults(fn=cmd_latency)

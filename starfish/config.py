@@ -273,6 +273,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fast": {"preset": "fast"},
     "starfish-holdout0": {"holdout": 0.0},
     "starfish-holdout0.2": {"holdout": 0.2},
+    # the last block only: a target whose width structured pruning never narrows (results/bench_structured/cnn)
+    "starfish-last-state": {"states": "last"},
     # heal.batchnorm, each mode named (results/batchnorm)
     **{f"starfish-bn-{mode}": {"batchnorm": mode} for mode in BATCHNORM_MODES},
     # the fast preset's learning rate against the alternatives (results/fast_lr)

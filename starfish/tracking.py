@@ -141,11 +141,12 @@ def write_report(out_dir: str | Path, cfg: PipelineConfig, metrics: dict[str, An
     figure.tight_layout()
     plot = save_png(figure, out_dir / "loss.png", dpi=100)
     lines = [
-        f"# {cfg.model.name}: {cfg.prune.method} {cfg.prune.sparsity:g} + {cfg.heal.method}",
+        f"# {cfg.model.name}: {cfg.prune.method} {cfg.prune.sparsity:g}"
+        + (f" {cfg.prune.structure}" if cfg.prune.structured else "") + f" + {cfg.heal.method}",
         "",
         "| metric | value |",
         "|---|---|",
-        *(f"| {key} | {metrics[key]:.4f} |" for key in METRICS),
+        *(f"| {key} | {metrics[key]:.4f} |" for key in (*METRICS, "flops_ratio", "params_ratio") if key in metrics),
         "",
         f"Calibration split: {calibration['num_samples']} images, content hash `{calibration['split_hash']}`, "
         f"DVC md5 `{calibration['md5']}`.",

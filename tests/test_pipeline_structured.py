@@ -33,6 +33,8 @@ def test_a_slim_model_is_registered_as_onnx_gated_on_flops_and_served(
     assert metrics["sparsity"] == pytest.approx(0.5) and metrics["sparsity_drift"] == 0
     assert 0.4 < metrics["flops_ratio"] < 0.6 and 0.4 < metrics["params_ratio"] < 0.6
 
+    report = Path(registered["report"]).read_text()
+    assert "neurons+heads" in report.splitlines()[0] and "| flops_ratio |" in report and "| recovery |" in report
     client, name = MlflowClient(store), registered["model_name"]
     version = client.get_model_version(name, registered["version"])
     assert version.tags["format"] == "onnx"

@@ -45,7 +45,7 @@ from starfish.models import device_of
 from starfish.plots import save_png, subplots
 from starfish.pruning import nm_pattern_for, prune, sparsify_
 from starfish.pruning.masks import Masks
-from starfish.pruning.structured import parse_structure, size_ratios, slim_, slim_masks
+from starfish.pruning.structured import STRUCTURED_METHODS, parse_structure, size_ratios, slim_, slim_masks
 from starfish.steps import dataset, dense_model, structure_report
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def run_bench(cfg: PipelineConfig, bench: BenchConfig, out: str | Path) -> list[
                                                                          structures):
                 nm = nm_pattern_for(sparsity) if pruner == "nm" else cfg.prune.nm
                 structured = structure != "unstructured"
-                if structured and pruner not in ("magnitude", "wanda", "torch-pruning"):
+                if structured and pruner not in STRUCTURED_METHODS:
                     log.info("%s prunes single weights; no %s cells", pruner, structure)
                     continue
                 slim = structured and not bench.masked

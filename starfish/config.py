@@ -25,7 +25,7 @@ from starfish.models import resolve_device
 from starfish.precision import PRECISIONS
 from starfish.pruning.masks import check_sparsity, parse_nm
 from starfish.pruning.pruners import PRUNERS, check_scope
-from starfish.pruning.structured import parse_structure
+from starfish.pruning.structured import STRUCTURED_METHODS, parse_structure
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class PruneConfig:
         parse_nm(self.nm)
         check_scope(self.scope)
         parse_structure(self.structure)
-        _require(self.structure == "unstructured" or self.method in ("magnitude", "wanda", "torch-pruning"),
+        _require(self.structure == "unstructured" or self.method in STRUCTURED_METHODS,
                  f"prune.method={self.method!r} prunes single weights; prune.structure={self.structure!r} "
                  "takes magnitude, wanda or torch-pruning")
         _require(self.structure != "unstructured" or self.method != "torch-pruning",

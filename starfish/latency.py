@@ -136,7 +136,7 @@ def cuda_rows(repeats: int = 50) -> list[dict[str, Any]]:
     return rows
 
 
-# (model, timm kwargs, structure, input size): what `structured_rows` times by default
+# (model, structure, input size): what `structured_rows` times by default
 STRUCTURED_MODELS = (
     ("deit_small_patch16_224", "neurons+heads", (3, 224, 224)),
     ("resnet50", "channels", (3, 224, 224)),
@@ -144,14 +144,15 @@ STRUCTURED_MODELS = (
     ("starfish_cnn_fmnist", "channels", (1, 28, 28)),
 )
 STRUCTURED_AMOUNTS = (0.25, 0.5, 0.75)
+STRUCTURED_BATCHES = (1, 32)
 # What single-weight sparsity buys in the same runtimes: the masked model, timed the same way
 UNSTRUCTURED = {"unstructured": (0.5, 0.75, 0.9, 0.95), "2:4": (0.5,)}
 MASKED_MODELS = tuple((name, structure, size) for name, _, size in STRUCTURED_MODELS[2:] for structure in UNSTRUCTURED)
 
 
 def _amounts(structure: str, amounts: tuple[float, ...]) -> tuple[float, ...]:
+    """The amounts to time: a masked structure's own sparsities, else `amounts`."""
     return UNSTRUCTURED.get(structure, amounts)
-STRUCTURED_BATCHES = (1, 32)
 
 
 def _repeats(seconds: float, budget: float = 12.0) -> int:

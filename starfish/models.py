@@ -147,12 +147,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Masks, d
     if path.suffix == ".safetensors":
         try:
             tensors = load_file(str(path))
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = _parse_metadata(dict(handle.metadata() or {}))
         except (SafetensorError, OSError, ValueError) as exc:
             raise StarfishError(f"checkpoint {path} is damaged or truncated ({exc}); write it again") from exc
+        metadata = checkpoint_metadata(path)
     elif path.suffix in (".pth", ".pt", ".bin"):
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -176,6 +173,21 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Masks, d
     masks = {k[len(MASK_PREFIX):]: v.bool() for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
     state = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
     return state, masks, metadata
+
+
+def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's metadata alone, from the `.safetensors` header without reading the tensors
+    (`{}` for a `.pth` state dict, which has none)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return _parse_metadata(dict(handle.metadata() or {}))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise StarfishError(f"checkpoint {path} is damaged or truncated ({exc}); write it again") from exc
 
 
 def _parse_metadata(header: dict[str, str]) -> dict[str, Any]:

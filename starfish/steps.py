@@ -50,6 +50,7 @@ from starfish.io import (
 )
 from starfish.models import (
     checkpoint_bytes,
+    checkpoint_metadata,
     create_model,
     load_checkpoint,
     read_checkpoint,
@@ -61,8 +62,10 @@ from starfish.pruning import prune, sparsify_
 from starfish.pruning.masks import Masks
 from starfish.pruning.structured import (
     architecture_of,
+    cost_ratios,
     find_groups,
     kept_by_group,
+    model_cost,
     parse_structure,
     size_ratios,
     slim_,
@@ -169,9 +172,10 @@ def prune_step(cfg: PipelineConfig, manifest: str | Path, out: str | Path) -> di
     if cfg.prune.structured:
         extra["structure"] = structure_report(model, model, masks, cfg.prune.structure)
         if cfg.prune.slim:
+            dense_cost = model_cost(model)  # the shapes are still dense's
             slim_(model, masks)
             masks = slim_masks(model)  # all True: the slim model has nothing left to keep at zero
-            extra["structure"].update(size_ratios(model, dense_model(cfg)))
+            extra["structure"].update(cost_ratios(model_cost(model), dense_cost))
     inputs = {"dense_sha256": _checkpoint_sha(cfg), "manifest_sha256": sha256_file(manifest)}
     meta = write_with_sidecar(out, lambda path: save_checkpoint(path, model, cfg.model.name, masks=masks,
                                                                          metadata=_architecture(cfg)),
@@ -263,7 +267,7 @@ def onnx_export_step(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     if source.resolve() == out.resolve():
         raise StarfishError(f"output {out} is the input checkpoint; choose another --out")
     model, _, name = load_checkpoint(source)
-    _, _, metadata = read_checkpoint(source)
+    metadata = checkpoint_metadata(source)
     input_size = tuple(resolve_data_config({}, model=model)["input_size"])
     ratios = size_ratios(model, create_model(name, num_classes=metadata.get("num_classes"),
                                              kwargs=metadata.get("model_kwargs")), input_size)

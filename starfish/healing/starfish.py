@@ -5,8 +5,9 @@ As the authors' public code has it: the output of every block is compared per to
 weights in the pruning scope train (biases, norms, embeddings and head stay frozen); Adam at
 6e-4 with a cosine schedule to 1e-6, batch 32; dense states cached once in fp16. CNN block
 outputs are compared per sample over the flattened C*H*W; a block output that structured
-pruning narrowed (a CNN without residuals) is compared on the channels it keeps. The budget is counted in Adam steps
-(`heal.steps`, the authors' 1,570 by default), so a smaller split gets the same optimization.
+pruning narrowed (a CNN without residuals) is compared on the channels it keeps. The budget
+is counted in Adam steps (`heal.steps`, the authors' 1,570 by default), so a smaller split
+gets the same optimization.
 
 Options (HealConfig): `loss` (cosine | nmse), `states` (blocks | stages | last | module names),
 `logit_weight` (add logit distillation to the block alignment), `warm_start=layerwise`

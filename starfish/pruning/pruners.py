@@ -307,8 +307,9 @@ def prune(model: nn.Module, cfg: "PruneConfig", images: torch.Tensor | None = No
 
 
 def _structured(model: nn.Module, cfg: "PruneConfig", images: torch.Tensor | None) -> Masks:
-    """Masks removing whole units (`prune.structure`), scored by group magnitude or, for wanda,
-    with every masked weight's columns scaled by its input's norm on the calibration images."""
+    """Masks removing whole units (`prune.structure`), scored by group magnitude, by wanda (every
+    masked weight's columns scaled by its input's norm on the calibration images), or chosen by
+    Torch-Pruning."""
     groups = groups_for(model, cfg.structure)
     norms = None
     if cfg.method == "wanda":

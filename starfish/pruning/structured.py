@@ -21,7 +21,6 @@ chunk, an inverted residual's squeeze-excite. A module type with no finder is le
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -39,6 +38,7 @@ if TYPE_CHECKING:
     from starfish.config import PruneConfig
 
 STRUCTURES = ("neurons", "heads", "channels")
+STRUCTURED_METHODS = ("magnitude", "wanda", "torch-pruning")  # the prune.method values that score units
 ARCHITECTURE_ATTRIBUTES = ("num_heads", "attn_dim")  # module attributes a slim checkpoint may set
 ARCHITECTURE_ATTR = "starfish_architecture"  # where a slim model keeps its record (`architecture_of`)
 
@@ -345,7 +345,7 @@ def structured_masks(model: nn.Module, groups: list[Group], cfg: "PruneConfig",
     count in every group, or (`cfg.global_ranking`) one ranking per structure over all its groups
     with scores normalized per group, keeping each group's best unit. Ties go by position."""
     _check_amount(groups, cfg.sparsity)
-    weights = {**dict(model.named_parameters())}
+    weights = dict(model.named_parameters())
     scores = {g.name: _unit_scores(g, weights, norms) for g in groups}
     removed: dict[str, torch.Tensor] = {}
     if cfg.global_ranking:
@@ -365,6 +365,12 @@ def structured_masks(model: nn.Module, groups: list[Group], cfg: "PruneConfig",
     else:
         for g in groups:
             removed[g.name] = torch.argsort(scores[g.name], stable=True)[: capped_count(cfg.sparsity, g.units)]
+    return _masks_removing(weights, groups, removed)
+
+
+def _masks_removing(weights: dict[str, torch.Tensor], groups: list[Group], removed: dict[str, torch.Tensor]) -> Masks:
+    """Keep-masks over the groups' masked weights with each group's `removed` units pruned (a
+    weight in two groups, as a bottleneck's conv2, gets both)."""
     masks: Masks = {}
     for g in groups:
         for member in g.masked:
@@ -421,18 +427,12 @@ def torch_pruning_masks(model: nn.Module, groups: list[Group], cfg: "PruneConfig
         raise StarfishError(f"torch-pruning removes nothing from {untouched[0]} and {len(untouched) - 1} more groups: "
                             f"Torch-Pruning does not take this family's {groups[0].structure} as one group; use "
                             "prune.method=magnitude or wanda")
-    masks: Masks = {}
-    weights = dict(model.named_parameters())
-    for g in groups:
-        cut = torch.tensor(sorted(removed[g.name]), dtype=torch.long)
-        if len(cut) >= g.units:
-            raise StarfishError(f"torch-pruning would remove all {g.units} {g.structure} of {g.name}; lower "
-                                "prune.sparsity")
-        for member in g.masked:
-            mask = masks.get(member.key, torch.ones(weights[member.key].shape, dtype=torch.bool))
-            mask.index_fill_(member.axis, member.index(cut, g.units), False)
-            masks[member.key] = mask
-    return masks
+    emptied = [g for g in groups if len(removed[g.name]) >= g.units]
+    if emptied:
+        raise StarfishError(f"torch-pruning would remove all {emptied[0].units} {emptied[0].structure} of "
+                            f"{emptied[0].name}; lower prune.sparsity")
+    return _masks_removing(dict(model.named_parameters()), groups,
+                           {name: torch.tensor(sorted(units), dtype=torch.long) for name, units in removed.items()})
 
 
 def kept_units(group: Group, masks: Masks) -> torch.Tensor:
@@ -613,28 +613,29 @@ def _resize_(model: nn.Module, tensors: dict[str, torch.Tensor], attributes: dic
             setattr(model.get_submodule(name), attr, value)
 
 
-def size_ratios(slim: nn.Module, dense: nn.Module, image_size: tuple[int, ...] | None = None) -> dict[str, float]:
-    """Parameters and forward FLOPs (torch's FLOP counter) of `slim` over `dense`, on one image of
-    `image_size` (C, H, W; default: the model's input size in timm's data config)."""
+def model_cost(model: nn.Module, image_size: tuple[int, ...] | None = None) -> dict[str, int]:
+    """Parameters and forward FLOPs (torch's FLOP counter) of `model` on one image of `image_size`
+    (C, H, W; default: the model's input size in timm's data config)."""
     from timm.data import resolve_data_config
     from torch.utils.flop_counter import FlopCounterMode
 
+    image_size = image_size or resolve_data_config({}, model=model)["input_size"]
+    counter = FlopCounterMode(display=False)
+    param = next(model.parameters())
+    with counter, torch.no_grad():
+        model.eval()(torch.zeros(1, *image_size, dtype=param.dtype, device=param.device))
+    return {"params": sum(p.numel() for p in model.parameters()), "flops": counter.get_total_flops()}
+
+
+def cost_ratios(cost: dict[str, int], dense_cost: dict[str, int]) -> dict[str, float]:
+    """`model_cost` over dense's, as the reports and version tags carry it."""
+    return {"params_ratio": cost["params"] / dense_cost["params"],
+            "flops_ratio": cost["flops"] / max(dense_cost["flops"], 1)}
+
+
+def size_ratios(slim: nn.Module, dense: nn.Module, image_size: tuple[int, ...] | None = None) -> dict[str, float]:
+    """`model_cost` of `slim` over `dense`'s, on the same image size (default: `dense`'s)."""
+    from timm.data import resolve_data_config
+
     image_size = image_size or resolve_data_config({}, model=dense)["input_size"]
-
-    def flops(model: nn.Module) -> int:
-        counter = FlopCounterMode(display=False)
-        param = next(model.parameters())
-        with counter, torch.no_grad():
-            model.eval()(torch.zeros(1, *image_size, dtype=param.dtype, device=param.device))
-        return counter.get_total_flops()
-
-    def params(model: nn.Module) -> int:
-        return sum(p.numel() for p in model.parameters())
-
-    return {"params_ratio": params(slim) / params(dense), "flops_ratio": flops(slim) / max(flops(dense), 1)}
-
-
-def expected_removed(groups: list[Group], amount: float) -> float:
-    """The fraction of each group's units that `amount` removes at uniform ratios (what a layer keeps
-    at least one of can make it lower)."""
-    return math.fsum(capped_count(amount, g.units) for g in groups) / max(sum(g.units for g in groups), 1)
+    return cost_ratios(model_cost(slim, image_size), model_cost(dense, image_size))

@@ -189,15 +189,19 @@ def test_the_demo_cnn_aligns_the_kept_channels_of_narrowed_block_outputs() -> No
 
 def test_torch_pruning_chooses_what_group_magnitude_does_where_it_takes_the_family() -> None:
     """Torch-Pruning's MetaPruner, kept to the same groups, picks the very units our group
-    magnitude picks on a ViT and leaves the model as it was; where it cannot take the coupling
-    (a depthwise conv inside the group) it is refused in one line, not silently a no-op."""
-    vit = family_model("starfish_vit_fmnist", {})
-    before = {k: v.clone() for k, v in vit.state_dict().items()}
-    x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
-    chosen = prune(vit, PruneConfig("torch-pruning", 0.5, structure="neurons+heads"), x).masks
-    ours = prune(vit, PruneConfig("magnitude", 0.5, structure="neurons+heads")).masks
-    assert set(chosen) == set(ours) and all(torch.equal(chosen[k], ours[k]) for k in ours)
-    assert all(torch.equal(before[k], v) for k, v in vit.state_dict().items())
+    magnitude picks on a ViT and a ConvNeXt and leaves the model as it was (on a ResNet whose
+    BatchNorm is not the identity it picks other units, so ResNet is not asserted here); where
+    it cannot take the coupling (a depthwise conv inside the group) it is refused in one line,
+    not silently a no-op."""
+    for name, structure, size in [("starfish_vit_fmnist", "neurons+heads", (1, 28, 28)),
+                                  ("convnext_atto", "channels", (3, 64, 64))]:
+        model = family_model(name, {})
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        x = torch.randn(4, *size, dtype=torch.float64)
+        chosen = prune(model, PruneConfig("torch-pruning", 0.5, structure=structure), x).masks
+        ours = prune(model, PruneConfig("magnitude", 0.5, structure=structure)).masks
+        assert set(chosen) == set(ours) and all(torch.equal(chosen[k], ours[k]) for k in ours), name
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), name
     cnn = family_model("starfish_cnn_fmnist", {})
     with pytest.raises(StarfishError, match="Torch-Pruning does not take this family's channels as one group"):
         prune(cnn, PruneConfig("torch-pruning", 0.5, structure="channels"), torch.randn(4, 1, 28, 28,

@@ -264,8 +264,8 @@ def run(out: Path) -> list[dict[str, Any]]:
     lines += ["", "## Whole models: dense against the slim model (structured) or the masked one (unstructured, "
               "2:4)", "",
               "Random weights (speed does not depend on them); magnitude groups removed uniformly per layer; "
-              f"CPU rows on {structured[0]['threads'] if structured else '-'} threads. FLOPs: torch's counter on "
-              "one image.", "",
+              f"CPU rows on {structured[0]['threads'] if structured else '-'} threads; onnxruntime's workers sleep "
+              "between operators (`starfish.formats.onnx.session`). FLOPs: torch's counter on one image.", "",
               "| model | structure | removed | params | FLOPs | runtime | device | batch | dense ms | pruned ms "
               "| speed-up |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -102,22 +102,34 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
     The temp file's name carries the writer's host and pid, so the next write of `path` deletes
     what a killed writer left. The file gets the mode a plain `open` would give it (0666 less
-    the umask), not mkstemp's 0600.
+    the umask), not mkstemp's 0600, also when the writer recreated it (safetensors does). It is
+    flushed to disk before the rename and the folder after it, so a power loss leaves the old
+    file or the whole new one, never a renamed empty one.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_writers_temps(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{socket.gethostname()}-{os.getpid()}.", suffix=".tmp",
                                dir=target.parent)
-    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        _fsync(tmp)
         os.replace(tmp, target)
+        _fsync(target.parent, os.O_DIRECTORY)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _fsync(path: str | Path, flags: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY | flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

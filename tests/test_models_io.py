@@ -69,16 +69,42 @@ def test_safetensors_roundtrip_with_masks_and_metadata(vit: nn.Module, tmp_path:
     assert [p.name for p in tmp_path.iterdir()] == ["pruned.safetensors"]
 
 
-def test_outputs_get_the_mode_the_umask_gives(tmp_path: Path) -> None:
-    """mkstemp makes 0600 files; outputs are shared, so they get 0666 less the umask like any file."""
+def test_outputs_get_the_mode_the_umask_gives(vit: nn.Module, tmp_path: Path) -> None:
+    """mkstemp makes 0600 files and safetensors recreates its file 0600; outputs are shared, so
+    every one gets 0666 less the umask like any file: bytes, checkpoints and their sidecars."""
     previous = os.umask(0o027)
     try:
         atomic_write_bytes(tmp_path / "a.bin", b"x")
+        save_checkpoint(tmp_path / "model.safetensors", vit, "starfish_vit_fmnist")
+        write_with_sidecar(tmp_path / "b.bin", lambda path: path.write_bytes(b"y"))
         with open(tmp_path / "plain.bin", "wb"):
             pass
     finally:
         os.umask(previous)
-    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o640 == (tmp_path / "plain.bin").stat().st_mode & 0o777
+    modes = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["a.bin", "model.safetensors", "b.bin", "b.bin.meta.json", "plain.bin"], 0o640)
+
+
+def test_an_output_is_on_disk_before_its_name_and_its_name_after(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsync of the written file before the rename, and of its folder after it: a power loss
+    leaves the old file or the whole new one."""
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync " + os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(source: str, target: str) -> None:
+        events.append("rename")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    atomic_write_bytes(tmp_path / "out.bin", b"x")
+    assert len(events) == 3 and events[0].startswith(f"fsync {tmp_path}/.out.bin.") and events[0].endswith(".tmp")
+    assert events[1:] == ["rename", f"fsync {tmp_path}"]
 
 
 def test_a_write_deletes_the_temp_files_of_killed_writers_only(tmp_path: Path) -> None:

@@ -78,8 +78,13 @@ def test_dvc_repro_runs_the_stages_then_only_what_changed(project: Path) -> None
     metrics = json.loads(sh(project, "dvc", "metrics", "show", "--json"))
     scores = next(iter(metrics.values()))["data"]["out/dvc/metrics.json"]["data"]
     assert 0 < scores["recovery"] and scores["sparsity"] == pytest.approx(0.5)
-    plots = sh(project, "dvc", "plots", "show", "--json")
-    assert "out/dvc/healed_loss.csv" in plots
+    plots = json.loads(sh(project, "dvc", "plots", "show", "--json"))["data"]
+    assert list(plots) == ["healing_loss"]  # one plot of the heal curve, not a second stage plot
+    [spec] = plots["healing_loss"]
+    encoding = json.dumps(spec["content"])
+    assert "Adam step" in encoding and "alignment loss (1 - cosine similarity)" in encoding
+    assert {row["rev"] for row in spec["content"]["data"]["values"]} and \
+        {"calibration_loss", "holdout_loss"} <= {row.get("field") for row in spec["content"]["data"]["values"]}
 
     assert "Running stage" not in sh(project, "dvc", "repro")
     set_param(project, "evaluate", "max_samples", 400)

@@ -162,7 +162,7 @@ def test_prefect_yaml_deploys_every_flow_with_its_pool_schedule_and_trigger(pool
                      "sweep/sweep": "starfish-control", "sweep/sweep-structured": "starfish-control",
                      "watch-calibration/watch-calibration": "starfish-control"}
     nightly = deployments["compress/nightly-compress"]
-    assert nightly.parameters["overrides"] == ["model.device=cuda"]
+    assert nightly.parameters["overrides"] == ["model.device=auto"]
     assert (nightly.schedules[0].schedule.cron, nightly.schedules[0].schedule.timezone) == ("0 2 * * *",
                                                                                           "Europe/Berlin")
     assert deployments["sweep/sweep"].parameters["mode"] == "pool"

@@ -94,8 +94,8 @@ class _OneLineStarfishErrors(logging.Filter):
     its message already says what to fix, so the record keeps the message and drops the rest."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], StarfishError):
-            record.exc_info, record.exc_text = None, None
+        if record.exc_info and isinstance(record.exc_info[1], (StarfishError, KeyboardInterrupt)):
+            record.exc_info, record.exc_text = None, None  # Ctrl-C: the user knows where it came from
         return True
 
 
@@ -116,3 +116,7 @@ def run_cli(main: Callable[[], None]) -> None:
             raise
         print(line, file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the flow run is marked crashed and no partial output was kept; the same command "
+              "resumes from the last finished step", file=sys.stderr)
+        sys.exit(130)

@@ -36,11 +36,13 @@ from prefect.settings import (
 )
 from prefect.states import Crashed
 
+from starfish.errors import StarfishError
 from starfish.io import process_alive
 
 log = logging.getLogger("starfish.flows")
 PROCESS_TAG = "process:"
 _PR_SET_PDEATHSIG = 1
+SERVER_START_TIMEOUT_S = 120.0  # Prefect's default 20 s was missed on a loaded machine
 _UNFINISHED = [StateType.RUNNING, StateType.PENDING]
 
 
@@ -97,13 +99,21 @@ def temporary_server() -> Iterator[None]:
            "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}  # as Prefect's own temporary server
     command = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
-    server = subprocess.Popen(command, env=env, preexec_fn=lambda: _die_with_parent(parent))
+    # Its own session: a Ctrl-C at the terminal reaches the flow command, which marks its run
+    # Crashed through this server before stopping it.
+    server = subprocess.Popen(command, env=env, preexec_fn=lambda: _die_with_parent(parent), start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
     try:
-        deadline = time.monotonic() + settings.server.ephemeral.startup_timeout_seconds
+        timeout = max(settings.server.ephemeral.startup_timeout_seconds, SERVER_START_TIMEOUT_S)
+        deadline = time.monotonic() + timeout
         while not _healthy(url):
             if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the temporary Prefect server did not start (exit status {server.poll()})")
+                status = server.poll()
+                why = f"it exited with status {status}" if status is not None else "the machine may be loaded"
+                raise StarfishError(
+                    f"the temporary Prefect server did not start within {timeout:.0f} s ({why}); "
+                    "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a server with `prefect server "
+                    "start` and set PREFECT_API_URL")
             time.sleep(0.1)
         with temporary_settings(updates={PREFECT_API_URL: url}):
             log.info("temporary Prefect server on %s (pid %d), stopped with this command", url, server.pid)

@@ -5,7 +5,8 @@ Stages are the children of the model's top-level container: `blocks.{i}` (ViT/De
 EfficientNet/MobileNet), `stages.{i}` (ConvNeXt), `layers.{i}` (Swin) or `layer1..layer4`
 (ResNet). Blocks are what a stage holds, as the STARFISH authors align them: its `.blocks`
 container (`stages.{i}.blocks.{j}`, `layers.{i}.blocks.{j}`), its children when the stage is a
-Sequential (`blocks.{i}.{j}`, `layerN.{j}`), or the stage itself when it is one block (ViT).
+Sequential (`blocks.{i}.{j}`, `layerN.{j}`) or holds only blocks of one type (RegNet's `sN.bJ`),
+or the stage itself when it is one block (ViT).
 """
 
 from __future__ import annotations
@@ -35,12 +36,16 @@ def stage_names(model: nn.Module) -> list[str]:
 
 
 def _blocks_of(stage: nn.Module, name: str) -> list[str]:
-    """A stage's blocks: its `.blocks` container, else its children if it is a Sequential, else itself."""
+    """A stage's blocks: its `.blocks` container, else its children if it is a Sequential or
+    they are all blocks of one type (RegNet's `s1.b1`, `s1.b2`), else itself."""
     inner = getattr(stage, "blocks", None)
     if isinstance(inner, _SEQUENCES) and len(inner) > 0:
         return [f"{name}.blocks.{child}" for child, _ in inner.named_children()]
-    if isinstance(stage, _SEQUENCES) and len(stage) > 0:
-        return [f"{name}.{child}" for child, _ in stage.named_children()]
+    children = list(stage.named_children())
+    if isinstance(stage, _SEQUENCES) and children:
+        return [f"{name}.{child}" for child, _ in children]
+    if children and len({type(module) for _, module in children}) == 1 and any(children[0][1].children()):
+        return [f"{name}.{child}" for child, _ in children]
     return [name]
 
 
@@ -73,6 +78,10 @@ class ActivationCapture:
     name; each forward pass overwrites `capture.values[name]`; leaving the block removes every
     hook, also when the forward pass raised. `on_value`, if given, is called with (name, tensor)
     instead of storing, for accumulators that must not keep tensors alive.
+
+    Inputs of a Linear layer whose parent reads its weight directly (BEiT's and EVA's attention:
+    `F.linear(x, self.qkv.weight, bias)`, so the layer's own hook never fires) are the parent's
+    input: recorded from the parent when the layer did not run during the parent's call.
     """
 
     def __init__(self, model: nn.Module, names: Iterable[str], inputs: bool = False,
@@ -83,25 +92,45 @@ class ActivationCapture:
         if missing:
             raise StarfishError(f"cannot capture {missing}: no such modules in {type(model).__name__}")
         self._modules = [modules[name] for name in self.names]
+        self._parents = [modules[name.rpartition(".")[0]] for name in self.names]
+        self._ran: dict[str, bool] = {}
         self._inputs = inputs
         self._on_value = on_value
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.values: dict[str, torch.Tensor] = {}
 
+    def _record(self, name: str, value: torch.Tensor) -> None:
+        self._ran[name] = True
+        if self._on_value is not None:
+            self._on_value(name, value)
+        else:
+            self.values[name] = value
+
     def _hook(self, name: str) -> Callable:
         def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            value = args[0] if self._inputs else output
-            if self._on_value is not None:
-                self._on_value(name, value)
-            else:
-                self.values[name] = value
+            self._record(name, args[0] if self._inputs else output)
 
         return record
 
+    def _parent_hooks(self, name: str, layer: nn.Linear) -> tuple[Callable, Callable]:
+        def before(parent: nn.Module, args: tuple) -> None:
+            self._ran[name] = False
+
+        def after(parent: nn.Module, args: tuple, output: object) -> None:
+            x = args[0] if args else None
+            if not self._ran.get(name, True) and isinstance(x, torch.Tensor) and x.shape[-1] == layer.in_features:
+                self._record(name, x)
+
+        return before, after
+
     def __enter__(self) -> "ActivationCapture":
         try:
-            for name, module in zip(self.names, self._modules):
+            for name, module, parent in zip(self.names, self._modules, self._parents):
                 self._handles.append(module.register_forward_hook(self._hook(name)))
+                if self._inputs and isinstance(module, nn.Linear) and parent is not module:
+                    before, after = self._parent_hooks(name, module)
+                    self._handles.append(parent.register_forward_pre_hook(before))
+                    self._handles.append(parent.register_forward_hook(after))
         except BaseException:
             self.remove()
             raise

@@ -57,8 +57,15 @@ def cmd_heal(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from starfish.steps import evaluate_step
+    from starfish.steps import evaluate_step, score_step
 
+    if args.checkpoint is not None:
+        if args.pruned or args.healed:
+            raise StarfishError("evaluate takes --checkpoint alone, or --pruned and --healed together; not both")
+        _print(score_step(_config(args), args.checkpoint, args.out))
+        return
+    if not (args.pruned and args.healed and args.out):
+        raise StarfishError("evaluate needs --pruned, --healed and --out (or --checkpoint to score one model)")
     _print(evaluate_step(_config(args), args.pruned, args.healed, args.out))
 
 
@@ -77,12 +84,58 @@ def cmd_export_sizes(args: argparse.Namespace) -> None:
               f"{100 * row['pruned_weight_over_ideal']:.2f}% over the bitmask ideal, bit-exact: {row['bit_exact']}")
 
 
+def cmd_info(args: argparse.Namespace) -> None:
+    from starfish.steps import checkpoint_info
+
+    info = checkpoint_info(args.checkpoint)
+    if args.json:
+        _print(info)
+        return
+    kind = "slim" if info["slim"] else info["format"]
+    print(f"{info['path']}: {info['model']} ({kind}), {info['parameters']:,} parameters, {info['bytes']:,} bytes")
+    print(f"  sha256 {info['sha256']}")
+    if info["model_kwargs"] or info["num_classes"] is not None:
+        print(f"  num_classes {info['num_classes']}, timm kwargs {info['model_kwargs']}")
+    if info["masked_layers"]:
+        print(f"  masks on {len(info['masked_layers'])} layers, sparsity {info['sparsity']:.4f}:")
+        for key, layer in info["masked_layers"].items():
+            print(f"    {key} {tuple(layer['shape'])}: keeps {layer['kept']:.4f}")
+    for group, narrowed in info.get("narrowed", {}).items():
+        print(f"  {group}: {narrowed['kept']} of {narrowed['of']} {narrowed['structure']}")
+    if "sidecar" in info:
+        print(f"  sidecar {info['sidecar']['path']}: {'matches' if info['sidecar']['matches'] else 'DOES NOT match'} "
+              "this file")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """`mlflow models serve` of a registered model in this environment: its server finds uvicorn
+    beside this interpreter whether or not the environment is activated."""
+    import os
+
+    from starfish.serving import MAX_BATCH_ENV
+    from starfish.tracking import tracking_uri
+
+    if args.max_batch < 1:
+        raise StarfishError(f"--max-batch={args.max_batch} must be >= 1")
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, MAX_BATCH_ENV: str(args.max_batch), "MLFLOW_TRACKING_URI": tracking_uri(args.tracking_uri),
+           "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", args.model_uri, "--env-manager", "local",
+               "-h", args.host, "-p", str(args.port)]
+    sys.stdout.flush()
+    os.execve(sys.executable, command, env)
+
+
 def cmd_latency(args: argparse.Namespace) -> None:
     from starfish.latency import run
 
     for row in run(Path(args.out)):
-        print(f"{row['device']} {row['kind']} {row.get('dtype', '')} {row.get('batch', row.get('sparsity'))}: "
-              f"dense {row['dense_ms']} ms, sparse {row['sparse_ms']} ms ({row['speedup']}x)")
+        if "pruned_ms" in row:  # a whole model: dense against slim or masked
+            print(f"{row['device']} {row['runtime']} {row['model']} {row['structure']} {row['amount']:g} batch "
+                  f"{row['batch']}: dense {row['dense_ms']} ms, pruned {row['pruned_ms']} ms ({row['speedup']}x)")
+        else:
+            print(f"{row['device']} {row['kind']} {row.get('dtype', '')} {row.get('batch', row.get('sparsity'))}: "
+                  f"dense {row['dense_ms']} ms, sparse {row['sparse_ms']} ms ({row['speedup']}x)")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -99,19 +152,28 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    from starfish.config import HEAL_PRESETS, VARIANTS
+    from starfish.config import HEAL_PRESETS, PRESET_SUMMARIES, VARIANTS
     from starfish.healing import HEALERS
     from starfish.pruning import PRUNERS, SCOPE_PRESETS
 
+    convs = {"dense": "convs except depthwise", "none": "no convs", "all": "every conv, depthwise too"}
     sections = {
-        "pruners (prune.method)": PRUNERS.names(),
-        "prune scopes (prune.scope, or comma-separated module-name patterns)": list(SCOPE_PRESETS),
-        "healers (heal.method)": HEALERS.names(),
-        "heal presets (heal.preset)": list(HEAL_PRESETS),
-        "healer variants (starfish bench --healers)": list(VARIANTS),
+        "pruners (prune.method)": {name: PRUNERS.summary(name) for name in PRUNERS.names()},
+        "prune scopes (prune.scope, or comma-separated module-name patterns)": {
+            name: f"Linear layers by role: {', '.join(sorted(roles)) or 'none'}; {convs[conv]}"
+            for name, (roles, conv) in SCOPE_PRESETS.items()},
+        "healers (heal.method)": {name: HEALERS.summary(name) for name in HEALERS.names()},
+        "heal presets (heal.preset)": {name: f"{PRESET_SUMMARIES[name]} (sets {HEAL_PRESETS[name] or 'nothing'})"
+                                       for name in HEAL_PRESETS},
+        "healer variants (starfish bench --healers)": {name: ", ".join(f"{k}={v}" for k, v in fields.items())
+                                                       for name, fields in VARIANTS.items()},
     }
-    for title, names in sections.items():
-        print(f"{title}:", *(f"  {name}" for name in names), sep="\n")
+    if args.json:
+        _print(sections)
+        return
+    width = max(len(name) for entries in sections.values() for name in entries)
+    for title, entries in sections.items():
+        print(f"{title}:", *(f"  {name:<{width}}  {text}" for name, text in entries.items()), sep="\n")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -146,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="starfish", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"starfish {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def step(name: str, fn, help_text: str, names: bool = False) -> argparse.ArgumentParser:
@@ -167,18 +230,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruned", required=True)
     p.add_argument("--calibration", required=True)
     p.add_argument("--out", required=True, help="healed checkpoint path (.safetensors)")
-    p = step("evaluate", cmd_evaluate, "top-1 of dense, pruned and healed; recovery and sparsity")
-    p.add_argument("--pruned", required=True)
-    p.add_argument("--healed", required=True)
-    p.add_argument("--out", required=True, help="metrics path (.json)")
+    p = step("evaluate", cmd_evaluate, "top-1 of dense, pruned and healed, with recovery and sparsity; or of one "
+                                       "checkpoint (--checkpoint)")
+    p.add_argument("--pruned", help="the pruned checkpoint (from starfish prune)")
+    p.add_argument("--healed", help="the healed checkpoint (from starfish heal)")
+    p.add_argument("--checkpoint", help="score this one checkpoint instead, e.g. out/demo/healed.safetensors")
+    p.add_argument("--out", help="metrics path (.json); optional with --checkpoint")
     p = sub.add_parser("export", help="write a checkpoint as a compressed sparse-bitmask checkpoint or as ONNX",
-                       description="see starfish/sparse_format.py and starfish/formats/onnx.py")
+                       description="see starfish/formats/bitmask.py and starfish/formats/onnx.py")
     p.add_argument("--checkpoint", required=True, help="a pruned or healed checkpoint (.safetensors)")
     p.add_argument("--out", required=True, help="output path (.safetensors for bitmask, .onnx for onnx)")
     p.add_argument("--format", choices=("bitmask", "onnx"), default="bitmask",
                    help="bitmask: the compressed sparse-bitmask checkpoint; onnx: an ONNX model for onnxruntime, "
                         "checked against torch before it is kept")
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("info", help="what a checkpoint or export holds: model, format, masks or narrowed groups, "
+                                    "sidecar", description="Reads the file as every step does (checked first), "
+                                                           "e.g. starfish info out/demo/pruned.safetensors")
+    p.add_argument("checkpoint", help="a .safetensors (or .pth) checkpoint, or a bitmask export")
+    p.add_argument("--json", action="store_true", help="print the whole record as JSON")
+    p.set_defaults(fn=cmd_info)
+    p = sub.add_parser("serve", help="serve a registered model over HTTP (mlflow models serve, this environment)",
+                       description="Runs `mlflow models serve --env-manager local` on the model; POST images "
+                                   "(N, C, H, W) as {\"inputs\": ...} to /invocations for logits.")
+    p.add_argument("model_uri", help='e.g. "models:/starfish-starfish-vit-fmnist@champion"')
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=5001)
+    p.add_argument("--max-batch", type=int, default=256, help="most images one request may send (more: HTTP 400)")
+    p.add_argument("--tracking-uri", default=None, help="the registry to read the model from (default: "
+                                                        "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("export-sizes", help="sizes of compressed exports against dense and the bitmask ideal",
                        description="see starfish/export_sizes.py")
     p.add_argument("--out", default="results/export")
@@ -205,8 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structures", nargs="+", default=None,
                    help="prune.structure values to sweep, e.g. unstructured neurons+heads (default: prune.structure)")
     p.add_argument("--masked", action="store_true", help="heal structured cells masked instead of slim")
-    p = sub.add_parser("list", help="name the registered pruners and healers, the prune scopes, the heal presets "
-                       "and the bench's healer variants", description="names that prune, heal and bench accept")
+    p = sub.add_parser("list", help="the pruners, healers, prune scopes, heal presets and bench healer variants, "
+                       "each with what it does", description="names that prune, heal and bench accept, e.g. "
+                                                              "starfish list --json | jq '.\"healers (heal.method)\"'")
+    p.add_argument("--json", action="store_true", help="print {section: {name: description}} as JSON")
     p.set_defaults(fn=cmd_list)
     p = sub.add_parser("scale", help="time and memory of each stage on a DeiT and an ImageNet-layout JPEG tree; "
                        "resumable", description="see starfish/scale.py")
@@ -223,7 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="continue from this checkpoint (another cosine cycle) instead of scratch")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_train)
+    for command in sub.choices.values():  # -v after the subcommand too; absent, it keeps the one before
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("starfish")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown (not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,11 +12,15 @@ slim (structurally pruned) model's metadata also holds its `architecture` record
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import pickle
 import re
+import socket
+import urllib.parse
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -28,8 +32,8 @@ from timm.models import register_model
 from timm.models.efficientnet import EfficientNet, decode_arch_def
 from timm.models.vision_transformer import VisionTransformer
 
-from starfish import sparse_format
 from starfish.errors import StarfishError
+from starfish.formats import bitmask
 from starfish.io import atomic_path
 
 if TYPE_CHECKING:  # the pruning package imports this module
@@ -116,27 +120,134 @@ def starfish_cnn_fmnist(pretrained: bool = False, **kwargs: Any) -> EfficientNet
     return model
 
 
+# timm arguments a config or a checkpoint may not pass: the model section has its own fields for
+# the first two, and the others make timm read files or the hub. `pretrained_cfg_overlay` may set
+# only how images are prepared (a CNN's input size, say): its other keys name weight files.
+RESERVED_KWARGS = ("pretrained", "num_classes", "checkpoint_path", "pretrained_cfg", "cache_dir")
+OVERLAY_KEYS = ("input_size", "test_input_size", "mean", "std", "crop_pct", "interpolation")
+
+
+def kwargs_problem(kwargs: Mapping[str, Any]) -> str | None:
+    """Why these timm kwargs may not be passed (None when they may)."""
+    taken = sorted(set(kwargs) & set(RESERVED_KWARGS))
+    if taken:
+        return f"sets {taken}, which starfish never passes to timm"
+    overlay = kwargs.get("pretrained_cfg_overlay", {})
+    if not isinstance(overlay, Mapping) or set(overlay) - set(OVERLAY_KEYS):
+        return (f"sets pretrained_cfg_overlay={overlay!r}: starfish passes only its {', '.join(OVERLAY_KEYS)} "
+                "to timm")
+    return None
+# Buffers a model builds for itself (not stored in its checkpoint, such as attention index
+# tables): a checkpoint whose metadata makes more than this is refused before it is allocated.
+MAX_UNSTORED_BYTES = 1 << 30
+RANDOM_INIT_SEED = 0
+HUB_CONNECT_TIMEOUT_S = 5.0
+
+
 def create_model(name: str, checkpoint: str | Path | None = None, pretrained: bool = False,
                  num_classes: int | None = None, kwargs: Mapping[str, Any] | None = None) -> torch.nn.Module:
     """Build timm model `name` (with timm `kwargs` such as img_size), with weights from
-    `checkpoint` or (online only) the hub, in eval mode."""
+    `checkpoint` or (online only) the hub, in eval mode. With neither, the weights are timm's
+    initialization under a fixed seed, so every step that builds the model builds the same one."""
+    _check_name(name)
+    options = {**(kwargs or {}), **({} if num_classes is None else {"num_classes": num_classes})}
+    if checkpoint is None:
+        return _timm_model(name, options, pretrained).eval()
+    state, _, _ = read_checkpoint(checkpoint)
+    check_buildable(name, options, state, None, str(checkpoint))
+    return load_state_(_timm_model(name, options), state, source=str(checkpoint)).eval()
+
+
+def _check_name(name: str) -> None:
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
         hint = f" (close: {', '.join(close)})" if close else ""
         raise StarfishError(f"unknown model {name!r}{hint}; use a timm model name or {DEMO_MODEL!r}")
-    options = {**(kwargs or {}), **({} if num_classes is None else {"num_classes": num_classes})}
+
+
+def _timm_model(name: str, options: dict[str, Any], pretrained: bool = False) -> torch.nn.Module:
     try:
-        model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **options)
+        if pretrained:
+            _check_hub_weights(name)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return _with_input_size(timm.create_model(name, pretrained=True, **options), options)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            return _with_input_size(timm.create_model(name, **options), options)
     except StarfishError:
         raise
     except TypeError as exc:  # an argument this model does not take
-        raise StarfishError(f"cannot create {name!r} with {dict(kwargs or {})}: {exc}; fix model.kwargs") from exc
+        raise StarfishError(f"cannot create {name!r} with {options}: {exc}; fix model.kwargs") from exc
     except Exception as exc:  # hub download failures surface as many types
-        raise StarfishError(f"cannot create {name!r}: {exc}; pass a local checkpoint instead") from exc
-    if checkpoint is not None:
-        state, _, _ = read_checkpoint(checkpoint)
-        load_state_(model, state, source=str(checkpoint))
-    return model.eval()
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise StarfishError(f"cannot create {name!r} ({reason}); pass a local checkpoint instead "
+                            "(model.checkpoint)") from None
+
+
+def _check_hub_weights(name: str) -> None:
+    """Fail in seconds, not after a minute of retries, when timm's pretrained weights for `name`
+    are neither in the Hugging Face cache nor reachable (`HF_ENDPOINT`, `HF_HUB_OFFLINE`)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if hub_id and any(isinstance(try_to_load_from_cache(hub_id, f), str)
+                      for f in ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin")):
+        return
+    source = constants.ENDPOINT if hub_id else getattr(cfg, "url", None)
+    if not source:  # no hub weights at all: timm says so
+        return
+    url = urllib.parse.urlsplit(source)
+    reachable = not constants.HF_HUB_OFFLINE
+    if reachable:
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout=HUB_CONNECT_TIMEOUT_S).close()
+        except OSError:
+            reachable = False
+    if not reachable:
+        raise StarfishError(f"model.pretrained=true needs the hub weights of {name}, which are not in the local "
+                            f"Hugging Face cache, and {url.hostname} cannot be reached from here; download them "
+                            "where there is network, or set model.checkpoint to a local file")
+
+
+def _with_input_size(model: torch.nn.Module, options: dict[str, Any]) -> torch.nn.Module:
+    """Make the model's `pretrained_cfg` give the input size it was built for: timm's
+    `resolve_data_config`, which sizes every image starfish loads, reads that, not `img_size`."""
+    size = options.get("img_size")
+    cfg = getattr(model, "pretrained_cfg", None)
+    if size is None or not isinstance(cfg, dict) or "input_size" not in cfg:
+        return model
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    model.pretrained_cfg = {**cfg, "input_size": (cfg["input_size"][0], int(height), int(width))}
+    model.pretrained_cfg.pop("test_input_size", None)
+    return model
+
+
+def check_buildable(name: str, options: dict[str, Any], state: dict[str, torch.Tensor],
+                    architecture: Any, source: str) -> None:
+    """Build the model on the meta device (no memory) and check that `state` fits it exactly,
+    before the real model is allocated: a checkpoint's metadata (num_classes, img_size, an
+    architecture record) is untrusted, and only tensors the file really holds may size the model."""
+    from starfish.pruning.structured import rebuild_  # the pruning package imports this module
+
+    try:
+        with torch.device("meta"):
+            probe = _timm_model(name, options)
+    except StarfishError:
+        raise
+    except Exception as exc:  # a model whose constructor cannot run on meta: the real build checks it
+        log.debug("cannot build %s on the meta device (%s); its state is checked after building", name, exc)
+        return
+    if architecture is not None:
+        rebuild_(probe, architecture, source)
+    check_state_fits(probe, state, source)
+    stored = set(probe.state_dict())
+    unstored = sum(b.numel() * b.element_size() for key, b in probe.named_buffers() if key not in stored)
+    if unstored > MAX_UNSTORED_BYTES:
+        raise StarfishError(f"checkpoint {source}: {name} with {options} would build {unstored / 2**30:.1f} GiB "
+                            "of buffers its file does not hold; the metadata is damaged or hostile")
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Masks, dict[str, str]]:
@@ -167,10 +278,15 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Masks, d
         tensors, metadata = dict(loaded), {}
     else:
         raise StarfishError(f"checkpoint {path}: unsupported suffix {path.suffix!r}; use .safetensors or .pth")
-    if metadata.get("format") == sparse_format.FORMAT:  # a compressed export: the bitmasks are the masks
-        state, masks = sparse_format.decompress(tensors)
+    bad = next((key for key, value in tensors.items() if value.is_floating_point()
+                and not bool(torch.isfinite(value).all())), None)
+    if bad is not None:
+        raise StarfishError(f"checkpoint {path}: {bad} holds NaN or infinite values; the file is damaged, or it "
+                            "was written from a diverged run: write it again from a good one")
+    if metadata.get("format") == bitmask.FORMAT:  # a compressed export: the bitmasks are the masks
+        state, masks = bitmask.decompress(tensors)
         return state, masks, metadata
-    masks = {k[len(MASK_PREFIX):]: v.bool() for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
+    masks = {k[len(MASK_PREFIX):]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
     state = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
     return state, masks, metadata
 
@@ -185,15 +301,23 @@ def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return _parse_metadata(dict(handle.metadata() or {}))
+            header = dict(handle.metadata() or {})
     except (SafetensorError, OSError, ValueError) as exc:
         raise StarfishError(f"checkpoint {path} is damaged or truncated ({exc}); write it again") from exc
+    return _parse_metadata(header, path)
 
 
-def _parse_metadata(header: dict[str, str]) -> dict[str, Any]:
+def _parse_metadata(header: dict[str, str], path: Path) -> dict[str, Any]:
     """The checkpoint's metadata as JSON values; files from before METADATA_KEY kept flat text keys."""
     if METADATA_KEY in header:
-        return json.loads(header[METADATA_KEY])
+        try:
+            meta = json.loads(header[METADATA_KEY])
+        except json.JSONDecodeError as exc:
+            raise StarfishError(f"checkpoint {path}: its metadata is not JSON ({exc}); write it again") from None
+        if not isinstance(meta, dict):
+            raise StarfishError(f"checkpoint {path}: its metadata is a JSON {type(meta).__name__}, not a "
+                                "mapping; write it again")
+        return meta
     meta: dict[str, Any] = {}
     for key, text in header.items():
         try:
@@ -203,8 +327,8 @@ def _parse_metadata(header: dict[str, str]) -> dict[str, Any]:
     return meta
 
 
-def load_state_(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> torch.nn.Module:
-    """Load `state` strictly; a mismatch names the keys and shapes that differ."""
+def check_state_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """`state` has exactly `model`'s keys and shapes; a mismatch names the keys and shapes that differ."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -217,8 +341,24 @@ def load_state_(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
                 parts.append(f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}")
         raise StarfishError(f"checkpoint {source} does not match the model ({'; '.join(parts)}); "
                             "pass the model name the checkpoint was trained as")
+
+
+def load_state_(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> torch.nn.Module:
+    """Load `state` strictly (`check_state_fits` first)."""
+    check_state_fits(model, state, source)
     model.load_state_dict(state, strict=True)
     return model
+
+
+def state_sha256(model: torch.nn.Module) -> str:
+    """A hash of the model's state (names, dtypes, shapes and bytes, in name order): which dense
+    weights a pruned model came from, whatever file or seed they were read from."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{key}|{value.dtype}|{list(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
 
 
 def checkpoint_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> bytes:
@@ -232,7 +372,12 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, model_name: str, m
     """Write model state (+ masks) to one `.safetensors` file, atomically."""
     from starfish.pruning.structured import architecture_of  # the pruning package imports this module
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors, seen = {}, set()
+    for key, value in model.state_dict().items():  # a tensor shared by several keys (CoaT) is stored once per key
+        value = value.detach().contiguous().cpu()
+        pointer = value.untyped_storage().data_ptr() if value.numel() else None
+        tensors[key] = value.clone() if pointer in seen else value
+        seen.add(pointer)
     architecture = architecture_of(model)
     for name, mask in (masks or {}).items():
         if architecture is None or not mask.all():  # a slim model's all-True masks say nothing: not stored
@@ -254,18 +399,58 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, model_name: str, m
 def load_checkpoint(path: str | Path, model_name: str | None = None) -> tuple[torch.nn.Module, Masks, str]:
     """Rebuild a model from a starfish checkpoint: (model, masks, model name). A slim checkpoint
     (structured pruning) is rebuilt at its recorded shapes; its masks are all-True over the
-    narrowed weights (`structured.slim_masks`): the layers a heal trains."""
+    narrowed weights (`structured.slim_masks`): the layers a heal trains. The metadata, state and
+    masks are checked against each other before the model is allocated."""
     from starfish.pruning.structured import rebuild_, slim_masks  # the pruning package imports this module
 
     state, masks, metadata = read_checkpoint(path)
+    name, num_classes, kwargs = model_spec(metadata, path, model_name)
+    _check_name(name)
+    options = {**kwargs, **({} if num_classes is None else {"num_classes": num_classes})}
+    architecture = metadata.get("architecture")
+    check_buildable(name, options, state, architecture, str(path))
+    model = _timm_model(name, options) if architecture is None else \
+        rebuild_(_timm_model(name, options), architecture, source=str(path))
+    if architecture is not None:
+        masks = {**slim_masks(model), **masks}
+    load_state_(model, state, source=str(path))
+    check_masks_fit(model, masks, str(path))
+    return model.eval(), masks, name
+
+
+def model_spec(metadata: Mapping[str, Any], path: str | Path, model_name: str | None = None
+               ) -> tuple[str, int | None, dict[str, Any]]:
+    """(model name, num_classes, timm kwargs) from a checkpoint's metadata, checked as the model
+    section of a config is: the file may be hostile, and these become constructor arguments."""
+    def bad(why: str) -> StarfishError:
+        return StarfishError(f"checkpoint {path}: its metadata {why}; the file is damaged or not written by "
+                             "starfish: write it again")
+
     name = model_name or metadata.get("model")
     if not name:
         raise StarfishError(f"checkpoint {path} does not name its model; pass the model name")
-    num_classes = metadata.get("num_classes") if isinstance(metadata.get("num_classes"), int) else None
-    kwargs = metadata.get("model_kwargs") if isinstance(metadata.get("model_kwargs"), dict) else None
-    model = create_model(name, num_classes=num_classes, kwargs=kwargs)
-    if "architecture" in metadata:  # a slim checkpoint: the smaller modules first, from its record
-        rebuild_(model, metadata["architecture"], source=str(path))
-        masks = {**slim_masks(model), **masks}
-    load_state_(model, state, source=str(path))
-    return model.eval(), masks, name
+    if not isinstance(name, str):
+        raise bad(f"names the model {name!r}, which is not a string")
+    num_classes = metadata.get("num_classes")
+    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool)
+                                    or num_classes < 1):
+        raise bad(f"gives num_classes={num_classes!r}, which is not a positive integer")
+    kwargs = metadata.get("model_kwargs") or {}
+    if not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs):
+        raise bad(f"gives model_kwargs={kwargs!r}, which is not a mapping of names")
+    problem = kwargs_problem(kwargs)
+    if problem:
+        raise bad(f"model_kwargs {problem}")
+    return name, num_classes, dict(kwargs)
+
+
+def check_masks_fit(model: torch.nn.Module, masks: Masks, source: str) -> None:
+    """Every mask is a bool tensor over a parameter the model has, at that parameter's shape."""
+    params = dict(model.named_parameters())
+    for key, mask in masks.items():
+        if key not in params:
+            raise StarfishError(f"checkpoint {source} has a mask for {key}, which {type(model).__name__} does not "
+                                "have; the file is damaged or for another model: write it again")
+        if mask.dtype != torch.bool or mask.shape != params[key].shape:
+            raise StarfishError(f"checkpoint {source}: the mask of {key} is {mask.dtype} {tuple(mask.shape)} but "
+                                f"must be bool {tuple(params[key].shape)}; the file is damaged: write it again")

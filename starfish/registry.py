@@ -31,3 +31,8 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+    def summary(self, name: str) -> str:
+        """The first paragraph of the entry's docstring, on one line."""
+        doc = (self.get(name).__doc__ or "").strip().split("\n\n")[0]
+        return " ".join(doc.split())

@@ -24,7 +24,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Subset
 
-from starfish import sparse_format
 from starfish.calibration import (
     CalibrationImages,
     build_manifest,
@@ -37,12 +36,14 @@ from starfish.config import PipelineConfig, result_fields
 from starfish.datasets import ImageDataset, load_dataset
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold, compare, measured_sparsity, predict
+from starfish.formats import bitmask
 from starfish.healing import heal_
 from starfish.io import (
     atomic_path,
     atomic_write_bytes,
     atomic_write_json,
     canonical_json,
+    read_json,
     sha256_bytes,
     sha256_file,
     sidecar_path,
@@ -53,9 +54,11 @@ from starfish.models import (
     checkpoint_metadata,
     create_model,
     load_checkpoint,
+    model_spec,
     read_checkpoint,
     resolve_device,
     save_checkpoint,
+    state_sha256,
 )
 from starfish.precision import resolve_precision
 from starfish.pruning import prune, sparsify_
@@ -84,9 +87,28 @@ def dense_model(cfg: PipelineConfig) -> torch.nn.Module:
     return model.to(resolve_device(cfg.model.device))
 
 
-def _architecture(cfg: PipelineConfig) -> dict[str, Any]:
-    """Checkpoint metadata that rebuilds the architecture: the timm kwargs, when there are any."""
-    return {"model_kwargs": cfg.model.kwargs} if cfg.model.kwargs else {}
+def _lineage(cfg: PipelineConfig, dense: torch.nn.Module) -> dict[str, Any]:
+    """Checkpoint metadata a pruned or healed model carries: the timm kwargs that rebuild its
+    architecture, when there are any, and the hash of the dense weights it was pruned from."""
+    return {**({"model_kwargs": cfg.model.kwargs} if cfg.model.kwargs else {}),
+            "dense_state_sha256": state_sha256(dense)}
+
+
+def check_same_dense(cfg: PipelineConfig, dense: torch.nn.Module, path: str | Path) -> None:
+    """Refuse a pruned or healed checkpoint that was not made from the configured dense model:
+    another model name, other timm kwargs, or other dense weights (`_lineage`)."""
+    metadata = checkpoint_metadata(path)
+    name, _, kwargs = model_spec(metadata, path)
+    if name != cfg.model.name:
+        raise StarfishError(f"{path} is a {name}, but model.name is {cfg.model.name}; use the config it was "
+                            "pruned with")
+    if kwargs != dict(cfg.model.kwargs):
+        raise StarfishError(f"{path} was pruned with model.kwargs={kwargs}, but the config has "
+                            f"model.kwargs={dict(cfg.model.kwargs)}; use the config it was pruned with")
+    recorded = metadata.get("dense_state_sha256")
+    if recorded is not None and recorded != state_sha256(dense):
+        raise StarfishError(f"{path} was pruned from other dense weights than model.checkpoint="
+                            f"{cfg.model.checkpoint}; use the dense checkpoint it was pruned from, or prune again")
 
 
 def stored_model(cfg: PipelineConfig, path: str | Path) -> tuple[torch.nn.Module, Masks, str]:
@@ -118,9 +140,14 @@ def calibration_images(cfg: PipelineConfig, manifest: str | Path, model: torch.n
 
 
 def check_outputs(cfg: PipelineConfig, outputs: list[str | Path], inputs: list[str | Path]) -> None:
+    """`check_writable`, counting the configured dense checkpoint among the inputs."""
+    check_writable(outputs, [*inputs, cfg.model.checkpoint])
+
+
+def check_writable(outputs: list[str | Path], inputs: list[str | Path | None]) -> None:
     """Refuse, before any work, outputs that would overwrite an input (or its sidecar) or that
     cannot be written: the nearest existing folder above each must be writable. Writes nothing."""
-    sources = [Path(p) for p in [*inputs, cfg.model.checkpoint] if p]
+    sources = [Path(p) for p in inputs if p]
     taken = {path.resolve(): path for source in sources for path in (source, sidecar_path(source))}
     for out in map(Path, outputs):
         for written in (out, sidecar_path(out)):
@@ -163,6 +190,7 @@ def prune_step(cfg: PipelineConfig, manifest: str | Path, out: str | Path) -> di
     """Prune the dense model; write the pruned weights and masks as one checkpoint."""
     check_outputs(cfg, [out], [manifest])
     model = dense_model(cfg)
+    lineage = _lineage(cfg, model)
     read_manifest(manifest)  # an input of the step even when the pruner reads no images
     images = calibration_images(cfg, manifest, model) if cfg.prune.method == "wanda" else None
     masks, held = prune(model, cfg.prune, images)
@@ -178,7 +206,7 @@ def prune_step(cfg: PipelineConfig, manifest: str | Path, out: str | Path) -> di
             extra["structure"].update(cost_ratios(model_cost(model), dense_cost))
     inputs = {"dense_sha256": _checkpoint_sha(cfg), "manifest_sha256": sha256_file(manifest)}
     meta = write_with_sidecar(out, lambda path: save_checkpoint(path, model, cfg.model.name, masks=masks,
-                                                                         metadata=_architecture(cfg)),
+                                                                         metadata=lineage),
                               config={"model": asdict(cfg.model), "prune": asdict(cfg.prune)}, inputs=inputs,
                               sparsity=sparsity, **extra)
     log.info("pruned %d layers, measured sparsity %.4f", len(masks), sparsity["total"])
@@ -205,9 +233,8 @@ def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out
     `dvc.lock` stays put."""
     check_outputs(cfg, [out, curve_path(out)], [pruned, manifest])
     dense = dense_model(cfg)
+    check_same_dense(cfg, dense, pruned)
     model, masks, name = pruned_checkpoint(cfg, pruned)
-    if name != cfg.model.name:
-        raise StarfishError(f"pruned checkpoint {pruned} is a {name}, but model.name is {cfg.model.name}")
     with scratch_folder(Path(out).parent), \
             contextlib.closing(calibration_images(cfg, manifest, dense)) as images:  # scratch files beside the output
         start = time.perf_counter()
@@ -220,7 +247,7 @@ def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out
     curve, curve_text = curve_path(out), curve_csv(report.pop("curve", [])).encode()
     atomic_write_bytes(curve, curve_text)  # a side output, first: the sidecar records its hash
     meta = write_with_sidecar(out, lambda path: save_checkpoint(path, model, name, masks=masks,
-                                                                         metadata=_architecture(cfg)),
+                                                                         metadata=_lineage(cfg, dense)),
                               config={"heal": asdict(cfg.heal)}, inputs=inputs, report=report,
                               loss_curve_sha256=sha256_bytes(curve_text))
     if report.get("kept_pruned"):
@@ -231,20 +258,23 @@ def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out
 
 def export_step(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     """Write a pruned or healed checkpoint in the compressed sparse-bitmask format
-    (`starfish.sparse_format`); `load_checkpoint` reads it back bit-exactly. The sidecar records
+    (`starfish.formats.bitmask`); `load_checkpoint` reads it back bit-exactly. The sidecar records
     the sizes: the whole file against the same model stored dense, and the pruned weights
     against the bitmask ideal."""
     source, out = Path(checkpoint), Path(out)
-    if source.resolve() == out.resolve():
-        raise StarfishError(f"output {out} is the input checkpoint; choose another --out")
+    check_writable([out], [source])
+    load_checkpoint(source)  # the model it names is built and its state and masks checked against it
     state, masks, metadata = read_checkpoint(source)
+    if "architecture" in metadata:
+        raise StarfishError(f"{source} is a slim model (structured pruning): its weights are dense and already "
+                            "small; export it with --format onnx")
     if not masks:
         raise StarfishError(f"{source} carries no pruning masks, so there is nothing to compress; "
                             "export a checkpoint that `starfish prune` or `starfish heal` wrote")
-    tensors = sparse_format.compress(state, masks)
-    data = checkpoint_bytes(tensors, {**metadata, "format": sparse_format.FORMAT})
+    tensors = bitmask.compress(state, masks)
+    data = checkpoint_bytes(tensors, {**metadata, "format": bitmask.FORMAT})
     dense = len(checkpoint_bytes(state, metadata))
-    pruned, ideal = sparse_format.pruned_bytes(tensors)
+    pruned, ideal = bitmask.pruned_bytes(tensors)
     sizes = {"bytes": len(data), "dense_bytes": dense, "size_ratio": len(data) / dense,
              "pruned_weight_bytes": pruned, "pruned_weight_ideal_bytes": round(ideal),
              "pruned_weight_over_ideal": pruned / ideal - 1}
@@ -264,13 +294,12 @@ def onnx_export_step(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     from starfish.formats.onnx import export_onnx
 
     source, out = Path(checkpoint), Path(out)
-    if source.resolve() == out.resolve():
-        raise StarfishError(f"output {out} is the input checkpoint; choose another --out")
+    check_writable([out], [source])
     model, _, name = load_checkpoint(source)
     metadata = checkpoint_metadata(source)
+    _, num_classes, kwargs = model_spec(metadata, source)
     input_size = tuple(resolve_data_config({}, model=model)["input_size"])
-    ratios = size_ratios(model, create_model(name, num_classes=metadata.get("num_classes"),
-                                             kwargs=metadata.get("model_kwargs")), input_size)
+    ratios = size_ratios(model, create_model(name, num_classes=num_classes, kwargs=kwargs), input_size)
     tags = {"model": name, "checkpoint_sha256": sha256_file(source), "input_size": list(input_size),
             **{key: metadata[key] for key in ("architecture", "model_kwargs", "num_classes") if key in metadata}}
     check: dict[str, Any] = {}
@@ -280,6 +309,39 @@ def onnx_export_step(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     log.info("exported %s as ONNX: onnxruntime within %.1e of torch; %.3fx of dense's FLOPs", out,
              check["max_abs_difference"], ratios["flops_ratio"])
     return {"path": str(out), "sha256": meta["sha256"], "format": "onnx", **check, **ratios}
+
+
+def checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """What a checkpoint or export holds, read and checked as every step reads it: the model,
+    its format, the masks per layer (kept fraction) or, for a slim model, the units each
+    narrowed group kept, and whether its sidecar (if any) records this file."""
+    path = Path(path)
+    model, masks, name = load_checkpoint(path)
+    metadata = checkpoint_metadata(path)
+    _, num_classes, kwargs = model_spec(metadata, path)
+    weights = dict(model.named_parameters())
+    layers = {key: {"shape": list(mask.shape), "kept": float(mask.float().mean())} for key, mask in masks.items()
+              if not mask.all()}
+    info: dict[str, Any] = {
+        "path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path), "model": name,
+        "num_classes": num_classes, "model_kwargs": kwargs,
+        "format": metadata.get("format", "checkpoint"), "slim": architecture_of(model) is not None,
+        "parameters": sum(w.numel() for w in weights.values()),
+        "sparsity": measured_sparsity(model, list(layers))["total"] if layers else 0.0,
+        "masked_layers": layers, "dense_state_sha256": metadata.get("dense_state_sha256"),
+    }
+    if info["slim"]:
+        with torch.device("meta"):  # the dense twin's unit counts, without allocating it
+            dense = create_model(name, num_classes=num_classes, kwargs=kwargs)
+        units = {g.name: (g.structure, g.units) for g in find_groups(dense)}
+        info["narrowed"] = {group: {"structure": units[group][0], "kept": len(kept), "of": units[group][1]}
+                            for group, kept in kept_by_group(model, masks).items()}
+    side = sidecar_path(path)
+    if side.is_file():
+        meta = read_json(side)
+        info["sidecar"] = {"path": str(side), "matches": meta.get("sha256") == info["sha256"],
+                           **{key: meta[key] for key in ("config", "inputs", "sizes", "report") if key in meta}}
+    return info
 
 
 @contextlib.contextmanager
@@ -384,10 +446,33 @@ def cached_dense_predictions(cfg: PipelineConfig, dense: torch.nn.Module,
         return preds, targets
 
 
+def score_step(cfg: PipelineConfig, checkpoint: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Top-1 of one checkpoint (dense, pruned, healed or slim, or a bitmask export) on
+    `evaluate.split`, as timm's validate.py scores a model; written to `out` when given."""
+    if out is not None:
+        check_writable([out], [checkpoint])
+    model, masks, name = stored_model(cfg, checkpoint)
+    test = dataset(cfg, cfg.evaluate.split, model)
+    if cfg.evaluate.max_samples is not None:
+        test = Subset(test, range(min(cfg.evaluate.max_samples, len(test))))
+    preds, targets = predict(model, test, cfg.evaluate.batch_size, f"evaluate {name}", cfg.data.num_workers,
+                             cfg.evaluate.precision)
+    layers = [key for key, mask in masks.items() if not mask.all()]
+    metrics = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint), "model": name,
+               "split": cfg.evaluate.split, "images": len(targets), "top1": float((preds == targets).float().mean()),
+               "sparsity": measured_sparsity(model, layers)["total"] if layers else 0.0}
+    if out is not None:
+        atomic_write_json(out, metrics)
+    log.info("%s: top-1 %.4f on %d %s images", checkpoint, metrics["top1"], metrics["images"], cfg.evaluate.split)
+    return metrics
+
+
 def evaluate_step(cfg: PipelineConfig, pruned: str | Path, healed: str | Path, out: str | Path) -> dict[str, Any]:
     """Top-1 of dense, pruned and healed on `evaluate.split`; recovery, agreement and sparsity checks."""
     check_outputs(cfg, [out], [pruned, healed, curve_path(healed)])
     dense = dense_model(cfg)
+    for path in (pruned, healed):
+        check_same_dense(cfg, dense, path)
     pruned_model, masks, _ = pruned_checkpoint(cfg, pruned)
     healed_model, healed_masks, _ = stored_model(cfg, healed)
     if set(healed_masks) != set(masks) or any(not torch.equal(masks[k], healed_masks[k]) for k in masks):
@@ -405,6 +490,7 @@ def evaluate_step(cfg: PipelineConfig, pruned: str | Path, healed: str | Path, o
     else:
         sparsity = measured_sparsity(healed_model, list(masks))["total"]
     metrics.update({
+        "test_images": len(test),
         "recovery": metrics["healed_recovery"],
         "sparsity": sparsity,
         "sparsity_target": cfg.prune.sparsity,

@@ -12,16 +12,22 @@ and the AWS variables set for the server) sends the artifacts to S3 through boto
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
 import logging
 import os
+import socket
 import subprocess
 import tempfile
 import threading
+import time
 import urllib.request
+import uuid
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -44,6 +50,11 @@ SPLIT_HASH_TAG = "starfish.calibration_split_hash"  # on the run: the calibratio
 MODEL_ARTIFACT = "model"
 METRICS = ("dense_top1", "pruned_top1", "healed_top1", "recovery", "sparsity", "sparsity_drift")
 _PACKAGES = ("torch", "timm", "safetensors", "numpy", "onnxruntime")
+LOCK_SUFFIX = ".lock"  # the registry lock of model M is the registered model M.lock (`registry_lock`)
+LOCK_TIMEOUT_S = 900.0
+LOCK_STALE_S = 1800.0  # longer than any registration holds it
+LOCK_POLL_S = 0.5
+_HELD_TOKENS: set[str] = set()  # the registry locks this process holds now
 # log_model of a model from code runs that code to validate it, and sets process-wide state: one at a time.
 _LOG_LOCK = threading.Lock()
 
@@ -109,8 +120,8 @@ def check_registrable(metrics: dict[str, Any], gate: GateConfig) -> None:
         raise StarfishError("not registering this model: " + "; ".join(failures))
 
 
-def git_commit(cwd: str | Path = ".") -> str | None:
-    """HEAD's sha with `-dirty` appended when tracked files differ; None outside a git checkout."""
+def git_commit(cwd: str | Path = ".") -> tuple[str, bool] | None:
+    """(HEAD's sha, whether tracked files differ from it); None outside a git checkout."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
                              check=True).stdout.strip()
@@ -118,7 +129,7 @@ def git_commit(cwd: str | Path = ".") -> str | None:
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
-    return sha + ("-dirty" if dirty else "")
+    return sha, bool(dirty)
 
 
 def write_report(out_dir: str | Path, cfg: PipelineConfig, metrics: dict[str, Any], calibration: dict[str, Any],
@@ -152,13 +163,20 @@ def write_report(out_dir: str | Path, cfg: PipelineConfig, metrics: dict[str, An
         f"DVC md5 `{calibration['md5']}`.",
         "",
         _selection_line(heal_report) + f" It took {healed['heal_seconds']:.1f} s.",
-        "",
-        "![healing loss](loss.png)",
-        "",
     ]
+    # the plot embedded, so the report shows it wherever it is opened (MLflow's artifact viewer too)
+    image = f"![healing loss](data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()})"
     report = out_dir / "report.md"
-    atomic_write_bytes(report, "\n".join(lines).encode())
+    atomic_write_bytes(report, "\n".join([*lines, "", image, ""]).encode())
     return report, plot
+
+
+def model_card(report: str | Path) -> str:
+    """The report as text for MLflow descriptions (run, version): without its embedded plot, which
+    is larger than a description may be, and pointing at the plot's artifact instead."""
+    text = "\n".join(line for line in Path(report).read_text().splitlines()
+                     if not line.startswith("![healing loss](data:"))
+    return text.rstrip() + "\n\nThe healing loss plot: artifacts `report/loss.png` (and in `report/report.md`).\n"
 
 
 def _selection_line(report: dict[str, Any]) -> str:
@@ -195,11 +213,83 @@ def _use_experiment(uri: str) -> str:
     return mlflow.set_experiment(EXPERIMENT).experiment_id
 
 
+@contextlib.contextmanager
+def registry_lock(client: Any, model_name: str, timeout: float = LOCK_TIMEOUT_S,
+                  stale_after: float = LOCK_STALE_S) -> Iterator[None]:
+    """Hold the registry lock of `model_name` for the body: registration and promotion of one
+    model are check-then-write sequences, so two flows on one store take turns.
+
+    The lock is a registered model named `<model_name>.lock`: the store creates a name once, on
+    any backend (file, sqlite, a tracking server over SQL), so creating it is the atomic
+    test-and-set. Its tags name the holder. A holder that died leaves it behind: one on this host
+    whose process is gone (or this process, after a failed release) is broken at once, one
+    elsewhere after `stale_after` seconds."""
+    from mlflow.exceptions import MlflowException
+
+    lock, token = model_name + LOCK_SUFFIX, uuid.uuid4().hex
+    holder = {"starfish.lock.host": socket.gethostname(), "starfish.lock.pid": str(os.getpid()),
+              "starfish.lock.token": token}
+    deadline, waited = time.monotonic() + timeout, False
+    while True:
+        try:
+            client.create_registered_model(lock, tags=holder, description="held while a registration or promotion "
+                                                                          "of the model runs; not a model")
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            held = client.get_registered_model(lock)
+        except MlflowException:  # released meanwhile
+            continue
+        age = time.time() - held.creation_timestamp / 1000
+        if _holder_dead(held.tags or {}) or age > stale_after:
+            log.warning("breaking the registry lock %s: its holder %s (pid %s) is gone", lock,
+                        (held.tags or {}).get("starfish.lock.host"), (held.tags or {}).get("starfish.lock.pid"))
+            with contextlib.suppress(MlflowException):
+                client.delete_registered_model(lock)
+            continue
+        if time.monotonic() > deadline:
+            raise StarfishError(f"the registry lock {lock} has been held for over {timeout:.0f} s by another "
+                                "registration or promotion; retry when it ends, or delete that registered model "
+                                "if its holder is dead")
+        if not waited:
+            log.info("waiting for the registry lock %s (another registration or promotion of %s)", lock, model_name)
+            waited = True
+        time.sleep(LOCK_POLL_S)
+    _HELD_TOKENS.add(token)
+    try:
+        yield
+    finally:
+        _HELD_TOKENS.discard(token)
+        try:
+            client.delete_registered_model(lock)
+        except Exception as exc:  # a store gone down: the next holder breaks it as this process's own
+            log.warning("could not release the registry lock %s (%s)", lock, exc)
+
+
+def _holder_dead(tags: dict[str, str]) -> bool:
+    """Whether the lock's holder is a process of this host that no longer holds it."""
+    if tags.get("starfish.lock.host") != socket.gethostname():
+        return False
+    pid = int(tags.get("starfish.lock.pid", "0") or 0)
+    if pid == os.getpid():
+        return tags.get("starfish.lock.token") not in _HELD_TOKENS
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):
+        return False
+    return pid <= 0
+
+
 def _earlier_attempt(client: Any, experiment_id: str, model_name: str, key: str) -> Any:
     """The version an earlier attempt with this registration key left complete, or None.
 
-    An attempt that died part-way (its run not FINISHED, or no version) is removed with every
-    version it registered, so a retry leaves exactly one version and no orphan."""
+    Called under `registry_lock`, so no other attempt is registering now: one whose run is not
+    FINISHED (or that left no version) died part-way, and is removed with every version it
+    registered, so a retry leaves exactly one version and no orphan."""
     complete = None
     for run in client.search_runs([experiment_id], filter_string=f"tags.`{REGISTER_KEY_TAG}` = '{key}'"):
         versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
@@ -211,6 +301,30 @@ def _earlier_attempt(client: Any, experiment_id: str, model_name: str, key: str)
         client.delete_run(run.info.run_id)
         log.warning("removed the unfinished registration attempt %s (%d version(s))", run.info.run_id, len(versions))
     return complete
+
+
+def _test_dataset(cfg: PipelineConfig, metrics: dict[str, Any]) -> Any:
+    """The evaluation split as an MLflow dataset input: which images recovery was measured on."""
+    import mlflow
+    import pandas as pd
+
+    images = int(metrics.get("test_images", 0))
+    identity = f"{cfg.data.kind}|{Path(cfg.data.root).resolve()}|{cfg.evaluate.split}|{images}"
+    with warnings.catch_warnings():  # a local source: MLflow warns about its path form
+        warnings.simplefilter("ignore", UserWarning)
+        return mlflow.data.from_pandas(pd.DataFrame({"index": range(images)}), source=str(Path(cfg.data.root)),
+                                       name=f"{cfg.data.kind}-{cfg.evaluate.split}",
+                                       digest=hashlib.sha256(identity.encode()).hexdigest()[:32])
+
+
+def version_tags(cfg: PipelineConfig, healed: str | Path) -> dict[str, str]:
+    """How a version was made, as tags the registry can be searched by
+    (`tags.pruner = 'wanda' and tags.structure = 'neurons+heads'`)."""
+    from starfish.models import checkpoint_metadata
+
+    return {"pruner": cfg.prune.method, "structure": cfg.prune.structure, "sparsity": f"{cfg.prune.sparsity:g}",
+            "healer": cfg.heal.method, "preset": cfg.heal.preset,
+            "dense_state_sha256": str(checkpoint_metadata(healed).get("dense_state_sha256", "unknown"))}
 
 
 def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed: dict[str, Any],
@@ -243,63 +357,76 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
 
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
-    earlier = _earlier_attempt(client, _use_experiment(uri), model_name, register_key)
-    if earlier is not None:
-        client.set_registered_model_alias(model_name, CHALLENGER, earlier.version)
-        log.info("%s version %s was registered by an earlier attempt; reused", model_name, earlier.version)
-        return {"run_id": earlier.run_id, "model_uri": earlier.source, "model_name": model_name,
-                "version": str(earlier.version), "report": str(report), "plot": str(plot), "tracking_uri": uri,
-                "recovery": metrics["recovery"]}
-    manifest = read_json(calibration["path"])
-    tags = {
-        "mlflow.source.git.commit": git_commit() or "unknown",
-        SPLIT_HASH_TAG: calibration["split_hash"],
-        "starfish.calibration_dvc_md5": calibration["md5"],
-        "starfish.model_name": cfg.model.name,
-        "prefect.flow_run_id": flow_run_id or "none",
-        REGISTER_KEY_TAG: register_key,
-    }
-    healer = cfg.heal.method if cfg.heal.preset == "default" else f"{cfg.heal.method}-{cfg.heal.preset}"
-    run_name = f"{cfg.model.name}-{cfg.prune.method}{cfg.prune.sparsity:g}-{healer}"
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
-        mlflow.log_params({f"{section}.{key}": value for section, fields in cfg.to_dict().items()
-                           for key, value in fields.items()})
-        mlflow.log_metrics({**{key: float(metrics[key]) for key in METRICS},
-                            **{key: float(metrics[key]) for key in ("flops_ratio", "params_ratio") if key in metrics},
-                            **({"latency_ratio": float(export["latency_ratio"])} if "latency_ratio" in export else {}),
-                            "heal_seconds": float(healed["heal_seconds"])})
-        for point in curve:
-            mlflow.log_metrics({f"heal_{k}": point[k] for k in ("calibration_loss", "holdout_loss")
-                                if point[k] is not None}, step=point["step"])
-        with warnings.catch_warnings():  # MLflow registers two equal local sources and warns about it
-            warnings.simplefilter("ignore", UserWarning)
-            dataset = mlflow.data.from_pandas(pd.DataFrame({"id": manifest["ids"]}), source=calibration["path"],
-                                              name="calibration", digest=calibration["split_hash"][:32])
-        mlflow.log_input(dataset, context="calibration")
-        with tempfile.TemporaryDirectory() as tmp:
-            masks_file = Path(tmp) / "masks.safetensors"
-            save_file({k: v.contiguous().to(torch.uint8) for k, v in masks.items()}, str(masks_file))
-            mlflow.log_artifact(str(masks_file), "masks")
-        for path in (report, plot, evaluation["path"], healed["loss_curve"], calibration["path"]):
-            mlflow.log_artifact(str(path), "report")
-        with _LOG_LOCK:  # the registered model is the compressed checkpoint
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_ARTIFACT, python_model=str(Path(serving.__file__)),
-                artifacts={ONNX if export.get("format") == "onnx" else CHECKPOINT: str(export["path"])},
-                input_example=example, signature=signature,
-                pip_requirements=_pip_requirements(),
-                code_paths=[str(Path(serving.__file__).parent)],  # starfish itself travels with the model
-                registered_model_name=model_name)
-        model_version = str(info.registered_model_version)
-        client.set_model_version_tag(model_name, model_version, "recovery", f"{metrics['recovery']:.6f}")
-        client.set_model_version_tag(model_name, model_version, "size_bytes", str(export["bytes"]))
-        client.set_model_version_tag(model_name, model_version, "size_ratio", f"{export['size_ratio']:.6f}")
-        for key in ("flops_ratio", "params_ratio", "latency_ratio"):  # a slim model's cost against dense
-            if key in export:
-                client.set_model_version_tag(model_name, model_version, key, f"{export[key]:.6f}")
-        client.set_model_version_tag(model_name, model_version, "format", export.get("format", "bitmask"))
-        client.set_model_version_tag(model_name, model_version, REGISTER_KEY_TAG, register_key)
-        client.set_registered_model_alias(model_name, CHALLENGER, model_version)
+    with registry_lock(client, model_name):  # the check for an earlier attempt, then the registration
+        earlier = _earlier_attempt(client, _use_experiment(uri), model_name, register_key)
+        if earlier is not None:
+            client.set_registered_model_alias(model_name, CHALLENGER, earlier.version)
+            log.info("%s version %s was registered by an earlier attempt; reused", model_name, earlier.version)
+            return {"run_id": earlier.run_id, "model_uri": earlier.source, "model_name": model_name,
+                    "version": str(earlier.version), "report": str(report), "plot": str(plot), "tracking_uri": uri,
+                    "recovery": metrics["recovery"]}
+        manifest = read_json(calibration["path"])
+        commit = git_commit()
+        tags = {
+            "mlflow.source.git.commit": commit[0] if commit else "unknown",
+            "starfish.git_dirty": str(commit[1]).lower() if commit else "unknown",  # the commit stays a hash
+            "mlflow.note.content": model_card(report),  # the run's description
+            SPLIT_HASH_TAG: calibration["split_hash"],
+            "starfish.calibration_dvc_md5": calibration["md5"],
+            "starfish.model_name": cfg.model.name,
+            "prefect.flow_run_id": flow_run_id or "none",
+            REGISTER_KEY_TAG: register_key,
+        }
+        healer = cfg.heal.method if cfg.heal.preset == "default" else f"{cfg.heal.method}-{cfg.heal.preset}"
+        run_name = f"{cfg.model.name}-{cfg.prune.method}{cfg.prune.sparsity:g}-{healer}"
+        with mlflow.start_run(run_name=run_name, tags=tags) as run:
+            mlflow.log_params({f"{section}.{key}": value for section, fields in cfg.to_dict().items()
+                               for key, value in fields.items()})
+            costs = {key: float(metrics[key]) for key in ("flops_ratio", "params_ratio") if key in metrics}
+            latency = {"latency_ratio": float(export["latency_ratio"])} if "latency_ratio" in export else {}
+            mlflow.log_metrics({**{key: float(metrics[key]) for key in METRICS}, **costs, **latency,
+                                "heal_seconds": float(healed["heal_seconds"])})
+            for point in curve:
+                mlflow.log_metrics({f"heal_{k}": point[k] for k in ("calibration_loss", "holdout_loss")
+                                    if point[k] is not None}, step=point["step"])
+            with warnings.catch_warnings():  # MLflow registers two equal local sources and warns about it
+                warnings.simplefilter("ignore", UserWarning)
+                dataset = mlflow.data.from_pandas(pd.DataFrame({"id": manifest["ids"]}), source=calibration["path"],
+                                                  name="calibration", digest=calibration["split_hash"][:32])
+            mlflow.log_input(dataset, context="calibration")
+            mlflow.log_input(_test_dataset(cfg, metrics), context="evaluation")
+            with tempfile.TemporaryDirectory() as tmp:
+                masks_file = Path(tmp) / "masks.safetensors"
+                save_file({k: v.contiguous().to(torch.uint8) for k, v in masks.items()}, str(masks_file))
+                mlflow.log_artifact(str(masks_file), "masks")
+            for path in (report, plot, evaluation["path"], healed["loss_curve"], calibration["path"]):
+                mlflow.log_artifact(str(path), "report")
+            with _LOG_LOCK:  # the registered model is the compressed checkpoint
+                info = mlflow.pyfunc.log_model(
+                    name=MODEL_ARTIFACT, python_model=str(Path(serving.__file__)),
+                    artifacts={ONNX if export.get("format") == "onnx" else CHECKPOINT: str(export["path"])},
+                    input_example=example, signature=signature,
+                    pip_requirements=_pip_requirements(),
+                    code_paths=[str(Path(serving.__file__).parent)],  # starfish itself travels with the model
+                    registered_model_name=model_name)
+            model_version = str(info.registered_model_version)
+            client.update_model_version(model_name, model_version, description=model_card(report))
+            if not client.get_registered_model(model_name).description:
+                client.update_registered_model(model_name, description=(
+                    f"{cfg.model.name} compressed by starfish: pruned, then healed on unlabeled calibration images "
+                    "so its internal states align with the dense model's. Each version's description is its model "
+                    "card; `challenger` is the latest registration, `champion` the best one that passed the gate."))
+            client.set_model_version_tag(model_name, model_version, "recovery", f"{metrics['recovery']:.6f}")
+            client.set_model_version_tag(model_name, model_version, "size_bytes", str(export["bytes"]))
+            client.set_model_version_tag(model_name, model_version, "size_ratio", f"{export['size_ratio']:.6f}")
+            for key in ("flops_ratio", "params_ratio", "latency_ratio"):  # a slim model's cost against dense
+                if key in export:
+                    client.set_model_version_tag(model_name, model_version, key, f"{export[key]:.6f}")
+            client.set_model_version_tag(model_name, model_version, "format", export.get("format", "bitmask"))
+            for key, value in version_tags(cfg, healed["path"]).items():  # what the registry is searched by
+                client.set_model_version_tag(model_name, model_version, key, value)
+            client.set_model_version_tag(model_name, model_version, REGISTER_KEY_TAG, register_key)
+            client.set_registered_model_alias(model_name, CHALLENGER, model_version)
     log.info("registered %s version %s (alias %s) from run %s", model_name, model_version, CHALLENGER,
              run.info.run_id)
     return {"run_id": run.info.run_id, "model_uri": info.model_uri, "model_name": model_name,
@@ -317,45 +444,46 @@ def promote(model_name: str, gate: GateConfig, uri: str, version: str | None = N
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient(uri)
-    try:
-        candidate = (client.get_model_version(model_name, version) if version is not None
-                     else client.get_model_version_by_alias(model_name, CHALLENGER))
-    except MlflowException as exc:
-        raise StarfishError(f"no {'version ' + version if version else CHALLENGER} of {model_name} "
-                            f"in {uri}: {exc.message}") from exc
-    candidate_run = client.get_run(candidate.run_id)
-    metrics = candidate_run.data.metrics
-    try:
-        champion = client.get_model_version_by_alias(model_name, CHAMPION)
-    except MlflowException:
-        champion = None
-    champion_recovery = client.get_run(champion.run_id).data.metrics.get("recovery") if champion else None
-    reasons = gate_failures(metrics, gate)
-    if candidate_run.info.status != "FINISHED":
-        reasons.append(f"its run {candidate.run_id} is {candidate_run.info.status}, not FINISHED")
-    if (candidate.tags or {}).get(REGISTER_KEY_TAG) is None:
-        reasons.append(f"it carries no {REGISTER_KEY_TAG} tag: it was not registered by a complete compress run")
-    recovery = metrics.get("recovery", float("-inf"))
-    if recovery < gate.min_recovery:
-        reasons.append(f"recovery {recovery:.4f} < gate.min_recovery {gate.min_recovery}")
-    if champion is not None and champion.version != candidate.version and recovery < champion_recovery:
-        reasons.append(f"recovery {recovery:.4f} < champion v{champion.version}'s {champion_recovery:.4f}")
-    if gate.max_flops_ratio is not None:
-        flops = metrics.get("flops_ratio")
-        if flops is None or flops > gate.max_flops_ratio:
-            reasons.append(f"forward FLOPs {'unknown' if flops is None else f'{flops:.4f}'} of dense > "
-                           f"gate.max_flops_ratio {gate.max_flops_ratio}")
-    if gate.max_size_ratio is not None:
-        ratio = (candidate.tags or {}).get("size_ratio")
-        if ratio is None or float(ratio) > gate.max_size_ratio:
-            reasons.append(f"size on disk {'unknown' if ratio is None else f'{float(ratio):.4f}'} of dense > "
-                           f"gate.max_size_ratio {gate.max_size_ratio}")
-    promoted = not reasons
-    if promoted:
-        client.set_registered_model_alias(model_name, CHAMPION, candidate.version)
-        log.info("%s version %s is now %s (recovery %.4f)", model_name, candidate.version, CHAMPION, recovery)
-    else:
-        log.info("%s version %s stays out: %s", model_name, candidate.version, "; ".join(reasons))
+    with registry_lock(client, model_name):  # the champion read is the one replaced
+        try:
+            candidate = (client.get_model_version(model_name, version) if version is not None
+                         else client.get_model_version_by_alias(model_name, CHALLENGER))
+        except MlflowException as exc:
+            raise StarfishError(f"no {'version ' + version if version else CHALLENGER} of {model_name} "
+                                f"in {uri}: {exc.message}") from exc
+        candidate_run = client.get_run(candidate.run_id)
+        metrics = candidate_run.data.metrics
+        try:
+            champion = client.get_model_version_by_alias(model_name, CHAMPION)
+        except MlflowException:
+            champion = None
+        champion_recovery = client.get_run(champion.run_id).data.metrics.get("recovery") if champion else None
+        reasons = gate_failures(metrics, gate)
+        if candidate_run.info.status != "FINISHED":
+            reasons.append(f"its run {candidate.run_id} is {candidate_run.info.status}, not FINISHED")
+        if (candidate.tags or {}).get(REGISTER_KEY_TAG) is None:
+            reasons.append(f"it carries no {REGISTER_KEY_TAG} tag: it was not registered by a complete compress run")
+        recovery = metrics.get("recovery", float("-inf"))
+        if recovery < gate.min_recovery:
+            reasons.append(f"recovery {recovery:.4f} < gate.min_recovery {gate.min_recovery}")
+        if champion is not None and champion.version != candidate.version and recovery < champion_recovery:
+            reasons.append(f"recovery {recovery:.4f} < champion v{champion.version}'s {champion_recovery:.4f}")
+        if gate.max_flops_ratio is not None:
+            flops = metrics.get("flops_ratio")
+            if flops is None or flops > gate.max_flops_ratio:
+                reasons.append(f"forward FLOPs {'unknown' if flops is None else f'{flops:.4f}'} of dense > "
+                               f"gate.max_flops_ratio {gate.max_flops_ratio}")
+        if gate.max_size_ratio is not None:
+            ratio = (candidate.tags or {}).get("size_ratio")
+            if ratio is None or float(ratio) > gate.max_size_ratio:
+                reasons.append(f"size on disk {'unknown' if ratio is None else f'{float(ratio):.4f}'} of dense > "
+                               f"gate.max_size_ratio {gate.max_size_ratio}")
+        promoted = not reasons
+        if promoted:
+            client.set_registered_model_alias(model_name, CHAMPION, candidate.version)
+            log.info("%s version %s is now %s (recovery %.4f)", model_name, candidate.version, CHAMPION, recovery)
+        else:
+            log.info("%s version %s stays out: %s", model_name, candidate.version, "; ".join(reasons))
     return {"model_name": model_name, "version": str(candidate.version), "recovery": recovery,
             "promoted": promoted, "reasons": reasons,
             "champion": str(candidate.version) if promoted else (str(champion.version) if champion else None)}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import boto3
 import httpx
@@ -103,19 +104,32 @@ def s3_keys(endpoint: str, bucket: str) -> set[str]:
     return {item["Key"] for page in pages for item in page.get("Contents", [])}
 
 
-def served_predictions(tracking_uri: str, model_uri: str, images: Any, log: Path) -> Any:
-    """What `mlflow models serve` of `model_uri` answers for `images`, on a free loopback port."""
+@contextlib.contextmanager
+def served(tracking_uri: str, model_uri: str, log: Path, max_batch: int = 256) -> Iterator[Any]:
+    """`starfish serve` of `model_uri` on a free loopback port, as a user starts it (without
+    the environment's bin folder on PATH); yields `post(images) -> (HTTP status, JSON body)`."""
     import json
+    import urllib.error
     import urllib.request
 
-    import numpy as np
-
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,  # uvicorn from this environment
-                                   "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"},
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if Path(p).resolve() != Path(sys.executable).parent.resolve())
+    server = subprocess.Popen([sys.executable, "-m", "starfish.cli", "serve", model_uri, "--port", str(port),
+                               "--max-batch", str(max_batch), "--tracking-uri", tracking_uri],
+                              env={**os.environ, "PATH": path},
                               stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True)
+
+    def post(images: Any) -> tuple[int, Any]:
+        body = json.dumps({"inputs": images.tolist() if hasattr(images, "tolist") else images}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -125,11 +139,17 @@ def served_predictions(tracking_uri: str, model_uri: str, images: Any, log: Path
             except OSError:
                 assert server.poll() is None and time.monotonic() < deadline, log.read_text()
                 time.sleep(1)
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                         data=json.dumps({"inputs": images.tolist()}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        return np.asarray(json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"],
-                          dtype=np.float32)
+        yield post
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def served_predictions(tracking_uri: str, model_uri: str, images: Any, log: Path) -> Any:
+    """What `starfish serve` of `model_uri` answers for `images`."""
+    import numpy as np
+
+    with served(tracking_uri, model_uri, log) as post:
+        status, body = post(images)
+    assert status == 200, body
+    return np.asarray(body["predictions"], dtype=np.float32)

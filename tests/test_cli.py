@@ -261,6 +261,25 @@ def test_the_dense_checkpoint_as_pruned_input_fails_cleanly(step_files: dict[str
         assert not out.parent.exists()
 
 
+@pytest.mark.parametrize("command", ["heal", "evaluate"])
+def test_a_pruned_checkpoint_from_another_dense_model_is_refused(command: str, step_files: dict[str, Path],
+                                                                  params_path: Path, demo_checkpoint: Path,
+                                                                  tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """The pruned checkpoint records the hash of the dense weights and the timm kwargs it came
+    from: heal must align to that network, and evaluate must measure recovery against it."""
+    inputs = {"heal": ["--calibration", str(step_files["calibration"])],
+              "evaluate": ["--healed", str(step_files["healed"])]}[command]
+    for extra, expected in ((["model.checkpoint="], "was pruned from other dense weights"),  # timm's random init
+                            (["model.kwargs.drop_path_rate=0.1"], "was pruned with model.kwargs={}")):
+        out = tmp_path / command / "out.file"
+        assert main([command, *base_args(params_path, demo_checkpoint), *(f"--set={item}" for item in extra),
+                     "--pruned", str(step_files["pruned"]), *inputs, "--out", str(out)]) == 2
+        lines = error_lines(capsys.readouterr().err)
+        assert len(lines) == 1 and expected in lines[0], lines
+        assert not out.parent.exists()
+
+
 MALFORMED_MANIFESTS = {
     "invalid JSON": ("{not json", "is not valid JSON"),
     "a list": ("[1, 2]", "holds a list, not a manifest"),
@@ -330,12 +349,81 @@ def test_list_names_the_registered_pruners_and_healers(capsys: pytest.CaptureFix
     sections = {}
     for block in re.split(r"\n(?=\S)", capsys.readouterr().out.strip()):  # a title line, then indented names
         title, *names = block.splitlines()
-        sections[title.split(" (")[0]] = [name.strip() for name in names]
+        sections[title.split(" (")[0]] = [name.split()[0] for name in names]
     assert sections["pruners"] == ["magnitude", "nm", "torch-pruning", "wanda"] == PRUNERS.names()
     assert sections["healers"] == ["bias-correction", "layerwise", "logit-kd", "none", "starfish"] == HEALERS.names()
     assert sections["heal presets"] == list(HEAL_PRESETS) and sections["healer variants"] == list(VARIANTS)
     assert "qkv_out_mlp" in sections["prune scopes"]
+    assert main(["list", "--json"]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert {title.split(" (")[0]: sorted(entries) for title, entries in described.items()} == \
+        {title: sorted(names) for title, names in sections.items()}
+    assert all(text.strip() for entries in described.values() for text in entries.values())
     for command in ("prune", "heal", "bench"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "`starfish list` names the pruners" in capsys.readouterr().out.replace("\n", " ")
+
+
+def test_version_and_verbose_after_the_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"starfish {version('starfish')}"
+    from starfish.cli import build_parser
+
+    assert build_parser().parse_args(["config", "-v"]).verbose is True
+    assert build_parser().parse_args(["-v", "config"]).verbose is True
+    assert build_parser().parse_args(["config"]).verbose is False
+
+
+def test_info_names_the_model_masks_structure_and_sidecar(step_files: dict[str, Path], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from starfish.config import PruneConfig
+    from starfish.pruning import prune, sparsify_
+    from starfish.pruning.structured import slim_, slim_masks
+
+    assert main(["info", "--json", str(step_files["pruned"])]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model"] == "starfish_vit_fmnist" and info["format"] == "checkpoint" and not info["slim"]
+    assert info["sparsity"] == pytest.approx(0.5) and len(info["masked_layers"]) == 16
+    assert info["sidecar"]["matches"] and info["dense_state_sha256"]
+    assert main(["info", str(step_files["pruned"])]) == 0
+    text = capsys.readouterr().out
+    assert "masks on 16 layers, sparsity 0.5000" in text and "sidecar" in text and "matches" in text
+
+    model = create_model("starfish_vit_fmnist")
+    masks = prune(model, PruneConfig("magnitude", 0.5, structure="neurons+heads")).masks
+    slim_(sparsify_(model, masks), masks)
+    slim = tmp_path / "slim.safetensors"
+    save_checkpoint(slim, model, "starfish_vit_fmnist", masks=slim_masks(model))
+    assert main(["info", "--json", str(slim)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["slim"] and info["masked_layers"] == {} and "sidecar" not in info
+    assert info["narrowed"]["blocks.0.mlp"] == {"structure": "neurons", "kept": 128, "of": 256}
+    assert info["narrowed"]["blocks.0.attn"] == {"structure": "heads", "kept": 2, "of": 4}
+
+    (tmp_path / "notes.safetensors").write_text("not a checkpoint")
+    assert main(["info", str(tmp_path / "notes.safetensors")]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "is damaged or truncated" in lines[0]
+
+
+def test_evaluate_scores_one_checkpoint(step_files: dict[str, Path], params_path: Path, demo_checkpoint: Path,
+                                        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    common = [*base_args(params_path, demo_checkpoint), "--set", "evaluate.max_samples=200"]
+    out = tmp_path / "scores" / "healed.json"
+    assert main(["evaluate", *common, "--checkpoint", str(step_files["healed"]), "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert read_json(out) == printed and printed["images"] == 200 and 0.5 < printed["top1"] <= 1
+    assert printed["sparsity"] == pytest.approx(0.5)
+    assert printed["checkpoint_sha256"] == sha256_file(step_files["healed"])
+    assert main(["evaluate", *common, "--checkpoint", str(demo_checkpoint)]) == 0  # the dense model, no --out
+    assert json.loads(capsys.readouterr().out)["sparsity"] == 0.0
+    for bad, message in ((["--checkpoint", str(demo_checkpoint), "--pruned", str(step_files["pruned"])], "not both"),
+                         (["--pruned", str(step_files["pruned"])], "needs --pruned, --healed and --out"),
+                         (["--checkpoint", str(tmp_path / "missing.safetensors")], "does not exist")):
+        assert main(["evaluate", *common, *bad]) == 2
+        lines = error_lines(capsys.readouterr().err)
+        assert len(lines) == 1 and message in lines[0], lines

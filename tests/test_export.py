@@ -10,10 +10,10 @@ import torch
 
 from starfish.cli import main
 from starfish.config import PruneConfig
+from starfish.formats.bitmask import compress, decompress
 from starfish.io import read_json, sidecar_path
 from starfish.models import create_model, load_checkpoint, save_checkpoint
 from starfish.pruning import prune, sparsify_
-from starfish.sparse_format import compress, decompress
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -68,3 +68,40 @@ def test_an_unreachable_tracking_server_fails_fast_before_any_compute(repo_root:
     assert len(lines) == 1 and f"MLflow tracking server http://127.0.0.1:{port} cannot be reached" in lines[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "work").exists() and not (tmp_path / "calibration.json").exists()
+
+
+def test_ctrl_c_during_a_flow_is_one_line_and_exit_130(repo_root: Path, params_path: Path,
+                                                       pipeline_overrides: list[str], tmp_path: Path) -> None:
+    """SIGINT to the command's process group, as a terminal sends it, while the heal runs: the
+    run is marked crashed, no healed checkpoint is left, and the user reads one line."""
+    import signal
+
+    work = tmp_path / "work"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PYTHONPATH=str(repo_root))
+    overrides = [*pipeline_overrides, "heal.steps=100000"]
+    process = subprocess.Popen([sys.executable, "-m", "flows.compress", "--params", str(params_path),
+                                "--workdir", str(work), "--calibration", str(tmp_path / "calibration.json"),
+                                "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--no-promote",
+                                *(arg for override in overrides for arg in ("--set", override))],
+                               cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True,  # as from a terminal, even under a shell that ignores it:
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 240
+        while not list(work.glob("prune-*/pruned.safetensors")):
+            assert process.poll() is None and time.monotonic() < deadline, "the flow never reached the heal"
+            time.sleep(0.5)
+        time.sleep(5)  # inside the heal
+        os.killpg(process.pid, signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr + stdout, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: the flow run is marked crashed")
+    assert len([line for line in stderr.splitlines() if "KeyboardInterrupt" in line]) <= 1, stderr[-3000:]
+    assert list(work.glob("heal-*")) and not list(work.glob("heal-*/healed.safetensors"))
+    assert not list(work.rglob(".*.tmp"))

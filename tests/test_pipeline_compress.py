@@ -100,7 +100,9 @@ def test_compress_logs_and_registers_everything(first_run: tuple[FlowRun, int], 
     assert split["md5"] == hashlib.md5(Path(split["path"]).read_bytes()).hexdigest()
     tags = logged.data.tags
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root, capture_output=True, text=True).stdout.strip()
-    assert tags["mlflow.source.git.commit"].startswith(head)
+    assert tags["mlflow.source.git.commit"] == head and tags["starfish.git_dirty"] in ("true", "false")
+    assert tags["mlflow.note.content"].startswith("# starfish_vit_fmnist: magnitude 0.5 + starfish")
+    assert "| recovery |" in tags["mlflow.note.content"] and "data:image" not in tags["mlflow.note.content"]
     assert tags["starfish.calibration_split_hash"] == split["split_hash"]
     assert tags["starfish.calibration_dvc_md5"] == split["md5"]
     assert tags["starfish.model_name"] == "starfish_vit_fmnist"
@@ -116,15 +118,20 @@ def test_compress_logs_and_registers_everything(first_run: tuple[FlowRun, int], 
     assert logged.data.metrics["heal_seconds"] > 0
     assert 0 < logged.data.metrics["healed_top1"] <= 1 and logged.data.metrics["sparsity"] == pytest.approx(0.5)
 
-    dataset = logged.inputs.dataset_inputs[0]
-    assert dataset.dataset.name == "calibration" and dataset.dataset.digest == split["split_hash"][:32]
+    inputs = {tag.value: item.dataset for item in logged.inputs.dataset_inputs for tag in item.tags
+              if tag.key == "mlflow.data.context"}
+    assert inputs["calibration"].name == "calibration" and inputs["calibration"].digest == split["split_hash"][:32]
+    assert inputs["evaluation"].name == "fashion-mnist-test" and '"num_rows": 500' in inputs["evaluation"].profile
     artifacts = {a.path for folder in ("masks", "report") for a in client.list_artifacts(logged.info.run_id, folder)}
     assert {"masks/masks.safetensors", "report/report.md", "report/loss.png", "report/metrics.json"} <= artifacts
-    assert "recovery" in Path(registered["report"]).read_text()
+    report = Path(registered["report"]).read_text()
+    assert "recovery" in report and "![healing loss](data:image/png;base64," in report  # the plot travels inside
 
     name = registered["model_name"]
     challenger = client.get_model_version_by_alias(name, "challenger")
     assert str(challenger.version) == registered["version"] and challenger.run_id == logged.info.run_id
+    assert challenger.description == tags["mlflow.note.content"]  # the model card
+    assert client.get_registered_model(name).description.startswith("starfish_vit_fmnist compressed by starfish")
     promotion = run.result["promotion"]
     assert promotion["promoted"] == (evaluation["recovery"] >= 0.95)
 

@@ -3,6 +3,7 @@ model registered as ONNX with its cost against dense, gated on FLOPs, and served
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
-from servers import served_predictions
+from servers import served
 
 from flows.compress import compress
 from flows.promote import promote
@@ -25,8 +26,11 @@ def test_a_slim_model_is_registered_as_onnx_gated_on_flops_and_served(
         prefect_harness, params_path: Path, pipeline_overrides: list[str], tmp_path: Path) -> None:
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [*pipeline_overrides, "prune.structure=neurons+heads"]
-    state = compress(params=str(params_path), overrides=overrides, workdir=str(tmp_path / "work"),
-                     calibration=str(tmp_path / "calibration.json"), tracking_uri=store, return_state=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = compress(params=str(params_path), overrides=overrides, workdir=str(tmp_path / "work"),
+                         calibration=str(tmp_path / "calibration.json"), tracking_uri=store, return_state=True)
+    assert not [w for w in caught if "type hint" in str(w.message).lower()]  # the pyfunc's hints are taken
     result = state.result()
     registered, healed = result["registered"], result["healed"]
     metrics = read_json(result["evaluation"]["path"])
@@ -38,6 +42,12 @@ def test_a_slim_model_is_registered_as_onnx_gated_on_flops_and_served(
     client, name = MlflowClient(store), registered["model_name"]
     version = client.get_model_version(name, registered["version"])
     assert version.tags["format"] == "onnx"
+    assert {key: version.tags[key] for key in ("pruner", "structure", "sparsity", "healer", "preset")} == \
+        {"pruner": "magnitude", "structure": "neurons+heads", "sparsity": "0.5", "healer": "starfish",
+         "preset": "default"}
+    assert len(version.tags["dense_state_sha256"]) == 64
+    [found] = client.search_model_versions(f"name = '{name}' and tags.structure = 'neurons+heads'")
+    assert found.version == version.version
     assert float(version.tags["flops_ratio"]) == pytest.approx(metrics["flops_ratio"])
     assert float(version.tags["latency_ratio"]) > 0 and float(version.tags["params_ratio"]) < 0.6
     run = client.get_run(version.run_id)
@@ -60,5 +70,12 @@ def test_a_slim_model_is_registered_as_onnx_gated_on_flops_and_served(
     mlflow.set_tracking_uri(store)
     champion = np.asarray(mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(images))
     assert np.abs(champion - expected).max() <= 1e-4
-    served = served_predictions(store, f"models:/{name}@champion", images, tmp_path / "serve.log")
-    assert served.shape == expected.shape and np.array_equal(served, champion)
+    with served(store, f"models:/{name}@champion", tmp_path / "serve.log", max_batch=len(images)) as post:
+        status, body = post(images)
+        assert status == 200 and np.array_equal(np.asarray(body["predictions"], dtype=np.float32), champion)
+        status, body = post(np.concatenate([images, images[:1]]))  # one image over the bound: refused, no compute
+        assert status == 400 and "send at most 4" in body["message"], body
+        poisoned = images.copy()
+        poisoned[0, 0, 0, 0] = np.nan
+        status, body = post(poisoned)
+        assert status == 400 and "NaN or infinite" in body["message"], body

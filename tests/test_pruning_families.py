@@ -166,3 +166,83 @@ def test_every_pruner_on_every_family(family: str, pruner: str, sparsity: float)
         else:
             assert mask.movedim(1, -1).reshape(-1, 4).sum(1).eq(2).all(), layer
     check_masks_hold(sparsify_(model, masks), masks)
+
+
+# Families outside FAMILIES that broke a pruner or a healer: tiny widths, so each runs in seconds.
+SMALL = {"embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10}
+OUTSIDE = {
+    "beit": ("beit_base_patch16_224", {"img_size": 32, **SMALL}),  # F.linear(x, self.qkv.weight, ...)
+    "eva02": ("eva02_tiny_patch14_224", {"img_size": 28, **SMALL}),  # the same, and RoPE from the parent
+    "xcit": ("xcit_nano_12_p16_224", {"img_size": 32, **SMALL, "cls_attn_layers": 1}),  # blocks take H, W
+}
+
+
+@pytest.mark.parametrize("family", OUTSIDE)
+def test_wanda_and_the_layerwise_refit_on_families_whose_blocks_are_not_plain(family: str) -> None:
+    """wanda reads every layer's input (also one its parent runs through F.linear), and the
+    layerwise re-fit runs a stage on its own only where the model calls it as stage(x) alone
+    (`test_the_layerwise_refit_runs_plain_stages_on_their_own` has the other side)."""
+    import copy
+
+    from starfish.config import HealConfig
+    from starfish.healing import heal_
+    from starfish.healing.baselines import PairedInputs
+    from starfish.pruning import sparsify_
+
+    name, kwargs = OUTSIDE[family]
+    torch.manual_seed(0)
+    dense = timm.create_model(name, **kwargs).eval()
+    x = images(kwargs["img_size"], 8)
+    masks = prune(dense, PruneConfig("wanda", 0.5), x).masks
+    qkv = next(key for key in masks if key.endswith("attn.qkv.weight"))
+    rows = masks[qkv].reshape(masks[qkv].shape[0], -1)
+    assert rows.sum(1).eq(rows.shape[1] // 2).all(), qkv  # scored on real input norms, per row
+    model = sparsify_(copy.deepcopy(dense), masks)
+    paired = PairedInputs(model, dense, [qkv], x, batch_size=4)
+    assert not paired.blockwise, family  # BEiT passes a bias, EVA RoPE, XCiT H and W: whole-model passes
+    report = heal_(model, dense, masks, x, HealConfig(method="layerwise"))
+    assert report is not None
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+
+
+def test_a_model_whose_state_shares_tensors_saves_and_loads(tmp_path) -> None:
+    """CoaT's serial blocks share their positional convs: safetensors refuses shared memory."""
+    from starfish.models import load_checkpoint, save_checkpoint
+    from starfish.pruning import sparsify_
+
+    torch.manual_seed(0)
+    model = timm.create_model("coat_lite_tiny", num_classes=10, img_size=64).eval()
+    masks = prune(model, PruneConfig("magnitude", 0.5, scope="serial_blocks*.*")).masks  # no stages to scope by
+    sparsify_(model, masks)
+    save_checkpoint(tmp_path / "coat.safetensors", model, "coat_lite_tiny", masks=masks,
+                    metadata={"model_kwargs": {"img_size": 64}})
+    restored, restored_masks, _ = load_checkpoint(tmp_path / "coat.safetensors")
+    x = images(64, 2)
+    with torch.no_grad():
+        assert torch.equal(restored(x), model(x)) and set(restored_masks) == set(masks)
+
+
+def test_img_size_in_model_kwargs_sizes_the_images_starfish_loads() -> None:
+    from timm.data import resolve_data_config
+
+    from starfish.models import create_model
+
+    model = create_model("deit_tiny_patch16_224", kwargs={"img_size": 64})
+    assert resolve_data_config({}, model=model)["input_size"] == (3, 64, 64)
+
+
+def test_regnet_aligns_its_residual_blocks_not_its_four_stages() -> None:
+    from starfish.capture import block_names
+
+    model = timm.create_model("regnety_002")
+    blocks = block_names(model)
+    assert blocks[:2] == ["s1.b1", "s2.b1"] and len(blocks) == sum(len(list(getattr(model, s).children()))
+                                                                    for s in ("s1", "s2", "s3", "s4"))
+
+
+def test_the_layerwise_refit_runs_plain_stages_on_their_own(vit: torch.nn.Module) -> None:
+    from starfish.healing.baselines import PairedInputs
+
+    paired = PairedInputs(vit, vit, ["blocks.1.mlp.fc1"], torch.randn(4, 1, 28, 28), batch_size=2)
+    assert paired.blockwise

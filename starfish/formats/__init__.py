@@ -1,1 +1,2 @@
-"""File formats starfish writes besides its checkpoints: ONNX for serving (`formats.onnx`)."""
+"""File formats starfish writes besides its checkpoints: the compressed sparse-bitmask export
+(`formats.bitmask`) and ONNX for serving (`formats.onnx`)."""

@@ -21,6 +21,8 @@ A pruned weight takes (1 - s) x itemsize + 1/8 bytes per entry: at float32, 0.53
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -49,24 +51,59 @@ def compress(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> 
 
 
 def decompress(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(state, masks) from the compressed checkpoint's tensors: exactly what was compressed."""
-    names = sorted(key.removesuffix(".bitmask") for key in tensors if key.endswith(".bitmask"))
+    """(state, masks) from the compressed checkpoint's tensors: exactly what was compressed. Each
+    weight's parts are checked against each other before its dense tensor is allocated, so a
+    damaged or edited file is an error, never a silent zero or a huge allocation."""
+    names = sorted({key.removesuffix(part) for key in tensors for part in _PARTS if key.endswith(part)})
     state = {key: value for key, value in tensors.items() if not key.endswith(_PARTS)}
     masks = {}
     for name in names:
-        parts = [tensors.get(name + part) for part in _PARTS]
-        if any(part is None for part in parts):
-            raise StarfishError(f"compressed weight {name} lacks one of {', '.join(_PARTS)}; export it again")
-        values, bitmask, shape = parts
-        shape = tuple(int(v) for v in shape.tolist())
-        rows, columns = shape[0], int(np.prod(shape[1:]))
-        keep = torch.from_numpy(np.unpackbits(bitmask.numpy(), axis=-1, count=columns, bitorder="little").astype(bool))
-        if keep.shape != (rows, columns) or int(keep.sum()) != values.numel():
-            raise StarfishError(f"compressed weight {name}: its bitmask and values do not match; export it again")
+        values, bitmask, shape = _checked_parts(tensors, name)
+        if name in state:
+            raise StarfishError(f"compressed weight {name} is also stored dense, so the file is ambiguous; "
+                                "export the checkpoint again")
+        rows, columns = shape[0], math.prod(shape[1:])
+        keep = torch.from_numpy(np.unpackbits(bitmask.numpy(), axis=-1, bitorder="little").astype(bool))
+        if keep[:, columns:].any():
+            raise StarfishError(f"compressed weight {name}: its bitmask sets bits past its {columns} columns; "
+                                "the file is damaged, export it again")
+        keep = keep[:, :columns]
+        if int(keep.sum()) != values.numel():
+            raise StarfishError(f"compressed weight {name}: its bitmask keeps {int(keep.sum())} entries but "
+                                f"{values.numel()} values are stored; the file is damaged, export it again")
         weight = torch.zeros(rows, columns, dtype=values.dtype)
         weight[keep] = values
         state[name], masks[name] = weight.reshape(shape), keep.reshape(shape)
     return state, masks
+
+
+def _checked_parts(tensors: dict[str, torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """A compressed weight's (values, bitmask, shape), after the checks that bound what it may
+    allocate: the bitmask's own bytes fix the dense size, and the shape must agree with them."""
+    def damaged(problem: str) -> StarfishError:
+        return StarfishError(f"compressed weight {name}: {problem}; the file is damaged, export it again")
+
+    parts = {part: tensors.get(name + part) for part in _PARTS}
+    missing = [name + part for part, value in parts.items() if value is None]
+    if missing:
+        raise damaged(f"lacks {', '.join(missing)} (a compressed weight needs all of {', '.join(_PARTS)})")
+    values, bitmask, shape = parts[".compressed"], parts[".bitmask"], parts[".shape"]
+    if shape.dtype != torch.int64 or shape.dim() != 1 or not 2 <= shape.numel() <= 8:
+        raise damaged(f".shape must be 2 to 8 int64 sizes, not {shape.dtype} of shape {tuple(shape.shape)}")
+    dims = tuple(int(v) for v in shape.tolist())
+    if min(dims) < 1:
+        raise damaged(f".shape {list(dims)} has a size below 1")
+    if bitmask.dtype != torch.uint8 or bitmask.dim() != 2:
+        raise damaged(f".bitmask must be 2-D uint8, not {bitmask.dtype} of shape {tuple(bitmask.shape)}")
+    columns = math.prod(dims[1:])
+    if tuple(bitmask.shape) != (dims[0], -(-columns // 8)):
+        raise damaged(f".bitmask is {tuple(bitmask.shape)} but .shape {list(dims)} needs "
+                      f"({dims[0]}, {-(-columns // 8)})")
+    if values.dim() != 1 or not values.is_floating_point():
+        raise damaged(f".compressed must be 1-D floating point, not {values.dtype} of shape {tuple(values.shape)}")
+    if not bool(torch.isfinite(values).all()):
+        raise damaged(".compressed holds NaN or infinite values")
+    return values, bitmask, dims
 
 
 def pruned_bytes(tensors: dict[str, torch.Tensor]) -> tuple[int, float]:

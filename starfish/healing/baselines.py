@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 @HEALERS.register("none")
 def no_healing(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
                cfg: "HealConfig") -> dict[str, object]:
+    """The pruned weights as they are: the floor every healer is measured against."""
     return {}
 
 
@@ -67,6 +68,27 @@ def _linear_layers(model: nn.Module, masks: Masks, method: str) -> dict[str, nn.
 Consume = Callable[[torch.Tensor, torch.Tensor], None]
 
 
+@torch.no_grad()
+def _stages_take_x_alone(model: nn.Module, stages: list[str], image: torch.Tensor) -> bool:
+    """Whether the model calls each stage as `stage(x)` and feeds it the previous stage's output,
+    so a stage can be run on its own (XCiT passes H and W, EVA its rotary embedding: they cannot)."""
+    calls: list[tuple[tuple, dict, object]] = []
+
+    def seen(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        calls.append((args, kwargs, output))
+
+    handles = [model.get_submodule(name).register_forward_hook(seen, with_kwargs=True) for name in stages]
+    try:
+        model(image)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(calls) != len(stages):
+        return False
+    chained = all(len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) for args, kwargs, _ in calls)
+    return chained and all(after[0][0] is before[2] for before, after in zip(calls, calls[1:]))
+
+
 class PairedInputs:
     """Feeds `consume(x_model, x_dense)`: the inputs of one layer in both models, batch by batch.
 
@@ -88,7 +110,8 @@ class PairedInputs:
         except StarfishError:
             blocks = []
         self.block_of = {layer: next((b for b in blocks if layer.startswith(b + ".")), None) for layer in layers}
-        self.blockwise = bool(layers) and all(self.block_of.values())
+        self.blockwise = bool(layers) and all(self.block_of.values()) and \
+            _stages_take_x_alone(model, blocks, images[:1].to(device_of(model)))
         self.blocks = blocks
         self.position = -1  # index in self.blocks of the block whose inputs are kept
         self.x_model: RowStore | None = None

@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 @HEALERS.register("starfish")
 def starfish(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
              cfg: "HealConfig") -> dict[str, object]:
+    """STARFISH: Adam on the kept weights so the block outputs (internal states) align with the
+    dense model's, on unlabeled calibration images; optionally warm-started and with a logit term.
+
+    The rest of this module's docstring has the details."""
     report: dict[str, object] = {}
     train, holdout = split_calibration(images, cfg.holdout)
     pruned = snapshot(model, masks) if cfg.warm_start != "none" else None

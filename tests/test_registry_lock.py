@@ -1,0 +1,112 @@
+"""Two writers on one registry: promotions and registrations of a model take turns under its lock.
+
+A real sqlite MLflow store, written by separate processes at once, as two compress flows or the
+points of a pool sweep write it."""
+
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from starfish import tracking
+from starfish.config import GateConfig
+from starfish.errors import StarfishError
+
+MODEL = "m"
+RECOVERIES = {"1": 0.96, "2": 0.99, "3": 0.97}  # version -> recovery; v1 starts as champion
+TRIALS = 5
+
+
+def make_store(folder: Path) -> str:
+    """A store with three complete versions of MODEL, v1 champion."""
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("e", artifact_location=(folder / "artifacts").as_uri())
+    client.create_registered_model(MODEL)
+    for version, recovery in RECOVERIES.items():
+        run = client.create_run(experiment, tags={tracking.REGISTER_KEY_TAG: f"key-{version}"})
+        for key in tracking.METRICS:
+            client.log_metric(run.info.run_id, key, recovery if key == "recovery" else 0.0)
+        client.set_terminated(run.info.run_id)
+        made = client.create_model_version(MODEL, f"runs:/{run.info.run_id}/model", run.info.run_id,
+                                           tags={tracking.REGISTER_KEY_TAG: f"key-{version}"})
+        assert str(made.version) == version
+    client.set_registered_model_alias(MODEL, tracking.CHAMPION, "1")
+    return uri
+
+
+def promoter(uri: str, version: str, barrier: multiprocessing.synchronize.Barrier) -> None:
+    for _ in range(TRIALS):
+        barrier.wait()  # both promoters start together
+        tracking.promote(MODEL, GateConfig(min_recovery=0.5), uri, version)
+        barrier.wait()  # the parent checks and resets
+
+
+def test_of_two_promotions_at_once_the_better_one_ends_champion(tmp_path: Path) -> None:
+    """Without the lock, both read champion v1 (0.96) and both pass; the later write wins, and v3
+    (0.97) ended champion over v2 (0.99) in 5 of 12 trials."""
+    uri = make_store(tmp_path)
+    client = MlflowClient(uri)
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(3)
+    workers = [context.Process(target=promoter, args=(uri, version, barrier)) for version in ("3", "2")]
+    for worker in workers:
+        worker.start()
+    champions = []
+    try:
+        for _ in range(TRIALS):
+            barrier.wait(timeout=300)
+            barrier.wait(timeout=300)
+            champions.append(str(client.get_model_version_by_alias(MODEL, tracking.CHAMPION).version))
+            client.set_registered_model_alias(MODEL, tracking.CHAMPION, "1")
+    finally:
+        for worker in workers:
+            worker.join(timeout=60)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    assert champions == ["2"] * TRIALS
+    assert [m.name for m in client.search_registered_models()] == [MODEL]  # no lock left behind
+
+
+def hold(uri: str, seconds: float) -> None:
+    with tracking.registry_lock(MlflowClient(uri), MODEL):
+        time.sleep(seconds)
+
+
+def test_a_held_lock_makes_the_next_writer_wait_then_times_out_in_one_line(tmp_path: Path) -> None:
+    uri = make_store(tmp_path)
+    holder = multiprocessing.get_context("spawn").Process(target=hold, args=(uri, 8.0))
+    holder.start()
+    client = MlflowClient(uri)
+    deadline = time.monotonic() + 60
+    while MODEL + tracking.LOCK_SUFFIX not in {m.name for m in client.search_registered_models()}:
+        assert time.monotonic() < deadline and holder.is_alive()
+        time.sleep(0.2)
+    with pytest.raises(StarfishError, match="has been held for over 1 s by another registration or promotion"):
+        with tracking.registry_lock(client, MODEL, timeout=1.0):
+            pass
+    start = time.monotonic()
+    with tracking.registry_lock(client, MODEL, timeout=60.0):  # waits for the holder, then holds it
+        waited = time.monotonic() - start
+    holder.join(timeout=30)
+    assert holder.exitcode == 0 and waited > 2
+
+
+def test_a_lock_left_by_a_dead_process_is_broken(tmp_path: Path) -> None:
+    uri = make_store(tmp_path)
+    client = MlflowClient(uri)
+    dead = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(0,))
+    dead.start()
+    dead.join()
+    client.create_registered_model(MODEL + tracking.LOCK_SUFFIX,
+                                   tags={"starfish.lock.host": socket.gethostname(), "starfish.lock.pid": str(dead.pid),
+                                         "starfish.lock.token": "gone"})
+    start = time.monotonic()
+    with tracking.registry_lock(client, MODEL, timeout=30.0):
+        pass
+    assert time.monotonic() - start < 10
+    assert [m.name for m in client.search_registered_models()] == [MODEL]

@@ -1,0 +1,167 @@
+"""Hostile or damaged checkpoints and exports: one line, exit 2, nothing written, nothing big allocated.
+
+Each case edits a real file the way a careless or hostile user could, then reads it through the
+command line (`starfish export` reads it as heal, evaluate, register and serving do)."""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from starfish.cli import main
+from starfish.config import PruneConfig
+from starfish.errors import StarfishError
+from starfish.models import create_model, load_checkpoint, save_checkpoint, state_sha256
+from starfish.pruning import prune, sparsify_
+
+MODEL = "starfish_vit_fmnist"
+FC1 = "blocks.0.mlp.fc1.weight"  # (256, 64) in the demo ViT
+Edit = Callable[[dict[str, torch.Tensor], Any], Any]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A pruned checkpoint and its compressed export, written by starfish."""
+    folder = tmp_path_factory.mktemp("untrusted")
+    model = create_model(MODEL)
+    masks = prune(model, PruneConfig("magnitude", 0.5)).masks
+    sparsify_(model, masks)
+    pruned = folder / "pruned.safetensors"
+    save_checkpoint(pruned, model, MODEL, masks=masks)
+    export = folder / "export.safetensors"
+    assert main(["export", "--checkpoint", str(pruned), "--out", str(export)]) == 0
+    return {"pruned": pruned, "export": export}
+
+
+def edited(source: Path, out: Path, edit: Edit) -> Path:
+    """`source` with its tensors and metadata changed by `edit` (which may return new metadata:
+    a dict or a list)."""
+    tensors = load_file(str(source))
+    with safe_open(str(source), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["starfish"])
+    changed = edit(tensors, meta)
+    meta = changed if isinstance(changed, (dict, list)) else meta
+    save_file(tensors, str(out), metadata={"starfish": json.dumps(meta)})
+    return out
+
+
+def refused(path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """The one error line `starfish export` gives for `path`; nothing is written."""
+    out = tmp_path / "out" / "model.safetensors"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert main(["export", "--checkpoint", str(path), "--out", str(out)]) == 2
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024
+    assert grown_mb < 300, f"reading the file grew the process by {grown_mb:.0f} MB"
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("starfish: error:"), lines
+    assert not (tmp_path / "out").exists()
+    return lines[0]
+
+
+def _set(key: str, value: torch.Tensor) -> Edit:
+    return lambda tensors, meta: tensors.__setitem__(key, value)
+
+
+EXPORT_CASES: dict[str, tuple[Edit, str]] = {
+    # the shape claims 4 million columns; the bitmask holds 64: a 4 GB dense tensor before the check
+    "shape claims more columns": (_set(FC1 + ".shape", torch.tensor([256, 4_000_000])), "but .shape"),
+    "float bitmask": (lambda t, m: t.__setitem__(FC1 + ".bitmask", t[FC1 + ".bitmask"].float()), "2-D uint8"),
+    "bf16 bitmask": (lambda t, m: t.__setitem__(FC1 + ".bitmask", t[FC1 + ".bitmask"].bfloat16()), "2-D uint8"),
+    "scalar shape": (_set(FC1 + ".shape", torch.tensor(5)), "2 to 8 int64 sizes"),
+    "empty shape": (_set(FC1 + ".shape", torch.zeros(0, dtype=torch.int64)), "2 to 8 int64 sizes"),
+    "zero size": (_set(FC1 + ".shape", torch.tensor([0, 64])), "below 1"),
+    "2-D values": (lambda t, m: t.__setitem__(FC1 + ".compressed", t[FC1 + ".compressed"].view(1, -1)), "1-D"),
+    "int values": (lambda t, m: t.__setitem__(FC1 + ".compressed", t[FC1 + ".compressed"].int()), "floating"),
+    "bool values": (lambda t, m: t.__setitem__(FC1 + ".compressed", t[FC1 + ".compressed"] > 0), "floating"),
+    "NaN values": (lambda t, m: t[FC1 + ".compressed"].__setitem__(0, float("nan")), "NaN or infinite"),
+    "fewer values than bits": (lambda t, m: t.__setitem__(FC1 + ".compressed", t[FC1 + ".compressed"][:-1]),
+                               "values are stored"),
+    "missing bitmask": (lambda t, m: t.pop(FC1 + ".bitmask"), "lacks blocks.0.mlp.fc1.weight.bitmask"),
+    "missing values": (lambda t, m: t.pop(FC1 + ".compressed"), "lacks blocks.0.mlp.fc1.weight.compressed"),
+    "dense beside compressed": (_set(FC1, torch.zeros(256, 64)), "also stored dense"),
+    "metadata is a list": (lambda t, m: [1, 2], "JSON list, not a mapping"),
+    "model name is a number": (lambda t, m: {**m, "model": 5}, "which is not a string"),
+    "checkpoint_path from the file": (lambda t, m: {**m, "model_kwargs": {"checkpoint_path": "/etc/passwd"}},
+                                      "which starfish never passes to timm"),
+    "a weight file in pretrained_cfg_overlay": (
+        lambda t, m: {**m, "model_kwargs": {"pretrained_cfg_overlay": {"file": "/etc/passwd"}}},
+        "starfish passes only its input_size"),
+    "num_classes is a string": (lambda t, m: {**m, "num_classes": "10"}, "not a positive integer"),
+    # a billion classes or a 200,000 px image: the meta-device build sees the file does not hold them
+    "a billion classes": (lambda t, m: {**m, "num_classes": 10**9}, "does not match the model"),
+    "a huge image size": (lambda t, m: {**m, "model_kwargs": {"img_size": 200_000}}, "does not match the model"),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_a_damaged_export_is_one_line_before_any_allocation(case: str, files: dict[str, Path], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    edit, expected = EXPORT_CASES[case]
+    line = refused(edited(files["export"], tmp_path / "bad.safetensors", edit), tmp_path, capsys)
+    assert expected in line, line
+
+
+MASK_CASES: dict[str, tuple[Edit, str]] = {
+    "mask of another shape": (_set("masks/" + FC1, torch.ones(3, 3, dtype=torch.bool)), "must be bool (256, 64)"),
+    "mask of a parameter the model lacks": (_set("masks/blocks.9.mlp.fc1.weight", torch.ones(2, 2, dtype=torch.bool)),
+                                            "has a mask for blocks.9.mlp.fc1.weight"),
+    "float mask": (lambda t, m: t.__setitem__("masks/" + FC1, t["masks/" + FC1].float()), "must be bool"),
+    "NaN weight": (lambda t, m: t[FC1].__setitem__((0, 0), float("inf")), "NaN or infinite"),
+}
+
+
+@pytest.mark.parametrize("case", list(MASK_CASES))
+def test_masks_and_weights_are_checked_against_the_model(case: str, files: dict[str, Path], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    edit, expected = MASK_CASES[case]
+    bad = edited(files["pruned"], tmp_path / "bad.safetensors", edit)
+    assert expected in refused(bad, tmp_path, capsys)
+    with pytest.raises(StarfishError, match=expected.split(" (")[0]):
+        load_checkpoint(bad)
+
+
+def test_export_refuses_to_write_over_its_inputs_sidecar(files: dict[str, Path], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    sidecar = Path(str(files["pruned"]) + ".meta.json")
+    before = sidecar.read_bytes() if sidecar.exists() else None
+    assert main(["export", "--checkpoint", str(files["pruned"]), "--out", str(sidecar)]) == 2
+    assert "would destroy that input" in capsys.readouterr().err
+    assert (sidecar.read_bytes() if sidecar.exists() else None) == before
+
+
+def test_the_random_dense_model_is_the_same_in_every_step() -> None:
+    """No checkpoint and no hub weights: timm's initialization under a fixed seed, whatever the
+    global RNG holds, so prune and heal see one dense network."""
+    torch.manual_seed(1)
+    first = state_sha256(create_model("deit_tiny_patch16_224"))
+    torch.manual_seed(2)
+    assert state_sha256(create_model("deit_tiny_patch16_224")) == first
+
+
+def test_pretrained_weights_out_of_reach_fail_in_seconds(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from flows.session import free_port
+
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "starfish.cli", "sample", "--set",
+                             "model.name=deit_tiny_patch16_224", "--set", "model.checkpoint=",
+                             "--set", "model.pretrained=true", "--out", str(tmp_path / "calibration.json")],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - start < 60
+    assert result.returncode == 2
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("starfish: error:")]
+    assert "Traceback" not in result.stderr and "arning" not in result.stderr, result.stderr
+    assert "not in the local Hugging Face cache" in line and "127.0.0.1 cannot be reached" in line
+    assert "weights_only" not in line and not (tmp_path / "calibration.json").exists()

@@ -79,3 +79,5 @@ def test_a_slim_model_is_registered_as_onnx_gated_on_flops_and_served(
         poisoned[0, 0, 0, 0] = np.nan
         status, body = post(poisoned)
         assert status == 400 and "NaN or infinite" in body["message"], body
+        status, body = post(images)  # and it stays up
+        assert status == 200 and np.array_equal(np.asarray(body["predictions"], dtype=np.float32), champion)

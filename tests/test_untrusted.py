@@ -52,16 +52,29 @@ def edited(source: Path, out: Path, edit: Edit) -> Path:
     return out
 
 
+READERS = {  # every command that reads a checkpoint the user names, with where it would write
+    "export": lambda path, out: ["export", "--checkpoint", str(path), "--out", str(out / "model.safetensors")],
+    "info": lambda path, out: ["info", str(path)],
+    "evaluate": lambda path, out: ["evaluate", "--set", "evaluate.max_samples=10", "--checkpoint", str(path),
+                                   "--out", str(out / "metrics.json")],
+}
+
+
 def refused(path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
-    """The one error line `starfish export` gives for `path`; nothing is written."""
-    out = tmp_path / "out" / "model.safetensors"
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    assert main(["export", "--checkpoint", str(path), "--out", str(out)]) == 2
-    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024
-    assert grown_mb < 300, f"reading the file grew the process by {grown_mb:.0f} MB"
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("starfish: error:"), lines
-    assert not (tmp_path / "out").exists()
+    """The one error line every reading command gives for `path`, the process growing by less
+    than 300 MB (a bomb that got through would allocate gigabytes); nothing is written."""
+    lines = []
+    for command, args in READERS.items():
+        out = tmp_path / f"out-{command}"
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        assert main(args(path, out)) == 2, command
+        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024
+        assert grown_mb < 300, f"{command}: the process grew by {grown_mb:.0f} MB"
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and " INFO " not in line]
+        assert len(err) == 1 and err[0].startswith("starfish: error:"), (command, err)
+        assert not out.exists(), command
+        lines.append(err[0])
+    assert len(set(lines)) == 1, lines  # the same reader, the same words
     return lines[0]
 
 

@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="starfish", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--version", action="version", version=f"starfish {_version()}")
+    parser.add_argument("--version", action="version", version=f"starfish {_version()}", help="print the version")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def step(name: str, fn, help_text: str, names: bool = False) -> argparse.ArgumentParser:
@@ -227,9 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", required=True, help="calibration manifest (wanda uses its images)")
     p.add_argument("--out", required=True, help="pruned checkpoint path (.safetensors)")
     p = step("heal", cmd_heal, "heal a pruned checkpoint on the calibration split", names=True)
-    p.add_argument("--pruned", required=True)
-    p.add_argument("--calibration", required=True)
-    p.add_argument("--out", required=True, help="healed checkpoint path (.safetensors)")
+    p.add_argument("--pruned", required=True, help="the pruned checkpoint, e.g. out/pruned.safetensors")
+    p.add_argument("--calibration", required=True, help="the calibration manifest it heals on (starfish sample)")
+    p.add_argument("--out", required=True, help="healed checkpoint path (.safetensors); its loss curve goes beside it")
     p = step("evaluate", cmd_evaluate, "top-1 of dense, pruned and healed, with recovery and sparsity; or of one "
                                        "checkpoint (--checkpoint)")
     p.add_argument("--pruned", help="the pruned checkpoint (from starfish prune)")
@@ -237,7 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="score this one checkpoint instead, e.g. out/demo/healed.safetensors")
     p.add_argument("--out", help="metrics path (.json); optional with --checkpoint")
     p = sub.add_parser("export", help="write a checkpoint as a compressed sparse-bitmask checkpoint or as ONNX",
-                       description="see starfish/formats/bitmask.py and starfish/formats/onnx.py")
+                       description="bitmask: starfish's own compressed layout, read back byte for byte; onnx: "
+                                   "checked by onnx.checker and against torch (1e-4) before it is kept. "
+                                   "e.g. starfish export --format onnx --checkpoint out/healed.safetensors "
+                                   "--out out/healed.onnx")
     p.add_argument("--checkpoint", required=True, help="a pruned or healed checkpoint (.safetensors)")
     p.add_argument("--out", required=True, help="output path (.safetensors for bitmask, .onnx for onnx)")
     p.add_argument("--format", choices=("bitmask", "onnx"), default="bitmask",
@@ -255,26 +258,29 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(N, C, H, W) as {\"inputs\": ...} to /invocations for logits.")
     p.add_argument("model_uri", help='e.g. "models:/starfish-starfish-vit-fmnist@champion"')
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=5001)
+    p.add_argument("--port", type=int, default=5001, help="port to listen on (default: 5001)")
     p.add_argument("--max-batch", type=int, default=256, help="most images one request may send (more: HTTP 400)")
     p.add_argument("--tracking-uri", default=None, help="the registry to read the model from (default: "
                                                         "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("export-sizes", help="sizes of compressed exports against dense and the bitmask ideal",
-                       description="see starfish/export_sizes.py")
-    p.add_argument("--out", default="results/export")
+                       description="Exports the demo ViT, deit_tiny and resnet18 at 50/75/90% magnitude "
+                                   "sparsity and checks each round trip byte for byte.")
+    p.add_argument("--out", default="results/export", help="results folder (default: results/export)")
     p.set_defaults(fn=cmd_export_sizes)
     p = sub.add_parser("latency", help="inference time of dense against sparse (CSR on a CPU, 2:4 on CUDA) and "
                        "against slim models (torch eager and onnxruntime)",
-                       description="see starfish/latency.py")
-    p.add_argument("--out", default="results/latency")
+                       description="Medians of alternating dense and pruned timings on this machine; run it on a "
+                                   "quiet one.")
+    p.add_argument("--out", default="results/latency", help="results folder (default: results/latency)")
     p.set_defaults(fn=cmd_latency)
     p = step("demo", cmd_demo, "sample, prune, heal and evaluate the demo model in one go", names=True)
-    p.add_argument("--out", default="out/demo")
+    p.add_argument("--out", default="out/demo", help="folder for the four steps' outputs (default: out/demo)")
     p = step("bench", cmd_bench, "healers x pruners x sparsities (x calibration sizes x seeds) side by side; "
              "resumable, and several processes on one --out share the grid", names=True)
-    p.add_argument("--out", default="results/bench")
-    p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75, 0.9, 0.95])
+    p.add_argument("--out", default="results/bench", help="grid folder; finished cells are kept and skipped")
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75, 0.9, 0.95],
+                   help="prune.sparsity values, e.g. --sparsities 0.5 0.75")
     p.add_argument("--pruners", nargs="+", default=["magnitude", "wanda", "nm"], help="see `starfish list`")
     p.add_argument("--healers", nargs="+", default=list(DEFAULT_HEALERS), help=f"variants: {', '.join(VARIANTS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="each seed: its own split and shuffle")
@@ -292,19 +298,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print {section: {name: description}} as JSON")
     p.set_defaults(fn=cmd_list)
     p = sub.add_parser("scale", help="time and memory of each stage on a DeiT and an ImageNet-layout JPEG tree; "
-                       "resumable", description="see starfish/scale.py")
-    p.add_argument("--out", default="results/scale")
+                       "resumable", description="Times each stage on deit_tiny and a generated ImageNet-layout "
+                                                "JPEG tree on this machine, resuming where it stopped.")
+    p.add_argument("--out", default="results/scale", help="results folder (default: results/scale)")
     p.set_defaults(fn=cmd_scale)
 
     p = sub.add_parser("train", help="train a model from scratch on Fashion-MNIST (makes the demo checkpoint)")
-    p.add_argument("--model", default="starfish_vit_fmnist")
-    p.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="starfish_vit_fmnist", help="timm model name (default: the demo ViT)")
+    p.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST IDX folder")
+    p.add_argument("--epochs", type=int, default=15, help="training epochs (default: 15)")
+    p.add_argument("--seed", type=int, default=0, help="initialization and shuffle seed")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine)")
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up before the cosine (epochs)")
     p.add_argument("--init", help="continue from this checkpoint (another cosine cycle) instead of scratch")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="checkpoint path, e.g. data/demo/starfish_vit_fmnist.safetensors")
     p.set_defaults(fn=cmd_train)
     for command in sub.choices.values():  # -v after the subcommand too; absent, it keeps the one before
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")

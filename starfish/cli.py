@@ -151,6 +151,35 @@ def cmd_demo(args: argparse.Namespace) -> None:
           f"sparsity {metrics['sparsity']:.4f} | heal {healed['heal_seconds']:.1f}s -> {out}")
 
 
+def cmd_compress(args: argparse.Namespace) -> None:
+    """Model to exported file in one command, without Prefect or MLflow: the library's steps in
+    order, in a work folder beside the output, then the export (ONNX for a slim model)."""
+    from starfish.steps import (
+        check_writable,
+        evaluate_step,
+        export_step,
+        heal_step,
+        onnx_export_step,
+        prune_step,
+        sample,
+    )
+
+    cfg, out = _config(args), Path(args.out)
+    work = Path(args.workdir) if args.workdir else out.with_name(out.name + ".work")
+    check_writable([out, work / "calibration.json"], [cfg.model.checkpoint])
+    slim = cfg.prune.structured and cfg.prune.slim
+    wanted = ".onnx" if slim else ".safetensors"
+    if out.suffix != wanted:
+        kind = "a slim model (structured, prune.slim)" if slim else "a masked model, as the bitmask export,"
+        raise StarfishError(f"--out {out}: {kind} is written as {wanted}; name the output so")
+    sample(cfg, work / "calibration.json")
+    prune_step(cfg, work / "calibration.json", work / "pruned.safetensors")
+    heal_step(cfg, work / "pruned.safetensors", work / "calibration.json", work / "healed.safetensors")
+    metrics = evaluate_step(cfg, work / "pruned.safetensors", work / "healed.safetensors", work / "metrics.json")
+    exported = (onnx_export_step if slim else export_step)(work / "healed.safetensors", out)
+    _print({"export": exported, "metrics": metrics, "work": str(work)})
+
+
 def cmd_list(args: argparse.Namespace) -> None:
     from starfish.config import HEAL_PRESETS, PRESET_SUMMARIES, VARIANTS
     from starfish.healing import HEALERS
@@ -276,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_latency)
     p = step("demo", cmd_demo, "sample, prune, heal and evaluate the demo model in one go", names=True)
     p.add_argument("--out", default="out/demo", help="folder for the four steps' outputs (default: out/demo)")
+    p = step("compress", cmd_compress, "model to exported file in one go: sample, prune, heal, evaluate, export "
+                                       "(no Prefect, no MLflow)", names=True)
+    p.add_argument("--out", required=True, help="the exported model: .safetensors (bitmask), or .onnx for "
+                                                "prune.structure with prune.slim, e.g. out/deit.onnx")
+    p.add_argument("--workdir", help="where the steps' files go (default: <out>.work beside the output)")
     p = step("bench", cmd_bench, "healers x pruners x sparsities (x calibration sizes x seeds) side by side; "
              "resumable, and several processes on one --out share the grid", names=True)
     p.add_argument("--out", default="results/bench", help="grid folder; finished cells are kept and skipped")

@@ -427,3 +427,24 @@ def test_evaluate_scores_one_checkpoint(step_files: dict[str, Path], params_path
         assert main(["evaluate", *common, *bad]) == 2
         lines = error_lines(capsys.readouterr().err)
         assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_compress_goes_from_the_model_to_an_exported_file(params_path: Path, demo_checkpoint: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    common = [*base_args(params_path, demo_checkpoint), "--set", "heal.steps=2", "--set", "evaluate.max_samples=100"]
+    out = tmp_path / "model.safetensors"
+    assert main(["compress", *common, "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    model, masks, name = load_checkpoint(out)  # the bitmask export, read back
+    assert name == "starfish_vit_fmnist" and len(masks) == 16 and result["export"]["path"] == str(out)
+    assert result["metrics"]["sparsity"] == pytest.approx(0.5) and (tmp_path / "model.safetensors.work").is_dir()
+
+    slim = tmp_path / "slim.onnx"
+    assert main(["compress", *common, "--set", "prune.structure=neurons+heads", "--workdir", str(tmp_path / "w"),
+                 "--out", str(slim)]) == 0
+    assert json.loads(capsys.readouterr().out)["export"]["format"] == "onnx" and slim.is_file()
+
+    wrong = tmp_path / "wrong" / "slim.safetensors"
+    assert main(["compress", *common, "--set", "prune.structure=neurons+heads", "--out", str(wrong)]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "is written as .onnx" in lines[0] and not wrong.parent.exists()

@@ -138,14 +138,20 @@ def cmd_latency(args: argparse.Namespace) -> None:
                   f"dense {row['dense_ms']} ms, sparse {row['sparse_ms']} ms ({row['speedup']}x)")
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
+def _four_steps(cfg, folder: Path) -> tuple[dict, dict]:
+    """sample, prune, heal and evaluate into `folder`: (the heal's result, the metrics)."""
     from starfish.steps import evaluate_step, heal_step, prune_step, sample
 
+    sample(cfg, folder / "calibration.json")
+    prune_step(cfg, folder / "calibration.json", folder / "pruned.safetensors")
+    healed = heal_step(cfg, folder / "pruned.safetensors", folder / "calibration.json", folder / "healed.safetensors")
+    return healed, evaluate_step(cfg, folder / "pruned.safetensors", folder / "healed.safetensors",
+                                 folder / "metrics.json")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
     cfg, out = _config(args), Path(args.out)
-    sample(cfg, out / "calibration.json")
-    prune_step(cfg, out / "calibration.json", out / "pruned.safetensors")
-    healed = heal_step(cfg, out / "pruned.safetensors", out / "calibration.json", out / "healed.safetensors")
-    metrics = evaluate_step(cfg, out / "pruned.safetensors", out / "healed.safetensors", out / "metrics.json")
+    healed, metrics = _four_steps(cfg, out)
     print(f"dense top-1 {metrics['dense_top1']:.4f} | pruned {metrics['pruned_top1']:.4f} | "
           f"healed {metrics['healed_top1']:.4f} | recovery {metrics['recovery']:.4f} | "
           f"sparsity {metrics['sparsity']:.4f} | heal {healed['heal_seconds']:.1f}s -> {out}")
@@ -154,15 +160,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_compress(args: argparse.Namespace) -> None:
     """Model to exported file in one command, without Prefect or MLflow: the library's steps in
     order, in a work folder beside the output, then the export (ONNX for a slim model)."""
-    from starfish.steps import (
-        check_writable,
-        evaluate_step,
-        export_step,
-        heal_step,
-        onnx_export_step,
-        prune_step,
-        sample,
-    )
+    from starfish.steps import check_writable, export_step, onnx_export_step
 
     cfg, out = _config(args), Path(args.out)
     work = Path(args.workdir) if args.workdir else out.with_name(out.name + ".work")
@@ -172,10 +170,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     if out.suffix != wanted:
         kind = "a slim model (structured, prune.slim)" if slim else "a masked model, as the bitmask export,"
         raise StarfishError(f"--out {out}: {kind} is written as {wanted}; name the output so")
-    sample(cfg, work / "calibration.json")
-    prune_step(cfg, work / "calibration.json", work / "pruned.safetensors")
-    heal_step(cfg, work / "pruned.safetensors", work / "calibration.json", work / "healed.safetensors")
-    metrics = evaluate_step(cfg, work / "pruned.safetensors", work / "healed.safetensors", work / "metrics.json")
+    _, metrics = _four_steps(cfg, work)
     exported = (onnx_export_step if slim else export_step)(work / "healed.safetensors", out)
     _print({"export": exported, "metrics": metrics, "work": str(work)})
 

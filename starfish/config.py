@@ -473,6 +473,7 @@ def _override_value(section: str, name: str, raw: str) -> Any:
         return raw if parsed is not None and not isinstance(parsed, str) else parsed
     return _override_yaml(f"{section}.{name}", raw)
 
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Read params.yaml (defaults if `path` is None), then apply `section.field=value` overrides."""
     values: dict[str, Any] = {}

@@ -137,6 +137,8 @@ def kwargs_problem(kwargs: Mapping[str, Any]) -> str | None:
         return (f"sets pretrained_cfg_overlay={overlay!r}: starfish passes only its {', '.join(OVERLAY_KEYS)} "
                 "to timm")
     return None
+
+
 # Buffers a model builds for itself (not stored in its checkpoint, such as attention index
 # tables): a checkpoint whose metadata makes more than this is refused before it is allocated.
 MAX_UNSTORED_BYTES = 1 << 30
@@ -150,12 +152,17 @@ def create_model(name: str, checkpoint: str | Path | None = None, pretrained: bo
     `checkpoint` or (online only) the hub, in eval mode. With neither, the weights are timm's
     initialization under a fixed seed, so every step that builds the model builds the same one."""
     _check_name(name)
-    options = {**(kwargs or {}), **({} if num_classes is None else {"num_classes": num_classes})}
+    options = _options(num_classes, kwargs)
     if checkpoint is None:
         return _timm_model(name, options, pretrained).eval()
     state, _, _ = read_checkpoint(checkpoint)
     check_buildable(name, options, state, None, str(checkpoint))
     return load_state_(_timm_model(name, options), state, source=str(checkpoint)).eval()
+
+
+def _options(num_classes: int | None, kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """timm.create_model's keyword arguments."""
+    return {**(kwargs or {}), **({} if num_classes is None else {"num_classes": num_classes})}
 
 
 def _check_name(name: str) -> None:
@@ -401,17 +408,24 @@ def load_checkpoint(path: str | Path, model_name: str | None = None) -> tuple[to
     (structured pruning) is rebuilt at its recorded shapes; its masks are all-True over the
     narrowed weights (`structured.slim_masks`): the layers a heal trains. The metadata, state and
     masks are checked against each other before the model is allocated."""
+    return model_from(read_checkpoint(path), path, model_name)
+
+
+def model_from(read: tuple[dict[str, torch.Tensor], Masks, dict[str, Any]], path: str | Path,
+               model_name: str | None = None) -> tuple[torch.nn.Module, Masks, str]:
+    """`load_checkpoint` of what `read_checkpoint(path)` returned, for a caller that also needs
+    the file's own tensors or metadata: the file is read once."""
     from starfish.pruning.structured import rebuild_, slim_masks  # the pruning package imports this module
 
-    state, masks, metadata = read_checkpoint(path)
+    state, masks, metadata = read
     name, num_classes, kwargs = model_spec(metadata, path, model_name)
     _check_name(name)
-    options = {**kwargs, **({} if num_classes is None else {"num_classes": num_classes})}
+    options = _options(num_classes, kwargs)
     architecture = metadata.get("architecture")
     check_buildable(name, options, state, architecture, str(path))
-    model = _timm_model(name, options) if architecture is None else \
-        rebuild_(_timm_model(name, options), architecture, source=str(path))
-    if architecture is not None:
+    model = _timm_model(name, options)
+    if architecture is not None:  # a slim checkpoint: the smaller modules first, from its record
+        rebuild_(model, architecture, source=str(path))
         masks = {**slim_masks(model), **masks}
     load_state_(model, state, source=str(path))
     check_masks_fit(model, masks, str(path))

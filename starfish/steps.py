@@ -54,6 +54,7 @@ from starfish.models import (
     checkpoint_metadata,
     create_model,
     load_checkpoint,
+    model_from,
     model_spec,
     read_checkpoint,
     resolve_device,
@@ -87,28 +88,31 @@ def dense_model(cfg: PipelineConfig) -> torch.nn.Module:
     return model.to(resolve_device(cfg.model.device))
 
 
-def _lineage(cfg: PipelineConfig, dense: torch.nn.Module) -> dict[str, Any]:
+def _lineage(cfg: PipelineConfig, dense_sha256: str) -> dict[str, Any]:
     """Checkpoint metadata a pruned or healed model carries: the timm kwargs that rebuild its
-    architecture, when there are any, and the hash of the dense weights it was pruned from."""
-    return {**({"model_kwargs": cfg.model.kwargs} if cfg.model.kwargs else {}),
-            "dense_state_sha256": state_sha256(dense)}
+    architecture, when there are any, and the hash of the dense weights it was pruned from
+    (`models.state_sha256`)."""
+    return {**({"model_kwargs": cfg.model.kwargs} if cfg.model.kwargs else {}), "dense_state_sha256": dense_sha256}
 
 
-def check_same_dense(cfg: PipelineConfig, dense: torch.nn.Module, path: str | Path) -> None:
-    """Refuse a pruned or healed checkpoint that was not made from the configured dense model:
-    another model name, other timm kwargs, or other dense weights (`_lineage`)."""
-    metadata = checkpoint_metadata(path)
-    name, _, kwargs = model_spec(metadata, path)
-    if name != cfg.model.name:
-        raise StarfishError(f"{path} is a {name}, but model.name is {cfg.model.name}; use the config it was "
-                            "pruned with")
-    if kwargs != dict(cfg.model.kwargs):
-        raise StarfishError(f"{path} was pruned with model.kwargs={kwargs}, but the config has "
-                            f"model.kwargs={dict(cfg.model.kwargs)}; use the config it was pruned with")
-    recorded = metadata.get("dense_state_sha256")
-    if recorded is not None and recorded != state_sha256(dense):
-        raise StarfishError(f"{path} was pruned from other dense weights than model.checkpoint="
-                            f"{cfg.model.checkpoint}; use the dense checkpoint it was pruned from, or prune again")
+def check_same_dense(cfg: PipelineConfig, dense_sha256: str, *paths: str | Path) -> None:
+    """Refuse a pruned or healed checkpoint that was not made from the configured dense model
+    (whose state hashes to `dense_sha256`): another model name, other timm kwargs, or other
+    dense weights (`_lineage`)."""
+    for path in paths:
+        metadata = checkpoint_metadata(path)
+        name, _, kwargs = model_spec(metadata, path)
+        if name != cfg.model.name:
+            raise StarfishError(f"{path} is a {name}, but model.name is {cfg.model.name}; use the config it was "
+                                "pruned with")
+        if kwargs != dict(cfg.model.kwargs):
+            raise StarfishError(f"{path} was pruned with model.kwargs={kwargs}, but the config has "
+                                f"model.kwargs={dict(cfg.model.kwargs)}; use the config it was pruned with")
+        recorded = metadata.get("dense_state_sha256")
+        if recorded is not None and recorded != dense_sha256:
+            raise StarfishError(f"{path} was pruned from other dense weights than model.checkpoint="
+                                f"{cfg.model.checkpoint}; use the dense checkpoint it was pruned from, or prune "
+                                "again")
 
 
 def stored_model(cfg: PipelineConfig, path: str | Path) -> tuple[torch.nn.Module, Masks, str]:
@@ -190,7 +194,7 @@ def prune_step(cfg: PipelineConfig, manifest: str | Path, out: str | Path) -> di
     """Prune the dense model; write the pruned weights and masks as one checkpoint."""
     check_outputs(cfg, [out], [manifest])
     model = dense_model(cfg)
-    lineage = _lineage(cfg, model)
+    lineage = _lineage(cfg, state_sha256(model))
     read_manifest(manifest)  # an input of the step even when the pruner reads no images
     images = calibration_images(cfg, manifest, model) if cfg.prune.method == "wanda" else None
     masks, held = prune(model, cfg.prune, images)
@@ -233,7 +237,8 @@ def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out
     `dvc.lock` stays put."""
     check_outputs(cfg, [out, curve_path(out)], [pruned, manifest])
     dense = dense_model(cfg)
-    check_same_dense(cfg, dense, pruned)
+    dense_sha256 = state_sha256(dense)
+    check_same_dense(cfg, dense_sha256, pruned)
     model, masks, name = pruned_checkpoint(cfg, pruned)
     with scratch_folder(Path(out).parent), \
             contextlib.closing(calibration_images(cfg, manifest, dense)) as images:  # scratch files beside the output
@@ -247,7 +252,7 @@ def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out
     curve, curve_text = curve_path(out), curve_csv(report.pop("curve", [])).encode()
     atomic_write_bytes(curve, curve_text)  # a side output, first: the sidecar records its hash
     meta = write_with_sidecar(out, lambda path: save_checkpoint(path, model, name, masks=masks,
-                                                                         metadata=_lineage(cfg, dense)),
+                                                                         metadata=_lineage(cfg, dense_sha256)),
                               config={"heal": asdict(cfg.heal)}, inputs=inputs, report=report,
                               loss_curve_sha256=sha256_bytes(curve_text))
     if report.get("kept_pruned"):
@@ -263,8 +268,9 @@ def export_step(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     against the bitmask ideal."""
     source, out = Path(checkpoint), Path(out)
     check_writable([out], [source])
-    load_checkpoint(source)  # the model it names is built and its state and masks checked against it
-    state, masks, metadata = read_checkpoint(source)
+    read = read_checkpoint(source)
+    model_from(read, source)  # the model it names is built and its state and masks checked against it
+    state, masks, metadata = read
     if "architecture" in metadata:
         raise StarfishError(f"{source} is a slim model (structured pruning): its weights are dense and already "
                             "small; export it with --format onnx")
@@ -295,8 +301,9 @@ def onnx_export_step(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
 
     source, out = Path(checkpoint), Path(out)
     check_writable([out], [source])
-    model, _, name = load_checkpoint(source)
-    metadata = checkpoint_metadata(source)
+    read = read_checkpoint(source)
+    model, _, name = model_from(read, source)
+    metadata = read[2]
     _, num_classes, kwargs = model_spec(metadata, source)
     input_size = tuple(resolve_data_config({}, model=model)["input_size"])
     ratios = size_ratios(model, create_model(name, num_classes=num_classes, kwargs=kwargs), input_size)
@@ -316,8 +323,9 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
     its format, the masks per layer (kept fraction) or, for a slim model, the units each
     narrowed group kept, and whether its sidecar (if any) records this file."""
     path = Path(path)
-    model, masks, name = load_checkpoint(path)
-    metadata = checkpoint_metadata(path)
+    read = read_checkpoint(path)
+    model, masks, name = model_from(read, path)
+    metadata = read[2]
     _, num_classes, kwargs = model_spec(metadata, path)
     weights = dict(model.named_parameters())
     layers = {key: {"shape": list(mask.shape), "kept": float(mask.float().mean())} for key, mask in masks.items()
@@ -471,8 +479,7 @@ def evaluate_step(cfg: PipelineConfig, pruned: str | Path, healed: str | Path, o
     """Top-1 of dense, pruned and healed on `evaluate.split`; recovery, agreement and sparsity checks."""
     check_outputs(cfg, [out], [pruned, healed, curve_path(healed)])
     dense = dense_model(cfg)
-    for path in (pruned, healed):
-        check_same_dense(cfg, dense, path)
+    check_same_dense(cfg, state_sha256(dense), pruned, healed)
     pruned_model, masks, _ = pruned_checkpoint(cfg, pruned)
     healed_model, healed_masks, _ = stored_model(cfg, healed)
     if set(healed_masks) != set(masks) or any(not torch.equal(masks[k], healed_masks[k]) for k in masks):

@@ -34,7 +34,7 @@ import torch
 
 from starfish.config import GateConfig, PipelineConfig
 from starfish.errors import StarfishError
-from starfish.io import atomic_write_bytes, read_json, sidecar_path
+from starfish.io import atomic_write_bytes, process_alive, read_json, sidecar_path
 from starfish.plots import save_png, subplots
 from starfish.pruning.masks import Masks
 
@@ -272,16 +272,12 @@ def _holder_dead(tags: dict[str, str]) -> bool:
     """Whether the lock's holder is a process of this host that no longer holds it."""
     if tags.get("starfish.lock.host") != socket.gethostname():
         return False
-    pid = int(tags.get("starfish.lock.pid", "0") or 0)
-    if pid == os.getpid():
-        return tags.get("starfish.lock.token") not in _HELD_TOKENS
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    pid = tags.get("starfish.lock.pid", "")
+    if not pid.isdigit() or int(pid) == 0:  # no process named: nothing can hold it
         return True
-    except (PermissionError, OverflowError, ValueError):
-        return False
-    return pid <= 0
+    if int(pid) == os.getpid():
+        return tags.get("starfish.lock.token") not in _HELD_TOKENS
+    return not process_alive(int(pid))
 
 
 def _earlier_attempt(client: Any, experiment_id: str, model_name: str, key: str) -> Any:
@@ -366,11 +362,11 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
                     "version": str(earlier.version), "report": str(report), "plot": str(plot), "tracking_uri": uri,
                     "recovery": metrics["recovery"]}
         manifest = read_json(calibration["path"])
-        commit = git_commit()
+        commit, card = git_commit(), model_card(report)
         tags = {
             "mlflow.source.git.commit": commit[0] if commit else "unknown",
             "starfish.git_dirty": str(commit[1]).lower() if commit else "unknown",  # the commit stays a hash
-            "mlflow.note.content": model_card(report),  # the run's description
+            "mlflow.note.content": card,  # the run's description
             SPLIT_HASH_TAG: calibration["split_hash"],
             "starfish.calibration_dvc_md5": calibration["md5"],
             "starfish.model_name": cfg.model.name,
@@ -410,7 +406,7 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
                     code_paths=[str(Path(serving.__file__).parent)],  # starfish itself travels with the model
                     registered_model_name=model_name)
             model_version = str(info.registered_model_version)
-            client.update_model_version(model_name, model_version, description=model_card(report))
+            client.update_model_version(model_name, model_version, description=card)
             if not client.get_registered_model(model_name).description:
                 client.update_registered_model(model_name, description=(
                     f"{cfg.model.name} compressed by starfish: pruned, then healed on unlabeled calibration images "

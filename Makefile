@@ -61,6 +61,8 @@ bench: setup
 		--healers none layerwise logit-kd starfish recommended starfish-holdout0
 	$(VENV)/bin/starfish bench --out results/bench_structured/vit_variants --structures neurons+heads \
 		--pruners magnitude --sparsities 0.5 --seeds 0 1 2 --healers starfish starfish-logit starfish-lr1e-3
+	$(VENV)/bin/starfish bench --out results/bench_structured/vit_global --structures neurons+heads \
+		--pruners magnitude wanda --sparsities 0.5 --seeds 0 1 2 --healers none starfish --set prune.global_ranking=true
 	$(VENV)/bin/starfish bench --out results/bench_structured/vit_torch_pruning --structures neurons+heads \
 		--pruners torch-pruning --sparsities 0.25 0.5 0.75 --healers none logit-kd
 	$(VENV)/bin/starfish bench --out results/bench_structured/cnn $(CNN) --structures channels --pruners magnitude \

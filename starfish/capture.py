@@ -2,11 +2,12 @@
 
 Internal states are block outputs, found by module names and types (never by tensor shape).
 Stages are the children of the model's top-level container: `blocks.{i}` (ViT/DeiT,
-EfficientNet/MobileNet), `stages.{i}` (ConvNeXt), `layers.{i}` (Swin) or `layer1..layer4`
-(ResNet). Blocks are what a stage holds, as the STARFISH authors align them: its `.blocks`
-container (`stages.{i}.blocks.{j}`, `layers.{i}.blocks.{j}`), its children when the stage is a
-Sequential (`blocks.{i}.{j}`, `layerN.{j}`) or holds only blocks of one type (RegNet's `sN.bJ`),
-or the stage itself when it is one block (ViT).
+EfficientNet/MobileNet), `stages.{i}` (ConvNeXt), `layers.{i}` (Swin), or named stages:
+`layer1..layer4` (ResNet), `s1..s4` (RegNet), `serial_blocks1..4` (CoaT). Blocks are what a stage
+holds, as the STARFISH authors align them: its `.blocks` container (`stages.{i}.blocks.{j}`,
+`layers.{i}.blocks.{j}`), its children when the stage is a Sequential (`blocks.{i}.{j}`,
+`layerN.{j}`) or holds only blocks of one type (RegNet's `sN.bJ`), or the stage itself when it is
+one block (ViT).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from torch import nn
 from starfish.errors import StarfishError
 
 _CONTAINERS = ("blocks", "stages", "layers")
-_NAMED_STAGES = (("layer1", "layer2", "layer3", "layer4"), ("s1", "s2", "s3", "s4"))  # ResNet, RegNet
+_NAMED_STAGES = (("layer1", "layer2", "layer3", "layer4"), ("s1", "s2", "s3", "s4"),  # ResNet, RegNet
+                 tuple(f"serial_blocks{i}" for i in range(1, 5)))  # CoaT (its parallel blocks stay out)
 _SEQUENCES = (nn.Sequential, nn.ModuleList)
 
 
@@ -32,7 +34,8 @@ def stage_names(model: nn.Module) -> list[str]:
     for names in _NAMED_STAGES:
         if all(isinstance(getattr(model, name, None), nn.Module) for name in names):
             return list(names)
-    raise StarfishError(f"{type(model).__name__} has no `blocks`, `stages`, `layer1..4` or `s1..4`")
+    raise StarfishError(f"{type(model).__name__} has no `blocks`, `stages`, `layer1..4`, `s1..4` or "
+                        "`serial_blocks1..4`")
 
 
 def _blocks_of(stage: nn.Module, name: str) -> list[str]:

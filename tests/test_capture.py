@@ -74,7 +74,7 @@ def test_explicit_state_names_are_checked(vit: nn.Module) -> None:
     assert state_names(vit, "blocks.1, norm") == ["blocks.1", "norm"]
     with pytest.raises(StarfishError, match="heal.states='blocks.7'"):
         state_names(vit, "blocks.7")
-    with pytest.raises(StarfishError, match="no `blocks`, `stages`, `layer1..4` or `s1..4`"):
+    with pytest.raises(StarfishError, match="no `blocks`, `stages`, `layer1..4`, `s1..4` or `serial_blocks1..4`"):
         block_names(nn.Sequential(nn.Linear(2, 2)))
     with pytest.raises(StarfishError, match="s1..4`; name its internal states explicitly with heal.states"):
         state_names(nn.Sequential(nn.Linear(2, 2)), "blocks")

@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -86,7 +87,8 @@ def export_onnx(model: torch.nn.Module, out: str | Path, input_size: tuple[int, 
                                   input_names=[INPUT], output_names=[OUTPUT],
                                   dynamic_shapes=({0: torch.export.Dim("batch")},), optimize=True)
         except Exception as exc:  # the exporter raises many types; its first line says why
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the exporter colours its messages
+            reason = (text.splitlines() or [type(exc).__name__])[0][:300]
             raise StarfishError(f"cannot export {metadata.get('model', 'the model')} to ONNX: torch's exporter "
                                 f"could not trace it ({reason}); export a timm model starfish covers") from None
         proto = onnx.load(str(tmp))

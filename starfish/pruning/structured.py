@@ -412,7 +412,13 @@ def torch_pruning_masks(model: nn.Module, groups: list[Group], cfg: "PruneConfig
             importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=cfg.sparsity,
             global_pruning=cfg.global_ranking, ignored_layers=ignored, num_heads=heads, prune_num_heads=bool(heads),
             prune_head_dims=False, head_pruning_ratio=cfg.sparsity if heads else 0.0)
-        for tp_group in pruner.step(interactive=True):  # read each group's choice; nothing is pruned
+        try:
+            chosen = list(pruner.step(interactive=True))  # each group's choice; nothing is pruned
+        except Exception as exc:  # the library's own failures on a graph it misreads (EVA02's SwiGLU)
+            raise StarfishError(f"torch-pruning failed on {type(model).__name__}'s {groups[0].structure} "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no message'}); "
+                                "use prune.method=magnitude or wanda") from None
+        for tp_group in chosen:
             for dep, idxs in tp_group:
                 name = modules.get(dep.target.module)
                 handler = getattr(dep.handler, "__name__", "")
@@ -622,8 +628,17 @@ def model_cost(model: nn.Module, image_size: tuple[int, ...] | None = None) -> d
     image_size = image_size or resolve_data_config({}, model=model)["input_size"]
     counter = FlopCounterMode(display=False)
     param = next(model.parameters())
-    with counter, torch.no_grad():
-        model.eval()(torch.zeros(1, *image_size, dtype=param.dtype, device=param.device))
+    # The counter's module hooks trip on views of trainable tensors made under no_grad (CaiT's
+    # expanded class token): count with every parameter frozen, then restore.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        with counter, torch.no_grad():
+            model.eval()(torch.zeros(1, *image_size, dtype=param.dtype, device=param.device))
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
     return {"params": sum(p.numel() for p in model.parameters()), "flops": counter.get_total_flops()}
 
 

@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test lint bench bench-timing scale export-sizes latency clean
+.PHONY: setup demo test lint bench bench-timing scale export-sizes latency hostile-table clean
 
 setup: $(VENV)/.installed $(FMNIST)
 
@@ -77,6 +77,10 @@ bench-timing: setup
 # Time and memory of each stage on a DeiT and a generated ImageNet-layout JPEG tree (resumable).
 scale: setup
 	$(VENV)/bin/starfish scale --out results/scale
+
+# Every hostile file of tests/hostile.py through every reading command: exit codes, time, memory.
+hostile-table: setup
+	$(PY) -m tests.hostile results/hostile
 
 export-sizes: setup
 	$(VENV)/bin/starfish export-sizes --out results/export

@@ -339,15 +339,22 @@ def check_state_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-             for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
+    shared = sorted(set(own) & set(state))
+    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shared if state[k].shape != own[k].shape]
+    kinds = [f"{k}: {state[k].dtype} where the model holds {own[k].dtype}" for k in shared
+             if _kind(state[k]) != _kind(own[k])]  # integers or bools for float weights: a damaged file
+    if missing or unexpected or wrong or kinds:
         parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong),
+                             ("dtype mismatch", kinds)):
             if items:
                 parts.append(f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}")
         raise StarfishError(f"checkpoint {source} does not match the model ({'; '.join(parts)}); "
                             "pass the model name the checkpoint was trained as")
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    return "float" if tensor.is_floating_point() else "bool" if tensor.dtype == torch.bool else "int"
 
 
 def load_state_(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> torch.nn.Module:

@@ -1,81 +1,58 @@
 """Hostile or damaged checkpoints and exports: one line, exit 2, nothing written, nothing big allocated.
 
 Each case edits a real file the way a careless or hostile user could, then reads it through the
-command line (`starfish export` reads it as heal, evaluate, register and serving do)."""
+command line (`starfish export` reads it as heal, evaluate, register and serving do). The generated
+table of `hostile.py` mutates every field of both formats; the cases here name their error."""
 
 from __future__ import annotations
 
-import json
-import resource
+import re
 from pathlib import Path
-from typing import Any, Callable
+from types import SimpleNamespace
 
+import hostile
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from hostile import Edit
 
 from starfish.cli import main
-from starfish.config import PruneConfig
 from starfish.errors import StarfishError
-from starfish.models import create_model, load_checkpoint, save_checkpoint, state_sha256
-from starfish.pruning import prune, sparsify_
+from starfish.models import create_model, load_checkpoint, state_sha256
+from starfish.serving import CHECKPOINT, StarfishModel
 
-MODEL = "starfish_vit_fmnist"
-FC1 = "blocks.0.mlp.fc1.weight"  # (256, 64) in the demo ViT
-Edit = Callable[[dict[str, torch.Tensor], Any], Any]
+FC1 = hostile.WEIGHT
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A pruned checkpoint and its compressed export, written by starfish."""
-    folder = tmp_path_factory.mktemp("untrusted")
-    model = create_model(MODEL)
-    masks = prune(model, PruneConfig("magnitude", 0.5)).masks
-    sparsify_(model, masks)
-    pruned = folder / "pruned.safetensors"
-    save_checkpoint(pruned, model, MODEL, masks=masks)
-    export = folder / "export.safetensors"
-    assert main(["export", "--checkpoint", str(pruned), "--out", str(export)]) == 0
-    return {"pruned": pruned, "export": export}
-
-
-def edited(source: Path, out: Path, edit: Edit) -> Path:
-    """`source` with its tensors and metadata changed by `edit` (which may return new metadata:
-    a dict or a list)."""
-    tensors = load_file(str(source))
-    with safe_open(str(source), framework="pt") as handle:
-        meta = json.loads(handle.metadata()["starfish"])
-    changed = edit(tensors, meta)
-    meta = changed if isinstance(changed, (dict, list)) else meta
-    save_file(tensors, str(out), metadata={"starfish": json.dumps(meta)})
-    return out
-
-
-READERS = {  # every command that reads a checkpoint the user names, with where it would write
-    "export": lambda path, out: ["export", "--checkpoint", str(path), "--out", str(out / "model.safetensors")],
-    "info": lambda path, out: ["info", str(path)],
-    "evaluate": lambda path, out: ["evaluate", "--set", "evaluate.max_samples=10", "--checkpoint", str(path),
-                                   "--out", str(out / "metrics.json")],
-}
+    return hostile.sources(tmp_path_factory.mktemp("untrusted"))
 
 
 def refused(path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
     """The one error line every reading command gives for `path`, the process growing by less
-    than 300 MB (a bomb that got through would allocate gigabytes); nothing is written."""
+    than 300 MB (a bomb that got through would allocate gigabytes); nothing is written. The
+    served model refuses to load it too."""
     lines = []
-    for command, args in READERS.items():
-        out = tmp_path / f"out-{command}"
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        assert main(args(path, out)) == 2, command
-        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024
+    for command, args in hostile.readers(path, tmp_path / "out").items():
+        code, _, grown_mb = hostile.measured(args)
+        assert code == 2, command
         assert grown_mb < 300, f"{command}: the process grew by {grown_mb:.0f} MB"
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and " INFO " not in line]
         assert len(err) == 1 and err[0].startswith("starfish: error:"), (command, err)
-        assert not out.exists(), command
+        assert not (tmp_path / "out").exists(), command
         lines.append(err[0])
     assert len(set(lines)) == 1, lines  # the same reader, the same words
+    with pytest.raises(StarfishError, match=re.escape(lines[0].removeprefix("starfish: error: ")[:60])):
+        StarfishModel().load_context(SimpleNamespace(artifacts={CHECKPOINT: str(path)}))
     return lines[0]
+
+
+@pytest.mark.parametrize("case", [name for name, _, _ in hostile.cases()])
+def test_every_hostile_file_of_the_generated_table_is_refused_by_every_reader(
+        case: str, files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, source, edit = next(entry for entry in hostile.cases() if entry[0] == case)
+    refused(hostile.write_case(files[source], tmp_path / "bad.safetensors", edit), tmp_path, capsys)
 
 
 def _set(key: str, value: torch.Tensor) -> Edit:
@@ -117,7 +94,7 @@ EXPORT_CASES: dict[str, tuple[Edit, str]] = {
 def test_a_damaged_export_is_one_line_before_any_allocation(case: str, files: dict[str, Path], tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     edit, expected = EXPORT_CASES[case]
-    line = refused(edited(files["export"], tmp_path / "bad.safetensors", edit), tmp_path, capsys)
+    line = refused(hostile.write_case(files["export"], tmp_path / "bad.safetensors", edit), tmp_path, capsys)
     assert expected in line, line
 
 
@@ -134,7 +111,7 @@ MASK_CASES: dict[str, tuple[Edit, str]] = {
 def test_masks_and_weights_are_checked_against_the_model(case: str, files: dict[str, Path], tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     edit, expected = MASK_CASES[case]
-    bad = edited(files["pruned"], tmp_path / "bad.safetensors", edit)
+    bad = hostile.write_case(files["pruned"], tmp_path / "bad.safetensors", edit)
     assert expected in refused(bad, tmp_path, capsys)
     with pytest.raises(StarfishError, match=expected.split(" (")[0]):
         load_checkpoint(bad)

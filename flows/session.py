@@ -12,6 +12,7 @@ PENDING whose process on this host is gone.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import os
 import signal
@@ -99,32 +100,52 @@ def temporary_server() -> Iterator[None]:
            "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}  # as Prefect's own temporary server
     command = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
-    # Its own session: a Ctrl-C at the terminal reaches the flow command, which marks its run
-    # Crashed through this server before stopping it.
-    server = subprocess.Popen(command, env=env, preexec_fn=lambda: _die_with_parent(parent), start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
+    timeout = max(settings.server.ephemeral.startup_timeout_seconds, SERVER_START_TIMEOUT_S)
+    # One server starts at a time per PREFECT_HOME: a starting server migrates the database, and
+    # two migrating one database at once fail ("duplicate column name").
+    settings.home.mkdir(parents=True, exist_ok=True)
+    with (settings.home / ".starfish-server-start.lock").open("a") as start_lock:
+        fcntl.flock(start_lock, fcntl.LOCK_EX)
+        # Its own session: a Ctrl-C at the terminal reaches the flow command, which marks its run
+        # Crashed through this server before stopping it.
+        server = subprocess.Popen(command, env=env, preexec_fn=lambda: _die_with_parent(parent),
+                                  start_new_session=True)
+        try:
+            _wait_until_healthy(server, url, timeout)
+        except BaseException:
+            _stop(server)
+            raise
     try:
-        timeout = max(settings.server.ephemeral.startup_timeout_seconds, SERVER_START_TIMEOUT_S)
-        deadline = time.monotonic() + timeout
-        while not _healthy(url):
-            if server.poll() is not None or time.monotonic() > deadline:
-                status = server.poll()
-                why = f"it exited with status {status}" if status is not None else "the machine may be loaded"
-                raise StarfishError(
-                    f"the temporary Prefect server did not start within {timeout:.0f} s ({why}); "
-                    "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a server with `prefect server "
-                    "start` and set PREFECT_API_URL")
-            time.sleep(0.1)
         with temporary_settings(updates={PREFECT_API_URL: url}):
             log.info("temporary Prefect server on %s (pid %d), stopped with this command", url, server.pid)
             yield
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        _stop(server)
+
+
+def _wait_until_healthy(server: subprocess.Popen, url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not _healthy(url):
+        status = server.poll()
+        if status is not None:
+            raise StarfishError(f"the temporary Prefect server exited with status {status} before it answered; "
+                                "its log is above. Start a server with `prefect server start` and set PREFECT_API_URL")
+        if time.monotonic() > deadline:
+            raise StarfishError(
+                f"the temporary Prefect server did not start within {timeout:.0f} s (the machine may be loaded); "
+                "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a server with `prefect server "
+                "start` and set PREFECT_API_URL")
+        time.sleep(0.1)
+
+
+def _stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 
 def _healthy(url: str) -> bool:

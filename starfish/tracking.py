@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -94,6 +95,22 @@ def preflight(uri: str, timeout: float = 10.0) -> None:
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise StarfishError(f"MLflow store {uri}: {folder} is not a writable folder; create it or choose "
                                 "another --tracking-uri")
+        client_for(uri)
+
+
+def client_for(uri: str) -> Any:
+    """An MlflowClient on `uri`. A sqlite store is opened first under a file lock beside it: MLflow
+    creates and migrates its tables on first open, and two processes doing that at once leave the
+    database broken (`table _alembic_tmp_metrics already exists`)."""
+    from mlflow import MlflowClient
+
+    if not uri.startswith(SQLITE):
+        return MlflowClient(uri)
+    with open(uri[len(SQLITE):] + ".starfish-open.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = MlflowClient(uri)  # opens the tracking tables
+        client.search_registered_models(max_results=1)  # and the registry's, in the same file
+    return client
 
 
 def registered_model_name(cfg: PipelineConfig) -> str:
@@ -352,7 +369,7 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
 
     mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
+    client = client_for(uri)
     with registry_lock(client, model_name):  # the check for an earlier attempt, then the registration
         earlier = _earlier_attempt(client, _use_experiment(uri), model_name, register_key)
         if earlier is not None:
@@ -389,8 +406,10 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
                 warnings.simplefilter("ignore", UserWarning)
                 dataset = mlflow.data.from_pandas(pd.DataFrame({"id": manifest["ids"]}), source=calibration["path"],
                                                   name="calibration", digest=calibration["split_hash"][:32])
-            mlflow.log_input(dataset, context="calibration")
-            mlflow.log_input(_test_dataset(cfg, metrics), context="evaluation")
+            with warnings.catch_warnings():  # the schema, inferred as the input is logged, has integer ids
+                warnings.simplefilter("ignore", UserWarning)
+                mlflow.log_input(dataset, context="calibration")
+                mlflow.log_input(_test_dataset(cfg, metrics), context="evaluation")
             with tempfile.TemporaryDirectory() as tmp:
                 masks_file = Path(tmp) / "masks.safetensors"
                 save_file({k: v.contiguous().to(torch.uint8) for k, v in masks.items()}, str(masks_file))
@@ -436,10 +455,9 @@ def promote(model_name: str, gate: GateConfig, uri: str, version: str | None = N
     It must reach gate.min_recovery and at least the current champion's recovery, so a worse
     challenger never replaces the champion.
     """
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(uri)
+    client = client_for(uri)
     with registry_lock(client, model_name):  # the champion read is the one replaced
         try:
             candidate = (client.get_model_version(model_name, version) if version is not None
@@ -488,10 +506,9 @@ def promote(model_name: str, gate: GateConfig, uri: str, version: str | None = N
 def champion_split(model_name: str, uri: str) -> dict[str, str] | None:
     """The champion's version and the calibration split hash its run was healed on; None when
     the model has no champion (or is not registered)."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(uri)
+    client = client_for(uri)
     try:
         champion = client.get_model_version_by_alias(model_name, CHAMPION)
     except MlflowException:

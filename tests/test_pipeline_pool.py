@@ -83,7 +83,6 @@ def bare_repository(repo_root: Path, folder: Path, remote: Path, env: dict[str, 
 def pool(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Servers, a deployed repository and two workers; the sweep has run when this yields."""
     from prefect import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect_aws import AwsCredentials, S3Bucket
 
@@ -112,15 +111,17 @@ def pool(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = f"s3-bucket/{RESULTS_BLOCK}"
         bare = bare_repository(repo_root, folder, folder / "dvc-remote", env)
         source = folder / "source"
-        with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
-            client.create_work_pool(WorkPoolCreate(name="starfish-gpu", type="process", concurrency_limit=2))
-            client.create_work_pool(WorkPoolCreate(name="starfish-control", type="process"))
+        # the pools as docs/pipeline.md creates them, with its commands (a limit of 2 GPUs here)
+        run([str(BIN / "prefect"), "work-pool", "create", "starfish-gpu", "--type", "process"], source, env)
+        run([str(BIN / "prefect"), "work-pool", "set-concurrency-limit", "starfish-gpu", "2"], source, env)
+        run([str(BIN / "prefect"), "work-pool", "create", "starfish-control", "--type", "process"], source, env)
         run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], source, {**env, "STARFISH_REPO": f"file://{bare}"})
         for worker in ("worker-a", "worker-b"):
             services.start(Service(worker, [str(BIN / "prefect"), "worker", "start", "--pool", "starfish-gpu", "--name",
                                             worker, "--limit", "1", "--type", "process"], folder,
                                    {**env, **local_storage(folder, worker)}))
         with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+            assert client.read_work_pool("starfish-gpu").concurrency_limit == 2
             deadline = time.monotonic() + 60
             while {w.name for w in client.read_workers_for_work_pool("starfish-gpu")} != {"worker-a", "worker-b"}:
                 assert time.monotonic() < deadline, "".join(services[w].log()[-2000:] for w in ("worker-a", "worker-b"))

@@ -111,3 +111,33 @@ def test_a_lock_left_by_a_dead_process_is_broken(tmp_path: Path) -> None:
         pass
     assert time.monotonic() - start < 10
     assert [m.name for m in client.search_registered_models()] == [MODEL]
+
+
+def test_two_compress_flows_at_once_on_one_store_register_one_version_and_leave_no_orphan(
+        tmp_path: Path, params_path: Path, pipeline_overrides: list[str], repo_root: Path) -> None:
+    """Two flow commands with the same inputs, started together on one tracking store, one
+    PREFECT_HOME and one workdir (each starts its own temporary Prefect server): both succeed,
+    and the register key has exactly one version, whose run is the only one left with that key."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = [sys.executable, "-m", "flows.compress", "--params", str(params_path), "--workdir",
+               str(tmp_path / "work"), "--calibration", str(tmp_path / "calibration.json"), "--tracking-uri", uri,
+               *(arg for override in pipeline_overrides for arg in ("--set", override))]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "prefect-storage")}
+    env.pop("PREFECT_API_URL", None)
+    logs = [(tmp_path / f"flow{i}.log").open("w") for i in (1, 2)]
+    flows = [subprocess.Popen(command, cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT) for log in logs]
+    codes = [flow.wait(timeout=900) for flow in flows]
+    assert codes == [0, 0], [(tmp_path / f"flow{i}.log").read_text()[-3000:] for i in (1, 2)]
+    client = MlflowClient(uri)
+    [registered] = [m.name for m in client.search_registered_models()]  # and no lock left behind
+    versions = client.search_model_versions(f"name = '{registered}'")
+    assert len(versions) == 1, [v.version for v in versions]
+    key = versions[0].tags[tracking.REGISTER_KEY_TAG]
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"tags.`{tracking.REGISTER_KEY_TAG}` = '{key}'")
+    assert [run.info.run_id for run in runs] == [versions[0].run_id] and runs[0].info.status == "FINISHED"
+    assert client.get_model_version_by_alias(registered, tracking.CHAMPION).version == versions[0].version

@@ -343,7 +343,8 @@ def version_tags(cfg: PipelineConfig, healed: str | Path) -> dict[str, str]:
 def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed: dict[str, Any],
                      evaluation: dict[str, Any], model: torch.nn.Module, masks: Masks, example: np.ndarray,
                      curve: list[dict[str, Any]], export: dict[str, Any], model_name: str, uri: str,
-                     report_dir: str | Path, register_key: str, flow_run_id: str | None = None) -> dict[str, Any]:
+                     report_dir: str | Path, register_key: str, flow_run_id: str | None = None,
+                     started_at: float | None = None) -> dict[str, Any]:
     """Record one compressed model and register it as a version with alias `challenger`.
 
     What is recorded comes in loaded: the healed `model` (on the CPU) and its `masks`, an input
@@ -351,7 +352,8 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
     (`steps.export_step`'s result: its path and sizes); `healed` is the heal step's result.
     The gate is checked first, so a model that failed a check leaves no trace in MLflow.
     `register_key` names this registration: a retry finds a complete earlier attempt and reuses
-    it, or removes an unfinished one first. The version's tags and the alias are set inside the
+    it, or removes an unfinished one first. `started_at` (epoch seconds; the flow run's start)
+    is the run's start time. The version's tags and the alias are set inside the
     run, so a run is FINISHED only when all of it was written.
     """
     import mlflow
@@ -371,7 +373,8 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
     mlflow.set_tracking_uri(uri)
     client = client_for(uri)
     with registry_lock(client, model_name):  # the check for an earlier attempt, then the registration
-        earlier = _earlier_attempt(client, _use_experiment(uri), model_name, register_key)
+        experiment_id = _use_experiment(uri)
+        earlier = _earlier_attempt(client, experiment_id, model_name, register_key)
         if earlier is not None:
             client.set_registered_model_alias(model_name, CHALLENGER, earlier.version)
             log.info("%s version %s was registered by an earlier attempt; reused", model_name, earlier.version)
@@ -392,7 +395,10 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
         }
         healer = cfg.heal.method if cfg.heal.preset == "default" else f"{cfg.heal.method}-{cfg.heal.preset}"
         run_name = f"{cfg.model.name}-{cfg.prune.method}{cfg.prune.sparsity:g}-{healer}"
-        with mlflow.start_run(run_name=run_name, tags=tags) as run:
+        # The run starts when the flow did, so its duration is the whole compression, not the registration.
+        opened = client.create_run(experiment_id, start_time=int(started_at * 1000) if started_at else None,
+                                   tags=tags, run_name=run_name)
+        with mlflow.start_run(run_id=opened.info.run_id) as run:
             mlflow.log_params({f"{section}.{key}": value for section, fields in cfg.to_dict().items()
                                for key, value in fields.items()})
             costs = {key: float(metrics[key]) for key in ("flops_ratio", "params_ratio") if key in metrics}

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 from prefect import State, Task, task
 from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
 from prefect.client.schemas.objects import TaskRun
+from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
@@ -143,7 +144,14 @@ def register(config: dict[str, Any], calibration: Ref, pruned: Ref, healed: Ref,
         return tracking.log_compress_run(cfg, calibration=calibration, healed=healed, evaluation=evaluation,
                                          model_name=model_name, uri=tracking_uri, report_dir=out,
                                          register_key=step_key("register", params), flow_run_id=flow_run.id,
-                                         **recorded)
+                                         started_at=_flow_start(), **recorded)
+
+
+def _flow_start() -> float | None:
+    """When the flow run this task belongs to started (epoch seconds), or None outside one."""
+    context = FlowRunContext.get()
+    start = context.flow_run.start_time if context and context.flow_run else None
+    return start.timestamp() if start else None
 
 
 @task(name="promote_version", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),

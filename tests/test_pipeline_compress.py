@@ -117,6 +117,10 @@ def test_compress_logs_and_registers_everything(first_run: tuple[FlowRun, int], 
     assert logged.data.metrics["heal_seconds"] == pytest.approx(run.result["healed"]["heal_seconds"])
     assert logged.data.metrics["heal_seconds"] > 0
     assert 0 < logged.data.metrics["healed_top1"] <= 1 and logged.data.metrics["sparsity"] == pytest.approx(0.5)
+    with get_client(sync_client=True) as prefect:  # the run lasts from the flow's start: the heal is inside it
+        flow_started = prefect.read_flow_run(run.id).start_time.timestamp()
+    assert logged.info.start_time / 1000 == pytest.approx(flow_started, abs=0.01)
+    assert (logged.info.end_time - logged.info.start_time) / 1000 > logged.data.metrics["heal_seconds"]
 
     inputs = {tag.value: item.dataset for item in logged.inputs.dataset_inputs for tag in item.tags
               if tag.key == "mlflow.data.context"}

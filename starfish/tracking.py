@@ -16,6 +16,7 @@ import base64
 import contextlib
 import fcntl
 import hashlib
+import html
 import logging
 import os
 import socket
@@ -168,23 +169,27 @@ def write_report(out_dir: str | Path, cfg: PipelineConfig, metrics: dict[str, An
     axis.legend(fontsize=8)
     figure.tight_layout()
     plot = save_png(figure, out_dir / "loss.png", dpi=100)
-    lines = [
-        f"# {cfg.model.name}: {cfg.prune.method} {cfg.prune.sparsity:g}"
-        + (f" {cfg.prune.structure}" if cfg.prune.structured else "") + f" + {cfg.heal.method}",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        *(f"| {key} | {metrics[key]:.4f} |" for key in (*METRICS, "flops_ratio", "params_ratio") if key in metrics),
-        "",
-        f"Calibration split: {calibration['num_samples']} images, content hash `{calibration['split_hash']}`, "
-        f"DVC md5 `{calibration['md5']}`.",
-        "",
-        _selection_line(heal_report) + f" It took {healed['heal_seconds']:.1f} s.",
-    ]
-    # the plot embedded, so the report shows it wherever it is opened (MLflow's artifact viewer too)
-    image = f"![healing loss](data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()})"
+    title = (f"{cfg.model.name}: {cfg.prune.method} {cfg.prune.sparsity:g}"
+             + (f" {cfg.prune.structure}" if cfg.prune.structured else "") + f" + {cfg.heal.method}")
+    rows = [(key, f"{metrics[key]:.4f}") for key in (*METRICS, "flops_ratio", "params_ratio") if key in metrics]
+    split = (f"Calibration split: {calibration['num_samples']} images, content hash `{calibration['split_hash']}`, "
+             f"DVC md5 `{calibration['md5']}`.")
+    selection = _selection_line(heal_report) + f" It took {healed['heal_seconds']:.1f} s."
+    png = base64.b64encode(plot.read_bytes()).decode()
+    # the plot embedded, so the report shows it wherever it is opened; MLflow's artifact viewer
+    # shows images in HTML only (its markdown view drops data: links), hence report.html beside it
+    markdown = [f"# {title}", "", "| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "",
+                split, "", selection, "", f"![healing loss](data:image/png;base64,{png})", ""]
     report = out_dir / "report.md"
-    atomic_write_bytes(report, "\n".join([*lines, "", image, ""]).encode())
+    atomic_write_bytes(report, "\n".join(markdown).encode())
+    cells = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
+    paragraphs = "".join(f"<p>{html.escape(text).replace('`', '')}</p>" for text in (split, selection))
+    atomic_write_bytes(out_dir / "report.html", (
+        f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<body style='font-family:sans-serif;max-width:46em'>"
+        f"<h1>{html.escape(title)}</h1><table border='1' cellpadding='4' style='border-collapse:collapse'>"
+        f"<tr><th>metric</th><th>value</th></tr>{cells}</table>{paragraphs}"
+        f"<img alt='healing loss' src='data:image/png;base64,{png}'></body>\n").encode())
     return report, plot
 
 
@@ -193,7 +198,8 @@ def model_card(report: str | Path) -> str:
     is larger than a description may be, and pointing at the plot's artifact instead."""
     text = "\n".join(line for line in Path(report).read_text().splitlines()
                      if not line.startswith("![healing loss](data:"))
-    return text.rstrip() + "\n\nThe healing loss plot: artifacts `report/loss.png` (and in `report/report.md`).\n"
+    return text.rstrip() + ("\n\nThe healing loss plot: artifacts `report/loss.png`, and in `report/report.html`, "
+                            "which MLflow's artifact viewer shows with its plot.\n")
 
 
 def _selection_line(report: dict[str, Any]) -> str:
@@ -420,7 +426,8 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
                 masks_file = Path(tmp) / "masks.safetensors"
                 save_file({k: v.contiguous().to(torch.uint8) for k, v in masks.items()}, str(masks_file))
                 mlflow.log_artifact(str(masks_file), "masks")
-            for path in (report, plot, evaluation["path"], healed["loss_curve"], calibration["path"]):
+            for path in (report, report.with_suffix(".html"), plot, evaluation["path"], healed["loss_curve"],
+                         calibration["path"]):
                 mlflow.log_artifact(str(path), "report")
             with _LOG_LOCK:  # the registered model is the compressed checkpoint
                 info = mlflow.pyfunc.log_model(

@@ -127,9 +127,12 @@ def test_compress_logs_and_registers_everything(first_run: tuple[FlowRun, int], 
     assert inputs["calibration"].name == "calibration" and inputs["calibration"].digest == split["split_hash"][:32]
     assert inputs["evaluation"].name == "fashion-mnist-test" and '"num_rows": 500' in inputs["evaluation"].profile
     artifacts = {a.path for folder in ("masks", "report") for a in client.list_artifacts(logged.info.run_id, folder)}
-    assert {"masks/masks.safetensors", "report/report.md", "report/loss.png", "report/metrics.json"} <= artifacts
+    assert {"masks/masks.safetensors", "report/report.md", "report/report.html", "report/loss.png",
+            "report/metrics.json"} <= artifacts
     report = Path(registered["report"]).read_text()
     assert "recovery" in report and "![healing loss](data:image/png;base64," in report  # the plot travels inside
+    page = Path(registered["report"]).with_suffix(".html").read_text()  # as MLflow's viewer shows it
+    assert "<td>recovery</td>" in page and "<img alt='healing loss' src='data:image/png;base64," in page
 
     name = registered["model_name"]
     challenger = client.get_model_version_by_alias(name, "challenger")

@@ -51,7 +51,8 @@ def test_compress_through_an_mlflow_server_puts_artifacts_in_s3(
 
     keys = s3_keys(s3_endpoint, BUCKET)
     run_keys = [key for key in keys if registered["run_id"] in key]
-    for name in ("masks/masks.safetensors", "report/report.md", "report/loss.png", "report/metrics.json"):
+    for name in ("masks/masks.safetensors", "report/report.md", "report/report.html", "report/loss.png",
+                 "report/metrics.json"):
         assert any(key.endswith(name) for key in run_keys), (name, run_keys)
     assert any(key.endswith("MLmodel") for key in keys) and any(key.endswith("input_example.json") for key in keys)
 

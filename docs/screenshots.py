@@ -102,7 +102,7 @@ def main() -> None:
         shoot(run_page, "mlflow-run.png", 1400)
         shoot(f"{run_page}/artifacts/report/report.html", "mlflow-report.png", 1400)
         shoot(f"{ui}/#/models/{model.name}/versions/{version.version}", "mlflow-version.png", 1300)
-        shoot(f"http://127.0.0.1:{prefect_port}/deployments/deployment/{deployment}/run", "prefect-run-form.png", 1200)
+        shoot(f"http://127.0.0.1:{prefect_port}/deployments/deployment/{deployment}/run", "prefect-run-form.png", 2400)
     finally:
         for process in processes:
             process.terminate()

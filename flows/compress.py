@@ -25,6 +25,7 @@ from flows.common import (
     ran_on,
     run_cli,
 )
+from flows.parameters import Settings, as_overrides
 from flows.promote import promote as promote_flow
 from flows.session import flow_session
 from starfish import tracking
@@ -40,9 +41,11 @@ DEFAULT_CALIBRATION = "data/calibration.json"
 def compress(params: str | None = "params.yaml", overrides: list[str] | None = None,
              workdir: str = DEFAULT_WORKDIR, calibration: str = DEFAULT_CALIBRATION,
              model_name: str | None = None, tracking_uri: str | None = None, promote: bool = True,
-             healer: str | None = None) -> dict[str, Any]:
+             healer: str | None = None, settings: Settings = Settings()) -> dict[str, Any]:
     """Compress one model and register it as `challenger`; with `promote`, then run the gate.
-    `healer` names a sweep's healer variant, which replaces the heal section (keeping its budget)."""
+    `healer` names a sweep's healer variant, which replaces the heal section (keeping its budget).
+    `settings` sets config fields by type (the form Prefect's UI shows), applied before `overrides`."""
+    overrides = [*as_overrides(settings), *(overrides or [])]
     cfg = point_config(load_config(params, overrides), healer=healer)
     config, uri = cfg.to_dict(), tracking.tracking_uri(tracking_uri)
     tracking.preflight(uri)  # an unreachable store fails here, before any compute

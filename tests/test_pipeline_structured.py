@@ -15,6 +15,7 @@ from servers import served
 
 from flows.compress import compress
 from flows.promote import promote
+from starfish.config import load_config
 from starfish.io import read_json
 from starfish.models import load_checkpoint
 from starfish.pruning.structured import architecture_of
@@ -22,14 +23,33 @@ from starfish.pruning.structured import architecture_of
 pytestmark = pytest.mark.slow
 
 
+def test_the_compress_flow_takes_typed_settings_that_prefect_offers_as_a_form() -> None:
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.parameters import Settings, as_overrides
+
+    definitions = parameter_schema(compress.fn).model_dump()["definitions"]
+    prune, heal = definitions["PruneSettings"]["properties"], definitions["HealSettings"]["properties"]
+    assert prune["sparsity"]["anyOf"][0] == {"type": "number"}
+    assert heal["preset"]["anyOf"][0]["enum"] == ["default", "faithful", "recommended", "fast"]
+    assert as_overrides(Settings(prune={"sparsity": 0.75, "structure": "neurons+heads"}, heal={"steps": 8})) == \
+        ["prune.sparsity=0.75", 'prune.structure="neurons+heads"', "heal.steps=8"]
+    assert as_overrides(Settings()) == []  # the form's default sets nothing
+    kwargs = Settings(model={"kwargs": {"img_size": 64}})
+    assert load_config(None, as_overrides(kwargs)).model.kwargs == {"img_size": 64}
+    with pytest.raises(ValueError, match="heal.preset"):
+        Settings(heal={"preset": "fastest"})
+
+
 def test_a_slim_model_is_registered_as_onnx_gated_on_flops_and_served(
         prefect_harness, params_path: Path, pipeline_overrides: list[str], tmp_path: Path) -> None:
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [*pipeline_overrides, "prune.structure=neurons+heads"]
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        state = compress(params=str(params_path), overrides=overrides, workdir=str(tmp_path / "work"),
-                         calibration=str(tmp_path / "calibration.json"), tracking_uri=store, return_state=True)
+        warnings.simplefilter("always")  # the structure set as a typed parameter, as Prefect's form sets it
+        state = compress(params=str(params_path), overrides=pipeline_overrides, workdir=str(tmp_path / "work"),
+                         calibration=str(tmp_path / "calibration.json"), tracking_uri=store, return_state=True,
+                         settings={"prune": {"structure": "neurons+heads"}})
     assert not [w for w in caught if "type hint" in str(w.message).lower()]  # the pyfunc's hints are taken
     assert not [w for w in caught if "integer column" in str(w.message)]  # nor schema hints on the inputs
     result = state.result()

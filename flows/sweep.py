@@ -188,6 +188,8 @@ def sweep(sparsities: list[float] = DEFAULT_SPARSITIES, healers: list[str] = DEF
     `local` or `pool` (see above)."""
     base = load_config(params, overrides)
     uri = tracking.tracking_uri(tracking_uri)
+    if mode == "pool":
+        check_shared_store(uri)  # before the store is opened: a sqlite one on this machine stays untouched
     tracking.preflight(uri)  # an unreachable store fails here, before any compute
     name = model_name or tracking.registered_model_name(base)
     points = [(pruner, structure, sparsity, healer) for pruner in (pruners or [base.prune.method])
@@ -197,7 +199,6 @@ def sweep(sparsities: list[float] = DEFAULT_SPARSITIES, healers: list[str] = DEF
     if mode == "local":
         rows = _local_rows(base, configs, absolute(calibration), absolute(workdir), name, uri)
     elif mode == "pool":
-        check_shared_store(uri)
         _check_deployment(deployment)
         # paths stay relative: each worker resolves them in its own clone of the repository
         rows = _pool_rows(points, deployment, params, list(overrides or []), workdir, calibration, name, uri,
@@ -231,9 +232,9 @@ def main() -> None:
                         help="local: every point in this process; pool: each point a run of --deployment")
     parser.add_argument("--deployment", default=COMPRESS_DEPLOYMENT, help="the compress deployment (pool mode)")
     args = parser.parse_args()
-    check_before_prefect(args)
-    if args.mode == "pool":
+    if args.mode == "pool":  # before the store is opened: a sqlite one on this machine stays untouched
         check_shared_store(tracking.tracking_uri(args.tracking_uri))
+    check_before_prefect(args)
     with flow_session():
         result = sweep(args.sparsities, args.healers, args.params, args.set, args.workdir,
                        tracking_uri=args.tracking_uri, promote=not args.no_promote, pruners=args.pruners,

@@ -64,11 +64,8 @@ Settings = create_model("Settings", __config__=ConfigDict(extra="forbid"),
 Settings.__doc__ = "Config fields to set for this run; an empty field keeps params.yaml's value."
 
 
-def as_overrides(settings: BaseModel | dict[str, Any] | None) -> list[str]:
+def as_overrides(settings: BaseModel) -> list[str]:
     """The `section.field=value` overrides of the fields `settings` sets (values as JSON, which
     the overrides read as YAML)."""
-    if settings is None:
-        return []
-    values = settings if isinstance(settings, dict) else settings.model_dump(exclude_none=True)
-    return [f"{section}.{name}={json.dumps(value)}" for section, fields in values.items() if fields
-            for name, value in fields.items() if value is not None]
+    return [f"{section}.{name}={json.dumps(value)}"
+            for section, fields in settings.model_dump(exclude_none=True).items() for name, value in fields.items()]

@@ -48,10 +48,10 @@ def refused(path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> s
     return lines[0]
 
 
-@pytest.mark.parametrize("case", [name for name, _, _ in hostile.cases()])
+@pytest.mark.parametrize("name, source, edit", list(hostile.cases()), ids=[name for name, _, _ in hostile.cases()])
 def test_every_hostile_file_of_the_generated_table_is_refused_by_every_reader(
-        case: str, files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    _, source, edit = next(entry for entry in hostile.cases() if entry[0] == case)
+        name: str, source: str, edit: Edit, files: dict[str, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
     refused(hostile.write_case(files[source], tmp_path / "bad.safetensors", edit), tmp_path, capsys)
 
 

@@ -15,8 +15,10 @@ from prefect import Task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from starfish import tracking
-from starfish.config import PipelineConfig, load_config, variant_config
+from starfish.config import PipelineConfig
 from starfish.errors import StarfishError, error_line
+from starfish.params import load_config
+from starfish.presets import variant_config
 
 log = logging.getLogger("starfish.flows")
 

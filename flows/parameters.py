@@ -9,56 +9,30 @@ checks `--set` (one line, naming the field and the fix).
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from starfish.config import (
-    BATCHNORM_MODES,
-    CACHE_MODES,
-    HEAL_PRESETS,
-    KEEP,
-    LOSSES,
-    SOLVERS,
-    WARM_STARTS,
-    CalibrationConfig,
-    DataConfig,
-    EvalConfig,
-    GateConfig,
-    HealConfig,
-    ModelConfig,
-    PruneConfig,
-)
-from starfish.datasets import DATASET_KINDS
+from starfish.config import SECTIONS
 from starfish.healing import HEALERS
-from starfish.precision import PRECISIONS
 from starfish.pruning import PRUNERS
 
-SECTIONS = {"prune": PruneConfig, "heal": HealConfig, "model": ModelConfig, "calibration": CalibrationConfig,
-            "evaluate": EvalConfig, "gate": GateConfig, "data": DataConfig}  # the form's order: the usual choices first
-CHOICES = {  # the fields whose values the config checks against a set of names
-    ("data", "kind"): DATASET_KINDS, ("prune", "method"): tuple(PRUNERS.names()),
-    ("heal", "preset"): tuple(HEAL_PRESETS), ("heal", "method"): tuple(HEALERS.names()),
-    ("heal", "loss"): LOSSES, ("heal", "warm_start"): WARM_STARTS, ("heal", "keep"): KEEP,
-    ("heal", "batchnorm"): BATCHNORM_MODES, ("heal", "solver"): SOLVERS, ("heal", "cache"): CACHE_MODES,
-    ("heal", "precision"): PRECISIONS, ("evaluate", "precision"): PRECISIONS,
-}
+ORDER = ("prune", "heal", "model", "calibration", "evaluate", "gate", "data")  # the form's: the usual choices first
+REGISTRY_CHOICES = {("prune", "method"): tuple(PRUNERS.names()), ("heal", "method"): tuple(HEALERS.names())}
+# (the other fields with choices declare them as `Literal` in the config itself)
 
 
 def _section_model(section: str, cls: type) -> type[BaseModel]:
-    hints = typing.get_type_hints(cls)
     fields: dict[str, Any] = {}
-    for field in dataclasses.fields(cls):
-        choices = CHOICES.get((section, field.name))
-        kind = Literal[choices] if choices else hints[field.name]
-        fields[field.name] = (kind | None, None)
+    for name, info in cls.__pydantic_fields__.items():
+        choices = REGISTRY_CHOICES.get((section, name))
+        kind = Literal[choices] if choices else info.annotation
+        fields[name] = (kind | None, Field(None, description=info.description))
     return create_model(f"{section.title()}Settings", __config__=ConfigDict(extra="forbid"), **fields)
 
 
-_MODELS = {name: _section_model(name, cls) for name, cls in SECTIONS.items()}
+_MODELS = {name: _section_model(name, SECTIONS[name]) for name in ORDER}
 Settings = create_model("Settings", __config__=ConfigDict(extra="forbid"),
                         **{name: (model, Field(default_factory=model)) for name, model in _MODELS.items()})
 Settings.__doc__ = "Config fields to set for this run; an empty field keeps params.yaml's value."

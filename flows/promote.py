@@ -9,7 +9,7 @@ from prefect import flow
 from flows.common import check_before_prefect, cli, markdown_table, publish, run_cli
 from flows.session import flow_session
 from starfish import tracking
-from starfish.config import load_config
+from starfish.params import load_config
 from tasks import promote_version
 
 

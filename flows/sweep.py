@@ -40,8 +40,9 @@ from flows.common import absolute, check_before_prefect, cli, markdown_table, po
 from flows.promote import promote as promote_flow
 from flows.session import flow_session
 from starfish import tracking
-from starfish.config import PipelineConfig, load_config
+from starfish.config import PipelineConfig
 from starfish.errors import StarfishError
+from starfish.params import load_config
 from tasks import evaluate, heal, prune, register, sample_calibration
 
 log = logging.getLogger("starfish.flows")

@@ -19,7 +19,7 @@ from prefect.events import emit_event
 from flows.common import absolute, check_before_prefect, cli, run_cli
 from flows.session import flow_session
 from starfish import tracking
-from starfish.config import load_config
+from starfish.params import load_config
 from tasks import sample_calibration
 
 log = logging.getLogger("starfish.flows")

@@ -35,14 +35,16 @@ import torch
 from torch.utils.data import Subset
 
 from starfish.calibration import stratified_indices
-from starfish.config import VARIANTS, HealConfig, PipelineConfig, result_fields, variant_config
+from starfish.config import HealConfig, PipelineConfig
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold, measured_sparsity, predict
+from starfish.fingerprints import result_fields
 from starfish.healing import heal_
 from starfish.healing.batchnorm import has_batchnorm
 from starfish.io import atomic_write_bytes, atomic_write_json, canonical_json, read_json, sha256_bytes
 from starfish.models import device_of
 from starfish.plots import save_png, subplots
+from starfish.presets import VARIANTS, variant_config
 from starfish.pruning import nm_pattern_for, prune, sparsify_
 from starfish.pruning.masks import Masks
 from starfish.pruning.structured import STRUCTURED_METHODS, parse_structure, size_ratios, slim_, slim_masks

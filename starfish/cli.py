@@ -21,7 +21,7 @@ NAMES_EPILOG = "`starfish list` names the pruners, scopes, healers, heal presets
 
 
 def _config(args: argparse.Namespace):
-    from starfish.config import load_config
+    from starfish.params import load_config
 
     params = args.params
     if params is None and Path(DEFAULT_PARAMS).is_file():
@@ -35,7 +35,9 @@ def _print(result: dict) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    _print(_config(args).to_dict())
+    from starfish.config import json_schema
+
+    _print(json_schema() if args.schema else _config(args).to_dict())
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -176,8 +178,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    from starfish.config import HEAL_PRESETS, PRESET_SUMMARIES, VARIANTS
     from starfish.healing import HEALERS
+    from starfish.presets import HEAL_PRESETS, PRESET_SUMMARIES, VARIANTS
     from starfish.pruning import PRUNERS, SCOPE_PRESETS
 
     convs = {"dense": "convs except depthwise", "none": "no convs", "all": "every conv, depthwise too"}
@@ -228,7 +230,7 @@ def cmd_scale(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from starfish.bench import DEFAULT_HEALERS
-    from starfish.config import VARIANTS
+    from starfish.presets import VARIANTS
 
     parser = argparse.ArgumentParser(prog="starfish", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -243,8 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    step("config", cmd_config, "print the effective configuration (params file, heal preset, overrides) that "
-         "every step would run with; runs nothing", names=True)
+    p = step("config", cmd_config, "print the effective configuration (params file, heal preset, overrides) that "
+             "every step would run with; runs nothing", names=True)
+    p.add_argument("--schema", action="store_true",
+                   help="print the JSON schema of params.yaml instead (types, choices, bounds), e.g. for an editor")
     p = step("sample", cmd_sample, "write the calibration split manifest")
     p.add_argument("--out", required=True, help="manifest path (.json)")
     p = step("prune", cmd_prune, "prune the dense model into a checkpoint with masks", names=True)

@@ -366,10 +366,11 @@ def _solve(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
     16 at width 64) against every row at once (the solver before `heal.solve_memory_mb`)."""
     import copy
 
-    from starfish.config import AUTHORS_STEPS, HealConfig, PruneConfig
+    from starfish.config import HealConfig, PruneConfig
     from starfish.healing import heal_
     from starfish.healing.baselines import cg_least_squares, masked_least_squares
     from starfish.models import DEMO_CHECKPOINT, DEMO_MODEL, create_model
+    from starfish.presets import AUTHORS_STEPS
     from starfish.pruning import prune, sparsify_
 
     rows, width = SOLVE_SHAPE

@@ -32,10 +32,11 @@ from starfish.calibration import (
     resolve_manifest,
     write_manifest,
 )
-from starfish.config import PipelineConfig, result_fields
+from starfish.config import PipelineConfig
 from starfish.datasets import ImageDataset, load_dataset
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold, compare, measured_sparsity, predict
+from starfish.fingerprints import result_fields
 from starfish.formats import bitmask
 from starfish.healing import heal_
 from starfish.io import (

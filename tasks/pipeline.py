@@ -23,8 +23,9 @@ from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 from starfish import steps, tracking
-from starfish.config import PipelineConfig, from_dict, result_fields
+from starfish.config import PipelineConfig, from_dict
 from starfish.errors import StarfishError
+from starfish.fingerprints import result_fields
 from starfish.io import canonical_json, sha256_bytes, sha256_file
 from tasks import dvc
 from tasks.results import PlainJSON, PlainJSONKeyStorage

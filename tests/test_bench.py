@@ -14,10 +14,12 @@ import pytest
 
 from starfish import bench as bench_module
 from starfish.bench import BenchConfig, claim, heal_fingerprint_fields, run_bench
-from starfish.config import HealConfig, load_config, variant_config
+from starfish.config import HealConfig
 from starfish.errors import StarfishError
 from starfish.io import read_json
 from starfish.models import create_model
+from starfish.params import load_config
+from starfish.presets import variant_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

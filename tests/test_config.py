@@ -12,8 +12,10 @@ import yaml
 
 from flows.common import point_config
 from starfish.cli import main
-from starfish.config import HEAL_PRESETS, HealConfig, PipelineConfig, from_dict, load_config, read_yaml, variant_config
+from starfish.config import HealConfig, PipelineConfig, from_dict
 from starfish.errors import StarfishError
+from starfish.params import load_config, read_yaml
+from starfish.presets import HEAL_PRESETS, variant_config
 
 
 def test_repository_params_load(params_path: Path) -> None:
@@ -49,7 +51,7 @@ def test_every_preset_from_the_repository_root_is_what_runs(
 
 def test_a_field_set_beside_a_preset_wins_and_the_log_says_what_it_replaced(
         params_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="starfish.config"):
+    with caplog.at_level(logging.INFO, logger="starfish.params"):
         heal = load_config(params_path, ["heal.preset=fast", "heal.keep=best"]).heal
     assert heal == HealConfig.from_preset("fast", keep="best")
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("heal preset 'fast'"))
@@ -177,3 +179,23 @@ def test_model_kwargs_from_yaml_or_one_entry_at_a_time(tmp_path: Path) -> None:
         load_config(None, ["model.kwargs=384"])
     with pytest.raises(StarfishError, match="which starfish never passes to timm"):
         load_config(None, ["model.kwargs.num_classes=5"])
+
+
+def test_the_printed_schema_validates_params_files_as_the_config_does(
+        params_path: Path, repo_root: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`starfish config --schema`, read by a JSON Schema validator (as an editor reads it): the
+    shipped params.yaml passes, and a value the config refuses is refused there too."""
+    import jsonschema
+
+    monkeypatch.chdir(repo_root)
+    assert main(["config", "--schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    validator = jsonschema.Draft202012Validator(schema)
+    validator.validate(read_yaml(params_path.read_text()))
+    for section, field, value in [("heal", "batchnorm", "eval"), ("calibration", "fraction", 0),
+                                  ("heal", "holdout", 0.5), ("heal", "steps", 0), ("evaluate", "batch_size", "x")]:
+        with pytest.raises(jsonschema.ValidationError):
+            validator.validate({section: {field: value}})
+        with pytest.raises(StarfishError, match=f"{section}.{field}="):
+            from_dict({section: {field: value}})

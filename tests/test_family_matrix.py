@@ -11,10 +11,11 @@ import pytest
 import timm
 import torch
 
-from starfish.config import HEAL_PRESETS, HealConfig, PruneConfig
+from starfish.config import HealConfig, PruneConfig
 from starfish.errors import StarfishError
 from starfish.healing import heal_
 from starfish.models import load_checkpoint, save_checkpoint
+from starfish.presets import HEAL_PRESETS
 from starfish.pruning import prune, sparsify_
 from starfish.pruning.structured import find_groups, slim_, slim_masks
 from starfish.steps import export_step, onnx_export_step

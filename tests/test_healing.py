@@ -14,7 +14,7 @@ from torch import nn
 
 from starfish.calibration import stratified_indices
 from starfish.capture import ActivationCapture, block_names, state_names
-from starfish.config import VARIANTS, HealConfig, PruneConfig, variant_config
+from starfish.config import HealConfig, PruneConfig
 from starfish.datasets import FashionMNIST
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold
@@ -30,6 +30,7 @@ from starfish.healing.batchnorm import batchnorm_buffers
 from starfish.healing.common import cosine_loss, masked_training, nmse_loss, split_calibration
 from starfish.healing.targets import available_memory, choose_mode
 from starfish.models import create_model, load_checkpoint, save_checkpoint
+from starfish.presets import VARIANTS, variant_config
 from starfish.pruning import prune, sparsify_
 from starfish.pruning.masks import Masks
 from starfish.rows import FileRows, scratch_folder

@@ -15,9 +15,9 @@ from servers import served
 
 from flows.compress import compress
 from flows.promote import promote
-from starfish.config import load_config
 from starfish.io import read_json
 from starfish.models import load_checkpoint
+from starfish.params import load_config
 from starfish.pruning.structured import architecture_of
 
 pytestmark = pytest.mark.slow

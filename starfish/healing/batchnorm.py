@@ -27,6 +27,7 @@ from starfish.models import device_of
 if TYPE_CHECKING:
     from starfish.healing.common import Images
 
+BATCHNORM_MODES = ("train", "frozen", "recalibrate")  # heal.batchnorm, as the docstring above describes them
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
     """The BatchNorm layers that keep running statistics."""

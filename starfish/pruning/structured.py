@@ -279,6 +279,20 @@ def parse_structure(structure: str) -> tuple[str, ...]:
     return parts
 
 
+def check_structure_fields(method: str, structure: str, scope: str) -> None:
+    """`prune.structure` with the method and scope beside it: units are scored by a structured
+    method, torch-pruning scores nothing else, and structure prunes every unit of its kind."""
+    parse_structure(structure)
+    if structure != "unstructured" and method not in STRUCTURED_METHODS:
+        raise StarfishError(f"prune.method={method!r} prunes single weights; prune.structure={structure!r} "
+                            "takes magnitude, wanda or torch-pruning")
+    if structure == "unstructured" and method == "torch-pruning":
+        raise StarfishError("prune.method=torch-pruning removes whole units: set prune.structure (e.g. neurons+heads)")
+    if structure != "unstructured" and scope != "default":
+        raise StarfishError(f"prune.scope={scope!r} chooses layers for unstructured pruning; prune.structure="
+                            f"{structure!r} prunes every unit of its kind: leave prune.scope at default")
+
+
 def find_groups(model: nn.Module, structures: tuple[str, ...] = STRUCTURES) -> list[Group]:
     """Every group of the named structures in `model`, in forward order. ConvNeXt's MLP (its
     only inner channels) counts as both neurons and channels."""

@@ -29,14 +29,18 @@ def absolute(path: str) -> str:
 
 
 class StepStates:
-    """Calls tasks in order and keeps each one's final state name: `Cached` means it was skipped."""
+    """Calls tasks in order and keeps each one's final state name (`Cached` means it was skipped),
+    telling `on_state(step, state)` as each one ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_state: Callable[[str, str], None] | None = None) -> None:
         self.states: dict[str, str] = {}
+        self.on_state = on_state
 
     def __call__(self, task: Task, *args: Any, **kwargs: Any) -> Any:
         state = task(*args, return_state=True, **kwargs)
         self.states[task.name] = state.name
+        if self.on_state is not None:
+            self.on_state(task.name, state.name)
         return state.result()
 
 

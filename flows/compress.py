@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from prefect.runtime import flow_run
 
 from flows.common import (
     StepStates,
@@ -29,8 +30,9 @@ from flows.parameters import Settings, as_overrides
 from flows.promote import promote as promote_flow
 from flows.session import flow_session
 from starfish import tracking
-from starfish.config import load_config
+from starfish.params import load_config
 from tasks import evaluate, heal, prune, register, sample_calibration
+from tasks.pipeline import flow_start
 from tasks.results import PlainJSON
 
 DEFAULT_WORKDIR = "out/compress"
@@ -43,6 +45,8 @@ def compress(params: str | None = "params.yaml", overrides: list[str] | None = N
              model_name: str | None = None, tracking_uri: str | None = None, promote: bool = True,
              healer: str | None = None, settings: Settings = Settings()) -> dict[str, Any]:
     """Compress one model and register it as `challenger`; with `promote`, then run the gate.
+    One MLflow run spans it, from its start: each step's state is tagged as the step ends, the
+    evaluation logged before the gate decides, and a failure ends the run FAILED with its line.
     `healer` names a sweep's healer variant, which replaces the heal section (keeping its budget).
     `settings` sets config fields by type (the form Prefect's UI shows), applied before `overrides`."""
     overrides = [*as_overrides(settings), *(overrides or [])]
@@ -51,13 +55,16 @@ def compress(params: str | None = "params.yaml", overrides: list[str] | None = N
     tracking.preflight(uri)  # an unreachable store fails here, before any compute
     workdir, calibration = absolute(workdir), absolute(calibration)
     name = model_name or tracking.registered_model_name(cfg)
-    run = StepStates()
-    split = run(sample_calibration, config, calibration)
-    pruned = run(prune, config, split, workdir)
-    healed = run(heal, config, pruned, split, workdir)
-    evaluation = run(evaluate, config, pruned, healed, workdir)
-    registered = run(register, config, split, pruned, healed, evaluation, name, uri, workdir)
-    decision = promote_flow(name, registered["version"], params, overrides, uri) if promote else None
+    with tracking.flow_run(cfg, uri, flow_run_id=flow_run.id, started_at=flow_start()) as run_id:
+        run = StepStates(lambda step, state: tracking.tag_run(uri, run_id, {tracking.STEP_TAG + step: state}))
+        split = run(sample_calibration, config, calibration)
+        pruned = run(prune, config, split, workdir)
+        healed = run(heal, config, pruned, split, workdir)
+        evaluation = run(evaluate, config, pruned, healed, workdir)
+        tracking.log_run_metrics(uri, run_id, {key: evaluation[key] for key in tracking.METRICS})
+        registered = run(register, config, split, pruned, healed, evaluation, name, uri, workdir, mlflow_run_id=run_id)
+        tracking.tag_run(uri, run_id, {tracking.VERSION_TAG: f"{name}/{registered['version']}"})
+        decision = promote_flow(name, registered["version"], params, overrides, uri) if promote else None
 
     outputs = {"sample_calibration": split, "prune": pruned, "heal": healed, "evaluate": evaluation}
     rows = [{"step": step, "state": state, "output": outputs[step]["path"] if step in outputs else registered["run_id"],

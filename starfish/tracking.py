@@ -49,6 +49,9 @@ CHALLENGER = "challenger"
 CHAMPION = "champion"
 REGISTER_KEY_TAG = "starfish.register_key"  # on the run and its version: one registration per key
 SPLIT_HASH_TAG = "starfish.calibration_split_hash"  # on the run: the calibration split it was healed on
+ERROR_TAG = "starfish.error"  # on a flow's run: the line its failure printed
+STEP_TAG = "starfish.step."  # + a step's name, on a flow's run: its final state (Completed, Cached, ...)
+VERSION_TAG = "starfish.version"  # on a flow's run: the version it registered or reused (name/version)
 MODEL_ARTIFACT = "model"
 METRICS = ("dense_top1", "pruned_top1", "healed_top1", "recovery", "sparsity", "sparsity_drift")
 _PACKAGES = ("torch", "timm", "safetensors", "numpy", "onnxruntime")
@@ -303,12 +306,13 @@ def _holder_dead(tags: dict[str, str]) -> bool:
     return not process_alive(int(pid))
 
 
-def _earlier_attempt(client: Any, experiment_id: str, model_name: str, key: str) -> Any:
+def _earlier_attempt(client: Any, experiment_id: str, model_name: str, key: str, current: str | None) -> Any:
     """The version an earlier attempt with this registration key left complete, or None.
 
     Called under `registry_lock`, so no other attempt is registering now: one whose run is not
-    FINISHED (or that left no version) died part-way, and is removed with every version it
-    registered, so a retry leaves exactly one version and no orphan."""
+    FINISHED (or that left no version) died part-way. Every version it registered is removed, so
+    a retry leaves exactly one version. Its run stays as the record of what happened: no longer
+    an attempt (the key tag removed) and FAILED, unless it is `current`, the run retrying now."""
     complete = None
     for run in client.search_runs([experiment_id], filter_string=f"tags.`{REGISTER_KEY_TAG}` = '{key}'"):
         versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
@@ -317,7 +321,11 @@ def _earlier_attempt(client: Any, experiment_id: str, model_name: str, key: str)
             continue
         for stale in versions:
             client.delete_model_version(stale.name, stale.version)
-        client.delete_run(run.info.run_id)
+        if run.info.run_id != current:
+            client.delete_tag(run.info.run_id, REGISTER_KEY_TAG)
+            client.set_tag(run.info.run_id, ERROR_TAG, "its registration died part-way; a later attempt removed "
+                                                       f"its {len(versions)} version(s)")
+            client.set_terminated(run.info.run_id, "FAILED")
         log.warning("removed the unfinished registration attempt %s (%d version(s))", run.info.run_id, len(versions))
     return complete
 
@@ -346,21 +354,103 @@ def version_tags(cfg: PipelineConfig, healed: str | Path) -> dict[str, str]:
             "dense_state_sha256": str(checkpoint_metadata(healed).get("dense_state_sha256", "unknown"))}
 
 
+def _run_name(cfg: PipelineConfig) -> str:
+    healer = cfg.heal.method if cfg.heal.preset == "default" else f"{cfg.heal.method}-{cfg.heal.preset}"
+    return f"{cfg.model.name}-{cfg.prune.method}{cfg.prune.sparsity:g}-{healer}"
+
+
+def _source_tags(cfg: PipelineConfig, flow_run_id: str | None) -> dict[str, str]:
+    """Where a run came from: the commit (a hash; whether tracked files differed is its own tag),
+    the model, the Prefect flow run."""
+    commit = git_commit()
+    return {"mlflow.source.git.commit": commit[0] if commit else "unknown",
+            "starfish.git_dirty": str(commit[1]).lower() if commit else "unknown",
+            "starfish.model_name": cfg.model.name, "prefect.flow_run_id": flow_run_id or "none"}
+
+
+def _system_metrics(run_id: str, uri: str) -> Any:
+    """MLflow's sampler of this process's machine (CPU, memory, disk, GPUs it sees) into the run,
+    started; None where it is switched off (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false)."""
+    if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() == "false":
+        return None
+    from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() or 10,
+                                   tracking_uri=uri)
+    monitor.start()
+    return monitor
+
+
+@contextlib.contextmanager
+def flow_run(cfg: PipelineConfig, uri: str, flow_run_id: str | None = None,
+             started_at: float | None = None) -> Iterator[str]:
+    """One MLflow run spanning a compress flow run (its id is yielded): opened when the flow
+    starts (`started_at`, epoch seconds), with its config as params and system metrics sampled
+    while it lasts. Its registration ends it FINISHED (`log_compress_run(run_id=...)`); a flow that
+    fails before that ends it FAILED, with the error's line as a tag. A failure after it (in
+    promotion) is tagged and leaves it FINISHED, so its version stays promotable."""
+    import mlflow
+    from mlflow.entities import Param, RunTag
+
+    from starfish.errors import error_line
+
+    mlflow.set_tracking_uri(uri)
+    client = client_for(uri)
+    run_id = client.create_run(_use_experiment(uri), start_time=int(started_at * 1000) if started_at else None,
+                               tags=_source_tags(cfg, flow_run_id), run_name=_run_name(cfg)).info.run_id
+    client.log_batch(run_id, params=[Param(f"{section}.{key}", str(value)) for section, fields in
+                                     cfg.to_dict().items() for key, value in fields.items()])
+    log.info("MLflow run %s opened for this flow run", run_id)
+    monitor = _system_metrics(run_id, uri)
+    try:
+        try:
+            yield run_id
+        finally:
+            if monitor is not None:
+                monitor.finish()
+    except BaseException as exc:
+        line = (error_line(exc) or f"{type(exc).__name__}: {exc}").removeprefix("starfish: error: ")
+        with contextlib.suppress(Exception):  # the store itself may be what failed
+            client.log_batch(run_id, tags=[RunTag(ERROR_TAG, line[:4000])])
+            if client.get_run(run_id).info.status != "FINISHED":
+                client.set_terminated(run_id, "FAILED")
+        raise
+    if client.get_run(run_id).info.status != "FINISHED":  # it reused an earlier registration
+        client.set_terminated(run_id, "FINISHED")
+
+
+def tag_run(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    """Set tags on a run: a flow's step states as each step ends, the version it registered."""
+    from mlflow.entities import RunTag
+
+    client_for(uri).log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+
+
+def log_run_metrics(uri: str, run_id: str, metrics: dict[str, float]) -> None:
+    """Log metrics to a run (a flow's evaluation, before the gate decides whether to register)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client_for(uri).log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
+
+
 def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed: dict[str, Any],
                      evaluation: dict[str, Any], model: torch.nn.Module, masks: Masks, example: np.ndarray,
                      curve: list[dict[str, Any]], export: dict[str, Any], model_name: str, uri: str,
                      report_dir: str | Path, register_key: str, flow_run_id: str | None = None,
-                     started_at: float | None = None) -> dict[str, Any]:
+                     started_at: float | None = None, run_id: str | None = None) -> dict[str, Any]:
     """Record one compressed model and register it as a version with alias `challenger`.
 
     What is recorded comes in loaded: the healed `model` (on the CPU) and its `masks`, an input
     `example`, the heal loss `curve`, and `export`, the compressed checkpoint that is registered
     (`steps.export_step`'s result: its path and sizes); `healed` is the heal step's result.
-    The gate is checked first, so a model that failed a check leaves no trace in MLflow.
+    The gate is checked first, so a model that failed a check is never registered.
     `register_key` names this registration: a retry finds a complete earlier attempt and reuses
-    it, or removes an unfinished one first. `started_at` (epoch seconds; the flow run's start)
-    is the run's start time. The version's tags and the alias are set inside the
-    run, so a run is FINISHED only when all of it was written.
+    it, or removes an unfinished one first. It records into `run_id` (a flow's run, `flow_run`)
+    or a run of its own that starts at `started_at` (epoch seconds; the flow run's start). The
+    version's tags and the alias are set inside the run, so a run is FINISHED only when all of it
+    was written.
     """
     import mlflow
     import pandas as pd
@@ -380,7 +470,7 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
     client = client_for(uri)
     with registry_lock(client, model_name):  # the check for an earlier attempt, then the registration
         experiment_id = _use_experiment(uri)
-        earlier = _earlier_attempt(client, experiment_id, model_name, register_key)
+        earlier = _earlier_attempt(client, experiment_id, model_name, register_key, run_id)
         if earlier is not None:
             client.set_registered_model_alias(model_name, CHALLENGER, earlier.version)
             log.info("%s version %s was registered by an earlier attempt; reused", model_name, earlier.version)
@@ -388,29 +478,27 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
                     "version": str(earlier.version), "report": str(report), "plot": str(plot), "tracking_uri": uri,
                     "recovery": metrics["recovery"]}
         manifest = read_json(calibration["path"])
-        commit, card = git_commit(), model_card(report)
+        card = model_card(report)
         tags = {
-            "mlflow.source.git.commit": commit[0] if commit else "unknown",
-            "starfish.git_dirty": str(commit[1]).lower() if commit else "unknown",  # the commit stays a hash
+            **_source_tags(cfg, flow_run_id),
             "mlflow.note.content": card,  # the run's description
             SPLIT_HASH_TAG: calibration["split_hash"],
             "starfish.calibration_dvc_md5": calibration["md5"],
-            "starfish.model_name": cfg.model.name,
-            "prefect.flow_run_id": flow_run_id or "none",
             REGISTER_KEY_TAG: register_key,
         }
-        healer = cfg.heal.method if cfg.heal.preset == "default" else f"{cfg.heal.method}-{cfg.heal.preset}"
-        run_name = f"{cfg.model.name}-{cfg.prune.method}{cfg.prune.sparsity:g}-{healer}"
-        # The run starts when the flow did, so its duration is the whole compression, not the registration.
-        opened = client.create_run(experiment_id, start_time=int(started_at * 1000) if started_at else None,
-                                   tags=tags, run_name=run_name)
-        with mlflow.start_run(run_id=opened.info.run_id) as run:
+        # A run of its own starts when the flow did, so its duration is the whole compression.
+        run_id = run_id or client.create_run(experiment_id, start_time=int(started_at * 1000) if started_at else None,
+                                             run_name=_run_name(cfg)).info.run_id
+        tag_run(uri, run_id, tags)
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False) as run:  # a flow's run samples already
             mlflow.log_params({f"{section}.{key}": value for section, fields in cfg.to_dict().items()
                                for key, value in fields.items()})
             costs = {key: float(metrics[key]) for key in ("flops_ratio", "params_ratio") if key in metrics}
             latency = {"latency_ratio": float(export["latency_ratio"])} if "latency_ratio" in export else {}
-            mlflow.log_metrics({**{key: float(metrics[key]) for key in METRICS}, **costs, **latency,
-                                "heal_seconds": float(healed["heal_seconds"])})
+            logged = client.get_run(run_id).data.metrics  # a flow's run has its evaluation already
+            mlflow.log_metrics({key: value for key, value in {**{key: float(metrics[key]) for key in METRICS}, **costs,
+                                **latency, "heal_seconds": float(healed["heal_seconds"])}.items()
+                                if logged.get(key) != value})
             for point in curve:
                 mlflow.log_metrics({f"heal_{k}": point[k] for k in ("calibration_loss", "holdout_loss")
                                     if point[k] is not None}, step=point["step"])
@@ -455,6 +543,7 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
                 client.set_model_version_tag(model_name, model_version, key, value)
             client.set_model_version_tag(model_name, model_version, REGISTER_KEY_TAG, register_key)
             client.set_registered_model_alias(model_name, CHALLENGER, model_version)
+            mlflow.set_tag(VERSION_TAG, f"{model_name}/{model_version}")
     log.info("registered %s version %s (alias %s) from run %s", model_name, model_version, CHALLENGER,
              run.info.run_id)
     return {"run_id": run.info.run_id, "model_uri": info.model_uri, "model_name": model_name,

@@ -43,6 +43,8 @@ STEP_SECTIONS = {
 # Facts about how a step ran, not what it made: left out of the keys of the steps after it, so a
 # rebuilt output with the same bytes lets them stay cached.
 RUN_FACTS = ("heal_seconds",)
+# Parameters that say where a step's record goes, not what it computes: left out of its key.
+UNKEYED = ("config", "mlflow_run_id")
 
 
 def step_key(step: str, params: Mapping[str, Any]) -> str:
@@ -52,7 +54,7 @@ def step_key(step: str, params: Mapping[str, Any]) -> str:
     checkpoint = config["model"]["checkpoint"]
     dense = sha256_file(checkpoint) if "model" in sections and checkpoint and Path(checkpoint).is_file() else None
     inputs = {name: {k: v for k, v in value.items() if k not in RUN_FACTS} if isinstance(value, dict) else value
-              for name, value in params.items() if name != "config"}
+              for name, value in params.items() if name not in UNKEYED}
     payload = {"step": step, "config": {name: result_fields(name, config[name]) for name in sections},
                "dense_sha256": dense,
                "inputs": inputs}
@@ -132,8 +134,9 @@ def evaluate(config: dict[str, Any], pruned: Ref, healed: Ref, workdir: str) -> 
 
 @pipeline_task("register")
 def register(config: dict[str, Any], calibration: Ref, pruned: Ref, healed: Ref, evaluation: Ref,
-             model_name: str, tracking_uri: str, workdir: str) -> Ref:
-    """Log the run to MLflow and register the model as `challenger`, if it passed every check."""
+             model_name: str, tracking_uri: str, workdir: str, mlflow_run_id: str | None = None) -> Ref:
+    """Log the run to MLflow and register the model as `challenger`, if it passed every check:
+    into `mlflow_run_id` (the compress flow's run), or a run of its own (a sweep's point)."""
     params = dict(config=config, calibration=calibration, pruned=pruned, healed=healed, evaluation=evaluation,
                   model_name=model_name, tracking_uri=tracking_uri, workdir=workdir)
     out = output_dir("register", **params)
@@ -145,10 +148,10 @@ def register(config: dict[str, Any], calibration: Ref, pruned: Ref, healed: Ref,
         return tracking.log_compress_run(cfg, calibration=calibration, healed=healed, evaluation=evaluation,
                                          model_name=model_name, uri=tracking_uri, report_dir=out,
                                          register_key=step_key("register", params), flow_run_id=flow_run.id,
-                                         started_at=_flow_start(), **recorded)
+                                         started_at=flow_start(), run_id=mlflow_run_id, **recorded)
 
 
-def _flow_start() -> float | None:
+def flow_start() -> float | None:
     """When the flow run this task belongs to started (epoch seconds), or None outside one."""
     context = FlowRunContext.get()
     start = context.flow_run.start_time if context and context.flow_run else None

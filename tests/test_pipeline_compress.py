@@ -76,6 +76,7 @@ def first_run(prefect_harness, params_path: Path, pipeline_overrides: list[str],
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tracking, "log_compress_run", flaky)
+        patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # samples within the short test heal
         run = run_compress(params_path, pipeline_overrides, pipeline_dir, store)
     return run, len(calls)
 
@@ -121,6 +122,13 @@ def test_compress_logs_and_registers_everything(first_run: tuple[FlowRun, int], 
         flow_started = prefect.read_flow_run(run.id).start_time.timestamp()
     assert logged.info.start_time / 1000 == pytest.approx(flow_started, abs=0.01)
     assert (logged.info.end_time - logged.info.start_time) / 1000 > logged.data.metrics["heal_seconds"]
+    # one run for the flow: each step's state tagged as it ended, the machine sampled while it ran
+    assert logged.info.status == "FINISHED" and tracking.ERROR_TAG not in tags
+    assert {step: tags[tracking.STEP_TAG + step] for step in STEPS} == dict.fromkeys(STEPS, "Completed")
+    assert tags[tracking.VERSION_TAG] == f"{registered['model_name']}/{registered['version']}"
+    system = {key for key in logged.data.metrics if key.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
+    assert [run.info.run_id for run in client.search_runs([logged.info.experiment_id])] == [logged.info.run_id]
 
     inputs = {tag.value: item.dataset for item in logged.inputs.dataset_inputs for tag in item.tags
               if tag.key == "mlflow.data.context"}
@@ -306,7 +314,14 @@ def test_failed_evaluation_is_not_retried_and_nothing_is_registered(
     runs = task_runs(str(state.state_details.flow_run_id))
     assert runs["evaluate"].run_count == 1 and runs["evaluate"].state.name == "Failed"
     assert "register" not in runs
-    assert MlflowClient(uri).search_model_versions() == []
+    client = MlflowClient(uri)
+    assert client.search_model_versions() == []
+    # the flow's run ended FAILED with the line the failure printed, its finished steps tagged
+    [failed] = client.search_runs([client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id])
+    assert failed.info.status == "FAILED" and failed.info.end_time
+    assert failed.data.tags[tracking.ERROR_TAG] == "injected: healed weights at pruned positions are non-zero"
+    assert failed.data.tags[tracking.STEP_TAG + "heal"] in ("Completed", "Cached")
+    assert failed.data.tags[tracking.STEP_TAG + "evaluate"] == "Failed"
 
 
 def test_a_registration_that_dies_part_way_leaves_one_version_and_no_orphan(

@@ -25,6 +25,7 @@ from mlflow import MlflowClient
 from servers import AWS, Service, mlflow_server, s3_keys, s3_server
 
 from flows.session import free_port
+from starfish import tracking
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -200,7 +201,11 @@ def test_every_passing_point_is_registered_once_and_the_failure_stays_a_row(pool
     versions = sorted(str(v.version) for v in client.search_model_versions(f"name='{NAME}'"))
     assert versions == sorted([rows[0.5]["version"], rows[0.75]["version"]])
     runs = client.search_runs([client.get_experiment_by_name("starfish").experiment_id])
-    assert len(runs) == 2  # one registration per passing point; the failed point left no run
+    finished = [run for run in runs if run.info.status == "FINISHED"]
+    assert sorted(run.data.tags[tracking.VERSION_TAG].rsplit("/", 1)[1] for run in finished) == versions
+    [refused] = [run for run in runs if run.info.status != "FINISHED"]  # each point is a compress run from its start
+    assert refused.info.status == "FAILED" and "sparsity drift" in refused.data.tags[tracking.ERROR_TAG]
+    assert refused.data.metrics["sparsity_drift"] > 0  # its evaluation is recorded, and it registered nothing
 
     best = max((rows[0.5], rows[0.75]), key=lambda row: row["recovery"])
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == best["version"]

@@ -56,14 +56,14 @@ def compress(params: str | None = "params.yaml", overrides: list[str] | None = N
     workdir, calibration = absolute(workdir), absolute(calibration)
     name = model_name or tracking.registered_model_name(cfg)
     with tracking.flow_run(cfg, uri, flow_run_id=flow_run.id, started_at=flow_start()) as run_id:
-        run = StepStates(lambda step, state: tracking.tag_run(uri, run_id, {tracking.STEP_TAG + step: state}))
+        run = StepStates(lambda step, state: tracking.note_on_run(uri, run_id, {tracking.STEP_TAG + step: state}))
         split = run(sample_calibration, config, calibration)
         pruned = run(prune, config, split, workdir)
         healed = run(heal, config, pruned, split, workdir)
         evaluation = run(evaluate, config, pruned, healed, workdir)
-        tracking.log_run_metrics(uri, run_id, {key: evaluation[key] for key in tracking.METRICS})
+        tracking.note_on_run(uri, run_id, metrics={key: evaluation[key] for key in tracking.METRICS})
         registered = run(register, config, split, pruned, healed, evaluation, name, uri, workdir, mlflow_run_id=run_id)
-        tracking.tag_run(uri, run_id, {tracking.VERSION_TAG: f"{name}/{registered['version']}"})
+        tracking.note_on_run(uri, run_id, {tracking.VERSION_TAG: f"{name}/{registered['version']}"})
         decision = promote_flow(name, registered["version"], params, overrides, uri) if promote else None
 
     outputs = {"sample_calibration": split, "prune": pruned, "heal": healed, "evaluate": evaluation}

@@ -135,7 +135,7 @@ def gate_failures(metrics: dict[str, Any], gate: GateConfig) -> list[str]:
 
 
 def check_registrable(metrics: dict[str, Any], gate: GateConfig) -> None:
-    """Raise if a model failed a check: such a model is never logged nor registered."""
+    """Raise if a model failed a check: such a model is never registered."""
     failures = gate_failures(metrics, gate)
     if failures:
         raise StarfishError("not registering this model: " + "; ".join(failures))
@@ -232,10 +232,15 @@ def _use_experiment(uri: str) -> str:
     """Make EXPERIMENT the active one (its id is returned); an embedded sqlite store keeps its
     artifacts beside its database."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
         location = (Path(uri[len(SQLITE):]).parent / "mlartifacts").as_uri() if uri.startswith(SQLITE) else None
-        mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+        try:
+            mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+        except MlflowException as exc:  # two flows starting at once: the other one created it first
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     return mlflow.set_experiment(EXPERIMENT).experiment_id
 
 
@@ -262,6 +267,8 @@ def registry_lock(client: Any, model_name: str, timeout: float = LOCK_TIMEOUT_S,
                                                                           "of the model runs; not a model")
             break
         except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":  # held as the store tried, released as it looked
+                continue
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         try:
@@ -420,19 +427,20 @@ def flow_run(cfg: PipelineConfig, uri: str, flow_run_id: str | None = None,
         client.set_terminated(run_id, "FINISHED")
 
 
-def tag_run(uri: str, run_id: str, tags: dict[str, str]) -> None:
-    """Set tags on a run: a flow's step states as each step ends, the version it registered."""
-    from mlflow.entities import RunTag
-
-    client_for(uri).log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
-
-
-def log_run_metrics(uri: str, run_id: str, metrics: dict[str, float]) -> None:
-    """Log metrics to a run (a flow's evaluation, before the gate decides whether to register)."""
-    from mlflow.entities import Metric
+def note_on_run(uri: str, run_id: str, tags: dict[str, str] | None = None,
+                metrics: dict[str, float] | None = None) -> None:
+    """Add tags and metrics to a flow's run as it goes (step states, the evaluation before the
+    gate, the version). A record, not a result: a store that fails here is a warning and the
+    flow goes on, since the register task (which retries) writes what the version needs."""
+    from mlflow.entities import Metric, RunTag
 
     now = int(time.time() * 1000)
-    client_for(uri).log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
+    try:
+        client_for(uri).log_batch(run_id, tags=[RunTag(key, value) for key, value in (tags or {}).items()],
+                                  metrics=[Metric(key, float(value), now, 0) for key, value in (metrics or {}).items()])
+    except Exception as exc:
+        log.warning("could not record %s on MLflow run %s (%s); the flow goes on",
+                    sorted({**(tags or {}), **(metrics or {})}), run_id, str(exc).splitlines()[0] if str(exc) else exc)
 
 
 def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed: dict[str, Any],
@@ -454,6 +462,7 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
     """
     import mlflow
     import pandas as pd
+    from mlflow.entities import RunTag
     from mlflow.models import infer_signature
     from safetensors.torch import save_file
 
@@ -489,7 +498,7 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
         # A run of its own starts when the flow did, so its duration is the whole compression.
         run_id = run_id or client.create_run(experiment_id, start_time=int(started_at * 1000) if started_at else None,
                                              run_name=_run_name(cfg)).info.run_id
-        tag_run(uri, run_id, tags)
+        client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
         with mlflow.start_run(run_id=run_id, log_system_metrics=False) as run:  # a flow's run samples already
             mlflow.log_params({f"{section}.{key}": value for section, fields in cfg.to_dict().items()
                                for key, value in fields.items()})

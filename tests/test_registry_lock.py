@@ -48,6 +48,27 @@ def promoter(uri: str, version: str, barrier: multiprocessing.synchronize.Barrie
         barrier.wait()  # the parent checks and resets
 
 
+def test_a_flow_whose_experiment_another_flow_created_meanwhile_uses_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two flows opening their runs at once on a fresh store both find no experiment and both
+    create it: the second create meets the first's, and that flow uses it instead of failing."""
+    import mlflow
+
+    from starfish.config import PipelineConfig
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    with tracking.flow_run(PipelineConfig(), uri) as first:
+        pass
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", lambda name: None)  # looked before the first created it
+    with tracking.flow_run(PipelineConfig(), uri) as second:
+        pass
+    client = MlflowClient(uri)
+    runs = [client.get_run(run_id) for run_id in (first, second)]
+    assert runs[0].info.experiment_id == runs[1].info.experiment_id
+    assert [run.info.status for run in runs] == ["FINISHED", "FINISHED"]
+
+
 def test_of_two_promotions_at_once_the_better_one_ends_champion(tmp_path: Path) -> None:
     """Without the lock, both read champion v1 (0.96) and both pass; the later write wins, and v3
     (0.97) ended champion over v2 (0.99) in 5 of 12 trials."""

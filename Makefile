@@ -60,7 +60,8 @@ bench: setup
 		--pruners magnitude wanda --sparsities 0.5 --seeds 0 1 2 \
 		--healers none layerwise logit-kd starfish recommended starfish-holdout0
 	$(VENV)/bin/starfish bench --out results/bench_structured/vit_variants --structures neurons+heads \
-		--pruners magnitude --sparsities 0.5 --seeds 0 1 2 --healers starfish starfish-logit starfish-lr1e-3
+		--pruners magnitude --sparsities 0.5 --seeds 0 1 2 \
+		--healers starfish starfish-logit starfish-lr1e-3 starfish-lr3e-4 starfish-nmse
 	$(VENV)/bin/starfish bench --out results/bench_structured/vit_global --structures neurons+heads \
 		--pruners magnitude wanda --sparsities 0.5 --seeds 0 1 2 --healers none starfish --set prune.global_ranking=true
 	$(VENV)/bin/starfish bench --out results/bench_structured/vit_torch_pruning --structures neurons+heads \

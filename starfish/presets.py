@@ -57,9 +57,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "starfish-holdout0.2": {"holdout": 0.2},
     # the last block only: a target whose width structured pruning never narrows (results/bench_structured/cnn)
     "starfish-last-state": {"states": "last"},
-    # STARFISH with a logit term, or a larger step, on structured removal (results/bench_structured/vit_variants)
+    # STARFISH with a logit term, a larger or smaller step, or the normalized squared error, on
+    # structured removal (results/bench_structured/vit_variants)
     "starfish-logit": {"logit_weight": 1.0},
     "starfish-lr1e-3": {"lr": 1e-3},
+    "starfish-lr3e-4": {"lr": 3e-4},
+    "starfish-nmse": {"loss": "nmse"},
     # heal.batchnorm, each mode named (results/batchnorm)
     **{f"starfish-bn-{mode}": {"batchnorm": mode} for mode in BATCHNORM_MODES},
     # the fast preset's learning rate against the alternatives (results/fast_lr)

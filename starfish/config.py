@@ -66,8 +66,8 @@ class PruneConfig:
     nm: str = "2:4"
     global_ranking: bool = False
     scope: str = Field("default", description="a preset (pruning/pruners.py SCOPE_PRESETS) or module-name patterns")
-    structure: str = Field("unstructured", description="or units: neurons, heads, channels, joined by + "
-                           "(pruning/structured.py); sparsity is then the fraction of each layer's units removed")
+    structure: str = Field("unstructured", description="unstructured, or units: neurons, heads, channels, joined "
+                           "by + (pruning/structured.py); sparsity is then the fraction of each layer's units removed")
     slim: bool = Field(True, description="structured: write the smaller model (false: dense shapes, units masked)")
 
     def __post_init__(self) -> None:

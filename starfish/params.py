@@ -108,7 +108,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def log_heal_layers(heal: "HealConfig", explicit: Mapping[str, Any]) -> None:
+def log_heal_layers(heal: HealConfig, explicit: Mapping[str, Any]) -> None:
     """One line: the preset, the fields it set, and the fields set on top of it (`explicit`, the
     heal section as the user wrote it), naming each preset field they replaced. Said out loud
     (INFO) only when one was replaced; every heal logs its effective config anyway."""

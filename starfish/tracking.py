@@ -361,9 +361,18 @@ def version_tags(cfg: PipelineConfig, healed: str | Path) -> dict[str, str]:
             "dense_state_sha256": str(checkpoint_metadata(healed).get("dense_state_sha256", "unknown"))}
 
 
-def _run_name(cfg: PipelineConfig) -> str:
+def _create_run(client: Any, experiment_id: str, cfg: PipelineConfig, started_at: float | None,
+                tags: dict[str, str] | None = None) -> str:
+    """A new run named after what it compresses, started at `started_at` (epoch seconds; now if
+    None), so its duration is the whole compression; its id."""
     healer = cfg.heal.method if cfg.heal.preset == "default" else f"{cfg.heal.method}-{cfg.heal.preset}"
-    return f"{cfg.model.name}-{cfg.prune.method}{cfg.prune.sparsity:g}-{healer}"
+    return client.create_run(experiment_id, start_time=int(started_at * 1000) if started_at else None, tags=tags,
+                             run_name=f"{cfg.model.name}-{cfg.prune.method}{cfg.prune.sparsity:g}-{healer}").info.run_id
+
+
+def _config_params(cfg: PipelineConfig) -> dict[str, Any]:
+    """Every config field as a run param: `heal.steps`, `prune.sparsity`, ..."""
+    return {f"{section}.{key}": value for section, fields in cfg.to_dict().items() for key, value in fields.items()}
 
 
 def _source_tags(cfg: PipelineConfig, flow_run_id: str | None) -> dict[str, str]:
@@ -404,10 +413,8 @@ def flow_run(cfg: PipelineConfig, uri: str, flow_run_id: str | None = None,
 
     mlflow.set_tracking_uri(uri)
     client = client_for(uri)
-    run_id = client.create_run(_use_experiment(uri), start_time=int(started_at * 1000) if started_at else None,
-                               tags=_source_tags(cfg, flow_run_id), run_name=_run_name(cfg)).info.run_id
-    client.log_batch(run_id, params=[Param(f"{section}.{key}", str(value)) for section, fields in
-                                     cfg.to_dict().items() for key, value in fields.items()])
+    run_id = _create_run(client, _use_experiment(uri), cfg, started_at, tags=_source_tags(cfg, flow_run_id))
+    client.log_batch(run_id, params=[Param(key, str(value)) for key, value in _config_params(cfg).items()])
     log.info("MLflow run %s opened for this flow run", run_id)
     monitor = _system_metrics(run_id, uri)
     try:
@@ -495,13 +502,10 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
             "starfish.calibration_dvc_md5": calibration["md5"],
             REGISTER_KEY_TAG: register_key,
         }
-        # A run of its own starts when the flow did, so its duration is the whole compression.
-        run_id = run_id or client.create_run(experiment_id, start_time=int(started_at * 1000) if started_at else None,
-                                             run_name=_run_name(cfg)).info.run_id
+        run_id = run_id or _create_run(client, experiment_id, cfg, started_at)
         client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
         with mlflow.start_run(run_id=run_id, log_system_metrics=False) as run:  # a flow's run samples already
-            mlflow.log_params({f"{section}.{key}": value for section, fields in cfg.to_dict().items()
-                               for key, value in fields.items()})
+            mlflow.log_params(_config_params(cfg))
             costs = {key: float(metrics[key]) for key in ("flops_ratio", "params_ratio") if key in metrics}
             latency = {"latency_ratio": float(export["latency_ratio"])} if "latency_ratio" in export else {}
             logged = client.get_run(run_id).data.metrics  # a flow's run has its evaluation already

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -153,3 +154,15 @@ def served_predictions(tracking_uri: str, model_uri: str, images: Any, log: Path
         status, body = post(images)
     assert status == 200, body
     return np.asarray(body["predictions"], dtype=np.float32)
+
+
+def copy_checkout(repo_root: Path, folder: Path) -> Path:
+    """The working tree's files (tracked, and untracked ones git does not ignore) copied to
+    `folder`, as a clone of this checkout would have them; `folder`."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=repo_root,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        if (repo_root / name).is_file():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo_root / name, folder / name)
+    return folder

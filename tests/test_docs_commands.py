@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from servers import AWS, Service, s3_server
+from servers import AWS, Service, copy_checkout, s3_server
 
 from flows.session import free_port
 
@@ -98,15 +97,9 @@ def as_script(lines: list[str], subs: list[tuple[str, str]], folder: Path) -> st
 
 
 def sandbox(repo_root: Path, folder: Path) -> Path:
-    """The repository's tracked files committed to a git repository of their own, its params.yaml
+    """The checkout's files committed to a git repository of their own, its params.yaml
     at the tiny budget, its .venv this environment."""
-    copy = folder / "repo"
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=repo_root, capture_output=True, text=True,
-                            check=True).stdout.split("\0")
-    for name in filter(None, listed):
-        if (repo_root / name).is_file():
-            (copy / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(repo_root / name, copy / name)
+    copy = copy_checkout(repo_root, folder / "repo")
     params = yaml.safe_load((copy / "params.yaml").read_text())
     for section, fields in TINY.items():
         params.setdefault(section, {}).update(fields)

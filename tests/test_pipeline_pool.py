@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import Any, Iterator
 
 import pytest
 from mlflow import MlflowClient
-from servers import AWS, Service, mlflow_server, s3_keys, s3_server
+from servers import AWS, Service, copy_checkout, mlflow_server, s3_keys, s3_server
 
 from flows.session import free_port
 from starfish import tracking
@@ -61,13 +60,7 @@ def local_storage(folder: Path, name: str) -> dict[str, str]:
 
 def bare_repository(repo_root: Path, folder: Path, remote: Path, env: dict[str, str]) -> Path:
     """The working tree committed to a bare repository whose DVC remote holds the calibration split."""
-    source = folder / "source"
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=repo_root,
-                            capture_output=True, text=True, check=True).stdout.split("\0")
-    for name in filter(None, listed):
-        if (repo_root / name).is_file():
-            (source / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(repo_root / name, source / name)
+    source = copy_checkout(repo_root, folder / "source")
     git = ["git", "-c", "user.name=starfish", "-c", "user.email=starfish@localhost"]
     run(["git", "init", "-q", "-b", "main"], source, env)
     run([sys.executable, "-m", "dvc", "remote", "modify", "local", "url", str(remote)], source, env)

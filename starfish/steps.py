@@ -57,6 +57,7 @@ from starfish.models import (
     load_checkpoint,
     model_from,
     model_spec,
+    on_meta,
     read_checkpoint,
     resolve_device,
     save_checkpoint,
@@ -340,7 +341,7 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         "masked_layers": layers, "dense_state_sha256": metadata.get("dense_state_sha256"),
     }
     if info["slim"]:
-        with torch.device("meta"):  # the dense twin's unit counts, without allocating it
+        with on_meta():  # the dense twin's unit counts, without allocating it
             dense = create_model(name, num_classes=num_classes, kwargs=kwargs)
         units = {g.name: (g.structure, g.units) for g in find_groups(dense)}
         info["narrowed"] = {group: {"structure": units[group][0], "kept": len(kept), "of": units[group][1]}

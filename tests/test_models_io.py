@@ -30,6 +30,7 @@ from starfish.models import (
     FASHION_MNIST_STD,
     create_model,
     load_checkpoint,
+    on_meta,
     read_checkpoint,
     save_checkpoint,
 )
@@ -178,6 +179,19 @@ def test_checkpoint_for_another_model_names_missing_keys(tmp_path: Path) -> None
     torch.save(create_model("resnet10t", num_classes=10).state_dict(), path)
     with pytest.raises(StarfishError, match="does not match the model .*missing: .*unexpected: "):
         create_model("starfish_vit_fmnist", checkpoint=path)
+
+
+@pytest.mark.parametrize("name", ["starfish_vit_fmnist", "starfish_cnn_fmnist", "resnet10t", "convnext_atto",
+                                  "swin_tiny_patch4_window7_224", "efficientnet_b0"])
+def test_a_meta_build_has_the_real_build_s_tensors_and_no_memory(name: str) -> None:
+    """The shapes a file's tensors are checked against: those of the model built for real."""
+    real = create_model(name, num_classes=10).state_dict()
+    with on_meta():
+        probe = create_model(name, num_classes=10).state_dict()
+    assert {key: (value.shape, value.dtype) for key, value in probe.items()} == \
+        {key: (value.shape, value.dtype) for key, value in real.items()}
+    assert all(value.is_meta for value in probe.values())
+    assert torch.empty(2).device.type == "cpu"  # the default device is back
 
 
 def test_checkpoint_with_other_shapes_names_the_mismatch(tmp_path: Path) -> None:

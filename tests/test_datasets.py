@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -61,6 +62,15 @@ def test_read_idx(tmp_path: Path, gz: bool) -> None:
     path = write_idx(tmp_path / "images-idx3-ubyte", IMAGES, gz)
     assert torch.equal(_read_idx(path), IMAGES)
     assert torch.equal(_read_idx(write_idx(tmp_path / "labels-idx1-ubyte", LABELS, gz)), LABELS)
+
+
+def test_an_idx_file_is_decoded_once_until_it_changes(tmp_path: Path) -> None:
+    path = write_idx(tmp_path / "images-idx3-ubyte", IMAGES, gz=True)
+    first = _read_idx(path)
+    assert _read_idx(path) is first  # the same decoded tensor: no second decompression
+    assert write_idx(tmp_path / "images-idx3-ubyte", IMAGES.flip(0), gz=True) == path
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1))  # even within one clock tick
+    assert torch.equal(_read_idx(path), IMAGES.flip(0))
 
 
 @pytest.mark.parametrize("gz", [False, True])

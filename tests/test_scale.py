@@ -52,6 +52,9 @@ def test_sizing_counts_states_activations_and_flops_on_the_model_itself(monkeypa
 
 def test_the_solve_cell_bounds_memory_and_matches_one_big_solve(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(scale, "SOLVE_SHAPE", (16, 384))
+    monkeypatch.setattr(scale, "VIT_B_LAYERS", ((48, 16), (16, 64)))  # the warm start's layers, narrowed
+    monkeypatch.setattr(scale, "SIZING_MODEL", "deit_tiny_patch16_224")  # the heal step timed, on a small DeiT
     row = scale.measure(scale.Cell("solve"), Path("unused"), Path("unused"))
+    assert set(row["vit_b_layer_cg_seconds"]) == {"48x16", "16x64"} and row["vit_b_heal_step_seconds"] > 0
     assert row["rows"] == 16 and row["solve_seconds"] >= 0 and row["extra_memory_mb"] >= 0
     assert row["demo_max_abs_difference"] < 1e-5

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from servers import AWS, Service, copy_checkout, s3_server
+from servers import AWS, Service, copy_checkout, s3_keys, s3_server
 
 from flows.session import free_port
 
@@ -32,8 +32,6 @@ ELSEWHERE = {
                             "and the limit, the S3 result block, deploy --all from a git repository and two GPU "
                             "workers; it starts a tiny sweep with flows.sweep --mode pool, not the deployment's "
                             "full grid, and no control worker",
-    'pip install "dvc[s3]"': "not run: dvc[s3] (aiobotocore) pins an older botocore than the boto3 the pipeline "
-                             "extra installs, so the S3 DVC remote is documented but neither installed nor tested",
 }
 # Servers the doc starts in the foreground, and the path that answers once each is up.
 SERVERS = {"mlflow server": "/health", "mlflow ui": "/health", "starfish serve": "/ping"}
@@ -148,6 +146,7 @@ def test_every_command_in_the_pipeline_doc_runs(repo_root: Path, tmp_path: Path)
                                   timeout=900)
             outputs[lines[0]] = done.stdout + done.stderr
             assert done.returncode == 0, f"{DOC}'s block failed here:\n{script}\n{outputs[lines[0]][-5000:]}"
+        pushed = s3_keys(s3.url, "my-bucket")  # what the S3 remote's block pushed
     finally:
         pids = tmp_path / "pids"
         for pid in pids.read_text().split() if pids.exists() else []:
@@ -164,5 +163,7 @@ def test_every_command_in_the_pipeline_doc_runs(repo_root: Path, tmp_path: Path)
     assert healed[0] and healed[1] and healed[0].group(1) == healed[1].group(1), (again[-2000:], demo[-2000:])
     served = outputs[next(first for first in outputs if first.startswith("starfish serve"))]
     assert json.loads(served.strip().splitlines()[-1])["predictions"][0].__len__() == 10, served[-2000:]
+    calibration = yaml.safe_load((copy / "dvc.lock").read_text())["stages"]["calibrate"]["outs"][0]["md5"]  # the split
+    assert f"starfish/files/md5/{calibration[:2]}/{calibration[2:]}" in pushed, sorted(pushed)[:20]
     watched = outputs[next(first for first in outputs if first.startswith("python -m flows.watch"))]
     assert "has no champion: nothing to compare" in watched, watched[-2000:]

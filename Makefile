@@ -26,9 +26,10 @@ demo: setup
 		$(PY) -m flows.compress
 
 # Two workers, each test module whole on one (module fixtures share servers and runs): most tests
-# wait on servers and subprocesses, so the suite takes about a fifth less time on two cores.
+# wait on servers and subprocesses, so the suite takes about a fifth less time on two cores. Each
+# worker takes the next module in tests/conftest.py's order (the slow ones first), not xdist's.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # pycodestyle, pyflakes and import order, as configured in pyproject.toml.
 lint: setup
@@ -61,7 +62,7 @@ bench: setup
 		--healers none layerwise logit-kd starfish recommended starfish-holdout0
 	$(VENV)/bin/starfish bench --out results/bench_structured/vit_variants --structures neurons+heads \
 		--pruners magnitude --sparsities 0.5 --seeds 0 1 2 \
-		--healers starfish starfish-logit starfish-lr1e-3 starfish-lr3e-4 starfish-nmse
+		--healers starfish starfish-logit starfish-lr1e-3 starfish-lr3e-4 starfish-nmse starfish-lr2e-3 recommended-lr2e-3
 	$(VENV)/bin/starfish bench --out results/bench_structured/vit_global --structures neurons+heads \
 		--pruners magnitude wanda --sparsities 0.5 --seeds 0 1 2 --healers none starfish --set prune.global_ranking=true
 	$(VENV)/bin/starfish bench --out results/bench_structured/vit_torch_pruning --structures neurons+heads \

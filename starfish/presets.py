@@ -62,6 +62,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "starfish-logit": {"logit_weight": 1.0},
     "starfish-lr1e-3": {"lr": 1e-3},
     "starfish-lr3e-4": {"lr": 3e-4},
+    "starfish-lr2e-3": {"lr": 2e-3},
+    "recommended-lr2e-3": {"preset": "recommended", "lr": 2e-3},
     "starfish-nmse": {"loss": "nmse"},
     # heal.batchnorm, each mode named (results/batchnorm)
     **{f"starfish-bn-{mode}": {"batchnorm": mode} for mode in BATCHNORM_MODES},

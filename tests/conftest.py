@@ -16,6 +16,22 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PARAMS = REPO_ROOT / "params.yaml"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules marked slow (real servers, flows, many models) first, those with more tests
+    earlier; then the rest, likewise. With `--dist loadfile --no-loadscope-reorder` (make test)
+    each worker takes the next module in this order, so the long modules start early and the
+    many short ones even out the end (xdist's own order, by test count alone, left a slow
+    module of one test for last)."""
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+
+    def weight(module: str) -> tuple[bool, int]:
+        return (not any(item.get_closest_marker("slow") for item in modules[module]), -len(modules[module]))
+
+    items[:] = [item for module in sorted(modules, key=weight) for item in modules[module]]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def single_torch_thread() -> None:
     """One intra-op thread: the test models are tiny, and on a shared CPU extra threads only spin."""

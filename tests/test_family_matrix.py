@@ -20,6 +20,8 @@ from starfish.pruning import prune, sparsify_
 from starfish.pruning.structured import find_groups, slim_, slim_masks
 from starfish.steps import export_step, onnx_export_step
 
+pytestmark = pytest.mark.slow
+
 VIT = {"embed_dim": 64, "depth": 2, "num_heads": 2}
 FAMILIES = {  # timm name, kwargs that keep it small, image size
     "eva02": ("eva02_tiny_patch14_224", {"img_size": 28, **VIT}, 28),

@@ -12,6 +12,8 @@ import pytest
 
 from flows.session import free_port
 
+pytestmark = pytest.mark.slow
+
 
 def run_flow(module: str, args: list[str], cwd: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -18,6 +18,8 @@ from starfish import tracking
 from starfish.config import GateConfig
 from starfish.errors import StarfishError
 
+pytestmark = pytest.mark.slow
+
 MODEL = "m"
 RECOVERIES = {"1": 0.96, "2": 0.99, "3": 0.97}  # version -> recovery; v1 starts as champion
 TRIALS = int(os.environ.get("STARFISH_RACE_TRIALS", "5"))  # 50 for the record; 5 in the suite

@@ -26,7 +26,8 @@ def test_the_tree_is_imagenet_layout_jpegs(tiny_tree: Path) -> None:
 
 @pytest.mark.parametrize("cell", [scale.Cell("sample", 6), scale.Cell("heal", 6, "disk"),
                                   scale.Cell("evaluate", workers=2), scale.Cell("dvc", 300),
-                                  scale.Cell("flow", 6, "disk")], ids=lambda c: c.key)
+                                  pytest.param(scale.Cell("flow", 6, "disk"), marks=pytest.mark.slow)],
+                         ids=lambda c: c.key)
 def test_each_stage_measures_time_and_memory(cell: scale.Cell, tiny_tree: Path) -> None:
     row = scale.measure(cell, tiny_tree / "tree", tiny_tree / "work")
     assert row["seconds"] > 0 and row["peak_rss_mb"] >= row["peak_anon_mb"] > 0

@@ -19,44 +19,20 @@ from pathlib import Path
 
 import pytest
 import yaml
+from doc_blocks import DOC, as_script, kill, shell_blocks, started
 from servers import AWS, Service, copy_checkout, s3_keys, s3_server
 
 from flows.session import free_port
 
 pytestmark = pytest.mark.slow
-DOC = "docs/pipeline.md"
 BIN = Path(sys.executable).parent
 # A block's first command -> where it runs instead, or why it does not.
 ELSEWHERE = {
-    "prefect server start": "tests/test_pipeline_pool.py runs this setup in its own form: the server, both pools "
-                            "and the limit, the S3 result block, deploy --all from a git repository and two GPU "
-                            "workers; it starts a tiny sweep with flows.sweep --mode pool, not the deployment's "
-                            "full grid, and no control worker",
+    "prefect server start": "tests/test_pipeline_pool.py runs this block as written, with rewrites of its own "
+                            "(the deployment run's grid narrowed to three points, the GPU worker line run for two "
+                            "GPUs), and checks the sweep, the workers and the trigger it leaves",
 }
-# Servers the doc starts in the foreground, and the path that answers once each is up.
-SERVERS = {"mlflow server": "/health", "mlflow ui": "/health", "starfish serve": "/ping"}
 TINY = {"heal": {"steps": 4}, "evaluate": {"max_samples": 200}}  # the same steps, in seconds
-WAIT = """import sys, time, httpx
-url, log = sys.argv[1:]
-for _ in range(480):
-    try:
-        if httpx.get(url, timeout=2).status_code < 500:
-            sys.exit(0)
-    except httpx.HTTPError:
-        pass
-    time.sleep(0.5)
-sys.exit(f"{url} did not answer in 240 s; its log: {log}")
-"""
-
-
-def shell_blocks(text: str) -> list[list[str]]:
-    """The doc's ```bash blocks, each as its commands: continuation lines joined, comments and
-    blank lines dropped."""
-    blocks = []
-    for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M):
-        lines = (re.sub(r"\s+#.*$", "", line).strip() for line in re.sub(r"\\\n\s*", " ", block).splitlines())
-        blocks.append([line for line in lines if line and not line.startswith("#")])
-    return blocks
 
 
 def substitutions(ports: dict[str, int], s3: str, commit: str) -> list[tuple[str, str]]:
@@ -74,24 +50,6 @@ def substitutions(ports: dict[str, int], s3: str, commit: str) -> list[tuple[str
         ("[[[[0.0, ...]]]]", image), ("<commit>", commit),
         ("make demo", "make -o setup demo"),  # the environment is this one: its setup is done
     ]
-
-
-def as_script(lines: list[str], subs: list[tuple[str, str]], folder: Path) -> str:
-    """One bash script for a block: its commands in order (an export carries to the next line),
-    each server started in a session of its own in the background, and waited for."""
-    script = ["set -euo pipefail"]
-    for line in lines:
-        for written, here in subs:
-            line = line.replace(written, here)
-        server = next((name for name in SERVERS if re.match(rf"^(\w+=\S+ )*{name}\b", line)), None)
-        if server is None:
-            script.append(line)
-            continue
-        port = re.search(r"--port (\d+)", line).group(1)
-        log = folder / f"{server.replace(' ', '-')}-{port}.log"
-        script += [f"{line.replace(server, 'setsid ' + server, 1)} > {log} 2>&1 &", f"echo $! >> {folder / 'pids'}",
-                   f"{sys.executable} {folder / 'wait.py'} http://127.0.0.1:{port}{SERVERS[server]} {log}"]
-    return "\n".join(script) + "\n"
 
 
 def sandbox(repo_root: Path, folder: Path) -> Path:
@@ -120,7 +78,6 @@ def test_every_command_in_the_pipeline_doc_runs(repo_root: Path, tmp_path: Path)
     firsts = [lines[0] for lines in blocks]
     assert all(any(first.startswith(key) for first in firsts) for key in ELSEWHERE), "ELSEWHERE names a gone block"
     copy = sandbox(repo_root, tmp_path)
-    (tmp_path / "wait.py").write_text(WAIT)
     s3 = s3_server(tmp_path, "my-bucket")
     port = free_port()
     home = {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -148,9 +105,8 @@ def test_every_command_in_the_pipeline_doc_runs(repo_root: Path, tmp_path: Path)
             assert done.returncode == 0, f"{DOC}'s block failed here:\n{script}\n{outputs[lines[0]][-5000:]}"
         pushed = s3_keys(s3.url, "my-bucket")  # what the S3 remote's block pushed
     finally:
-        pids = tmp_path / "pids"
-        for pid in pids.read_text().split() if pids.exists() else []:
-            subprocess.run(["kill", "-KILL", "--", f"-{pid}"], capture_output=True)
+        for process in started(tmp_path):
+            kill(process.pid)
         prefect.kill()
         s3.kill()
     # what the doc says each one shows

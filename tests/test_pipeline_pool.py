@@ -1,11 +1,13 @@
-"""A pool sweep across two real workers, and a calibration change that reruns compress, on loopback.
+"""docs/pipeline.md's work-pool block, run as written on loopback: a pool sweep across two real
+GPU workers, and a calibration change that reruns compress.
 
-A Prefect server, an MLflow server and two `prefect worker start` processes on a process-type
-work pool (concurrency limit 2, one run per worker). The repository is deployed with
-`prefect deploy --all` from a bare git repository, so every point's run clones it (`git_clone`)
-and pulls the calibration split from a DVC remote (`dvc pull`), as on a GPU worker. The points'
-results go to an `s3-bucket` block on moto's S3 server, the storage the sweep reads them from;
-each process keeps a local folder of its own. The sweep has one point that fails the gate's
+The block's commands run in order (`doc_blocks`), rewritten only where they cannot run here
+(`substitutions`): `prefect server start` on a free port, the S3 result block on moto's S3
+server (`AWS_ENDPOINT_URL`), `deploy --all` from a bare git repository (so every run clones it
+with `git_clone` and pulls the calibration split from a DVC remote with `dvc pull`, as on a GPU
+worker), the tracking server an `mlflow server` on loopback, the GPU worker line run once per
+GPU of two, each worker with a local result folder of its own (machines of their own), and the
+deployment's grid narrowed to three points of a short heal, one of which fails the gate's
 sparsity check on its worker; the others must not notice.
 """
 
@@ -20,8 +22,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from doc_blocks import DOC, as_script, kill, shell_blocks, started
 from mlflow import MlflowClient
-from servers import AWS, Service, copy_checkout, mlflow_server, s3_keys, s3_server
+from servers import AWS, copy_checkout, mlflow_server, s3_keys, s3_server
 
 from flows.session import free_port
 from starfish import tracking
@@ -30,32 +33,16 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 NAME = "starfish-starfish-vit-fmnist"
 DRIFTING = 0.3333  # 1/3 of each layer cannot be pruned exactly: fails a tight drift gate
-RESULTS_BUCKET, RESULTS_BLOCK = "starfish-results", "starfish-results"
-OVERRIDES = ["heal.steps=8", "evaluate.max_samples=500", "gate.max_sparsity_drift=0.00001"]
+BUCKET = "my-bucket"  # the doc's
+OVERRIDES = ["model.device=auto", "heal.steps=8", "evaluate.max_samples=500", "gate.max_sparsity_drift=0.00001"]
+GPU_WORKER = "CUDA_VISIBLE_DEVICES=0 prefect worker start -p starfish-gpu --limit 1"
+CONTROL_WORKER = "prefect worker start -p starfish-control"
 
 
 def run(command: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> str:
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout + done.stderr
-
-
-class Services(dict):
-    """The servers and workers by name, all killed at the end."""
-
-    def start(self, service: Service) -> Service:
-        self[service.name] = service
-        return service.start()
-
-    def kill_all(self) -> None:
-        """Killed, not stopped: all they hold is in this test's folder, and a graceful stop takes seconds each."""
-        for service in self.values():
-            service.kill()
-
-
-def local_storage(folder: Path, name: str) -> dict[str, str]:
-    """A process's own local result folder (cache-key records), as on a machine of its own."""
-    return {"PREFECT_LOCAL_STORAGE_PATH": str(folder / name / "results")}
 
 
 def bare_repository(repo_root: Path, folder: Path, remote: Path, env: dict[str, str]) -> Path:
@@ -73,62 +60,60 @@ def bare_repository(repo_root: Path, folder: Path, remote: Path, env: dict[str, 
     return bare
 
 
+def substitutions(folder: Path, port: int, uri: str, bare: Path) -> list[tuple[str, str]]:
+    """(as the doc writes it, as it runs here), applied in order to every command of the block."""
+    storage = "PREFECT_LOCAL_STORAGE_PATH={}".format
+    grid = [f"sparsities={json.dumps([0.5, 0.75, DRIFTING])}", 'healers=["starfish"]',
+            f"overrides={json.dumps(OVERRIDES)}"]
+    return [
+        ("prefect server start", f"prefect server start --host 127.0.0.1 --port {port}"),
+        ("http://127.0.0.1:4200/api", f"http://127.0.0.1:{port}/api"),
+        ("https://github.com/<you>/starfish.git", f"file://{bare}"),
+        ("http://mlflow.example.com:5000", uri),
+        (GPU_WORKER, "\n".join(f"{storage(folder / f'gpu{gpu}' / 'results')} {GPU_WORKER.replace('=0', f'={gpu}')}"
+                               for gpu in (0, 1))),  # one per GPU: two
+        (CONTROL_WORKER, f"{storage(folder / 'control' / 'results')} {CONTROL_WORKER}"),
+        ("prefect deployment run sweep/sweep", "prefect deployment run sweep/sweep "
+         + " ".join(f"--param '{item}'" for item in grid) + " --watch --watch-timeout 600"),
+    ]
+
+
 @pytest.fixture(scope="module")
 def pool(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Servers, a deployed repository and two workers; the sweep has run when this yields."""
-    from prefect import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-    from prefect_aws import AwsCredentials, S3Bucket
-
+    """The servers, the block run to its end (the sweep has run), and the processes it started."""
     folder = tmp_path_factory.mktemp("pool")
-    services = Services()
-    prefect_port = free_port()
-    api = f"http://127.0.0.1:{prefect_port}/api"
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_HOME": str(folder / "home"),
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}, **AWS,
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_HOME": str(folder / "home"),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
            "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_EXTRA_LOGGERS": "starfish"}
+    services = []
     try:
-        database = f"sqlite+aiosqlite:///{folder / 'prefect.db'}"
-        services.start(Service("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                                  "--port", str(prefect_port)], folder,
-                               {**env, "PREFECT_SERVER_DATABASE_CONNECTION_URL": database}, url=api,
-                               health=f"{api}/health"))
-        env["PREFECT_API_URL"] = api
-        uri = services.start(mlflow_server(folder, str(folder / "artifacts"), env)).url
-        env["MLFLOW_TRACKING_URI"] = uri
-        # the result storage workers and sweep share, as docs/pipeline.md sets it up: an S3 bucket block
-        s3 = services.start(s3_server(folder, RESULTS_BUCKET)).url
-        with temporary_settings(updates={PREFECT_API_URL: api}):
-            S3Bucket(bucket_name=RESULTS_BUCKET, credentials=AwsCredentials(
-                aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"], aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"],
-                region_name=AWS["AWS_DEFAULT_REGION"], aws_client_parameters={"endpoint_url": s3})).save(RESULTS_BLOCK)
-        env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = f"s3-bucket/{RESULTS_BLOCK}"
+        s3 = s3_server(folder, BUCKET)
+        services.append(s3)
+        env["AWS_ENDPOINT_URL"] = s3.url  # where AwsCredentials() and every boto3 client find S3
+        tracking_server = mlflow_server(folder, str(folder / "artifacts"), env).start()
+        services.append(tracking_server)
         bare = bare_repository(repo_root, folder, folder / "dvc-remote", env)
         source = folder / "source"
-        # the pools as docs/pipeline.md creates them, with its commands (a limit of 2 GPUs here)
-        run([str(BIN / "prefect"), "work-pool", "create", "starfish-gpu", "--type", "process"], source, env)
-        run([str(BIN / "prefect"), "work-pool", "set-concurrency-limit", "starfish-gpu", "2"], source, env)
-        run([str(BIN / "prefect"), "work-pool", "create", "starfish-control", "--type", "process"], source, env)
-        run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], source, {**env, "STARFISH_REPO": f"file://{bare}"})
-        for worker in ("worker-a", "worker-b"):
-            services.start(Service(worker, [str(BIN / "prefect"), "worker", "start", "--pool", "starfish-gpu", "--name",
-                                            worker, "--limit", "1", "--type", "process"], folder,
-                                   {**env, **local_storage(folder, worker)}))
-        with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
-            assert client.read_work_pool("starfish-gpu").concurrency_limit == 2
-            deadline = time.monotonic() + 60
-            while {w.name for w in client.read_workers_for_work_pool("starfish-gpu")} != {"worker-a", "worker-b"}:
-                assert time.monotonic() < deadline, "".join(services[w].log()[-2000:] for w in ("worker-a", "worker-b"))
-                time.sleep(0.5)
-        started = time.monotonic()
-        sweep = subprocess.run(
-            [sys.executable, "-m", "flows.sweep", "--mode", "pool", "--sparsities", "0.5", "0.75", str(DRIFTING),
-             "--healers", "starfish", "--tracking-uri", uri, *(f"--set={item}" for item in OVERRIDES)],
-            cwd=source, env={**env, **local_storage(folder, "sweep")}, capture_output=True, text=True, timeout=600)
-        yield {"api": api, "uri": uri, "s3": s3, "folder": folder, "env": env, "source": source,
-               "services": services, "sweep": sweep, "sweep_seconds": time.monotonic() - started}
+        [block] = [lines for lines in shell_blocks((repo_root / DOC).read_text())
+                   if lines[0].startswith("prefect server start")]
+        script = as_script(block, substitutions(folder, port, tracking_server.url, bare), folder)
+        done = subprocess.run(["bash", "-c", script], cwd=source, env=env, capture_output=True, text=True,
+                              timeout=900)
+        env.update(PREFECT_API_URL=api, MLFLOW_TRACKING_URI=tracking_server.url)
+        yield {"api": api, "uri": tracking_server.url, "s3": s3.url, "folder": folder, "env": env, "source": source,
+               "script": script, "done": done, "started": started(folder)}
     finally:
-        services.kill_all()
+        for process in started(folder):
+            kill(process.pid)
+        for service in services:
+            service.kill()
+
+
+def gpu_workers(pool: dict[str, Any]) -> list:
+    return [process for process in pool["started"] if "-p starfish-gpu" in process.command]
 
 
 def api_client(pool: dict[str, Any]):
@@ -137,10 +122,22 @@ def api_client(pool: dict[str, Any]):
     return SyncPrefectClient(pool["api"])
 
 
+def flow_runs(pool: dict[str, Any], deployment: str) -> list:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    with api_client(pool) as client:
+        return client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])))
+
+
 def sweep_rows(pool: dict[str, Any]) -> list[dict[str, Any]]:
+    """The table of the sweep the block's `prefect deployment run sweep/sweep` ran on the control worker."""
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    assert pool["sweep"].returncode == 0, pool["sweep"].stdout[-3000:] + pool["sweep"].stderr[-5000:]
+    done = pool["done"]
+    assert done.returncode == 0, f"{DOC}'s work-pool block failed here:\n{pool['script']}\n" + \
+        (done.stdout + done.stderr)[-5000:]
+    [sweep] = flow_runs(pool, "sweep")
+    assert sweep.state.is_completed(), sweep.state.message
     with api_client(pool) as client:
         [table] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sweep-table"])))
     return json.loads(table.data) if isinstance(table.data, str) else table.data
@@ -168,20 +165,23 @@ def test_prefect_yaml_deploys_every_flow_with_its_pool_schedule_and_trigger(pool
                      "prefect.deployments.steps.run_shell_script"]
     assert automation.trigger.expect == {"starfish.calibration.changed"}
     assert automation.actions[0].deployment_id == deployments["compress/compress"].id
+    with api_client(pool) as client:  # the pools as the block made them
+        assert client.read_work_pool("starfish-gpu").concurrency_limit == 4
+        assert client.read_work_pool("starfish-control").type == "process"
 
 
-def test_points_run_on_both_workers_within_the_pools_limit(pool: dict[str, Any]) -> None:
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
-
+def test_points_run_on_both_gpu_workers_one_run_each_at_a_time(pool: dict[str, Any]) -> None:
     rows = sweep_rows(pool)
     completed = [row for row in rows if row["status"] == "Completed"]
-    assert {row["ran_on"] for row in completed} == {"worker-a", "worker-b"}
     with api_client(pool) as client:
-        points = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["compress"])))
+        workers = {worker.name for worker in client.read_workers_for_work_pool("starfish-gpu")}
+    assert len(workers) == 2 and {row["ran_on"] for row in completed} == workers
+    points = flow_runs(pool, "compress")
     assert len(points) == 3 and all(run.start_time and run.end_time for run in points)
     overlaps = [sum(other.start_time <= run.start_time < other.end_time for other in points) for run in points]
-    assert max(overlaps) <= 2  # the pool's concurrency limit: never more than one run per worker
-    print(f"pool sweep of 3 points on 2 workers: {pool['sweep_seconds']:.0f} s")
+    assert max(overlaps) <= 2  # two workers of --limit 1: never more than one run on each
+    [sweep] = flow_runs(pool, "sweep")
+    print(f"pool sweep of 3 points on 2 workers: {(sweep.end_time - sweep.start_time).total_seconds():.0f} s")
 
 
 def test_every_passing_point_is_registered_once_and_the_failure_stays_a_row(pool: dict[str, Any]) -> None:
@@ -205,24 +205,21 @@ def test_every_passing_point_is_registered_once_and_the_failure_stays_a_row(pool
 
 
 def test_the_sweep_read_each_points_record_from_the_shared_s3_result_storage(pool: dict[str, Any]) -> None:
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
-
     completed = [row for row in sweep_rows(pool) if row["status"] == "Completed"]
     assert len(completed) == 2 and all(row["healed_top1"] > 0 for row in completed)
-    stored = s3_keys(pool["s3"], RESULTS_BUCKET)
-    with api_client(pool) as client:
-        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["compress"])))
-    records = [run.state.data.storage_key for run in runs if run.state.is_completed()]
+    stored = s3_keys(pool["s3"], BUCKET)
+    records = [f"prefect-results/{run.state.data.storage_key}" for run in flow_runs(pool, "compress")
+               if run.state.is_completed()]  # under the block's bucket_folder
     assert len(records) == 2 and set(records) <= stored, (records, sorted(stored)[:20])
     # nothing but cache keys on the machines' own disks: no worker shares a folder with the sweep
-    local = [path for name in ("worker-a", "worker-b", "sweep") for path in
+    local = [path for name in ("gpu0", "gpu1", "control") for path in
              (pool["folder"] / name / "results").glob("**/*") if path.is_file() and "cache-keys" not in path.parts]
-    keys = list((pool["folder"] / "worker-a" / "results" / "cache-keys").iterdir())
-    assert local == [] and keys
+    keys = [list((pool["folder"] / gpu / "results" / "cache-keys").iterdir()) for gpu in ("gpu0", "gpu1")]
+    assert local == [] and all(keys)
 
 
 def test_each_run_cloned_the_repository_and_pulled_the_split(pool: dict[str, Any]) -> None:
-    logs = pool["services"]["worker-a"].log() + pool["services"]["worker-b"].log()
+    logs = "".join(worker.log.read_text() for worker in gpu_workers(pool))
     steps = [line for line in logs.splitlines() if "Deployment step" in line or line.startswith("A   ")]
     print("\n".join(steps))
     for step in ("git_clone", "set_working_directory", "run_shell_script"):
@@ -234,8 +231,8 @@ def test_each_run_cloned_the_repository_and_pulled_the_split(pool: dict[str, Any
 def test_a_changed_calibration_split_fires_the_event_and_the_trigger_starts_compress(pool: dict[str, Any]) -> None:
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
-    for worker in ("worker-a", "worker-b"):  # the triggered run then waits, Scheduled, where the test sees it
-        pool["services"][worker].kill()
+    for worker in gpu_workers(pool):  # the triggered run then waits, Scheduled, where the test sees it
+        kill(worker.pid)
 
     def triggered() -> list:
         with api_client(pool) as client:

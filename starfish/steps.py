@@ -64,7 +64,7 @@ from starfish.models import (
     state_sha256,
 )
 from starfish.precision import resolve_precision
-from starfish.pruning import prune, sparsify_
+from starfish.pruning import READS_IMAGES, prune, sparsify_
 from starfish.pruning.masks import Masks
 from starfish.pruning.structured import (
     architecture_of,
@@ -198,7 +198,7 @@ def prune_step(cfg: PipelineConfig, manifest: str | Path, out: str | Path) -> di
     model = dense_model(cfg)
     lineage = _lineage(cfg, state_sha256(model))
     read_manifest(manifest)  # an input of the step even when the pruner reads no images
-    images = calibration_images(cfg, manifest, model) if cfg.prune.method == "wanda" else None
+    images = calibration_images(cfg, manifest, model) if cfg.prune.method in READS_IMAGES else None
     masks, held = prune(model, cfg.prune, images)
     sparsify_(model, masks)
     sparsity = measured_sparsity(model, list(masks))

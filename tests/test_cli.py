@@ -205,6 +205,20 @@ def step_files(tmp_path_factory: pytest.TempPathFactory, params_path: Path, demo
     return files
 
 
+@pytest.mark.parametrize("method", ["wanda", "contribution", "torch-pruning"])
+def test_the_structured_pruners_that_read_the_split_prune_from_the_command_line(
+        method: str, step_files: dict[str, Path], params_path: Path, demo_checkpoint: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Each reads the calibration images the manifest names (torch-pruning was refused for lack of them)."""
+    out = tmp_path / "slim.safetensors"
+    assert main(["prune", *base_args(params_path, demo_checkpoint), "--set", f"prune.method={method}",
+                 "--set", "prune.structure=neurons+heads", "--calibration", str(step_files["calibration"]),
+                 "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["structure"]["removed"] == 0.5 and printed["structure"]["flops_ratio"] < 0.7
+    assert read_json(sidecar_path(out))["config"]["prune"]["method"] == method
+
+
 OUT_IS_AN_INPUT = {
     "evaluate --out healed": ("evaluate", "healed"),
     "evaluate --out pruned": ("evaluate", "pruned"),
@@ -350,7 +364,7 @@ def test_list_names_the_registered_pruners_and_healers(capsys: pytest.CaptureFix
     for block in re.split(r"\n(?=\S)", capsys.readouterr().out.strip()):  # a title line, then indented names
         title, *names = block.splitlines()
         sections[title.split(" (")[0]] = [name.split()[0] for name in names]
-    assert sections["pruners"] == ["magnitude", "nm", "torch-pruning", "wanda"] == PRUNERS.names()
+    assert sections["pruners"] == ["contribution", "magnitude", "nm", "torch-pruning", "wanda"] == PRUNERS.names()
     assert sections["healers"] == ["bias-correction", "layerwise", "logit-kd", "none", "starfish"] == HEALERS.names()
     assert sections["heal presets"] == list(HEAL_PRESETS) and sections["healer variants"] == list(VARIANTS)
     assert "qkv_out_mlp" in sections["prune scopes"]

@@ -81,10 +81,55 @@ def test_magnitude_removes_the_neurons_with_the_smallest_group_norm() -> None:
     assert kept_by_group(wrapper, masks) == {"mlp": [1, 3]}
 
 
-# every family by group magnitude; wanda (which reads activations) on one of each kind of group
+def test_contribution_removes_the_neurons_that_add_least_to_the_output() -> None:
+    """Hand-worked, the weights of the magnitude case: neuron i adds fc2[0, i]^2 * ||h_i||^2 to the
+    output's energy; with hidden norms 4, 1, 8, 1 that is 16, 9, 16 and 0, so neurons 3 and 1 go
+    (magnitude removes 0 and 2)."""
+    mlp = Mlp(2, 4, 1)
+    with torch.no_grad():
+        mlp.fc1.weight.copy_(torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.5, 0.0], [2.0, 0.0]]))
+        mlp.fc2.weight.copy_(torch.tensor([[1.0, 3.0, 0.5, 0.0]]))
+    wrapper = torch.nn.Module()
+    wrapper.mlp = mlp
+    norms = {"mlp.fc1": torch.tensor([1.0, 1.0]), "mlp.fc2": torch.tensor([4.0, 1.0, 8.0, 1.0])}
+    masks = structured_masks(wrapper, find_groups(wrapper, ("neurons",)),
+                             PruneConfig("contribution", 0.5, structure="neurons"), norms)
+    assert masks["mlp.fc1.weight"].all(1).tolist() == [True, False, True, False]
+    assert masks["mlp.fc2.weight"].tolist() == [[True, False, True, False]]
+
+
+def test_a_neurons_contribution_is_the_energy_its_removal_takes_from_the_block_output() -> None:
+    """On real activations of the demo ViT: removing one neuron (its fc2 column) changes the block's
+    output by exactly its score, summed over tokens. (A head's score sums its columns' energies and
+    leaves out their cross terms.)"""
+    from starfish.pruning.pruners import input_norms
+    from starfish.pruning.structured import _contributions
+
+    torch.manual_seed(0)
+    model = create_model("starfish_vit_fmnist").double().eval()
+    x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
+    [group] = [g for g in find_groups(model, ("neurons",)) if g.name == "blocks.1.mlp"]
+    weights = dict(model.named_parameters())
+    scores = _contributions(group, weights, input_norms(model, ["blocks.1.mlp.fc2"], x))
+    fc2 = weights["blocks.1.mlp.fc2.weight"]
+    outputs = []
+    handle = model.blocks[1].register_forward_hook(lambda module, args, out: outputs.append(out))
+    with torch.no_grad():
+        model(x)
+        for unit in range(group.units):
+            saved = fc2[:, unit].clone()
+            fc2[:, unit] = 0
+            model(x)
+            fc2[:, unit] = saved
+    handle.remove()
+    energies = torch.stack([(out - outputs[0]).pow(2).sum() for out in outputs[1:]])
+    assert torch.allclose(energies, scores.double(), rtol=1e-5)
+
+
+# every family by group magnitude; wanda and contribution (which read activations) on one of each kind of group
 CASES = [(*family, "magnitude") for family in FAMILIES] + [
-    (*family, "wanda") for family in FAMILIES if family[0] in ("starfish_vit_fmnist", "starfish_cnn_fmnist",
-                                                               "swin_tiny_patch4_window7_224", "efficientnet_b0")]
+    (*family, method) for method in ("wanda", "contribution") for family in FAMILIES
+    if family[0] in ("starfish_vit_fmnist", "starfish_cnn_fmnist", "swin_tiny_patch4_window7_224", "efficientnet_b0")]
 
 
 @pytest.mark.parametrize("name, kwargs, structure, size, method", CASES, ids=[f"{c[0]}-{c[4]}" for c in CASES])

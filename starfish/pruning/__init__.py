@@ -2,6 +2,7 @@
 
 from starfish.pruning.pruners import (
     PRUNERS,
+    READS_IMAGES,
     SCOPE_PRESETS,
     Pruned,
     Pruner,
@@ -12,5 +13,5 @@ from starfish.pruning.pruners import (
     sparsify_,
 )
 
-__all__ = ["PRUNERS", "SCOPE_PRESETS", "Pruned", "Pruner", "default_scope", "nm_pattern_for", "prune",
+__all__ = ["PRUNERS", "READS_IMAGES", "SCOPE_PRESETS", "Pruned", "Pruner", "default_scope", "nm_pattern_for", "prune",
            "scope_weights", "sparsify_"]

@@ -168,6 +168,7 @@ class Pruner(Protocol):
 
 
 PRUNERS: Registry[Pruner] = Registry("pruner")
+READS_IMAGES = ("wanda", "contribution", "torch-pruning")  # the pruners that run the model on the calibration split
 
 
 @PRUNERS.register("magnitude")
@@ -248,6 +249,14 @@ def torch_pruning(model: nn.Module, weights: dict[str, nn.Parameter], images: to
     raise StarfishError("prune.method=torch-pruning removes whole units: set prune.structure (e.g. neurons+heads)")
 
 
+@PRUNERS.register("contribution")
+def contribution(model: nn.Module, weights: dict[str, nn.Parameter], images: torch.Tensor | None,
+                 cfg: "PruneConfig") -> Masks:
+    """Whole units by what each adds to its block's output on the calibration images
+    (`structured._contributions`): with prune.structure only."""
+    raise StarfishError("prune.method=contribution removes whole units: set prune.structure (e.g. neurons+heads)")
+
+
 @PRUNERS.register("nm")
 def n_of_m(model: nn.Module, weights: dict[str, nn.Parameter], images: torch.Tensor | None,
            cfg: "PruneConfig") -> Masks:
@@ -308,13 +317,13 @@ def prune(model: nn.Module, cfg: "PruneConfig", images: torch.Tensor | None = No
 
 def _structured(model: nn.Module, cfg: "PruneConfig", images: torch.Tensor | None) -> Masks:
     """Masks removing whole units (`prune.structure`), scored by group magnitude, by wanda (every
-    masked weight's columns scaled by its input's norm on the calibration images), or chosen by
-    Torch-Pruning."""
+    masked weight's columns scaled by its input's norm on the calibration images), by each unit's
+    contribution to the output of the layer that reads it, or chosen by Torch-Pruning."""
     groups = groups_for(model, cfg.structure)
     norms = None
-    if cfg.method == "wanda":
+    if cfg.method in ("wanda", "contribution"):
         if images is None:
-            raise StarfishError("wanda needs calibration images; pass a calibration manifest")
+            raise StarfishError(f"{cfg.method} needs calibration images; pass a calibration manifest")
         layers = sorted({member.key.removesuffix(".weight") for g in groups for member in g.masked})
         norms = input_norms(model, layers, images)
     if cfg.method == "torch-pruning":

@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from starfish.config import PruneConfig
 
 STRUCTURES = ("neurons", "heads", "channels")
-STRUCTURED_METHODS = ("magnitude", "wanda", "torch-pruning")  # the prune.method values that score units
+STRUCTURED_METHODS = ("magnitude", "wanda", "contribution", "torch-pruning")  # the prune.method values that score units
+UNIT_METHODS = ("contribution", "torch-pruning")  # those that score whole units only
 ARCHITECTURE_ATTRIBUTES = ("num_heads", "attn_dim")  # module attributes a slim checkpoint may set
 ARCHITECTURE_ATTR = "starfish_architecture"  # where a slim model keeps its record (`architecture_of`)
 
@@ -281,13 +282,14 @@ def parse_structure(structure: str) -> tuple[str, ...]:
 
 def check_structure_fields(method: str, structure: str, scope: str) -> None:
     """`prune.structure` with the method and scope beside it: units are scored by a structured
-    method, torch-pruning scores nothing else, and structure prunes every unit of its kind."""
+    method, contribution and torch-pruning score nothing else, and structure prunes every unit of
+    its kind."""
     parse_structure(structure)
     if structure != "unstructured" and method not in STRUCTURED_METHODS:
         raise StarfishError(f"prune.method={method!r} prunes single weights; prune.structure={structure!r} "
-                            "takes magnitude, wanda or torch-pruning")
-    if structure == "unstructured" and method == "torch-pruning":
-        raise StarfishError("prune.method=torch-pruning removes whole units: set prune.structure (e.g. neurons+heads)")
+                            f"takes {', '.join(STRUCTURED_METHODS[:-1])} or {STRUCTURED_METHODS[-1]}")
+    if structure == "unstructured" and method in UNIT_METHODS:
+        raise StarfishError(f"prune.method={method} removes whole units: set prune.structure (e.g. neurons+heads)")
     if structure != "unstructured" and scope != "default":
         raise StarfishError(f"prune.scope={scope!r} chooses layers for unstructured pruning; prune.structure="
                             f"{structure!r} prunes every unit of its kind: leave prune.scope at default")
@@ -322,10 +324,14 @@ def groups_for(model: nn.Module, structure: str) -> list[Group]:
     return groups
 
 
-def _unit_scores(group: Group, weights: dict[str, torch.Tensor], norms: dict[str, torch.Tensor] | None
-                 ) -> torch.Tensor:
+def _unit_scores(group: Group, weights: dict[str, torch.Tensor], norms: dict[str, torch.Tensor] | None,
+                 method: str = "magnitude") -> torch.Tensor:
     """One importance per unit over all its masked weights: the group's L2 norm (magnitude), or
-    wanda's sum of |W| * ||x|| with each weight column scaled by its input's norm."""
+    wanda's sum of |W| * ||x|| with each weight column scaled by its input's norm; or (contribution)
+    what the unit adds to the output of the layer that reads it, ||W[:, unit]||^2 * ||x_unit||^2
+    over the calibration images, the part of the block's output it takes away (cross terms left out)."""
+    if method == "contribution":
+        return _contributions(group, weights, norms)
     score = torch.zeros(group.units)
     for member in group.masked:
         w = weights[member.key].detach().float().cpu()
@@ -345,6 +351,20 @@ def _unit_scores(group: Group, weights: dict[str, torch.Tensor], norms: dict[str
     return score.sqrt() if norms is None else score
 
 
+def _contributions(group: Group, weights: dict[str, torch.Tensor], norms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per unit, the energy it adds to the output of the layers that read it (the group's input
+    columns: fc2's, proj's, a conv chain's last conv's), on the calibration images."""
+    score = torch.zeros(group.units)
+    for member in group.masked:
+        if member.axis != 1:
+            continue
+        w = weights[member.key].detach().float().cpu()
+        w = w.movedim(1, 0).reshape(w.shape[1], -1)  # (input columns, the rest)
+        x = norms[member.key.removesuffix(".weight")].float().cpu()
+        score += (w.pow(2).sum(1) * x.pow(2)).view(member.sections, group.units, member.width).sum((0, 2))
+    return score
+
+
 def _check_amount(groups: list[Group], amount: float) -> None:
     check_sparsity(amount)
     for group in groups:
@@ -360,7 +380,7 @@ def structured_masks(model: nn.Module, groups: list[Group], cfg: "PruneConfig",
     with scores normalized per group, keeping each group's best unit. Ties go by position."""
     _check_amount(groups, cfg.sparsity)
     weights = dict(model.named_parameters())
-    scores = {g.name: _unit_scores(g, weights, norms) for g in groups}
+    scores = {g.name: _unit_scores(g, weights, norms, cfg.method) for g in groups}
     removed: dict[str, torch.Tensor] = {}
     if cfg.global_ranking:
         for structure in {g.structure for g in groups}:

@@ -74,7 +74,7 @@ def test_the_family_prunes_heals_exports_and_reads_back(family: str, tmp_path: P
     # Every pruner: unstructured, and each structured method on the units the family has.
     pruned: dict[str, tuple[torch.nn.Module, dict]] = {}
     cases = [(method, "unstructured") for method in ("magnitude", "wanda", "nm")]
-    cases += [(method, structure or "neurons") for method in ("magnitude", "wanda", "torch-pruning")]
+    cases += [(method, structure or "neurons") for method in ("magnitude", "wanda", "contribution", "torch-pruning")]
     for method, kind in cases:
         def run(method: str = method, kind: str = kind) -> None:
             masks = prune(dense, PruneConfig(method, 0.5, structure=kind), x).masks
@@ -84,6 +84,8 @@ def test_the_family_prunes_heals_exports_and_reads_back(family: str, tmp_path: P
     assert results["prune wanda unstructured"] == "ok", results
     if structure is None:  # the refusal names the structures there are (none) and the fix
         assert "has no neurons that can be removed" in results["prune magnitude neurons"], results
+    else:
+        assert results[f"prune contribution {structure}"] == "ok", results
 
     # Every heal preset and healer, at two steps, on the magnitude-pruned model.
     model, masks = pruned["magnitude/unstructured"]

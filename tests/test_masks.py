@@ -198,8 +198,8 @@ def test_sparsity_outside_unit_interval_raises(sparsity: float) -> None:
 
 def test_unknown_pruner_raises() -> None:
     with pytest.raises(StarfishError,
-                       match=r"unknown pruner 'bogus'; use one of \['contribution', 'magnitude', 'nm', 'torch-pruning', "
-                             r"'wanda'\]"):
+                       match=r"unknown pruner 'bogus'; use one of \['contribution', 'magnitude', 'nm', "
+                             r"'torch-pruning', 'wanda'\]"):
         PruneConfig("bogus", 0.5)
 
 

@@ -55,10 +55,10 @@ bench: setup
 		--healers none logit-kd faithful starfish recommended
 	$(VENV)/bin/starfish bench --out results/batchnorm $(CNN) --pruners magnitude wanda --sparsities 0.75 0.9 \
 		--seeds 0 1 2 --healers starfish-bn-train starfish-bn-frozen starfish-bn-recalibrate
-	$(VENV)/bin/starfish bench --out results/bench_structured/vit --structures neurons+heads --pruners magnitude \
-		--sparsities 0.25 0.5 0.75 --healers none layerwise logit-kd starfish recommended
+	$(VENV)/bin/starfish bench --out results/bench_structured/vit --structures neurons+heads \
+		--pruners magnitude contribution --sparsities 0.25 0.5 0.75 --healers none layerwise logit-kd starfish recommended
 	$(VENV)/bin/starfish bench --out results/bench_structured/vit_seeds --structures neurons+heads \
-		--pruners magnitude wanda --sparsities 0.5 --seeds 0 1 2 \
+		--pruners magnitude wanda contribution --sparsities 0.5 --seeds 0 1 2 \
 		--healers none layerwise logit-kd starfish recommended starfish-holdout0
 	$(VENV)/bin/starfish bench --out results/bench_structured/vit_variants --structures neurons+heads \
 		--pruners magnitude --sparsities 0.5 --seeds 0 1 2 \
@@ -67,8 +67,9 @@ bench: setup
 		--pruners magnitude wanda --sparsities 0.5 --seeds 0 1 2 --healers none starfish --set prune.global_ranking=true
 	$(VENV)/bin/starfish bench --out results/bench_structured/vit_torch_pruning --structures neurons+heads \
 		--pruners torch-pruning --sparsities 0.25 0.5 0.75 --healers none logit-kd
-	$(VENV)/bin/starfish bench --out results/bench_structured/cnn $(CNN) --structures channels --pruners magnitude \
-		--sparsities 0.25 0.5 0.75 --healers none logit-kd starfish recommended
+	$(VENV)/bin/starfish bench --out results/bench_structured/cnn $(CNN) --structures channels \
+		--pruners magnitude contribution --sparsities 0.25 0.5 0.75 \
+		--healers none logit-kd starfish recommended starfish-last-state
 	@echo "heal-time ratios: run 'make bench-timing' alone on a quiet machine"
 
 # Heal time over plain fwd+bwd passes needs a quiet machine: one process, every core.

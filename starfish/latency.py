@@ -288,12 +288,13 @@ STARFISH_HEALERS = ("starfish", "recommended", "faithful", "fast")
 
 def best_recovery(model: str, structure: str, amount: float, root: Path = Path(".")) -> float | None:
     """The best STARFISH preset's recovery (seed mean) at `structure` and `amount` in the committed
-    bench results, None where none was measured."""
+    bench results (magnitude masks, 2:4, or structured `contribution` units, the score to use for
+    structure), None where none was measured."""
     for folder, structured in RECOVERY_SOURCES.get(model, []):
         path = root / folder / "bench.json"
         if not path.is_file() or (structured is None) != (structure in UNSTRUCTURED):
             continue
-        wanted = "nm (2:4)" if structure == "2:4" else "magnitude"
+        wanted = "nm (2:4)" if structure == "2:4" else "magnitude" if structured is None else "contribution"
         found: dict[str, list[float]] = {}
         for r in read_json(path)["rows"]:
             if r["pruner"] == wanted and abs(r["sparsity"] - amount) < 1e-9 and r["healer"] in STARFISH_HEALERS \

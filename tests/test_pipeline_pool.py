@@ -159,6 +159,7 @@ def test_prefect_yaml_deploys_every_flow_with_its_pool_schedule_and_trigger(pool
                                                                                           "Europe/Berlin")
     assert deployments["sweep/sweep"].parameters["mode"] == "pool"
     assert deployments["sweep/sweep-structured"].parameters["structures"] == ["neurons+heads"]
+    assert deployments["sweep/sweep-structured"].parameters["pruners"] == ["contribution"]
     assert "CUDA_VISIBLE_DEVICES" not in nightly.job_variables["env"]  # each worker keeps its own GPU
     steps = [next(iter(step)) for step in nightly.pull_steps]
     assert steps == ["prefect.deployments.steps.git_clone", "prefect.deployments.steps.set_working_directory",

@@ -450,6 +450,24 @@ def note_on_run(uri: str, run_id: str, tags: dict[str, str] | None = None,
                     sorted({**(tags or {}), **(metrics or {})}), run_id, str(exc).splitlines()[0] if str(exc) else exc)
 
 
+def log_served_model(path: str | Path, fmt: str, example: np.ndarray, signature: Any, model_name: str) -> Any:
+    """Log the exported file (`fmt`: bitmask or onnx) behind the serving pyfunc into the active
+    run, registered as a new version of `model_name`; MLflow's ModelInfo. What `mlflow models
+    serve` and `mlflow.pyfunc.load_model` of the version then run is `starfish/serving.py`."""
+    import mlflow
+
+    from starfish import serving
+    from starfish.serving import CHECKPOINT, ONNX
+
+    with _LOG_LOCK:
+        return mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT, python_model=str(Path(serving.__file__)),
+            artifacts={ONNX if fmt == "onnx" else CHECKPOINT: str(path)},
+            input_example=example, signature=signature, pip_requirements=_pip_requirements(),
+            code_paths=[str(Path(serving.__file__).parent)],  # starfish itself travels with the model
+            registered_model_name=model_name)
+
+
 def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed: dict[str, Any],
                      evaluation: dict[str, Any], model: torch.nn.Module, masks: Masks, example: np.ndarray,
                      curve: list[dict[str, Any]], export: dict[str, Any], model_name: str, uri: str,
@@ -472,9 +490,6 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
     from mlflow.entities import RunTag
     from mlflow.models import infer_signature
     from safetensors.torch import save_file
-
-    from starfish import serving
-    from starfish.serving import CHECKPOINT, ONNX
 
     metrics = read_json(evaluation["path"])
     check_registrable(metrics, cfg.gate)
@@ -530,14 +545,7 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
             for path in (report, report.with_suffix(".html"), plot, evaluation["path"], healed["loss_curve"],
                          calibration["path"]):
                 mlflow.log_artifact(str(path), "report")
-            with _LOG_LOCK:  # the registered model is the compressed checkpoint
-                info = mlflow.pyfunc.log_model(
-                    name=MODEL_ARTIFACT, python_model=str(Path(serving.__file__)),
-                    artifacts={ONNX if export.get("format") == "onnx" else CHECKPOINT: str(export["path"])},
-                    input_example=example, signature=signature,
-                    pip_requirements=_pip_requirements(),
-                    code_paths=[str(Path(serving.__file__).parent)],  # starfish itself travels with the model
-                    registered_model_name=model_name)
+            info = log_served_model(export["path"], export.get("format", "bitmask"), example, signature, model_name)
             model_version = str(info.registered_model_version)
             client.update_model_version(model_name, model_version, description=card)
             if not client.get_registered_model(model_name).description:

@@ -1,17 +1,22 @@
 """ONNX export: checked by onnx.checker and against torch before it is kept, on every covered
-family, slim or dense; a model the exporter cannot trace is one line, exit 2, nothing written."""
+family, slim or dense, and served by the registered pyfunc with torch's answers; a model the
+exporter cannot trace is one line, exit 2, nothing written."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import onnx
 import pytest
 import torch
+from mlflow import MlflowClient
+from mlflow.models import infer_signature
 from timm.models import register_model
 
+from starfish import tracking
 from starfish.cli import main
 from starfish.config import PruneConfig
 from starfish.datasets import load_dataset
@@ -22,6 +27,8 @@ from starfish.pruning import prune, sparsify_
 from starfish.pruning.structured import slim_, slim_masks
 
 FAMILIES = [
+    ("starfish_vit_fmnist", {}, "neurons+heads", (1, 28, 28)),
+    ("starfish_cnn_fmnist", {}, "channels", (1, 28, 28)),
     ("vit_tiny_patch16_224", {"img_size": 32, "depth": 2}, "neurons+heads", (3, 32, 32)),
     ("swin_tiny_patch4_window7_224", {"img_size": 56, "depths": (1, 1, 1, 1), "embed_dim": 32,
                                       "num_heads": (2, 2, 4, 4)}, "neurons+heads", (3, 56, 56)),
@@ -32,8 +39,8 @@ FAMILIES = [
 
 
 @pytest.mark.parametrize("name, kwargs, structure, size", FAMILIES, ids=[f[0] for f in FAMILIES])
-def test_the_onnx_export_of_a_slim_model_matches_torch(name: str, kwargs: dict, structure: str,
-                                                       size: tuple[int, ...], tmp_path: Path) -> None:
+def test_the_onnx_export_of_a_slim_model_matches_torch_and_serves_its_answers(
+        name: str, kwargs: dict, structure: str, size: tuple[int, ...], tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = create_model(name, kwargs={**kwargs, "pretrained_cfg_overlay": {"input_size": size}}).eval()
     masks = prune(model, PruneConfig("magnitude", 0.5, structure=structure)).masks
@@ -52,6 +59,19 @@ def test_the_onnx_export_of_a_slim_model_matches_torch(name: str, kwargs: dict, 
     assert meta["sha256"] == sha256_file(out) and meta["check"]["max_abs_difference"] <= 1e-4
     assert meta["flops_ratio"] < 0.8 and read_metadata(out)["checkpoint_sha256"] == sha256_file(checkpoint)
     assert json.loads(read_metadata(out)["architecture"])["kept"]
+
+    # registered as the compress flow registers it, and loaded as `mlflow models serve` loads the champion
+    store, before = f"sqlite:///{tmp_path / 'mlflow.db'}", mlflow.get_tracking_uri()
+    example = images[:2].numpy()
+    try:
+        mlflow.set_tracking_uri(store)
+        with mlflow.start_run():
+            info = tracking.log_served_model(out, "onnx", example, infer_signature(example, expected[:2]), name)
+        MlflowClient(store).set_registered_model_alias(name, "champion", info.registered_model_version)
+        served = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(images.numpy())
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert np.abs(np.asarray(served) - expected).max() <= 1e-4
 
 
 def test_the_healed_demo_vit_exports_and_agrees_on_real_test_images(demo_checkpoint: Path, tmp_path: Path,

@@ -66,14 +66,19 @@ def test_member_index_covers_each_section_and_head_width() -> None:
     assert rows.tolist() == [0, 1, 4, 5, 6, 7, 10, 11, 12, 13, 16, 17]
 
 
+def hand_worked_mlp() -> torch.nn.Module:
+    """A model holding one MLP of 4 neurons: fc1 rows (1, 0), (3, 0), (0.5, 0), (2, 0); fc2 (1, 3, 0.5, 0)."""
+    wrapper = torch.nn.Module()
+    wrapper.mlp = Mlp(2, 4, 1)
+    with torch.no_grad():
+        wrapper.mlp.fc1.weight.copy_(torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.5, 0.0], [2.0, 0.0]]))
+        wrapper.mlp.fc2.weight.copy_(torch.tensor([[1.0, 3.0, 0.5, 0.0]]))
+    return wrapper
+
+
 def test_magnitude_removes_the_neurons_with_the_smallest_group_norm() -> None:
     """Hand-worked: neuron i's group is fc1 row i and fc2 column i; norms sqrt(1+1), sqrt(9+9), sqrt(0.25+0.25), 2."""
-    mlp = Mlp(2, 4, 1)
-    with torch.no_grad():
-        mlp.fc1.weight.copy_(torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.5, 0.0], [2.0, 0.0]]))
-        mlp.fc2.weight.copy_(torch.tensor([[1.0, 3.0, 0.5, 0.0]]))
-    wrapper = torch.nn.Module()
-    wrapper.mlp = mlp
+    wrapper = hand_worked_mlp()
     groups = find_groups(wrapper, ("neurons",))
     masks = structured_masks(wrapper, groups, PruneConfig(sparsity=0.5))
     assert masks["mlp.fc1.weight"].all(1).tolist() == [False, True, False, True]  # neurons 0 and 2 go
@@ -85,12 +90,7 @@ def test_contribution_removes_the_neurons_that_add_least_to_the_output() -> None
     """Hand-worked, the weights of the magnitude case: neuron i adds fc2[0, i]^2 * ||h_i||^2 to the
     output's energy; with hidden norms 4, 1, 8, 1 that is 16, 9, 16 and 0, so neurons 3 and 1 go
     (magnitude removes 0 and 2)."""
-    mlp = Mlp(2, 4, 1)
-    with torch.no_grad():
-        mlp.fc1.weight.copy_(torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.5, 0.0], [2.0, 0.0]]))
-        mlp.fc2.weight.copy_(torch.tensor([[1.0, 3.0, 0.5, 0.0]]))
-    wrapper = torch.nn.Module()
-    wrapper.mlp = mlp
+    wrapper = hand_worked_mlp()
     norms = {"mlp.fc1": torch.tensor([1.0, 1.0]), "mlp.fc2": torch.tensor([4.0, 1.0, 8.0, 1.0])}
     masks = structured_masks(wrapper, find_groups(wrapper, ("neurons",)),
                              PruneConfig("contribution", 0.5, structure="neurons"), norms)

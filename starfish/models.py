@@ -167,6 +167,8 @@ def on_meta() -> Any:
     """Modules built inside have meta tensors: their shapes, no memory and no initialization."""
     with torch.device("meta"), _SkipMetaValueWrites():
         yield
+
+
 RANDOM_INIT_SEED = 0
 HUB_CONNECT_TIMEOUT_S = 5.0
 

@@ -65,9 +65,10 @@ def test_the_onnx_export_of_a_slim_model_matches_torch_and_serves_its_answers(
     example = images[:2].numpy()
     try:
         mlflow.set_tracking_uri(store)
-        with mlflow.start_run():
+        client = MlflowClient(store)
+        with mlflow.start_run(experiment_id=client.create_experiment("onnx")):  # not this process's active one
             info = tracking.log_served_model(out, "onnx", example, infer_signature(example, expected[:2]), name)
-        MlflowClient(store).set_registered_model_alias(name, "champion", info.registered_model_version)
+        client.set_registered_model_alias(name, "champion", info.registered_model_version)
         served = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(images.numpy())
     finally:
         mlflow.set_tracking_uri(before)

@@ -24,7 +24,7 @@ from starfish.capture import ActivationCapture, stage_names
 from starfish.errors import StarfishError
 from starfish.pruning import masks as M
 from starfish.pruning.masks import Masks
-from starfish.pruning.structured import groups_for, structured_masks, torch_pruning_masks
+from starfish.pruning.structured import groups_for, structured_masks, torch_pruning_masks, whole_units_only
 from starfish.registry import Registry
 
 if TYPE_CHECKING:
@@ -246,7 +246,7 @@ def _column_norms(module: nn.Module, weight: torch.Tensor, norms: torch.Tensor) 
 def torch_pruning(model: nn.Module, weights: dict[str, nn.Parameter], images: torch.Tensor | None,
                   cfg: "PruneConfig") -> Masks:
     """Torch-Pruning's structured pruner (`structured.torch_pruning_masks`): with prune.structure only."""
-    raise StarfishError("prune.method=torch-pruning removes whole units: set prune.structure (e.g. neurons+heads)")
+    raise whole_units_only("torch-pruning")
 
 
 @PRUNERS.register("contribution")
@@ -254,7 +254,7 @@ def contribution(model: nn.Module, weights: dict[str, nn.Parameter], images: tor
                  cfg: "PruneConfig") -> Masks:
     """Whole units by what each adds to its block's output on the calibration images
     (`structured._contributions`): with prune.structure only."""
-    raise StarfishError("prune.method=contribution removes whole units: set prune.structure (e.g. neurons+heads)")
+    raise whole_units_only("contribution")
 
 
 @PRUNERS.register("nm")

@@ -280,6 +280,11 @@ def parse_structure(structure: str) -> tuple[str, ...]:
     return parts
 
 
+def whole_units_only(method: str) -> StarfishError:
+    """The refusal of a method that scores whole units (`UNIT_METHODS`) without `prune.structure`."""
+    return StarfishError(f"prune.method={method} removes whole units: set prune.structure (e.g. neurons+heads)")
+
+
 def check_structure_fields(method: str, structure: str, scope: str) -> None:
     """`prune.structure` with the method and scope beside it: units are scored by a structured
     method, contribution and torch-pruning score nothing else, and structure prunes every unit of
@@ -289,7 +294,7 @@ def check_structure_fields(method: str, structure: str, scope: str) -> None:
         raise StarfishError(f"prune.method={method!r} prunes single weights; prune.structure={structure!r} "
                             f"takes {', '.join(STRUCTURED_METHODS[:-1])} or {STRUCTURED_METHODS[-1]}")
     if structure == "unstructured" and method in UNIT_METHODS:
-        raise StarfishError(f"prune.method={method} removes whole units: set prune.structure (e.g. neurons+heads)")
+        raise whole_units_only(method)
     if structure != "unstructured" and scope != "default":
         raise StarfishError(f"prune.scope={scope!r} chooses layers for unstructured pruning; prune.structure="
                             f"{structure!r} prunes every unit of its kind: leave prune.scope at default")

@@ -230,16 +230,11 @@ def test_each_run_cloned_the_repository_and_pulled_the_split(pool: dict[str, Any
 
 
 def test_a_changed_calibration_split_fires_the_event_and_the_trigger_starts_compress(pool: dict[str, Any]) -> None:
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
-
     for worker in gpu_workers(pool):  # the triggered run then waits, Scheduled, where the test sees it
         kill(worker.pid)
 
     def triggered() -> list:
-        with api_client(pool) as client:
-            runs = client.read_flow_runs(
-                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["compress"])))
-        return [run for run in runs if run.created_by and run.created_by.type == "AUTOMATION"]
+        return [run for run in flow_runs(pool, "compress") if run.created_by and run.created_by.type == "AUTOMATION"]
 
     watch = [sys.executable, "-m", "flows.watch", "--tracking-uri", pool["uri"]]
     same = run(watch, pool["source"], pool["env"])

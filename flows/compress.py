@@ -1,4 +1,4 @@
-"""The compress flow: one model through sample -> prune -> heal -> evaluate -> register.
+"""The compress flow: one model through sample -> prune -> heal -> quantize -> evaluate -> register.
 
 `python -m flows.compress` (what `make demo` runs) works on the embedded defaults: Prefect
 without a server, MLflow in sqlite:///mlflow.db, the calibration split from the local DVC
@@ -31,7 +31,7 @@ from flows.promote import promote as promote_flow
 from flows.session import flow_session
 from starfish import tracking
 from starfish.params import load_config
-from tasks import evaluate, heal, prune, register, sample_calibration
+from tasks import evaluate, heal, prune, quantize, register, sample_calibration
 from tasks.pipeline import flow_start
 from tasks.results import PlainJSON
 
@@ -60,31 +60,36 @@ def compress(params: str | None = "params.yaml", overrides: list[str] | None = N
         split = run(sample_calibration, config, calibration)
         pruned = run(prune, config, split, workdir)
         healed = run(heal, config, pruned, split, workdir)
-        evaluation = run(evaluate, config, pruned, healed, workdir)
+        served = run(quantize, config, healed, split, workdir)
+        evaluation = run(evaluate, config, pruned, healed, served, workdir)
         tracking.note_on_run(uri, run_id, metrics={key: evaluation[key] for key in tracking.METRICS})
-        registered = run(register, config, split, pruned, healed, evaluation, name, uri, workdir, mlflow_run_id=run_id)
+        registered = run(register, config, split, pruned, healed, served, evaluation, name, uri, workdir,
+                         mlflow_run_id=run_id)
         tracking.note_on_run(uri, run_id, {tracking.VERSION_TAG: f"{name}/{registered['version']}"})
         decision = promote_flow(name, registered["version"], params, overrides, uri) if promote else None
 
-    outputs = {"sample_calibration": split, "prune": pruned, "heal": healed, "evaluate": evaluation}
+    outputs = {"sample_calibration": split, "prune": pruned, "heal": healed, "quantize": served,
+               "evaluate": evaluation}
     rows = [{"step": step, "state": state, "output": outputs[step]["path"] if step in outputs else registered["run_id"],
              "sha256": outputs[step]["sha256"][:12] if step in outputs else ""} for step, state in run.states.items()]
     metrics = [{key: evaluation[key] for key in tracking.METRICS}]
     champion = f", champion: {'yes' if decision['promoted'] else 'no'}" if decision else ""
     publish("compress", rows, "\n".join([
-        f"# compress: {cfg.model.name}, {cfg.prune.method} {cfg.prune.sparsity:g}, {cfg.heal.method}", "",
+        f"# compress: {cfg.model.name}, {cfg.prune.method} {cfg.prune.sparsity:g}, {cfg.heal.method}, served "
+        f"{cfg.quant.mode}", "",
         markdown_table(metrics), "",
         f"Registered **{name}** version {registered['version']} (alias `challenger`{champion}), "
         f"MLflow run `{registered['run_id']}` in `{uri}`.", "",
         f"Calibration split hash `{split['split_hash']}` ({split['num_samples']} images).", "",
         markdown_table(rows), ""]),
         f"{name} v{registered['version']}: recovery {evaluation['recovery']:.4f}")
-    return {"calibration": split, "pruned": pruned, "healed": healed, "evaluation": evaluation,
+    return {"calibration": split, "pruned": pruned, "healed": healed, "served": served, "evaluation": evaluation,
             "registered": registered, "promotion": decision, "states": run.states, "ran_on": ran_on()}
 
 
 def main() -> None:
-    parser = cli("Compress one model: sample, prune, heal, evaluate, register (and promote through the gate).")
+    parser = cli("Compress one model: sample, prune, heal, quantize, evaluate, register (and promote through the "
+                 "gate).")
     parser.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where step outputs go")
     parser.add_argument("--calibration", default=DEFAULT_CALIBRATION, help="calibration split path")
     parser.add_argument("--no-promote", action="store_true", help="register as challenger only")
@@ -96,7 +101,8 @@ def main() -> None:
     evaluation, healed, registered = result["evaluation"], result["healed"], result["registered"]
     aliases = "challenger" + (", champion" if (result["promotion"] or {}).get("promoted") else "")
     print(f"\ndense top-1 {evaluation['dense_top1']:.4f} | pruned {evaluation['pruned_top1']:.4f} | "
-          f"healed {evaluation['healed_top1']:.4f} | recovery {evaluation['recovery']:.4f} | "
+          f"healed {evaluation['healed_top1']:.4f} | served ({evaluation['quant']}, onnxruntime) "
+          f"{evaluation['served_top1']:.4f} | recovery {evaluation['recovery']:.4f} | "
           f"sparsity {evaluation['sparsity']:.4f} | heal {healed['heal_seconds']:.1f}s")
     print(f"registered {registered['model_name']} version {registered['version']} ({aliases}), "
           f"run {registered['run_id']}")

@@ -18,7 +18,8 @@ from starfish.config import SECTIONS
 from starfish.healing import HEALERS
 from starfish.pruning import PRUNERS
 
-ORDER = ("prune", "heal", "model", "calibration", "evaluate", "gate", "data")  # the form's: the usual choices first
+# the form's order: the usual choices first
+ORDER = ("prune", "heal", "quant", "model", "calibration", "evaluate", "gate", "data")
 REGISTRY_CHOICES = {("prune", "method"): tuple(PRUNERS.names()), ("heal", "method"): tuple(HEALERS.names())}
 # (the other fields with choices declare them as `Literal` in the config itself)
 

@@ -43,7 +43,7 @@ from starfish import tracking
 from starfish.config import PipelineConfig
 from starfish.errors import StarfishError
 from starfish.params import load_config
-from tasks import evaluate, heal, prune, register, sample_calibration
+from tasks import evaluate, heal, prune, quantize, register, sample_calibration
 
 log = logging.getLogger("starfish.flows")
 DEFAULT_SPARSITIES = [0.5, 0.75, 0.9]
@@ -84,9 +84,10 @@ def _local_rows(base: PipelineConfig, configs: dict[Point, PipelineConfig], cali
             pruned[key] = prune.submit(point_config(base, point[2], pruner=point[0], structure=point[1]).to_dict(),
                                        split, workdir)
         healed = heal.submit(config, pruned[key], split, workdir)
-        evaluation = evaluate.submit(config, pruned[key], healed, workdir)
-        futures.append((point, evaluation, register.submit(config, split, pruned[key], healed, evaluation, name,
-                                                           uri, workdir)))
+        served = quantize.submit(config, healed, split, workdir)
+        evaluation = evaluate.submit(config, pruned[key], healed, served, workdir)
+        futures.append((point, evaluation, register.submit(config, split, pruned[key], healed, served, evaluation,
+                                                           name, uri, workdir)))
     rows = []
     for point, evaluation, registered in futures:
         metrics, _ = _outcome(evaluation)

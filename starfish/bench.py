@@ -67,6 +67,7 @@ class BenchConfig:
     eval_samples: int | None = None
     structures: tuple[str, ...] | None = None  # prune.structure values; None: the params' prune.structure
     masked: bool = False  # structured cells heal the masked model instead of the slim one
+    stages: int = 1  # prune -> heal in this many equal steps of sparsity, the step budget split among them
 
     def __post_init__(self) -> None:
         unknown = [h for h in self.healers if h not in VARIANTS]
@@ -78,6 +79,8 @@ class BenchConfig:
             raise StarfishError(f"bench: --steps {list(self.steps or [])}: give step budgets >= 1")
         for structure in self.structures or ():
             parse_structure(structure)
+        if self.stages < 1:
+            raise StarfishError(f"bench: --stages {self.stages}: give 1 (prune once) or more")
 
 
 def plain_step_seconds(model: torch.nn.Module, images: torch.Tensor, batch_size: int, steps: int) -> float:
@@ -121,9 +124,10 @@ def claim(lock: Path) -> Iterator[bool]:
 
 
 def cell_key(pruner: str, sparsity: float, fraction: float, seed: int, healer: str, steps: int | None = None,
-             structure: str = "unstructured", masked: bool = False) -> str:
+             structure: str = "unstructured", masked: bool = False, stages: int = 1) -> str:
     return (f"{pruner}_s{sparsity:g}_f{fraction:g}_seed{seed}_{healer}" + (f"_steps{steps}" if steps else "")
-            + (f"_{structure}" + ("_masked" if masked else "") if structure != "unstructured" else ""))
+            + (f"_{structure}" + ("_masked" if masked else "") if structure != "unstructured" else "")
+            + (f"_stages{stages}" if stages > 1 else ""))
 
 
 def heal_fingerprint_fields(heal: HealConfig, dense: torch.nn.Module) -> dict[str, Any]:
@@ -164,14 +168,16 @@ def run_bench(cfg: PipelineConfig, bench: BenchConfig, out: str | Path) -> list[
                     log.info("%s prunes single weights; no %s cells", pruner, structure)
                     continue
                 slim = structured and not bench.masked
-                keys = {h: cell_key(pruner, sparsity, fraction, seed, h, budget, structure, bench.masked)
+                keys = {h: cell_key(pruner, sparsity, fraction, seed, h, budget, structure, bench.masked, bench.stages)
                         for h in bench.healers}
                 configs = {h: variant_config(cfg.heal, h, seed=seed, steps=budget) for h in bench.healers}
                 fingerprints = {h: sha256_bytes(canonical_json({**context,
                                                                 "heal": heal_fingerprint_fields(configs[h], dense),
                                                                 "nm": nm, "calibration_images": len(indices),
                                                                 **({"structure": structure, "slim": slim}
-                                                                   if structured else {})}))
+                                                                   if structured else {}),
+                                                                **({"stages": bench.stages}
+                                                                   if bench.stages > 1 else {})}))
                                 for h in bench.healers}
                 todo = [h for h in bench.healers if not _done(out, keys[h], fingerprints[h])]
                 if not todo:
@@ -191,8 +197,10 @@ def run_bench(cfg: PipelineConfig, bench: BenchConfig, out: str | Path) -> list[
                     with claim(out / "cells" / f"{keys[healer]}.lock") as mine:
                         if not mine or _done(out, keys[healer], fingerprints[healer]):
                             continue
+                        stage_cfg = replace(cfg.prune, method=pruner, sparsity=sparsity, nm=nm, structure=structure)
                         row = measure_cell(dense, masks, images, test, targets, dense_preds, configs[healer],
-                                           cfg.evaluate.batch_size, structure if structured else None, slim)
+                                           cfg.evaluate.batch_size, structure if structured else None, slim,
+                                           stages=(stage_cfg, bench.stages) if bench.stages > 1 else None)
                         row.update(pruner=pruner if pruner != "nm" else f"nm ({nm})", sparsity=sparsity,
                                    structure=structure,
                                    fraction=fraction, seed=seed, healer=healer,
@@ -222,19 +230,61 @@ def _done(out: Path, key: str, fingerprint: str) -> bool:
     return path.is_file() and read_json(path).get("fingerprint") == fingerprint
 
 
+def staged_prune_heal_(model: torch.nn.Module, dense: torch.nn.Module, prune_cfg: Any, stages: int,
+                       images: torch.Tensor, heal_cfg: HealConfig) -> tuple[Masks, dict[str, Any]]:
+    """Prune `model` (a copy of `dense`) to `prune_cfg.sparsity` in `stages` equal steps, healing
+    the masked model after each with its share of `heal_cfg`'s step budget; a unit removed stays
+    removed (its score is zero after, and the masks only shrink). Returns the final masks and the
+    last heal's report, with the steps of all of them."""
+    masks: Masks = {}
+    total = heal_cfg.total_steps(len(images))
+    reports, done = [], 0
+    for stage in range(1, stages + 1):
+        target = prune_cfg.sparsity * stage / stages
+        found = prune(model, replace(prune_cfg, sparsity=target), images).masks
+        masks = {key: found[key] & masks[key] if key in masks else found[key] for key in found}
+        sparsify_(model, masks)
+        share = total * stage // stages - done
+        done += share
+        reports.append(heal_(model, dense, masks, images, replace(heal_cfg, steps=share, epochs=None)))
+    report = dict(reports[-1])
+    report["steps"] = sum(r.get("steps", 0) for r in reports)
+    report["warm_start_seconds"] = sum(r.get("warm_start_seconds", 0.0) for r in reports)
+    return masks, report
+
+
+def _slimmed(model: torch.nn.Module, dense: torch.nn.Module, masks: Masks, structure: str | None,
+             slim: bool) -> tuple[dict[str, Any], Masks]:
+    """What a structured cell removed (the fraction of units, whether slim, the cost ratios), the
+    model slimmed in place when `slim`: (those fields, the masks the model has now)."""
+    if structure is None:
+        return {}, masks
+    fields: dict[str, Any] = {"removed": structure_report(model, dense, masks, structure)["removed"], "slim": slim}
+    if slim:
+        slim_(model, masks)
+        masks = slim_masks(model)
+    fields.update(size_ratios(model, dense))
+    return fields, masks
+
+
 def measure_cell(dense: torch.nn.Module, masks: Masks, images: torch.Tensor, test: Any,
                  targets: torch.Tensor, dense_preds: torch.Tensor, heal_cfg: HealConfig,
-                 eval_batch_size: int, structure: str | None = None, slim: bool = False) -> dict[str, Any]:
+                 eval_batch_size: int, structure: str | None = None, slim: bool = False,
+                 stages: tuple[Any, int] | None = None) -> dict[str, Any]:
     """Heal one copy of the pruned model and evaluate it: one bench row (without its grid keys).
-    Structured masks (`structure`) heal as the slim model when `slim`, else masked."""
+    Structured masks (`structure`) heal as the slim model when `slim`, else masked. With
+    `stages` (the prune config and a count), the copy is pruned and healed in that many steps
+    (`staged_prune_heal_`) instead of from `masks` at once, then slimmed for evaluation."""
+    if stages is not None:
+        start = time.perf_counter()
+        model = copy.deepcopy(dense)
+        masks, report = staged_prune_heal_(model, dense, *stages, images, heal_cfg)
+        seconds = time.perf_counter() - start
+        check_masks_hold(model, masks)
+        fields, masks = _slimmed(model, dense, masks, structure, slim)
+        return _evaluated(model, masks, report, seconds, 0.0, test, targets, dense_preds, eval_batch_size, fields)
     model = sparsify_(copy.deepcopy(dense), masks)
-    structure_fields = {}
-    if structure is not None:
-        structure_fields = {"removed": structure_report(model, dense, masks, structure)["removed"], "slim": slim}
-        if slim:
-            slim_(model, masks)
-            masks = slim_masks(model)
-        structure_fields.update(size_ratios(model, dense))
+    fields, masks = _slimmed(model, dense, masks, structure, slim)
     # The reference is timed right before each heal, so both see the same machine load; a short
     # heal (a test's) gets as many passes as its steps, not the full PLAIN_TIMED_STEPS.
     timed = min(PLAIN_TIMED_STEPS, heal_cfg.total_steps(len(images))) if heal_cfg.method != "none" else 0
@@ -243,7 +293,14 @@ def measure_cell(dense: torch.nn.Module, masks: Masks, images: torch.Tensor, tes
     report = heal_(model, dense, masks, images, heal_cfg)
     seconds = time.perf_counter() - start
     check_masks_hold(model, masks)
-    preds, _ = predict(model, test, eval_batch_size, desc=f"evaluate {heal_cfg.method}")
+    return _evaluated(model, masks, report, seconds, per_step, test, targets, dense_preds, eval_batch_size, fields)
+
+
+def _evaluated(model: torch.nn.Module, masks: Masks, report: dict[str, Any], seconds: float, per_step: float,
+               test: Any, targets: torch.Tensor, dense_preds: torch.Tensor, eval_batch_size: int,
+               structure_fields: dict[str, Any]) -> dict[str, Any]:
+    """The bench row of a healed model: its top-1, agreement, sparsity and times."""
+    preds, _ = predict(model, test, eval_batch_size, desc="evaluate")
     plain = per_step * report.get("steps", 0)  # gradient healers only: the others take no steps
     return {
         "top1": float((preds == targets).float().mean()),

@@ -58,17 +58,23 @@ def cmd_heal(args: argparse.Namespace) -> None:
     _print(heal_step(_config(args), args.pruned, args.calibration, args.out))
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from starfish.steps import quantize_step
+
+    _print(quantize_step(_config(args), args.healed, args.calibration, args.out))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from starfish.steps import evaluate_step, score_step
 
     if args.checkpoint is not None:
-        if args.pruned or args.healed:
+        if args.pruned or args.healed or args.served:
             raise StarfishError("evaluate takes --checkpoint alone, or --pruned and --healed together; not both")
         _print(score_step(_config(args), args.checkpoint, args.out))
         return
     if not (args.pruned and args.healed and args.out):
         raise StarfishError("evaluate needs --pruned, --healed and --out (or --checkpoint to score one model)")
-    _print(evaluate_step(_config(args), args.pruned, args.healed, args.out))
+    _print(evaluate_step(_config(args), args.pruned, args.healed, args.out, args.served))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -140,40 +146,54 @@ def cmd_latency(args: argparse.Namespace) -> None:
                   f"dense {row['dense_ms']} ms, sparse {row['sparse_ms']} ms ({row['speedup']}x)")
 
 
-def _four_steps(cfg, folder: Path) -> tuple[dict, dict]:
-    """sample, prune, heal and evaluate into `folder`: (the heal's result, the metrics)."""
-    from starfish.steps import evaluate_step, heal_step, prune_step, sample
+def _pipeline_steps(cfg, folder: Path) -> tuple[dict, dict, dict]:
+    """sample, prune, heal, quantize and evaluate (the served model) into `folder`: (the heal's
+    result, the quantize step's, the metrics)."""
+    from starfish.steps import evaluate_step, heal_step, prune_step, quantize_step, sample
 
-    sample(cfg, folder / "calibration.json")
-    prune_step(cfg, folder / "calibration.json", folder / "pruned.safetensors")
-    healed = heal_step(cfg, folder / "pruned.safetensors", folder / "calibration.json", folder / "healed.safetensors")
-    return healed, evaluate_step(cfg, folder / "pruned.safetensors", folder / "healed.safetensors",
-                                 folder / "metrics.json")
+    split = folder / "calibration.json"
+    sample(cfg, split)
+    prune_step(cfg, split, folder / "pruned.safetensors")
+    healed = heal_step(cfg, folder / "pruned.safetensors", split, folder / "healed.safetensors")
+    served = quantize_step(cfg, folder / "healed.safetensors", split, folder / "served.onnx")
+    return healed, served, evaluate_step(cfg, folder / "pruned.safetensors", folder / "healed.safetensors",
+                                         folder / "metrics.json", folder / "served.onnx")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     cfg, out = _config(args), Path(args.out)
-    healed, metrics = _four_steps(cfg, out)
+    healed, _, metrics = _pipeline_steps(cfg, out)
     print(f"dense top-1 {metrics['dense_top1']:.4f} | pruned {metrics['pruned_top1']:.4f} | "
-          f"healed {metrics['healed_top1']:.4f} | recovery {metrics['recovery']:.4f} | "
-          f"sparsity {metrics['sparsity']:.4f} | heal {healed['heal_seconds']:.1f}s -> {out}")
+          f"healed {metrics['healed_top1']:.4f} | served ({metrics['quant']}) {metrics['served_top1']:.4f} | "
+          f"recovery {metrics['recovery']:.4f} | sparsity {metrics['sparsity']:.4f} | "
+          f"heal {healed['heal_seconds']:.1f}s -> {out}")
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
     """Model to exported file in one command, without Prefect or MLflow: the library's steps in
-    order, in a work folder beside the output, then the export (ONNX for a slim model)."""
-    from starfish.steps import check_writable, export_step, onnx_export_step
+    order, in a work folder beside the output, then the served model: the quantize step's ONNX
+    file (int8, or a slim float model), or the bitmask export of a masked float model."""
+    import shutil
+
+    from starfish.io import read_json, sidecar_path, write_with_sidecar
+    from starfish.steps import check_writable, export_step
 
     cfg, out = _config(args), Path(args.out)
     work = Path(args.workdir) if args.workdir else out.with_name(out.name + ".work")
     check_writable([out, work / "calibration.json"], [cfg.model.checkpoint])
-    slim = cfg.prune.structured and cfg.prune.slim
-    wanted = ".onnx" if slim else ".safetensors"
+    onnx = cfg.quant.mode != "none" or (cfg.prune.structured and cfg.prune.slim)
+    wanted = ".onnx" if onnx else ".safetensors"
     if out.suffix != wanted:
-        kind = "a slim model (structured, prune.slim)" if slim else "a masked model, as the bitmask export,"
+        kind = ("an int8 model (quant.mode)" if cfg.quant.mode != "none" else "a slim model (structured, prune.slim)"
+                if onnx else "a masked model, as the bitmask export,")
         raise StarfishError(f"--out {out}: {kind} is written as {wanted}; name the output so")
-    _, metrics = _four_steps(cfg, work)
-    exported = (onnx_export_step if slim else export_step)(work / "healed.safetensors", out)
+    _, served, metrics = _pipeline_steps(cfg, work)
+    if onnx:  # the checked served file, with its sidecar's record
+        record = {k: v for k, v in read_json(sidecar_path(served["path"])).items() if k not in ("file", "sha256")}
+        write_with_sidecar(out, lambda path: shutil.copyfile(served["path"], path), **record)
+        exported = {**served, "path": str(out)}
+    else:
+        exported = export_step(work / "healed.safetensors", out)
     _print({"export": exported, "metrics": metrics, "work": str(work)})
 
 
@@ -218,8 +238,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
                             fractions=tuple(args.fractions) if args.fractions else None,
                             steps=tuple(args.steps) if args.steps else None,
                             eval_samples=args.eval_samples,
-                            structures=tuple(args.structures) if args.structures else None, masked=args.masked)
+                            structures=tuple(args.structures) if args.structures else None, masked=args.masked,
+                            stages=args.stages)
     run_bench(_config(args), bench_cfg, args.out)
+
+
+def cmd_frontier(args: argparse.Namespace) -> None:
+    from starfish.frontier import run
+
+    run(_config(args), Path(args.out), tuple(args.families), tuple(args.seeds), not args.no_speed, args.eval_samples)
 
 
 def cmd_scale(args: argparse.Namespace) -> None:
@@ -258,10 +285,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruned", required=True, help="the pruned checkpoint, e.g. out/pruned.safetensors")
     p.add_argument("--calibration", required=True, help="the calibration manifest it heals on (starfish sample)")
     p.add_argument("--out", required=True, help="healed checkpoint path (.safetensors); its loss curve goes beside it")
+    p = step("quantize", cmd_quantize, "write the healed model as it is served: ONNX, int8 in onnxruntime by "
+             "quant.mode (static ranges from the calibration split), checked before it is kept")
+    p.add_argument("--healed", required=True, help="the healed checkpoint (starfish heal)")
+    p.add_argument("--calibration", required=True, help="the calibration manifest (int8-static measures ranges on it)")
+    p.add_argument("--out", required=True, help="the served model (.onnx), e.g. out/served.onnx")
     p = step("evaluate", cmd_evaluate, "top-1 of dense, pruned and healed, with recovery and sparsity; or of one "
                                        "checkpoint (--checkpoint)")
     p.add_argument("--pruned", help="the pruned checkpoint (from starfish prune)")
     p.add_argument("--healed", help="the healed checkpoint (from starfish heal)")
+    p.add_argument("--served", help="the served ONNX model of --healed (starfish quantize): evaluated in "
+                                    "onnxruntime, and its recovery is the one reported")
     p.add_argument("--checkpoint", help="score this one checkpoint instead, e.g. out/demo/healed.safetensors")
     p.add_argument("--out", help="metrics path (.json); optional with --checkpoint")
     p = sub.add_parser("export", help="write a checkpoint as a compressed sparse-bitmask checkpoint or as ONNX",
@@ -325,6 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structures", nargs="+", default=None,
                    help="prune.structure values to sweep, e.g. unstructured neurons+heads (default: prune.structure)")
     p.add_argument("--masked", action="store_true", help="heal structured cells masked instead of slim")
+    p.add_argument("--stages", type=int, default=1, help="prune and heal in this many equal steps of sparsity, "
+                                                         "the step budget split among them (default: 1, at once)")
+    p = step("frontier", cmd_frontier, "recovery against speed-up for structure x int8 x heal: the demo models "
+             "as served in onnxruntime, and deit_small / resnet50 timed side by side; resumable, shareable")
+    p.add_argument("--out", default="results/frontier", help="results folder (default: results/frontier)")
+    p.add_argument("--families", nargs="+", choices=("vit", "cnn"), default=["vit", "cnn"],
+                   help="the demo ViT (neurons+heads, deit_small speed) and the demo CNN (channels, resnet50 speed)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="each seed: its own split and shuffle")
+    p.add_argument("--no-speed", action="store_true", help="the recovery grid only")
+    p.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N test images only")
     p = sub.add_parser("list", help="the pruners, healers, prune scopes, heal presets and bench healer variants, "
                        "each with what it does", description="names that prune, heal and bench accept, e.g. "
                                                               "starfish list --json | jq '.\"healers (heal.method)\"'")

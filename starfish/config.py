@@ -21,6 +21,7 @@ from starfish.presets import AUTHORS_STEPS, HEAL_PRESETS, layer_heal_fields
 from starfish.pruning.masks import check_sparsity, parse_nm
 from starfish.pruning.pruners import PRUNERS, check_scope
 from starfish.pruning.structured import check_structure_fields
+from starfish.quant import QUANT_MODES
 
 _LAX = ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True)  # "5" is 5, 24 is "24"
 
@@ -112,6 +113,8 @@ class HealConfig:
     precision: Literal[PRECISIONS] = "auto"
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, same result
     compile: bool = False  # torch.compile each block's forward: faster steps on a GPU after a compile
+    quant: Literal[QUANT_MODES] = Field("none", description="heal through this int8 scheme (fake-quant, "
+                                        "straight-through gradients); the quant.mode the model is served in")
     temperature: float = Field(1.0, gt=0)
     seed: int = 0
 
@@ -133,6 +136,15 @@ class HealConfig:
     def total_steps(self, num_images: int) -> int:
         """Adam steps this budget takes on `num_images` training images."""
         return self.steps if self.steps is not None else self.epochs * math.ceil(num_images / self.batch_size)
+
+
+@config_section("quant")
+class QuantConfig:
+    """How the served model is quantized (starfish/quant): `none` serves it in float;
+    `int8-dynamic` and `int8-static` write an onnxruntime int8 model (static: activation ranges
+    measured on the calibration split)."""
+
+    mode: Literal[QUANT_MODES] = "none"
 
 
 @config_section("evaluate")
@@ -164,8 +176,16 @@ class PipelineConfig:
     calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
     prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
     heal: HealConfig = dataclasses.field(default_factory=HealConfig)
+    quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
     evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     gate: GateConfig = dataclasses.field(default_factory=GateConfig)
+
+    def __post_init__(self) -> None:
+        require(self.heal.quant in ("none", self.quant.mode),
+                f"heal.quant={self.heal.quant} but quant.mode={self.quant.mode}: a heal through the quantizer "
+                "trains against the scheme the model is served in; set "
+                + (f"quant.mode={self.heal.quant}" if self.quant.mode == "none" else f"heal.quant={self.quant.mode}")
+                + " too, or heal.quant=none")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

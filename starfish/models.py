@@ -67,8 +67,10 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def device_of(model: torch.nn.Module) -> torch.device:
-    """Where the model's parameters live: inputs are moved there before each forward pass."""
-    return next(model.parameters()).device
+    """Where the model's parameters live: inputs are moved there before each forward pass. A
+    model without any (an onnxruntime session behind a module) runs on the CPU."""
+    first = next(model.parameters(), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 def _demo_options(name: str, checkpoint: Path, pretrained: bool, kwargs: dict[str, Any],

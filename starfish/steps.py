@@ -13,12 +13,14 @@ import fcntl
 import io
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -82,6 +84,7 @@ from starfish.rows import scratch_folder
 log = logging.getLogger(__name__)
 
 CURVE_COLUMNS = ("step", "calibration_loss", "holdout_loss")
+CHECK_BATCH = 32  # calibration images an ONNX file is checked on
 
 
 def dense_model(cfg: PipelineConfig) -> torch.nn.Module:
@@ -293,16 +296,11 @@ def export_step(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     return {"path": str(out), "sha256": meta["sha256"], **sizes}
 
 
-def onnx_export_step(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
-    """Write a checkpoint (dense, pruned, healed or slim) as ONNX (`starfish.formats.onnx`): it
-    passes onnx.checker and onnxruntime matches torch within 1e-4 before it is kept. The sidecar
-    records the check, and the parameters and FLOPs against the dense architecture."""
+def _onnx_source(source: Path) -> tuple[torch.nn.Module, tuple[int, ...], dict[str, Any], dict[str, float]]:
+    """What an ONNX file of checkpoint `source` is made from: (the model, its input size, the
+    file's `starfish.*` metadata, its parameter and FLOP ratios against the dense architecture)."""
     from timm.data import resolve_data_config
 
-    from starfish.formats.onnx import export_onnx
-
-    source, out = Path(checkpoint), Path(out)
-    check_writable([out], [source])
     read = read_checkpoint(source)
     model, _, name = model_from(read, source)
     metadata = read[2]
@@ -311,6 +309,18 @@ def onnx_export_step(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     ratios = size_ratios(model, create_model(name, num_classes=num_classes, kwargs=kwargs), input_size)
     tags = {"model": name, "checkpoint_sha256": sha256_file(source), "input_size": list(input_size),
             **{key: metadata[key] for key in ("architecture", "model_kwargs", "num_classes") if key in metadata}}
+    return model, input_size, tags, ratios
+
+
+def onnx_export_step(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write a checkpoint (dense, pruned, healed or slim) as ONNX (`starfish.formats.onnx`): it
+    passes onnx.checker and onnxruntime matches torch within 1e-4 before it is kept. The sidecar
+    records the check, and the parameters and FLOPs against the dense architecture."""
+    from starfish.formats.onnx import export_onnx
+
+    source, out = Path(checkpoint), Path(out)
+    check_writable([out], [source])
+    model, input_size, tags, ratios = _onnx_source(source)
     check: dict[str, Any] = {}
     meta = write_with_sidecar(out, lambda path: check.update(export_onnx(model, path, input_size, tags)),
                               inputs={"checkpoint_sha256": tags["checkpoint_sha256"]}, format="onnx",
@@ -318,6 +328,40 @@ def onnx_export_step(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
     log.info("exported %s as ONNX: onnxruntime within %.1e of torch; %.3fx of dense's FLOPs", out,
              check["max_abs_difference"], ratios["flops_ratio"])
     return {"path": str(out), "sha256": meta["sha256"], "format": "onnx", **check, **ratios}
+
+
+def quantize_step(cfg: PipelineConfig, healed: str | Path, manifest: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write the model as it is served: the healed checkpoint as ONNX, quantized to int8 by
+    onnxruntime when `quant.mode` says so (`starfish.quant.ort`; static ranges from the
+    calibration split, never the test set), float otherwise. Either is checked before it is kept
+    (float: against torch within 1e-4; int8: against the torch fake-quant model). The sidecar
+    records the recipe, the input hashes, the split's content hash, the check and the costs."""
+    from starfish.formats.onnx import export_onnx
+    from starfish.quant.ort import write_int8
+
+    source, out = Path(healed), Path(out)
+    check_outputs(cfg, [out], [source, manifest])
+    model, input_size, tags, ratios = _onnx_source(source)
+    split = read_manifest(manifest)["content_sha256"]
+    tags.update(calibration_split_hash=split, quant=cfg.quant.mode)
+    check: dict[str, Any] = {}
+    with scratch_folder(out.parent), contextlib.closing(calibration_images(cfg, manifest, model)) as images:
+        def write(path: Path) -> None:
+            if cfg.quant.mode == "none":
+                check.update(export_onnx(model, path, input_size, tags, images[:CHECK_BATCH]))
+            else:
+                check.update(write_int8(model, path, input_size, tags, cfg.quant.mode, images))
+
+        meta = write_with_sidecar(out, write, config={"quant": asdict(cfg.quant)}, format="onnx",
+                                  inputs={"healed_sha256": tags["checkpoint_sha256"],
+                                          "manifest_sha256": sha256_file(manifest)},
+                                  calibration_split_hash=split, input_size=list(input_size), check=check,
+                                  **ratios)
+    size = out.stat().st_size
+    log.info("served model %s (%s): %d bytes, %.3fx of dense's FLOPs", out, cfg.quant.mode, size,
+             ratios["flops_ratio"])
+    return {"path": str(out), "sha256": meta["sha256"], "format": "onnx", "quant": cfg.quant.mode, "bytes": size,
+            **check, **ratios}
 
 
 def checkpoint_info(path: str | Path) -> dict[str, Any]:
@@ -355,36 +399,48 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def registration_inputs(cfg: PipelineConfig, manifest: str | Path, healed: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def registration_inputs(cfg: PipelineConfig, manifest: str | Path, healed: dict[str, Any],
+                        served: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """What registering `healed` (the heal step's result) records, as `tracking.log_compress_run`'s
     keyword arguments, so the recorder loads nothing: the healed model on the CPU and its masks,
-    an input example (the split's first two images, not all of it), the loss curve, and the
-    compressed export that is registered (in a temporary folder, gone when the block ends)."""
+    an input example (the split's first two images, not all of it), the loss curve, and the file
+    that is registered: `served` (the quantize step's ONNX file) for an int8 or a slim model,
+    with its speed against the dense model's float ONNX file measured here in onnxruntime; the
+    compressed bitmask export of a masked float model (in a temporary folder, gone when the
+    block ends)."""
     model, masks, _ = stored_model(cfg.replace(model={"device": "cpu"}), healed["path"])
     example = calibration_images(cfg, manifest, model, limit=2)[:].numpy()
     with tempfile.TemporaryDirectory() as tmp:
-        if architecture_of(model) is None:
+        if served["quant"] == "none" and architecture_of(model) is None:
             export = export_step(healed["path"], Path(tmp) / "model.sparse.safetensors")
-        else:  # a slim model is served as ONNX, with its cost against dense measured here
-            export = onnx_export_step(healed["path"], Path(tmp) / "model.onnx")
+        else:
             dense = dense_model(cfg.replace(model={"device": "cpu"}))
-            export.update(bytes=Path(export["path"]).stat().st_size,
-                          latency_ratio=measured_latency_ratio(model, dense, torch.from_numpy(example)))
+            registered = Path(tmp) / "model.onnx"  # the artifact's name in the registry, whatever the step's
+            shutil.copyfile(served["path"], registered)
+            export = {**served, "path": str(registered),
+                      "latency_ratio": served_latency_ratio(registered, dense, example, Path(tmp))}
             export["size_ratio"] = export["bytes"] / len(checkpoint_bytes(dense.state_dict(), {}))
         yield {"model": model, "masks": masks, "example": example, "curve": read_curve(healed["loss_curve"]),
                "export": export}
 
 
-def measured_latency_ratio(model: torch.nn.Module, dense: torch.nn.Module, example: torch.Tensor,
-                           batch: int = 32, repeats: int = 10) -> float:
-    """The model's time over dense's for a forward pass at `batch` on this machine (torch eager,
-    medians of alternating runs): the latency a registered version records."""
+def served_latency_ratio(served: str | Path, dense: torch.nn.Module, example: np.ndarray, folder: Path,
+                         batch: int = 32, repeats: int = 10) -> float:
+    """The served ONNX model's time over the dense model's float ONNX export for a forward pass
+    at `batch` on this machine (onnxruntime, medians of alternating runs): the latency a
+    registered version records."""
+    from timm.data import resolve_data_config
+
+    from starfish.formats.onnx import export_onnx, run_session, session
     from starfish.latency import median_ratio
 
-    x = example[:1].expand(batch, *example.shape[1:]).contiguous()
-    with torch.no_grad():
-        dense_s, model_s, _ = median_ratio(lambda: dense(x), lambda: model(x), repeats, lambda: None)
-    return model_s / dense_s
+    input_size = tuple(resolve_data_config({}, model=dense)["input_size"])
+    export_onnx(dense.float().cpu().eval(), folder / "dense.onnx", input_size, {"model": "dense"})
+    x = np.ascontiguousarray(np.broadcast_to(example[:1], (batch, *example.shape[1:])), dtype=np.float32)
+    dense_session, served_session = session(folder / "dense.onnx"), session(served)
+    dense_s, served_s, _ = median_ratio(lambda: run_session(dense_session, x), lambda: run_session(served_session, x),
+                                        repeats, lambda: None)
+    return served_s / dense_s
 
 
 def curve_path(healed: str | Path) -> Path:
@@ -477,9 +533,14 @@ def score_step(cfg: PipelineConfig, checkpoint: str | Path, out: str | Path | No
     return metrics
 
 
-def evaluate_step(cfg: PipelineConfig, pruned: str | Path, healed: str | Path, out: str | Path) -> dict[str, Any]:
-    """Top-1 of dense, pruned and healed on `evaluate.split`; recovery, agreement and sparsity checks."""
-    check_outputs(cfg, [out], [pruned, healed, curve_path(healed)])
+def evaluate_step(cfg: PipelineConfig, pruned: str | Path, healed: str | Path, out: str | Path,
+                  served: str | Path | None = None) -> dict[str, Any]:
+    """Top-1 of dense, pruned and healed on `evaluate.split`; recovery, agreement and sparsity checks.
+    With `served` (the quantize step's ONNX file of `healed`), that file is evaluated too, in
+    onnxruntime, and `recovery` is its recovery: the gate reads what is served."""
+    from starfish.formats.onnx import OnnxModel, read_metadata
+
+    check_outputs(cfg, [out], [pruned, healed, curve_path(healed), *([served] if served else [])])
     dense = dense_model(cfg)
     check_same_dense(cfg, state_sha256(dense), pruned, healed)
     pruned_model, masks, _ = pruned_checkpoint(cfg, pruned)
@@ -487,10 +548,17 @@ def evaluate_step(cfg: PipelineConfig, pruned: str | Path, healed: str | Path, o
     if set(healed_masks) != set(masks) or any(not torch.equal(masks[k], healed_masks[k]) for k in masks):
         raise StarfishError(f"{healed} carries different masks than {pruned}; heal that pruned checkpoint again")
     check_masks_hold(healed_model, masks)
+    candidates = {"pruned": pruned_model, "healed": healed_model}
+    if served is not None:
+        made_from = read_metadata(served).get("checkpoint_sha256")
+        if made_from != sha256_file(healed):
+            raise StarfishError(f"{served} was not made from {healed} (its checkpoint_sha256 differs); run "
+                                "`starfish quantize` on this healed checkpoint")
+        candidates["served"] = OnnxModel(served)
     test = dataset(cfg, cfg.evaluate.split, dense)
     if cfg.evaluate.max_samples is not None:
         test = Subset(test, range(min(cfg.evaluate.max_samples, len(test))))
-    metrics = compare(dense, {"pruned": pruned_model, "healed": healed_model}, test, cfg.evaluate.batch_size,
+    metrics = compare(dense, candidates, test, cfg.evaluate.batch_size,
                       cfg.data.num_workers, cached_dense_predictions(cfg, dense, test), cfg.evaluate.precision)
     if cfg.prune.structured:  # the fraction of units removed, and what the model costs against dense
         report = structure_report(healed_model, dense, masks, cfg.prune.structure)
@@ -500,13 +568,18 @@ def evaluate_step(cfg: PipelineConfig, pruned: str | Path, healed: str | Path, o
         sparsity = measured_sparsity(healed_model, list(masks))["total"]
     metrics.update({
         "test_images": len(test),
-        "recovery": metrics["healed_recovery"],
+        "recovery": metrics["served_recovery" if served is not None else "healed_recovery"],
         "sparsity": sparsity,
         "sparsity_target": cfg.prune.sparsity,
         "sparsity_drift": abs(sparsity - cfg.prune.sparsity),
     })
-    write_with_sidecar(out, lambda path: atomic_write_json(path, metrics),
-                       inputs={"pruned_sha256": sha256_file(pruned), "healed_sha256": sha256_file(healed)})
-    log.info("dense %.4f  pruned %.4f  healed %.4f  recovery %.4f", metrics["dense_top1"],
-             metrics["pruned_top1"], metrics["healed_top1"], metrics["recovery"])
+    if served is not None:
+        metrics["quant"] = read_metadata(served).get("quant", "none")
+    inputs = {"pruned_sha256": sha256_file(pruned), "healed_sha256": sha256_file(healed),
+              **({"served_sha256": sha256_file(served)} if served is not None else {})}
+    write_with_sidecar(out, lambda path: atomic_write_json(path, metrics), inputs=inputs)
+    log.info("dense %.4f  pruned %.4f  healed %.4f%s  recovery %.4f", metrics["dense_top1"],
+             metrics["pruned_top1"], metrics["healed_top1"],
+             f"  served ({metrics['quant']}) {metrics['served_top1']:.4f}" if served is not None else "",
+             metrics["recovery"])
     return metrics

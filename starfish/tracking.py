@@ -54,6 +54,7 @@ STEP_TAG = "starfish.step."  # + a step's name, on a flow's run: its final state
 VERSION_TAG = "starfish.version"  # on a flow's run: the version it registered or reused (name/version)
 MODEL_ARTIFACT = "model"
 METRICS = ("dense_top1", "pruned_top1", "healed_top1", "recovery", "sparsity", "sparsity_drift")
+SERVED_METRICS = ("served_top1", "served_recovery", "served_agreement")  # the served file, in onnxruntime
 _PACKAGES = ("torch", "timm", "safetensors", "numpy", "onnxruntime")
 LOCK_SUFFIX = ".lock"  # the registry lock of model M is the registered model M.lock (`registry_lock`)
 LOCK_TIMEOUT_S = 900.0
@@ -173,8 +174,12 @@ def write_report(out_dir: str | Path, cfg: PipelineConfig, metrics: dict[str, An
     figure.tight_layout()
     plot = save_png(figure, out_dir / "loss.png", dpi=100)
     title = (f"{cfg.model.name}: {cfg.prune.method} {cfg.prune.sparsity:g}"
-             + (f" {cfg.prune.structure}" if cfg.prune.structured else "") + f" + {cfg.heal.method}")
-    rows = [(key, f"{metrics[key]:.4f}") for key in (*METRICS, "flops_ratio", "params_ratio") if key in metrics]
+             + (f" {cfg.prune.structure}" if cfg.prune.structured else "") + f" + {cfg.heal.method}"
+             + (f" + {cfg.quant.mode}" if cfg.quant.mode != "none" else ""))
+    rows = [(key, f"{metrics[key]:.4f}") for key in (*METRICS, *SERVED_METRICS, "flops_ratio", "params_ratio")
+            if key in metrics]
+    if "quant" in metrics:
+        rows.append(("served as", f"ONNX in onnxruntime, {metrics['quant']}"))
     split = (f"Calibration split: {calibration['num_samples']} images, content hash `{calibration['split_hash']}`, "
              f"DVC md5 `{calibration['md5']}`.")
     selection = _selection_line(heal_report) + f" It took {healed['heal_seconds']:.1f} s."
@@ -521,7 +526,8 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
         client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
         with mlflow.start_run(run_id=run_id, log_system_metrics=False) as run:  # a flow's run samples already
             mlflow.log_params(_config_params(cfg))
-            costs = {key: float(metrics[key]) for key in ("flops_ratio", "params_ratio") if key in metrics}
+            costs = {key: float(metrics[key]) for key in ("flops_ratio", "params_ratio", *SERVED_METRICS)
+                     if key in metrics}
             latency = {"latency_ratio": float(export["latency_ratio"])} if "latency_ratio" in export else {}
             logged = client.get_run(run_id).data.metrics  # a flow's run has its evaluation already
             mlflow.log_metrics({key: value for key, value in {**{key: float(metrics[key]) for key in METRICS}, **costs,
@@ -556,9 +562,12 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
             client.set_model_version_tag(model_name, model_version, "recovery", f"{metrics['recovery']:.6f}")
             client.set_model_version_tag(model_name, model_version, "size_bytes", str(export["bytes"]))
             client.set_model_version_tag(model_name, model_version, "size_ratio", f"{export['size_ratio']:.6f}")
-            for key in ("flops_ratio", "params_ratio", "latency_ratio"):  # a slim model's cost against dense
+            for key in ("flops_ratio", "params_ratio", "latency_ratio"):  # a slim or int8 model's cost against dense
                 if key in export:
                     client.set_model_version_tag(model_name, model_version, key, f"{export[key]:.6f}")
+            if "latency_ratio" in export:  # dense float ONNX time over the served file's, onnxruntime, batch 32
+                client.set_model_version_tag(model_name, model_version, "speedup", f"{1 / export['latency_ratio']:.3f}")
+            client.set_model_version_tag(model_name, model_version, "quant", metrics.get("quant", "none"))
             client.set_model_version_tag(model_name, model_version, "format", export.get("format", "bitmask"))
             for key, value in version_tags(cfg, healed["path"]).items():  # what the registry is searched by
                 client.set_model_version_tag(model_name, model_version, key, value)

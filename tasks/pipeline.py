@@ -37,6 +37,7 @@ STEP_SECTIONS = {
     "sample_calibration": ("data", "calibration"),
     "prune": ("data", "model", "prune"),
     "heal": ("data", "model", "heal"),
+    "quantize": ("data", "model", "quant"),
     "evaluate": ("data", "model", "prune", "evaluate"),
     "register": ALL_SECTIONS,
 }
@@ -124,27 +125,36 @@ def heal(config: dict[str, Any], pruned: Ref, calibration: Ref, workdir: str) ->
     return steps.heal_step(from_dict(config), _checked(pruned), _checked(calibration), out / "healed.safetensors")
 
 
+@pipeline_task("quantize")
+def quantize(config: dict[str, Any], healed: Ref, calibration: Ref, workdir: str) -> Ref:
+    """The model as it is served: ONNX, int8 by quant.mode (static ranges from the calibration split)."""
+    out = output_dir("quantize", config=config, healed=healed, calibration=calibration, workdir=workdir)
+    return steps.quantize_step(from_dict(config), _checked(healed), _checked(calibration), out / "served.onnx")
+
+
 @pipeline_task("evaluate")
-def evaluate(config: dict[str, Any], pruned: Ref, healed: Ref, workdir: str) -> Ref:
-    """Top-1 of dense, pruned and healed, recovery and measured sparsity, as metrics.json."""
-    out = output_dir("evaluate", config=config, pruned=pruned, healed=healed, workdir=workdir) / "metrics.json"
-    metrics = steps.evaluate_step(from_dict(config), _checked(pruned), _checked(healed), out)
+def evaluate(config: dict[str, Any], pruned: Ref, healed: Ref, served: Ref, workdir: str) -> Ref:
+    """Top-1 of dense, pruned, healed and the served model (in onnxruntime), recovery (the served
+    model's) and measured sparsity, as metrics.json."""
+    out = output_dir("evaluate", config=config, pruned=pruned, healed=healed, served=served,
+                     workdir=workdir) / "metrics.json"
+    metrics = steps.evaluate_step(from_dict(config), _checked(pruned), _checked(healed), out, _checked(served))
     return {**metrics, "path": str(out), "sha256": sha256_file(out)}
 
 
 @pipeline_task("register")
-def register(config: dict[str, Any], calibration: Ref, pruned: Ref, healed: Ref, evaluation: Ref,
+def register(config: dict[str, Any], calibration: Ref, pruned: Ref, healed: Ref, served: Ref, evaluation: Ref,
              model_name: str, tracking_uri: str, workdir: str, mlflow_run_id: str | None = None) -> Ref:
     """Log the run to MLflow and register the model as `challenger`, if it passed every check:
     into `mlflow_run_id` (the compress flow's run), or a run of its own (a sweep's point)."""
-    params = dict(config=config, calibration=calibration, pruned=pruned, healed=healed, evaluation=evaluation,
-                  model_name=model_name, tracking_uri=tracking_uri, workdir=workdir)
+    params = dict(config=config, calibration=calibration, pruned=pruned, healed=healed, served=served,
+                  evaluation=evaluation, model_name=model_name, tracking_uri=tracking_uri, workdir=workdir)
     out = output_dir("register", **params)
-    for ref in (calibration, pruned, healed, evaluation):
+    for ref in (calibration, pruned, healed, served, evaluation):
         _checked(ref)
     cfg = from_dict(config)
     tracking.check_registrable(evaluation, cfg.gate)  # before loading and exporting a model that stays out
-    with steps.registration_inputs(cfg, calibration["path"], healed) as recorded:
+    with steps.registration_inputs(cfg, calibration["path"], healed, served) as recorded:
         return tracking.log_compress_run(cfg, calibration=calibration, healed=healed, evaluation=evaluation,
                                          model_name=model_name, uri=tracking_uri, report_dir=out,
                                          register_key=step_key("register", params), flow_run_id=flow_run.id,

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 OUTPUTS = {"sample_calibration": "calibration.json", "prune": "pruned.safetensors",
-           "heal": "healed.safetensors", "evaluate": "metrics.json"}
+           "heal": "healed.safetensors", "quantize": "served.onnx", "evaluate": "metrics.json"}
 
 
 def die(pids_file: Path) -> None:

@@ -114,7 +114,8 @@ def test_every_command_in_the_pipeline_doc_runs(repo_root: Path, tmp_path: Path)
     assert "recovery" in demo and "steps: sample_calibration Completed" in demo, demo[-3000:]
     assert "recovery" in outputs["dvc repro"] and "dvc_plots" in outputs["dvc repro"], outputs["dvc repro"][-3000:]
     again = outputs["git checkout <commit> && dvc checkout"]  # the demo's inputs again: its steps, its numbers
-    assert "steps: sample_calibration Cached, prune Cached, heal Cached, evaluate Cached" in again, again[-3000:]
+    assert "steps: sample_calibration Cached, prune Cached, heal Cached, quantize Cached, evaluate Cached" in again, \
+        again[-3000:]
     healed = [re.search(r"\| healed (\S+) \|", output) for output in (again, demo)]
     assert healed[0] and healed[1] and healed[0].group(1) == healed[1].group(1), (again[-2000:], demo[-2000:])
     served = outputs[next(first for first in outputs if first.startswith("starfish serve"))]

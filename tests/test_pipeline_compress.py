@@ -33,7 +33,7 @@ from starfish.errors import StarfishError
 from starfish.io import read_json, sha256_file, sidecar_path
 
 pytestmark = pytest.mark.slow
-STEPS = ["sample_calibration", "prune", "heal", "evaluate", "register"]
+STEPS = ["sample_calibration", "prune", "heal", "quantize", "evaluate", "register"]
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """DVC stages and the data-versioned rerun, in a real git + DVC project in a temp folder.
 
-`dvc repro` runs the four stages through the CLI, then reruns only what a params change
+`dvc repro` runs the five stages through the CLI, then reruns only what a params change
 touches. The compress flow takes its calibration split from the `calibrate` stage: a new seed
 gives a new split hash and a new MLflow run tagged with it; checking the old commit out
 again (`git checkout` + `dvc checkout`) and recomputing every step gives back the same split
@@ -73,11 +73,12 @@ def project(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, demo_chec
 
 def test_dvc_repro_runs_the_stages_then_only_what_changed(project: Path) -> None:
     first = sh(project, "dvc", "repro")
-    assert [s for s in ("calibrate", "prune", "heal", "evaluate") if f"Running stage '{s}'" in first] == \
-        ["calibrate", "prune", "heal", "evaluate"]
+    stages = ("calibrate", "prune", "heal", "quantize", "evaluate")
+    assert [s for s in stages if f"Running stage '{s}'" in first] == list(stages)
     metrics = json.loads(sh(project, "dvc", "metrics", "show", "--json"))
     scores = next(iter(metrics.values()))["data"]["out/dvc/metrics.json"]["data"]
-    assert 0 < scores["recovery"] and scores["sparsity"] == pytest.approx(0.5)
+    assert 0 < scores["recovery"] == scores["served_recovery"] and scores["sparsity"] == pytest.approx(0.5)
+    assert scores["quant"] == "none"  # the shipped params serve the model in float, as ONNX
     plots = json.loads(sh(project, "dvc", "plots", "show", "--json"))["data"]
     assert list(plots) == ["healing_loss"]  # one plot of the heal curve, not a second stage plot
     [spec] = plots["healing_loss"]
@@ -91,6 +92,7 @@ def test_dvc_repro_runs_the_stages_then_only_what_changed(project: Path) -> None
     again = sh(project, "dvc", "repro")
     assert "Running stage 'evaluate'" in again and "Running stage 'heal'" not in again
     assert "Running stage 'calibrate'" not in again and "Running stage 'prune'" not in again
+    assert "Running stage 'quantize'" not in again
     sh(project, "git", "add", "-A")
     sh(project, "git", "commit", "-q", "-m", "pipeline outputs")
     # every stage run again from scratch writes the same bytes: dvc.lock does not move
@@ -125,6 +127,17 @@ def test_dvc_experiments_set_params_and_a_failed_one_changes_nothing(project: Pa
             "structure": "unstructured"} in listed
     sh(project, "git", "checkout", "-q", "--", "params.yaml", "dvc.lock")
     sh(project, "dvc", "checkout", "-q")
+
+    # The model served as onnxruntime's static int8 model: only quantize and evaluate run again.
+    done = sh(project, "dvc", "exp", "run", "--temp", "-S", "quant.mode=int8-static")
+    assert "Running stage 'quantize'" in done and "Running stage 'evaluate'" in done
+    assert "Running stage 'heal'" not in done and "Running stage 'prune'" not in done
+    shown = json.loads(sh(project, "dvc", "exp", "show", "--json"))
+    served = [rev["data"]["metrics"]["out/dvc/metrics.json"]["data"] for commit in shown
+              for exp in commit.get("experiments") or [] for rev in exp["revs"]
+              if rev["data"]["params"]["params.yaml"]["data"]["quant"]["mode"] == "int8-static"]
+    assert served and served[0]["quant"] == "int8-static" and served[0]["recovery"] == served[0]["served_recovery"]
+    assert (project / "params.yaml").read_text() == before
 
     # As the docs say: an experiment in a temporary copy (--temp) that fails leaves the workspace as it was.
     env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}

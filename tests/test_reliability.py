@@ -38,10 +38,11 @@ from starfish.errors import StarfishError
 from starfish.io import SIDECAR_SUFFIX, process_alive, read_json, sha256_file
 
 pytestmark = pytest.mark.slow
-STEPS = ["sample_calibration", "prune", "heal", "evaluate", "register"]
+STEPS = ["sample_calibration", "prune", "heal", "quantize", "evaluate", "register"]
 SCORES = ("dense_top1", "pruned_top1", "healed_top1", "recovery", "sparsity")
 STEP_FUNCTIONS = {"sample_calibration": (steps, "sample"), "prune": (steps, "prune_step"),
-                  "heal": (steps, "heal_step"), "evaluate": (steps, "evaluate_step"),
+                  "heal": (steps, "heal_step"), "quantize": (steps, "quantize_step"),
+                  "evaluate": (steps, "evaluate_step"),
                   "register": (tracking, "log_compress_run")}
 REGISTER_POINTS = {"run started": "log_params", "version written": "set_model_version_tag",
                    "alias set": "set_registered_model_alias"}
@@ -61,7 +62,7 @@ def record(fault: str, step: str, outcome: str) -> None:
 def fast_retries() -> Iterator[None]:
     """The tasks keep their two retries, without the backoff waits (faults here never heal by waiting)."""
     saved = {task: task.retry_delay_seconds for task in (tasks.sample_calibration, tasks.prune, tasks.heal,
-                                                           tasks.evaluate, tasks.register)}
+                                                           tasks.quantize, tasks.evaluate, tasks.register)}
     for task in saved:
         task.retry_delay_seconds = 0
     yield

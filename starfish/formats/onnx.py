@@ -51,6 +51,18 @@ def run_session(sess: Any, images: torch.Tensor | np.ndarray) -> np.ndarray:
     return sess.run([OUTPUT], {INPUT: np.ascontiguousarray(data, dtype=np.float32)})[0]
 
 
+class OnnxModel(torch.nn.Module):
+    """An ONNX file in onnxruntime behind torch's module call, so evaluation runs the served file
+    exactly as it runs a torch model (`evaluate.predict_all`): images in, logits out, on the CPU."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        super().__init__()
+        self.path, self.session = Path(path), session(path, threads)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(run_session(self.session, images.float().cpu()))
+
+
 def check_images(input_size: tuple[int, ...], count: int = CHECK_BATCH) -> torch.Tensor:
     """A seeded batch of standard-normal images (normalized inputs are about that scale)."""
     return torch.randn(count, *input_size, generator=torch.Generator().manual_seed(0))
@@ -97,9 +109,7 @@ def export_onnx(model: torch.nn.Module, out: str | Path, input_size: tuple[int, 
         except onnx.checker.ValidationError as exc:
             raise StarfishError(f"the ONNX export fails onnx.checker ({str(exc).splitlines()[0]}); not written") \
                 from None
-        for key, value in sorted(metadata.items()):
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = f"starfish.{key}", value if isinstance(value, str) else json.dumps(value)
+        set_metadata(proto, metadata)
         onnx.save(proto, str(tmp))
         with torch.no_grad():
             expected = model(images).numpy()
@@ -109,6 +119,18 @@ def export_onnx(model: torch.nn.Module, out: str | Path, input_size: tuple[int, 
                                 f"{TOLERANCE:g}) on the check batch; the export is not written")
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     return {"max_abs_difference": difference, "opset": opset}
+
+
+def set_metadata(proto: Any, metadata: dict[str, Any]) -> None:
+    """Record `metadata` in an ONNX model as `starfish.<key>` properties (text, or JSON), replacing
+    any of the same keys."""
+    keys = {f"starfish.{key}" for key in metadata}
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in keys]
+    del proto.metadata_props[:]
+    for key, value in kept + [(f"starfish.{k}", v if isinstance(v, str) else json.dumps(v))
+                              for k, v in sorted(metadata.items())]:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -25,6 +25,7 @@ from starfish.healing.common import HEALERS, Healer
 from starfish.models import device_of
 from starfish.precision import numerics
 from starfish.pruning.masks import Masks
+from starfish.quant import fake_quantized
 
 if TYPE_CHECKING:
     from starfish.config import HealConfig
@@ -35,10 +36,12 @@ log = logging.getLogger(__name__)
 def heal_(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
           cfg: "HealConfig") -> dict[str, object]:
     """Heal `model` with the registered healer `cfg.method`, in place, in `cfg.precision`, with
-    `cfg.grad_checkpointing` and `cfg.compile`; returns its report."""
+    `cfg.grad_checkpointing` and `cfg.compile`, and through the int8 scheme `cfg.quant` (its
+    Linear and Conv layers fake-quantized, static ranges measured on all of `images`); returns
+    its report. The weights it leaves are float: the quantize step makes the int8 model."""
     log.info("heal config: %s", json.dumps(dataclasses.asdict(cfg), separators=(",", ":")))
     with numerics(cfg.precision, device_of(model)), gradient_checkpointing(model, cfg.grad_checkpointing), \
-            compiled_blocks(model, cfg.compile):
+            compiled_blocks(model, cfg.compile), fake_quantized(model, cfg.quant, images, cfg.batch_size):
         return HEALERS.get(cfg.method)(model, dense, masks, images, cfg)
 
 

@@ -25,6 +25,7 @@ from starfish.models import device_of
 from starfish.progress import progress
 from starfish.pruning import sparsify_
 from starfish.pruning.masks import Masks
+from starfish.quant import attached
 from starfish.registry import Registry
 
 if TYPE_CHECKING:
@@ -249,6 +250,7 @@ def _align(model: nn.Module, masks: Masks, images: Images, holdout: Images | Non
     best: dict[str, object] = {"loss": math.inf, "step": None, "state": None}
     recalibrated: bool | None = None
     set_batchnorm_training_(model.eval(), cfg.batchnorm == "train")
+    quantizer = attached(model)  # healing through the quantizer: its static ranges follow the weights
     start = time.perf_counter()
     with masked_training(model, masks) as trainable, ActivationCapture(model, names) as capture:
 
@@ -289,6 +291,8 @@ def _align(model: nn.Module, masks: Masks, images: Images, holdout: Images | Non
             scheduler.step()
             losses.append(loss.item())
             if (step + 1) % cfg.holdout_every == 0 or step + 1 == total_steps:
+                if quantizer is not None:
+                    quantizer.calibrate()
                 recent = losses[-((step % cfg.holdout_every) + 1):]
                 held = held_out_loss()
                 curve.append({"step": step + 1, "calibration_loss": sum(recent) / len(recent), "holdout_loss": held})

@@ -102,3 +102,36 @@ def test_a_slim_model_is_registered_as_onnx_gated_on_flops_and_served(
         assert status == 400 and "NaN or infinite" in body["message"], body
         status, body = post(images)  # and it stays up
         assert status == 200 and np.array_equal(np.asarray(body["predictions"], dtype=np.float32), champion)
+
+
+def test_an_int8_model_healed_through_the_quantizer_is_the_champion_served(
+        prefect_harness, params_path: Path, pipeline_overrides: list[str], tmp_path: Path) -> None:
+    """The compress flow with structure and int8-dynamic, healed through the quantizer: the
+    registered artifact is the quantize step's int8 file, its recovery (the gate's number) is the
+    served file's in onnxruntime, the version records its speed-up, and `starfish serve` of the
+    champion answers with exactly that file's logits."""
+    from starfish.formats.onnx import run_session, session
+    from starfish.io import sha256_file
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [*pipeline_overrides, "prune.structure=neurons+heads", "quant.mode=int8-dynamic",
+                 "heal.quant=int8-dynamic", "gate.min_recovery=0"]
+    result = compress(params=str(params_path), overrides=overrides, workdir=str(tmp_path / "work"),
+                      calibration=str(tmp_path / "calibration.json"), tracking_uri=store)
+    assert result["promotion"]["promoted"] and result["states"]["quantize"] == "Completed"
+    metrics = read_json(result["evaluation"]["path"])
+    assert metrics["quant"] == "int8-dynamic" and metrics["recovery"] == metrics["served_recovery"]
+    client, name = MlflowClient(store), result["registered"]["model_name"]
+    version = client.get_model_version(name, result["registered"]["version"])
+    assert version.tags["quant"] == "int8-dynamic" and float(version.tags["speedup"]) > 0
+    assert float(version.tags["recovery"]) == pytest.approx(metrics["served_recovery"], abs=1e-6)
+    run = client.get_run(version.run_id)
+    assert run.data.metrics["served_top1"] == pytest.approx(metrics["served_top1"])
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{version.run_id}/model/artifacts/model.onnx",
+                                                     tracking_uri=store, dst_path=str(tmp_path / "dl")))
+    assert sha256_file(local) == result["served"]["sha256"]  # the file evaluated is the file registered
+    images = np.random.default_rng(1).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    expected = run_session(session(result["served"]["path"]), images)
+    with served(store, f"models:/{name}@champion", tmp_path / "serve.log", max_batch=8) as post:
+        status, body = post(images)
+        assert status == 200 and np.array_equal(np.asarray(body["predictions"], dtype=np.float32), expected)

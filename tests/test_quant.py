@@ -196,3 +196,13 @@ def test_a_runtime_without_int8_kernels_is_refused_before_any_work(monkeypatch: 
     with pytest.raises(StarfishError, match=r"cannot run int8 models \(Could not find an implementation for "
                                             r"MatMulInteger.*install onnxruntime's CPU build or set quant.mode=none"):
         quant_ort.check_int8_kernels()
+
+
+def test_a_model_the_exporter_cannot_trace_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    from test_onnx import DataDependent
+
+    out = tmp_path / "odd.onnx"
+    with pytest.raises(StarfishError, match="cannot export odd to ONNX: torch's exporter could not trace it"):
+        quant_ort.write_int8(DataDependent(), out, (1, 2, 2), {"model": "odd"}, "int8-dynamic",
+                             torch.randn(8, 1, 2, 2))
+    assert list(tmp_path.iterdir()) == []

@@ -70,6 +70,9 @@ class PruneConfig:
     structure: str = Field("unstructured", description="unstructured, or units: neurons, heads, channels, joined "
                            "by + (pruning/structured.py); sparsity is then the fraction of each layer's units removed")
     slim: bool = Field(True, description="structured: write the smaller model (false: dense shapes, units masked)")
+    allocation: Literal["uniform", "block-loss"] = Field(
+        "uniform", description="structured: the same fraction in every layer, or more from the blocks whose removal "
+        "moves the block outputs least (STARFISH's loss, unhealed)")
 
     def __post_init__(self) -> None:
         PRUNERS.get(self.method)
@@ -77,6 +80,9 @@ class PruneConfig:
         parse_nm(self.nm)
         check_scope(self.scope)
         check_structure_fields(self.method, self.structure, self.scope)
+        require(self.allocation == "uniform" or (self.structure != "unstructured" and not self.global_ranking),
+                f"prune.allocation={self.allocation} shares out whole units per block: set prune.structure, and "
+                "prune.global_ranking=false")
 
     @property
     def structured(self) -> bool:

@@ -16,7 +16,8 @@ EXECUTION_FIELDS = {"data": {"num_workers"}, "heal": {"cache", "solve_memory_mb"
 NEUTRAL_VALUES = {("model", "kwargs"): ({},), ("heal", "precision"): ("auto", "fp32"),
                   ("heal", "batchnorm"): ("frozen",), ("heal", "solver"): ("exact",),
                   ("evaluate", "precision"): ("auto", "fp32"), ("evaluate", "split"): ("test",),
-                  ("prune", "scope"): ("default",), ("heal", "quant"): ("none",)}
+                  ("prune", "scope"): ("default",), ("heal", "quant"): ("none",),
+                  ("prune", "allocation"): ("uniform",)}
 
 
 def result_fields(section: str, values: Mapping[str, Any]) -> dict[str, Any]:

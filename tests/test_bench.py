@@ -183,3 +183,40 @@ def test_the_bench_prunes_with_the_params_scope(params_path: Path, demo_checkpoi
               tmp_path)
     [result] = pruned
     assert result.masks and all(".mlp." in name for name in result.masks)  # no attention layer was pruned
+
+
+def test_staged_pruning_removes_more_at_each_stage_and_keeps_the_step_budget(
+        params_path: Path, demo_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pruned and healed in three stages: each stage's masks lie inside the last one's (a removed
+    unit stays removed), the stages reach 1/3, 2/3 and all of the target, and the heals share the
+    budget (6 steps: 2 each)."""
+    import copy
+
+    import torch
+
+    from starfish.calibration import stratified_indices
+    from starfish.config import PruneConfig
+    from starfish.datasets import load_dataset
+
+    cfg = tiny_config(params_path, demo_checkpoint)
+    dense = create_model("starfish_vit_fmnist", checkpoint=demo_checkpoint).eval()
+    train = load_dataset("fashion-mnist", cfg.data.root, "train", dense)
+    images = torch.stack([train[i][0] for i in stratified_indices(train.targets, 0.004, 0)])
+    seen = []
+    real_heal = bench_module.heal_
+
+    def heal_and_note(model, dense_model, masks, imgs, heal_cfg):
+        seen.append(({k: v.clone() for k, v in masks.items()}, heal_cfg.steps))
+        return real_heal(model, dense_model, masks, imgs, heal_cfg)
+
+    monkeypatch.setattr(bench_module, "heal_", heal_and_note)
+    model = copy.deepcopy(dense)
+    prune_cfg = PruneConfig("contribution", 0.75, structure="neurons+heads")
+    masks, report = bench_module.staged_prune_heal_(model, dense, prune_cfg, 3, images, cfg.heal)
+    assert [steps for _, steps in seen] == [2, 2, 2] and report["steps"] == 6
+    fc1 = "blocks.0.mlp.fc1.weight"
+    assert [1 - float(m[fc1].float().mean()) for m, _ in seen] == pytest.approx([0.25, 0.5, 0.75], abs=0.01)
+    for (earlier, _), (later, _) in zip(seen, seen[1:]):
+        assert all(bool((later[k] <= earlier[k]).all()) for k in later)  # a removed unit stays removed
+    assert all(torch.equal(masks[k], seen[-1][0][k]) for k in masks)
+    assert all(bool((dict(model.named_parameters())[k][~m] == 0).all()) for k, m in masks.items())

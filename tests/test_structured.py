@@ -253,3 +253,32 @@ def test_torch_pruning_chooses_what_group_magnitude_does_where_it_takes_the_fami
                                                                                       dtype=torch.float64))
     with pytest.raises(StarfishError, match="torch-pruning removes whole units"):
         PruneConfig("torch-pruning", 0.5)
+
+
+def test_block_loss_allocation_spreads_the_target_over_the_blocks_unequally(
+        demo_checkpoint: Path, fmnist_train) -> None:
+    """prune.allocation=block-loss on the trained demo ViT: each structure loses the target in
+    total (to the unit), spread unequally over the blocks, and no group is emptied; without
+    structure, or with global ranking, it is refused."""
+    from starfish.calibration import stratified_indices
+    from starfish.pruning import pruners
+
+    dense = create_model("starfish_vit_fmnist", checkpoint=demo_checkpoint).eval()
+    images = torch.stack([fmnist_train[i][0] for i in stratified_indices(fmnist_train.targets, 0.004, 0)])
+    cfg = PruneConfig("contribution", 0.5, structure="neurons+heads", allocation="block-loss")
+    groups = pruners.groups_for(dense, cfg.structure)
+    norms = pruners.input_norms(dense, sorted({m.key.removesuffix(".weight") for g in groups for m in g.masked}),
+                                images)
+    amounts = pruners.block_loss_amounts(dense, groups, cfg, norms, images)
+    for structure in ("neurons", "heads"):
+        members = [g for g in groups if g.structure == structure]
+        assert sum(amounts[g.name] for g in members) / len(members) == pytest.approx(0.5)
+        assert all(0 <= amounts[g.name] <= (g.units - 1) / g.units for g in members)
+    masks = prune(dense, cfg, images).masks
+    removed = {i: 1 - float(masks[f"blocks.{i}.mlp.fc1.weight"].float().mean()) for i in range(4)}
+    assert sum(removed.values()) / 4 == pytest.approx(0.5, abs=2 / 256) and len(set(removed.values())) > 1
+    assert all(masks[f"blocks.{i}.mlp.fc1.weight"].any(1).sum() >= 1 for i in range(4))
+    with pytest.raises(StarfishError, match="prune.allocation=block-loss shares out whole units per block"):
+        PruneConfig("magnitude", 0.5, allocation="block-loss")
+    with pytest.raises(StarfishError, match="prune.global_ranking=false"):
+        PruneConfig("magnitude", 0.5, structure="neurons", global_ranking=True, allocation="block-loss")

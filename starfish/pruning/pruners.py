@@ -330,10 +330,69 @@ def _structured(model: nn.Module, cfg: "PruneConfig", images: torch.Tensor | Non
         if images is None:
             raise StarfishError("torch-pruning traces the model on calibration images; pass a calibration manifest")
         masks = torch_pruning_masks(model, groups, cfg, images)
+    elif cfg.allocation == "block-loss":
+        if images is None:
+            raise StarfishError("prune.allocation=block-loss measures each block on calibration images; pass a "
+                                "calibration manifest")
+        masks = structured_masks(model, groups, cfg, norms, block_loss_amounts(model, groups, cfg, norms, images))
     else:
         masks = structured_masks(model, groups, cfg, norms)
     log.info("%s removed %g of the %s of %d groups", cfg.method, cfg.sparsity, cfg.structure, len(groups))
     return masks
+
+
+SENSITIVITY_IMAGES = 64  # calibration images each block's sensitivity is measured on
+
+
+@torch.no_grad()
+def block_loss_amounts(model: nn.Module, groups: list, cfg: "PruneConfig", norms: dict[str, torch.Tensor] | None,
+                       images: torch.Tensor) -> dict[str, float]:
+    """Per-group fractions to remove, from STARFISH's own loss: each block's groups are pruned
+    alone at `cfg.sparsity` (by the same scores), and the mean 1 - cosine of every block output
+    against the dense model's, on the first calibration images, is that block's sensitivity.
+    Each structure's groups then lose units in inverse proportion to their block's sensitivity,
+    their mean fraction `cfg.sparsity`, none beyond all but one unit (water-filling)."""
+    import copy
+
+    from starfish.capture import block_names
+    from starfish.healing.common import cosine_loss  # the loss STARFISH heals with
+
+    blocks = block_names(model)
+    batch = images[:SENSITIVITY_IMAGES].to(next(model.parameters()).device)
+
+    def states(net: nn.Module) -> dict[str, torch.Tensor]:
+        with ActivationCapture(net, blocks) as capture:
+            net(batch)
+            return dict(capture.values)
+
+    dense = states(model)
+    owner = {g.name: max((b for b in blocks if g.name == b or g.name.startswith(b + ".")), key=len, default=None)
+             for g in groups}
+    sensitivity: dict[str, float] = {}
+    for block in dict.fromkeys(b for b in owner.values() if b is not None):
+        alone = [g for g in groups if owner[g.name] == block]
+        pruned = sparsify_(copy.deepcopy(model), structured_masks(model, alone, cfg, norms))
+        found = states(pruned)
+        sensitivity[block] = max(float(sum(cosine_loss(found[b], dense[b]) for b in blocks)) / len(blocks), 1e-12)
+    amounts: dict[str, float] = {}
+    for structure in {g.structure for g in groups}:
+        members = [g for g in groups if g.structure == structure and owner[g.name] is not None]
+        weights = {g.name: 1.0 / sensitivity[owner[g.name]] for g in members}
+        caps = {g.name: (g.units - 1) / g.units for g in members}
+        fixed: dict[str, float] = {}
+        while True:  # give every group its share of what is left; a group over its cap is held at it
+            free = [g.name for g in members if g.name not in fixed]
+            left = cfg.sparsity * len(members) - sum(fixed.values())
+            total = sum(weights[name] for name in free)
+            share = {name: left * weights[name] / total for name in free}
+            over = [name for name in free if share[name] > caps[name]]
+            if not over:
+                amounts.update(fixed, **share)
+                break
+            fixed.update({name: caps[name] for name in over})
+    log.info("block-loss allocation: sensitivity %s; fractions %s",
+             {b: round(v, 5) for b, v in sensitivity.items()}, {g: round(a, 3) for g, a in amounts.items()})
+    return amounts
 
 
 def _held_back(weights: dict[str, torch.Tensor], masks: Masks, cfg: "PruneConfig") -> dict[str, str]:

@@ -379,10 +379,12 @@ def _check_amount(groups: list[Group], amount: float) -> None:
 
 
 def structured_masks(model: nn.Module, groups: list[Group], cfg: "PruneConfig",
-                     norms: dict[str, torch.Tensor] | None = None) -> Masks:
+                     norms: dict[str, torch.Tensor] | None = None, amounts: dict[str, float] | None = None) -> Masks:
     """Keep-masks removing `cfg.sparsity` of each group's units, lowest scores first: the same
     count in every group, or (`cfg.global_ranking`) one ranking per structure over all its groups
-    with scores normalized per group, keeping each group's best unit. Ties go by position."""
+    with scores normalized per group, keeping each group's best unit. Ties go by position.
+    `amounts` ({group: fraction}) sets a group's own fraction instead (a group it leaves out
+    loses `cfg.sparsity`)."""
     _check_amount(groups, cfg.sparsity)
     weights = dict(model.named_parameters())
     scores = {g.name: _unit_scores(g, weights, norms, cfg.method) for g in groups}
@@ -403,7 +405,8 @@ def structured_masks(model: nn.Module, groups: list[Group], cfg: "PruneConfig",
                 start += g.units
     else:
         for g in groups:
-            removed[g.name] = torch.argsort(scores[g.name], stable=True)[: capped_count(cfg.sparsity, g.units)]
+            amount = (amounts or {}).get(g.name, cfg.sparsity)
+            removed[g.name] = torch.argsort(scores[g.name], stable=True)[: capped_count(amount, g.units)]
     return _masks_removing(weights, groups, removed)
 
 

@@ -228,8 +228,9 @@ def align_(model: nn.Module, dense: nn.Module, masks: Masks, images: Images, hol
     held-out slice, its loss is measured before training, every
     `cfg.holdout_every` steps and at the end; the best of those states (`keep=best`) or of the
     start and the end (`keep=last`) is kept, so the result is never worse on it than the start
-    (or than `fallback`, the pruned weights before a warm start). Returns the curve of
-    calibration and held-out losses and what was kept.
+    (or than `fallback`, the pruned weights before a warm start). Healing through the quantizer
+    (`heal.quant`), the static input ranges are measured again for each state measured and at
+    each check. Returns the curve of calibration and held-out losses and what was kept.
     """
     names = objective.names
     with dense_targets(dense, names, [images, holdout], cfg.batch_size, getattr(torch, cfg.cache_dtype),
@@ -264,11 +265,18 @@ def _align(model: nn.Module, masks: Masks, images: Images, holdout: Images | Non
             if held is not None and held < best["loss"]:
                 best.update(loss=held, step=label, state=snapshot(model, masks))
 
+        def follow_weights() -> None:
+            """Through the quantizer: the static ranges of the weights the model has now."""
+            if quantizer is not None:
+                quantizer.calibrate()
+
         if fallback is not None and holdout is not None:
             current = snapshot(model, masks)
             restore_(model, fallback)
+            follow_weights()
             keep_if_best(held_out_loss(), "pruned")
             restore_(model, current)
+        follow_weights()
         start_held = held_out_loss()  # the starting point, before a training pass can move BatchNorm statistics
         keep_if_best(start_held, 0)
         optimizer = torch.optim.Adam(trainable, lr=cfg.lr, foreach=True)
@@ -291,8 +299,7 @@ def _align(model: nn.Module, masks: Masks, images: Images, holdout: Images | Non
             scheduler.step()
             losses.append(loss.item())
             if (step + 1) % cfg.holdout_every == 0 or step + 1 == total_steps:
-                if quantizer is not None:
-                    quantizer.calibrate()
+                follow_weights()
                 recent = losses[-((step % cfg.holdout_every) + 1):]
                 held = held_out_loss()
                 curve.append({"step": step + 1, "calibration_loss": sum(recent) / len(recent), "holdout_loss": held})

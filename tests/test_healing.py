@@ -27,8 +27,9 @@ from starfish.healing.baselines import (
     sparsegpt_least_squares,
 )
 from starfish.healing.batchnorm import batchnorm_buffers
-from starfish.healing.common import cosine_loss, masked_training, nmse_loss, split_calibration
+from starfish.healing.common import masked_training, split_calibration
 from starfish.healing.targets import available_memory, choose_mode
+from starfish.losses import cosine_loss, nmse_loss
 from starfish.models import create_model, load_checkpoint, save_checkpoint
 from starfish.presets import VARIANTS, variant_config
 from starfish.pruning import prune, sparsify_

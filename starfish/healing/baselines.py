@@ -24,8 +24,9 @@ from torch import nn
 
 from starfish.capture import ActivationCapture, stage_names
 from starfish.errors import StarfishError
-from starfish.healing.common import HEALERS, Images, Objective, align_, kd_loss, split_calibration
+from starfish.healing.common import HEALERS, Images, Objective, align_, split_calibration
 from starfish.healing.targets import choose_mode
+from starfish.losses import kd_loss
 from starfish.models import device_of
 from starfish.progress import progress
 from starfish.pruning import sparsify_

@@ -13,7 +13,6 @@ import time
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from starfish.calibration import CalibrationImages
@@ -21,6 +20,7 @@ from starfish.capture import ActivationCapture
 from starfish.errors import StarfishError
 from starfish.healing.batchnorm import batchnorm_buffers, evaluation, recalibrate_, set_batchnorm_training_
 from starfish.healing.targets import DenseTargets, dense_targets
+from starfish.losses import LossFn
 from starfish.models import device_of
 from starfish.progress import progress
 from starfish.pruning import sparsify_
@@ -33,44 +33,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 class Healer(Protocol):
     def __call__(self, model: nn.Module, dense: nn.Module, masks: Masks,
                  images: torch.Tensor, cfg: "HealConfig") -> dict[str, object]: ...
 
 
 HEALERS: Registry[Healer] = Registry("healer")  # here, not in the package's __init__: its healers import it
-
-
-def _groups(x: torch.Tensor) -> torch.Tensor:
-    """Rows to compare: per token for (B, T, D) states, per sample (flattened) otherwise."""
-    return x.reshape(-1, x.shape[-1]) if x.ndim == 3 else x.reshape(x.shape[0], -1)
-
-
-def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean of 1 - cos(student, teacher): over the hidden dim per token, or per flattened sample."""
-    return (1.0 - F.cosine_similarity(_groups(student), _groups(teacher), dim=-1)).mean()
-
-
-def nmse_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean of ||s - t||^2 / ||t||^2 over the same groups as `cosine_loss`."""
-    s, t = _groups(student), _groups(teacher)
-    return ((s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)).mean()
-
-
-def kd_loss(temperature: float) -> LossFn:
-    """KL(dense || student) on temperature-softened logits, scaled by T^2 (Hinton et al.)."""
-
-    def loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
-                        reduction="batchmean", log_target=True) * temperature**2
-
-    return loss
-
-
-STATE_LOSSES: dict[str, LossFn] = {"cosine": cosine_loss, "nmse": nmse_loss}
 
 
 def on_channels(loss: LossFn, channels: torch.Tensor) -> LossFn:

@@ -26,16 +26,8 @@ from torch import nn
 
 from starfish.capture import state_names
 from starfish.healing.baselines import layerwise, non_linear_layers
-from starfish.healing.common import (
-    HEALERS,
-    STATE_LOSSES,
-    Objective,
-    align_,
-    kd_loss,
-    on_channels,
-    snapshot,
-    split_calibration,
-)
+from starfish.healing.common import HEALERS, Objective, align_, on_channels, snapshot, split_calibration
+from starfish.losses import STATE_LOSSES, kd_loss
 from starfish.pruning.masks import Masks
 from starfish.pruning.structured import state_channels
 

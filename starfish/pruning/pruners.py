@@ -22,6 +22,7 @@ from torch import nn
 
 from starfish.capture import ActivationCapture, stage_names
 from starfish.errors import StarfishError
+from starfish.losses import cosine_loss  # the loss STARFISH heals with: each block's sensitivity
 from starfish.pruning import masks as M
 from starfish.pruning.masks import Masks
 from starfish.pruning.structured import groups_for, structured_masks, torch_pruning_masks, whole_units_only
@@ -355,7 +356,6 @@ def block_loss_amounts(model: nn.Module, groups: list, cfg: "PruneConfig", norms
     import copy
 
     from starfish.capture import block_names
-    from starfish.healing.common import cosine_loss  # the loss STARFISH heals with
 
     blocks = block_names(model)
     batch = images[:SENSITIVITY_IMAGES].to(next(model.parameters()).device)

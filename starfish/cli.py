@@ -85,7 +85,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_export_sizes(args: argparse.Namespace) -> None:
-    from starfish.export_sizes import run
+    from starfish.benchmarks.export_sizes import run
 
     for row in run(Path(args.out)):
         print(f"{row['model']} at {row['sparsity']:g}: {row['size_ratio']:.3f}x of dense, pruned weights "
@@ -135,7 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_latency(args: argparse.Namespace) -> None:
-    from starfish.latency import run
+    from starfish.benchmarks.latency import run
 
     for row in run(Path(args.out)):
         if "pruned_ms" in row:  # a whole model: dense against slim or masked
@@ -233,7 +233,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from starfish.bench import BenchConfig, run_bench
+    from starfish.benchmarks.bench import BenchConfig, run_bench
 
     bench_cfg = BenchConfig(sparsities=tuple(args.sparsities), pruners=tuple(args.pruners),
                             healers=tuple(args.healers), seeds=tuple(args.seeds),
@@ -246,19 +246,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_frontier(args: argparse.Namespace) -> None:
-    from starfish.frontier import run
+    from starfish.benchmarks.frontier import run
 
     run(_config(args), Path(args.out), tuple(args.families), tuple(args.seeds), not args.no_speed, args.eval_samples)
 
 
 def cmd_scale(args: argparse.Namespace) -> None:
-    from starfish.scale import run
+    from starfish.benchmarks.scale import run
 
     run(Path(args.out))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from starfish.bench import DEFAULT_HEALERS
+    from starfish.benchmarks.bench import DEFAULT_HEALERS
     from starfish.presets import VARIANTS
 
     parser = argparse.ArgumentParser(prog="starfish", description=__doc__.splitlines()[0])

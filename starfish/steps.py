@@ -432,7 +432,7 @@ def served_latency_ratio(served: str | Path, dense: torch.nn.Module, example: np
     from timm.data import resolve_data_config
 
     from starfish.formats.onnx import export_onnx, run_session, session
-    from starfish.latency import median_ratio
+    from starfish.timing import median_ratio
 
     input_size = tuple(resolve_data_config({}, model=dense)["input_size"])
     export_onnx(dense.float().cpu().eval(), folder / "dense.onnx", input_size, {"model": "dense"})

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from starfish import bench as bench_module
-from starfish.bench import BenchConfig, claim, heal_fingerprint_fields, run_bench
+from starfish.benchmarks import bench as bench_module
+from starfish.benchmarks.bench import BenchConfig, claim, heal_fingerprint_fields, run_bench
 from starfish.config import HealConfig
 from starfish.errors import StarfishError
 from starfish.io import read_json

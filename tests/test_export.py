@@ -71,7 +71,7 @@ def test_exporting_a_checkpoint_without_masks_is_one_line_and_writes_nothing(
 
 
 def test_export_sizes_table_measures_and_checks_the_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from starfish import export_sizes
+    from starfish.benchmarks import export_sizes
     from starfish.models import DEMO_CHECKPOINT, DEMO_MODEL
 
     monkeypatch.setattr(export_sizes, "MODELS", {DEMO_MODEL: DEMO_CHECKPOINT})

@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from starfish import frontier
+from starfish.benchmarks import frontier
 from starfish.cli import main
 from starfish.io import read_json
 

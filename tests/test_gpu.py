@@ -81,7 +81,7 @@ def test_layerwise_on_cuda_with_inputs_on_disk(tmp_path: Path) -> None:
 
 
 def test_two_four_linears_run_as_semi_structured_sparse_tensors() -> None:
-    from starfish.latency import to_semi_structured_
+    from starfish.benchmarks.latency import to_semi_structured_
 
     torch.manual_seed(0)
     dense = create_model("deit_small_patch16_224", num_classes=10).eval()

@@ -115,3 +115,13 @@ def test_the_starfish_import_graph_has_no_cycle() -> None:
     assert "starfish.config" not in graph["starfish.healing"]  # annotations only
     cycles = find_cycles(graph)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def test_the_library_never_imports_the_benchmarks() -> None:
+    """The benchmarks are tools over the library: only the command line, the top layer, reaches
+    them; a library module that imported one would pull a harness into every pipeline step."""
+    graph = import_graph()
+    benchmarks = {name for name in graph if name.startswith("starfish.benchmarks")}
+    assert {"starfish.benchmarks.bench", "starfish.benchmarks.frontier"} <= benchmarks
+    importers = {name for name, targets in graph.items() if targets & benchmarks and name not in benchmarks}
+    assert importers == {"starfish.cli"}

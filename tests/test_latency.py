@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from starfish import latency
+from starfish.benchmarks import latency
 
 
 def test_cpu_rows_time_dense_and_csr_side_by_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

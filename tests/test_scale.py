@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from starfish import scale
+from starfish.benchmarks import scale
 
 
 @pytest.fixture

@@ -470,7 +470,7 @@ def run(out: Path) -> list[dict[str, Any]]:
         if path.is_file():
             continue
         log.info("measuring %s", cell.key)
-        done = subprocess.run([sys.executable, "-m", "starfish.scale", "--cell", json.dumps(cell.__dict__),
+        done = subprocess.run([sys.executable, "-m", "starfish.benchmarks.scale", "--cell", json.dumps(cell.__dict__),
                                "--out", str(out)], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"cell {cell.key} failed:\n{done.stderr[-3000:]}")

@@ -19,13 +19,14 @@ import statistics
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from starfish.errors import StarfishError
 from starfish.io import atomic_write_bytes, atomic_write_json, read_json
+from starfish.timing import median_ratio, repeats_for
 
 if TYPE_CHECKING:  # the model and pruning stack loads only for the CUDA rows
     from starfish.pruning.masks import Masks
@@ -64,23 +65,6 @@ def to_semi_structured_(model: nn.Module, masks: Masks) -> dict[str, str]:
             except (RuntimeError, ValueError) as exc:  # shapes the kernels do not take
                 skipped[name] = str(exc).splitlines()[0]
     return skipped
-
-
-def median_ratio(dense: Callable[[], Any], sparse: Callable[[], Any], repeats: int, sync: Callable[[], None]
-                 ) -> tuple[float, float, float]:
-    """(dense median s, sparse median s, dense / sparse), timed alternately after a warm-up."""
-    times: dict[str, list[float]] = {"dense": [], "sparse": []}
-    for fn in (dense, sparse, dense, sparse):
-        fn()
-    sync()
-    for _ in range(repeats):
-        for label, fn in (("dense", dense), ("sparse", sparse)):
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[label].append(time.perf_counter() - start)
-    d, s = statistics.median(times["dense"]), statistics.median(times["sparse"])
-    return d, s, d / s
 
 
 def cpu_rows(repeats: int = 20) -> list[dict[str, Any]]:
@@ -155,11 +139,6 @@ def _amounts(structure: str, amounts: tuple[float, ...]) -> tuple[float, ...]:
     return UNSTRUCTURED.get(structure, amounts)
 
 
-def _repeats(seconds: float, budget: float = 12.0) -> int:
-    """Alternating repeats for a call of `seconds`: about `budget` seconds a side, 5 to 50."""
-    return max(5, min(50, round(budget / max(seconds, 1e-4))))
-
-
 def structured_rows(models: tuple = STRUCTURED_MODELS, amounts: tuple[float, ...] = STRUCTURED_AMOUNTS,
                     batches: tuple[int, ...] = STRUCTURED_BATCHES, threads: int = 2,
                     onnx_dir: Path | None = None) -> list[dict[str, Any]]:
@@ -204,7 +183,7 @@ def structured_rows(models: tuple = STRUCTURED_MODELS, amounts: tuple[float, ...
                         with torch.no_grad():
                             start = time.perf_counter()
                             dense_fn()
-                            repeats = _repeats(time.perf_counter() - start)
+                            repeats = repeats_for(time.perf_counter() - start)
                             dense_s, slim_s, ratio = median_ratio(dense_fn, slim_fn, repeats, lambda: None)
                         rows.append(_structured_row(name, structure, amount, runtime, "cpu", batch, dense_s, slim_s,
                                                     ratio, repeats, ratios, threads))

@@ -30,15 +30,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from starfish.bench import claim
+from starfish.benchmarks.bench import claim
 from starfish.calibration import stratified_indices
 from starfish.config import HealConfig, PipelineConfig, PruneConfig
 from starfish.evaluate import predict
 from starfish.io import atomic_write_bytes, atomic_write_json, canonical_json, read_json, sha256_bytes
-from starfish.latency import _repeats, median_ratio
 from starfish.pruning import prune, sparsify_
 from starfish.pruning.structured import slim_, slim_masks
 from starfish.quant import QUANT_MODES
+from starfish.timing import median_ratio, repeats_for
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def measure_speed(name: str, structure: str, removed: float, mode: str, input_si
         x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(batch)).numpy()
         start = time.perf_counter()
         run_session(dense_session, x)
-        repeats = _repeats(time.perf_counter() - start)
+        repeats = repeats_for(time.perf_counter() - start)
         dense_s, served_s, ratio = median_ratio(lambda: run_session(dense_session, x),
                                                 lambda: run_session(served_session, x), repeats, lambda: None)
         rows.append({"latency_model": name, "structure": structure, "removed": removed, "quant": mode,
@@ -296,7 +296,7 @@ def scheme_rows(cfg: PipelineConfig, out: Path) -> list[dict[str, Any] | None]:
                         x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(batch)).numpy()
                         start = time.perf_counter()
                         run_session(dense_session, x)
-                        repeats = _repeats(time.perf_counter() - start)
+                        repeats = repeats_for(time.perf_counter() - start)
                         *_, ratio = median_ratio(lambda: run_session(dense_session, x),
                                                  lambda: run_session(quant_session, x), repeats, lambda: None)
                         found[f"speedup_batch{batch}"] = round(ratio, 3)

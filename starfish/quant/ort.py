@@ -184,11 +184,12 @@ def quantize_onnx(source: str | Path, out: str | Path, mode: str, layers: int, i
 
 
 # The int8 model must be the scheme torch simulates. Layer by layer the two agree to float noise
-# (tests/test_quant.py: within 1e-5); through a whole network that noise moves the roundings near
-# a boundary, and each one moved moves the layers after it, so logit by logit they agree only as
-# far as the roundings do. The check: on the check images the int8 model is nearer the fake-quant
-# model than the float one, its mean |logit difference| at most AGREEMENT of its error from float
-# (measured: 0.16 on the demo CNN, 0.39 to 0.47 on the demo ViT, which int8 rounding moves most).
+# (tests/test_quant.py: within 5% of the layer's own int8 error, measured at most 3%); through a
+# whole network that noise moves the roundings near a boundary, and each one moved moves the
+# layers after it, so logit by logit they agree only as far as the roundings do. The check: on
+# the check images the int8 model is nearer the fake-quant model than the float one, its mean
+# |logit difference| at most AGREEMENT of its error from float (measured: 0.16 on the demo CNN,
+# 0.39 to 0.47 on the demo ViT, which int8 rounding moves most).
 AGREEMENT = 0.75
 CHECK_IMAGES = 32
 

@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test lint bench bench-timing scale export-sizes latency hostile-table clean
+.PHONY: setup demo test lint bench bench-timing scale export-sizes latency frontier hostile-table clean
 
 setup: $(VENV)/.installed $(FMNIST)
 
@@ -70,6 +70,11 @@ bench: setup
 	$(VENV)/bin/starfish bench --out results/bench_structured/cnn $(CNN) --structures channels \
 		--pruners magnitude contribution --sparsities 0.25 0.5 0.75 \
 		--healers none logit-kd starfish recommended starfish-last-state
+	$(VENV)/bin/starfish bench --out results/bench_structured/vit_stages --structures neurons+heads \
+		--pruners contribution --sparsities 0.5 0.75 --healers starfish recommended --stages 3
+	$(VENV)/bin/starfish bench --out results/bench_structured/vit_block_loss --structures neurons+heads \
+		--pruners contribution --sparsities 0.75 --healers recommended \
+		--set prune.structure=neurons+heads --set prune.allocation=block-loss
 	@echo "heal-time ratios: run 'make bench-timing' alone on a quiet machine"
 
 # Heal time over plain fwd+bwd passes needs a quiet machine: one process, every core.
@@ -90,6 +95,11 @@ export-sizes: setup
 
 latency: setup
 	$(VENV)/bin/starfish latency --out results/latency
+
+# Recovery (demo models, served in onnxruntime) against speed-up (deit_small, resnet50) for
+# structure x int8 x heal; resumable, and a second `make frontier` shares the grid.
+frontier: setup
+	$(VENV)/bin/starfish frontier --out results/frontier
 
 clean:
 	rm -rf out mlruns mlartifacts mlflow.db .prefect

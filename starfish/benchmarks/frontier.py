@@ -33,6 +33,7 @@ from torch import nn
 from starfish.benchmarks.bench import claim
 from starfish.calibration import stratified_indices
 from starfish.config import HealConfig, PipelineConfig, PruneConfig
+from starfish.errors import StarfishError
 from starfish.evaluate import predict
 from starfish.io import atomic_write_bytes, atomic_write_json, canonical_json, read_json, sha256_bytes
 from starfish.pruning import prune, sparsify_
@@ -164,14 +165,20 @@ def measure_recovery(cfg: PipelineConfig, family: str, removed: float, seed: int
     report = heal_(model, dense, masks, images, heal_cfg) if heal_cfg.method != "none" else {}
     seconds = time.perf_counter() - start
     input_size = tuple(images.shape[1:])
-    served = {}
+    served, refused = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in _served_modes(recipe, heal_quant):
-            preds, targets = predict(OnnxModel(_served(model, Path(tmp), input_size, mode, images), THREADS), test,
-                                     cfg.evaluate.batch_size, desc=f"{family} {removed:g} {recipe} {mode}")
+            try:
+                path = _served(model, Path(tmp), input_size, mode, images)
+            except StarfishError as error:  # the quantize step would refuse it too: a result, not a crash
+                refused[mode] = str(error)
+                log.warning("%s %g %s seed %d: %s refused: %s", family, removed, recipe, seed, mode, error)
+                continue
+            preds, targets = predict(OnnxModel(path, THREADS), test, cfg.evaluate.batch_size,
+                                     desc=f"{family} {removed:g} {recipe} {mode}")
             served[mode] = float((preds == targets).float().mean())
     return {"family": family, "removed": removed, "seed": seed, "recipe": recipe, "heal_quant": heal_quant,
-            "steps": report.get("steps", 0), "heal_seconds": seconds, "served_top1": served,
+            "steps": report.get("steps", 0), "heal_seconds": seconds, "served_top1": served, "refused": refused,
             "calibration_images": len(indices)}
 
 
@@ -458,6 +465,11 @@ def markdown(summary: dict[str, Any]) -> str:
             lines.append(f"- Fastest at recovery ≥ {floor:g} (batch 32): {best['model']} {best['structure']} "
                          f"{best['removed']:g}, {best['quant']}, {best['heal']}: recovery {best['recovery']:.4f} ± "
                          f"{best['recovery_std']:.4f}, {best['latency_model']} {best['speedup']:.2f}x.")
+    refusals = [c for c in summary.get("recovery_cells", []) if c.get("refused")]
+    for c in refusals:
+        for mode, why in c["refused"].items():
+            lines.append(f"- Refused, so not in the table: {c['model']} {c['removed']:g} removed, {c['recipe']}, seed "
+                         f"{c['seed']}, {mode}: {why}")
     lines += ["", "| model | structure | removed | quant | heal | steps | recovery | seeds | latency model | batch "
               "| speed-up | demo speed-up |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -18,14 +18,19 @@ from starfish.params import load_config, read_yaml
 from starfish.presets import HEAL_PRESETS, variant_config
 
 
-def test_repository_params_load(params_path: Path) -> None:
-    cfg = load_config(params_path)
+def test_repository_params_load(shipped_params: Path) -> None:
+    """The shipped recipe is the frontier's fastest at 0.99 of dense (docs/frontier.md): a quarter
+    of the neurons and heads by contribution, recommended through int8, served as static int8."""
+    cfg = load_config(shipped_params)
     assert cfg.calibration.fraction == 0.004 and cfg.heal.method == "starfish"
-    assert cfg.heal.lr == 6e-4 and cfg.heal.batch_size == 32
+    assert (cfg.prune.method, cfg.prune.sparsity, cfg.prune.structure) == ("contribution", 0.25, "neurons+heads")
+    assert cfg.heal == HealConfig.from_preset("recommended", quant="int8-static")
+    assert cfg.quant.mode == "int8-static"
     assert cfg.heal.steps == 1570 and cfg.heal.epochs is None  # the authors' budget: 10 x ceil(5000 / 32)
-    assert cfg.heal == load_config(None).heal == HealConfig()
-    # the shipped file names the preset alone, so a preset chosen later is never overridden by it
-    assert list(yaml.safe_load(params_path.read_text())["heal"]) == ["preset"]
+    assert load_config(None).heal == HealConfig()  # the embedded defaults, without a file
+    # the shipped file names the preset and the scheme alone, so a preset chosen later is never overridden
+    assert list(yaml.safe_load(shipped_params.read_text())["heal"]) == ["preset", "quant"]
+    assert not set(HEAL_PRESETS["recommended"]) & {"quant"}
 
 
 @pytest.mark.parametrize("preset", list(HEAL_PRESETS))
@@ -41,10 +46,10 @@ def test_every_preset_from_the_repository_root_is_what_runs(
     edited["heal"]["preset"] = preset
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
     assert load_config(tmp_path / "params.yaml").heal == expected
-    # the CLI, from the repository root, reads ./params.yaml as every step does
+    # the CLI, from the repository root, reads ./params.yaml as every step does (its heal.quant beside)
     monkeypatch.chdir(repo_root)
     assert main(["config", "--set", f"heal.preset={preset}"]) == 0
-    assert json.loads(capsys.readouterr().out)["heal"] == asdict(expected)
+    assert json.loads(capsys.readouterr().out)["heal"] == asdict(HealConfig.from_preset(preset, quant="int8-static"))
     # the compress flow: its config, as a dict to its tasks and back
     assert from_dict(point_config(chosen).to_dict()).heal == expected
 
@@ -192,7 +197,7 @@ def test_the_printed_schema_validates_params_files_as_the_config_does(
     assert main(["config", "--schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     validator = jsonschema.Draft202012Validator(schema)
-    validator.validate(read_yaml(params_path.read_text()))
+    validator.validate(read_yaml((repo_root / "params.yaml").read_text()))
     for section, field, value in [("heal", "batchnorm", "eval"), ("calibration", "fraction", 0),
                                   ("heal", "holdout", 0.5), ("heal", "steps", 0), ("evaluate", "batch_size", "x")]:
         with pytest.raises(jsonschema.ValidationError):

@@ -50,13 +50,15 @@ def locked_md5(repo: Path, path: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, demo_checkpoint: Path) -> Path:
-    """A git + DVC project holding this repository's dvc.yaml and params.yaml (fast settings)."""
+def project(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, params_path: Path,
+            demo_checkpoint: Path) -> Path:
+    """A git + DVC project holding this repository's dvc.yaml and params.yaml (the tests' recipe,
+    fast settings)."""
     repo = tmp_path_factory.mktemp("project")
     shutil.copy(repo_root / "dvc.yaml", repo / "dvc.yaml")
     (repo / "model").mkdir()
     shutil.copy(demo_checkpoint, repo / "model" / "dense.safetensors")
-    shutil.copy(repo_root / "params.yaml", repo / "params.yaml")
+    shutil.copy(params_path, repo / "params.yaml")
     set_param(repo, "model", "checkpoint", "model/dense.safetensors")
     set_param(repo, "heal", "steps", 8)
     set_param(repo, "evaluate", "max_samples", 500)

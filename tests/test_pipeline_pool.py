@@ -34,7 +34,10 @@ BIN = Path(sys.executable).parent
 NAME = "starfish-starfish-vit-fmnist"
 DRIFTING = 0.3333  # 1/3 of each layer cannot be pruned exactly: fails a tight drift gate
 BUCKET = "my-bucket"  # the doc's
-OVERRIDES = ["model.device=auto", "heal.steps=8", "evaluate.max_samples=500", "gate.max_sparsity_drift=0.00001"]
+# conftest's TEST_RECIPE (single weights, the default heal, float), which these checks were written for
+OVERRIDES = ["prune.method=magnitude", "prune.structure=unstructured", "heal.preset=default", "heal.quant=none",
+             "quant.mode=none", "model.device=auto", "heal.steps=8", "evaluate.max_samples=500",
+             "gate.max_sparsity_drift=0.00001"]
 GPU_WORKER = "CUDA_VISIBLE_DEVICES=0 prefect worker start -p starfish-gpu --limit 1"
 CONTROL_WORKER = "prefect worker start -p starfish-control"
 

@@ -104,26 +104,29 @@ def test_a_slim_model_is_registered_as_onnx_gated_on_flops_and_served(
         assert status == 200 and np.array_equal(np.asarray(body["predictions"], dtype=np.float32), champion)
 
 
-def test_an_int8_model_healed_through_the_quantizer_is_the_champion_served(
-        prefect_harness, params_path: Path, pipeline_overrides: list[str], tmp_path: Path) -> None:
-    """The compress flow with structure and int8-dynamic, healed through the quantizer: the
-    registered artifact is the quantize step's int8 file, its recovery (the gate's number) is the
-    served file's in onnxruntime, the version records its speed-up, and `starfish serve` of the
-    champion answers with exactly that file's logits."""
+def test_the_shipped_recipe_is_an_int8_champion_served(
+        prefect_harness, shipped_params: Path, pipeline_overrides: list[str], tmp_path: Path) -> None:
+    """The compress flow on the shipped params.yaml as `make demo` runs it (at 8 steps): a quarter
+    of the units removed, healed through the static int8 quantizer; the registered artifact is the
+    quantize step's int8 file, its recovery (the gate's number) is the served file's in
+    onnxruntime, the version records its speed-up, and `starfish serve` of the champion answers
+    with exactly that file's logits."""
     from starfish.formats.onnx import run_session, session
     from starfish.io import sha256_file
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    overrides = [*pipeline_overrides, "prune.structure=neurons+heads", "quant.mode=int8-dynamic",
-                 "heal.quant=int8-dynamic", "gate.min_recovery=0"]
-    result = compress(params=str(params_path), overrides=overrides, workdir=str(tmp_path / "work"),
+    overrides = [*pipeline_overrides, "gate.min_recovery=0"]
+    result = compress(params=str(shipped_params), overrides=overrides, workdir=str(tmp_path / "work"),
                       calibration=str(tmp_path / "calibration.json"), tracking_uri=store)
     assert result["promotion"]["promoted"] and result["states"]["quantize"] == "Completed"
     metrics = read_json(result["evaluation"]["path"])
-    assert metrics["quant"] == "int8-dynamic" and metrics["recovery"] == metrics["served_recovery"]
+    assert metrics["quant"] == "int8-static" and metrics["recovery"] == metrics["served_recovery"]
+    assert metrics["sparsity"] == pytest.approx(0.25) and metrics["sparsity_drift"] == 0
     client, name = MlflowClient(store), result["registered"]["model_name"]
     version = client.get_model_version(name, result["registered"]["version"])
-    assert version.tags["quant"] == "int8-dynamic" and float(version.tags["speedup"]) > 0
+    assert version.tags["quant"] == "int8-static" and float(version.tags["speedup"]) > 0
+    assert {key: version.tags[key] for key in ("pruner", "structure", "sparsity", "preset")} == \
+        {"pruner": "contribution", "structure": "neurons+heads", "sparsity": "0.25", "preset": "recommended"}
     assert float(version.tags["recovery"]) == pytest.approx(metrics["served_recovery"], abs=1e-6)
     run = client.get_run(version.run_id)
     assert run.data.metrics["served_top1"] == pytest.approx(metrics["served_top1"])

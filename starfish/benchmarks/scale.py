@@ -294,9 +294,13 @@ def _flow(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
     folder.mkdir(parents=True)
     checkpoint = folder / "dense.safetensors"  # one random-weight dense model for every step
     save_checkpoint(checkpoint, create_model(MODEL, num_classes=TREE["classes"]), MODEL)
+    # the recipe its committed rows were measured with: single weights, the default heal, served in
+    # float (a random-weight model's int8 file would fail the int8 check, its logits nearly flat)
     overrides = {"data.kind": "imagefolder", "data.root": tree, "model.name": MODEL, "model.checkpoint": checkpoint,
                  "model.num_classes": TREE["classes"], "model.device": "cpu",
-                 "calibration.fraction": _fraction(cell.size), "heal.steps": HEAL_STEPS,
+                 "calibration.fraction": _fraction(cell.size), "prune.method": "magnitude", "prune.sparsity": 0.5,
+                 "prune.structure": "unstructured", "heal.preset": "default", "heal.quant": "none",
+                 "quant.mode": "none", "heal.steps": HEAL_STEPS,
                  "heal.holdout_every": HEAL_STEPS, "heal.cache": cell.mode, "evaluate.split": "val"}
     command = [sys.executable, "-m", "flows.compress", "--workdir", str(folder / "out"),
                "--calibration", str(folder / "calibration.json"), "--tracking-uri", f"sqlite:///{folder}/mlflow.db",
@@ -305,7 +309,7 @@ def _flow(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
     log_path = folder / "flow.log"
     with open(log_path, "w") as log_file, TreeMemorySampler() as memory:
         child = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                 cwd=Path(__file__).resolve().parent.parent)
+                                 cwd=Path(__file__).resolve().parents[2])
         memory.root = child.pid
         code = child.wait()
     if code != 0:

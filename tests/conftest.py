@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from recipe import TEST_RECIPE
 
 from starfish.datasets import FASHION_MNIST_ROOT, FashionMNIST, load_dataset
 from starfish.models import create_model
@@ -54,14 +55,6 @@ def private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
-
-
-# The recipe the unit and pipeline tests were written against: single weights by magnitude at 50%,
-# the default heal, served in float. The shipped params.yaml carries the frontier's recipe
-# (structure, healed through int8, served as int8); `shipped_params` is that file, and the tests
-# of the shipped recipe (test_config, test_pipeline_structured, the docs' commands) run it as is.
-TEST_RECIPE = {"prune": {"method": "magnitude", "sparsity": 0.5, "structure": "unstructured"},
-               "heal": {"preset": "default"}, "quant": {"mode": "none"}}
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import pytest
 from doc_blocks import DOC, as_script, kill, shell_blocks, started
 from mlflow import MlflowClient
+from recipe import recipe_overrides
 from servers import AWS, copy_checkout, mlflow_server, s3_keys, s3_server
 
 from flows.session import free_port
@@ -34,9 +35,7 @@ BIN = Path(sys.executable).parent
 NAME = "starfish-starfish-vit-fmnist"
 DRIFTING = 0.3333  # 1/3 of each layer cannot be pruned exactly: fails a tight drift gate
 BUCKET = "my-bucket"  # the doc's
-# conftest's TEST_RECIPE (single weights, the default heal, float), which these checks were written for
-OVERRIDES = ["prune.method=magnitude", "prune.structure=unstructured", "heal.preset=default", "heal.quant=none",
-             "quant.mode=none", "model.device=auto", "heal.steps=8", "evaluate.max_samples=500",
+OVERRIDES = [*recipe_overrides(), "model.device=auto", "heal.steps=8", "evaluate.max_samples=500",
              "gate.max_sparsity_drift=0.00001"]
 GPU_WORKER = "CUDA_VISIBLE_DEVICES=0 prefect worker start -p starfish-gpu --limit 1"
 CONTROL_WORKER = "prefect worker start -p starfish-control"

@@ -20,7 +20,7 @@ from starfish.precision import PRECISIONS
 from starfish.presets import AUTHORS_STEPS, HEAL_PRESETS, layer_heal_fields
 from starfish.pruning.masks import check_sparsity, parse_nm
 from starfish.pruning.pruners import PRUNERS, check_scope
-from starfish.pruning.structured import check_structure_fields
+from starfish.pruning.structured import check_structure_fields, parse_structure
 from starfish.quant import QUANT_MODES
 
 _LAX = ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True)  # "5" is 5, 24 is "24"
@@ -73,6 +73,8 @@ class PruneConfig:
     allocation: Literal["uniform", "block-loss"] = Field(
         "uniform", description="structured: the same fraction in every layer, or more from the blocks whose removal "
         "moves the block outputs least (STARFISH's loss, unhealed)")
+    depth: int = Field(0, ge=0, description="structured: whole blocks removed, those whose removal moves the block "
+                       "outputs least; the rest of prune.sparsity comes evenly from the other blocks")
 
     def __post_init__(self) -> None:
         PRUNERS.get(self.method)
@@ -83,6 +85,11 @@ class PruneConfig:
         require(self.allocation == "uniform" or (self.structure != "unstructured" and not self.global_ranking),
                 f"prune.allocation={self.allocation} shares out whole units per block: set prune.structure, and "
                 "prune.global_ranking=false")
+        require(not self.depth or (set(parse_structure(self.structure)) in ({"neurons"}, {"heads"},
+                                                                             {"neurons", "heads"})
+                                   and not self.global_ranking and self.allocation == "uniform"),
+                f"prune.depth={self.depth} removes whole transformer blocks (their neurons and heads): set "
+                "prune.structure=neurons+heads, prune.global_ranking=false and prune.allocation=uniform")
 
     @property
     def structured(self) -> bool:

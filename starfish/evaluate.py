@@ -55,7 +55,7 @@ def measured_sparsity(model: torch.nn.Module, names: list[str]) -> dict[str, flo
     for name in names:
         weight = params[name].detach()
         z = int((weight == 0).sum())
-        report[name] = z / weight.numel()
+        report[name] = z / weight.numel() if weight.numel() else 0.0  # a removed block: no weights left
         zeros, count = zeros + z, count + weight.numel()
     report["total"] = zeros / count if count else 0.0
     return report

@@ -17,7 +17,7 @@ NEUTRAL_VALUES = {("model", "kwargs"): ({},), ("heal", "precision"): ("auto", "f
                   ("heal", "batchnorm"): ("frozen",), ("heal", "solver"): ("exact",),
                   ("evaluate", "precision"): ("auto", "fp32"), ("evaluate", "split"): ("test",),
                   ("prune", "scope"): ("default",), ("heal", "quant"): ("none",),
-                  ("prune", "allocation"): ("uniform",)}
+                  ("prune", "allocation"): ("uniform",), ("prune", "depth"): (0,)}
 
 
 def result_fields(section: str, values: Mapping[str, Any]) -> dict[str, Any]:

@@ -136,13 +136,16 @@ def _run(*args: str) -> int:
     return main(list(args))
 
 
+@pytest.mark.parametrize("depth", [[], ["--set", "prune.sparsity=0.75", "--set", "prune.depth=1"]],
+                         ids=["width", "a-block-removed"])
 def test_quantize_through_the_cli_writes_the_served_model_and_evaluate_reads_it(
-        tmp_path: Path, params_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """From the repository's params: sample, prune (structured), heal through the quantizer,
-    quantize (int8-static), evaluate the served file in onnxruntime; the sidecar holds the recipe."""
+        depth: list[str], tmp_path: Path, params_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """From the repository's params: sample, prune (structured; also with a whole block removed),
+    heal through the quantizer, quantize (int8-static), evaluate the served file in onnxruntime;
+    the sidecar holds the recipe."""
     common = ["--params", str(params_path), "--set", "prune.structure=neurons+heads", "--set",
               "quant.mode=int8-static", "--set", "heal.quant=int8-static", "--set", "heal.steps=10",
-              "--set", "evaluate.max_samples=500"]
+              "--set", "evaluate.max_samples=500", *depth]
     split, pruned, healed, served = (tmp_path / n for n in ("split.json", "pruned.safetensors", "healed.safetensors",
                                                              "served.onnx"))
     assert _run("sample", "--out", str(split), *common) == 0

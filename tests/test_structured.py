@@ -282,3 +282,70 @@ def test_block_loss_allocation_spreads_the_target_over_the_blocks_unequally(
         PruneConfig("magnitude", 0.5, allocation="block-loss")
     with pytest.raises(StarfishError, match="prune.global_ranking=false"):
         PruneConfig("magnitude", 0.5, structure="neurons", global_ranking=True, allocation="block-loss")
+
+
+def test_depth_removes_the_blocks_whose_removal_moves_the_block_outputs_least(
+        demo_checkpoint: Path, fmnist_train, tmp_path: Path) -> None:
+    """prune.depth=1 at 0.75 on the trained demo ViT: the block removed whole is the one whose
+    removal alone costs the least 1 - cosine over the block outputs (computed here apart from the
+    pruner), each structure loses exactly 75% of its units, and the slim model (the removed
+    block's attention and MLP adding only their biases) computes what the masked one does, in
+    torch, after a checkpoint round trip and as an ONNX file in onnxruntime."""
+    from starfish.calibration import stratified_indices
+    from starfish.capture import ActivationCapture
+    from starfish.formats.onnx import export_onnx, run_session, session
+    from starfish.pruning.structured import masks_removing
+
+    dense = create_model("starfish_vit_fmnist", checkpoint=demo_checkpoint).eval()
+    images = torch.stack([fmnist_train[i][0] for i in stratified_indices(fmnist_train.targets, 0.004, 0)])
+    blocks = [f"blocks.{i}" for i in range(4)]
+
+    def states(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), ActivationCapture(net, blocks) as capture:
+            net(images[:64])
+            return dict(capture.values)
+
+    groups, reference = groups_for(dense, "neurons+heads"), states(dense)
+    cost = {}
+    for block in blocks:
+        alone = [g for g in groups if g.name.startswith(block + ".")]
+        found = states(sparsify_(copy.deepcopy(dense), masks_removing(
+            dict(dense.named_parameters()), alone, {g.name: torch.arange(g.units) for g in alone})))
+        cost[block] = sum(float(1 - torch.nn.functional.cosine_similarity(
+            found[b].flatten(1), reference[b].flatten(1)).mean()) for b in blocks)
+    masks = prune(dense, PruneConfig("contribution", 0.75, structure="neurons+heads", depth=1), images).masks
+    kept = kept_by_group(dense, masks)
+    assert [b for b in blocks if not kept[f"{b}.attn"] and not kept[f"{b}.mlp"]] == [min(cost, key=cost.get)]
+    assert sum(len(kept[f"{b}.attn"]) for b in blocks) == 4 and sum(len(kept[f"{b}.mlp"]) for b in blocks) == 256
+
+    masked = sparsify_(copy.deepcopy(dense), masks)
+    slim = copy.deepcopy(masked)
+    slim_(slim, masks)
+    save_checkpoint(tmp_path / "slim.safetensors", slim, "starfish_vit_fmnist", slim_masks(slim))
+    loaded = load_checkpoint(tmp_path / "slim.safetensors")[0].eval()
+    export_onnx(loaded, tmp_path / "slim.onnx", (1, 28, 28), {})
+    with torch.no_grad():
+        expected = masked(images[:32])
+        for out in (slim(images[:32]), loaded(images[:32]),
+                    torch.from_numpy(run_session(session(tmp_path / "slim.onnx"), images[:32]))):
+            assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_depth_beyond_the_model_or_the_target_is_refused(demo_checkpoint: Path) -> None:
+    dense = create_model("starfish_vit_fmnist", checkpoint=demo_checkpoint).eval()
+    images = torch.randn(8, 1, 28, 28)
+    for sparsity, depth, why in [(0.75, 4, r"would remove all 4 blocks of the model; lower it \(at most 3\)"),
+                                 (0.5, 3, "removes more (neurons|heads) than prune.sparsity=0.5 asks for"),
+                                 (0.75, 3, "leaves the other blocks' (neurons|heads) whole, so a heal has no"),
+                                 (0.75, 2, None)]:
+        cfg = PruneConfig("contribution", sparsity, structure="neurons+heads", depth=depth)
+        if why is None:
+            prune(dense, cfg, images)
+            continue
+        with pytest.raises(StarfishError, match=why):
+            prune(dense, cfg, images)
+    for fields in ({}, {"structure": "channels"}, {"structure": "neurons+heads", "allocation": "block-loss"}):
+        with pytest.raises(StarfishError, match="prune.depth=1 removes whole transformer blocks"):
+            PruneConfig("magnitude", 0.5, depth=1, **fields)
+    with pytest.raises(StarfishError, match="prune.depth=1 measures each block on calibration images"):
+        prune(dense, PruneConfig("magnitude", 0.5, structure="neurons+heads", depth=1))

@@ -339,7 +339,8 @@ def layerwise(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Te
     dense_params = dict(dense.named_parameters())
     model.eval(), dense.eval()
     errors = {}
-    layers = _linear_layers(model, masks, "layerwise")
+    layers = {name: layer for name, layer in _linear_layers(model, masks, "layerwise").items()
+              if layer.weight.numel()}  # a removed block's layers have no weights left to solve for
     rows = dense_rows(model, dense)  # a slim model's layers are some of the dense rows
     inputs = PairedInputs(model, dense, [name.removesuffix(".weight") for name in layers], images, cfg.batch_size,
                           cfg.cache)

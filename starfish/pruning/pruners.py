@@ -25,7 +25,13 @@ from starfish.errors import StarfishError
 from starfish.losses import cosine_loss  # the loss STARFISH heals with: each block's sensitivity
 from starfish.pruning import masks as M
 from starfish.pruning.masks import Masks
-from starfish.pruning.structured import groups_for, structured_masks, torch_pruning_masks, whole_units_only
+from starfish.pruning.structured import (
+    groups_for,
+    masks_removing,
+    structured_masks,
+    torch_pruning_masks,
+    whole_units_only,
+)
 from starfish.registry import Registry
 
 if TYPE_CHECKING:
@@ -331,11 +337,12 @@ def _structured(model: nn.Module, cfg: "PruneConfig", images: torch.Tensor | Non
         if images is None:
             raise StarfishError("torch-pruning traces the model on calibration images; pass a calibration manifest")
         masks = torch_pruning_masks(model, groups, cfg, images)
-    elif cfg.allocation == "block-loss":
+    elif cfg.allocation == "block-loss" or cfg.depth:
         if images is None:
-            raise StarfishError("prune.allocation=block-loss measures each block on calibration images; pass a "
-                                "calibration manifest")
-        masks = structured_masks(model, groups, cfg, norms, block_loss_amounts(model, groups, cfg, norms, images))
+            what = "prune.allocation=block-loss" if cfg.allocation == "block-loss" else f"prune.depth={cfg.depth}"
+            raise StarfishError(f"{what} measures each block on calibration images; pass a calibration manifest")
+        allocate = block_loss_amounts if cfg.allocation == "block-loss" else depth_amounts
+        masks = structured_masks(model, groups, cfg, norms, allocate(model, groups, cfg, norms, images))
     else:
         masks = structured_masks(model, groups, cfg, norms)
     log.info("%s removed %g of the %s of %d groups", cfg.method, cfg.sparsity, cfg.structure, len(groups))
@@ -345,35 +352,47 @@ def _structured(model: nn.Module, cfg: "PruneConfig", images: torch.Tensor | Non
 SENSITIVITY_IMAGES = 64  # calibration images each block's sensitivity is measured on
 
 
-@torch.no_grad()
+class _BlockLoss:
+    """STARFISH's loss, unhealed: the mean 1 - cosine of every block output of a pruned copy
+    against the dense model's, on the first calibration images."""
+
+    def __init__(self, model: nn.Module, groups: list, images: torch.Tensor) -> None:
+        from starfish.capture import block_names
+
+        self.model, self.blocks = model, block_names(model)
+        self.batch = images[:SENSITIVITY_IMAGES].to(next(model.parameters()).device)
+        self.dense = self._states(model)
+        self.owner = {g.name: max((b for b in self.blocks if g.name == b or g.name.startswith(b + ".")), key=len,
+                                  default=None) for g in groups}
+
+    def _states(self, net: nn.Module) -> dict[str, torch.Tensor]:
+        with ActivationCapture(net, self.blocks) as capture:
+            net(self.batch)
+            return dict(capture.values)
+
+    def owned(self) -> list[str]:
+        """The blocks that hold groups, in forward order."""
+        return list(dict.fromkeys(b for b in self.owner.values() if b is not None))
+
+    @torch.no_grad()
+    def of(self, masks: Masks) -> float:
+        import copy
+
+        found = self._states(sparsify_(copy.deepcopy(self.model), masks))
+        return max(float(sum(cosine_loss(found[b], self.dense[b]) for b in self.blocks)) / len(self.blocks), 1e-12)
+
+
 def block_loss_amounts(model: nn.Module, groups: list, cfg: "PruneConfig", norms: dict[str, torch.Tensor] | None,
                        images: torch.Tensor) -> dict[str, float]:
     """Per-group fractions to remove, from STARFISH's own loss: each block's groups are pruned
-    alone at `cfg.sparsity` (by the same scores), and the mean 1 - cosine of every block output
-    against the dense model's, on the first calibration images, is that block's sensitivity.
-    Each structure's groups then lose units in inverse proportion to their block's sensitivity,
-    their mean fraction `cfg.sparsity`, none beyond all but one unit (water-filling)."""
-    import copy
-
-    from starfish.capture import block_names
-
-    blocks = block_names(model)
-    batch = images[:SENSITIVITY_IMAGES].to(next(model.parameters()).device)
-
-    def states(net: nn.Module) -> dict[str, torch.Tensor]:
-        with ActivationCapture(net, blocks) as capture:
-            net(batch)
-            return dict(capture.values)
-
-    dense = states(model)
-    owner = {g.name: max((b for b in blocks if g.name == b or g.name.startswith(b + ".")), key=len, default=None)
-             for g in groups}
-    sensitivity: dict[str, float] = {}
-    for block in dict.fromkeys(b for b in owner.values() if b is not None):
-        alone = [g for g in groups if owner[g.name] == block]
-        pruned = sparsify_(copy.deepcopy(model), structured_masks(model, alone, cfg, norms))
-        found = states(pruned)
-        sensitivity[block] = max(float(sum(cosine_loss(found[b], dense[b]) for b in blocks)) / len(blocks), 1e-12)
+    alone at `cfg.sparsity` (by the same scores), and the block loss (`_BlockLoss`) is that
+    block's sensitivity. Each structure's groups then lose units in inverse proportion to their
+    block's sensitivity, their mean fraction `cfg.sparsity`, none beyond all but one unit
+    (water-filling)."""
+    loss = _BlockLoss(model, groups, images)
+    owner = loss.owner
+    sensitivity = {block: loss.of(structured_masks(model, [g for g in groups if owner[g.name] == block], cfg, norms))
+                   for block in loss.owned()}
     amounts: dict[str, float] = {}
     for structure in {g.structure for g in groups}:
         members = [g for g in groups if g.structure == structure and owner[g.name] is not None]
@@ -393,6 +412,64 @@ def block_loss_amounts(model: nn.Module, groups: list, cfg: "PruneConfig", norms
     log.info("block-loss allocation: sensitivity %s; fractions %s",
              {b: round(v, 5) for b, v in sensitivity.items()}, {g: round(a, 3) for g, a in amounts.items()})
     return amounts
+
+
+def depth_amounts(model: nn.Module, groups: list, cfg: "PruneConfig", norms: dict[str, torch.Tensor] | None,
+                  images: torch.Tensor) -> dict[str, float]:
+    """Per-group fractions that remove `cfg.depth` whole blocks (every unit of their groups, so
+    each leaves its residual path and biases) and take the rest of each structure's
+    `cfg.sparsity` evenly from the other blocks (to the unit: each structure loses
+    `round(cfg.sparsity * its units)`). The blocks removed are those whose removal
+    alone moves the block outputs least (`_BlockLoss`, unhealed): the same label-free
+    sensitivity as `block_loss_amounts`, at the block's full removal."""
+    loss = _BlockLoss(model, groups, images)
+    owner, blocks = loss.owner, loss.owned()
+    if cfg.depth >= len(blocks):
+        raise StarfishError(f"prune.depth={cfg.depth} would remove all {len(blocks)} blocks of the model; lower it "
+                            f"(at most {len(blocks) - 1})")
+    weights = dict(model.named_parameters())
+
+    def all_of(block: str) -> Masks:
+        alone = [g for g in groups if owner[g.name] == block]
+        return masks_removing(weights, alone, {g.name: torch.arange(g.units) for g in alone})
+
+    sensitivity = {block: loss.of(all_of(block)) for block in blocks}
+    dropped = set(sorted(blocks, key=lambda b: (sensitivity[b], blocks.index(b)))[:cfg.depth])
+    amounts: dict[str, float] = {}
+    for structure in {g.structure for g in groups}:
+        members = [g for g in groups if g.structure == structure and owner[g.name] is not None]
+        gone = [g for g in members if owner[g.name] in dropped]
+        rest = [g for g in members if owner[g.name] not in dropped]
+        left = round(cfg.sparsity * sum(g.units for g in members)) - sum(g.units for g in gone)
+        if left < 0:
+            raise StarfishError(f"prune.depth={cfg.depth} removes more {structure} than prune.sparsity="
+                                f"{cfg.sparsity:g} asks for; raise prune.sparsity or lower prune.depth")
+        if left == 0:
+            raise StarfishError(f"prune.depth={cfg.depth} takes all of prune.sparsity={cfg.sparsity:g} from the "
+                                f"removed blocks and leaves the other blocks' {structure} whole, so a heal has no "
+                                "narrowed layer to train; lower prune.depth or raise prune.sparsity")
+        counts = _largest_remainder(left, {g.name: g.units for g in rest})
+        too_much = [g for g in rest if counts[g.name] >= g.units]
+        if too_much:
+            raise StarfishError(f"prune.sparsity={cfg.sparsity:g} with prune.depth={cfg.depth} would empty "
+                                f"{too_much[0].name} too; lower prune.sparsity or raise prune.depth")
+        amounts.update({g.name: 1.0 for g in gone}, **{g.name: counts[g.name] / g.units for g in rest})
+    log.info("depth: removed %s (block loss %s); the other blocks lose %s", sorted(dropped),
+             {b: round(v, 5) for b, v in sensitivity.items()},
+             {g: round(a, 3) for g, a in amounts.items() if a < 1.0})
+    return amounts
+
+
+def _largest_remainder(total: int, sizes: dict[str, int]) -> dict[str, int]:
+    """`total` split over groups in proportion to their `sizes`, whole numbers that add up to it
+    exactly (the largest remainders, then the first groups, take the units rounding left)."""
+    whole = sum(sizes.values())
+    exact = {name: total * size / whole for name, size in sizes.items()}
+    counts = {name: int(value) for name, value in exact.items()}
+    order = sorted(sizes, key=lambda name: (counts[name] - exact[name], list(sizes).index(name)))
+    for name in order[: total - sum(counts.values())]:
+        counts[name] += 1
+    return counts
 
 
 def _held_back(weights: dict[str, torch.Tensor], masks: Masks, cfg: "PruneConfig") -> dict[str, str]:

@@ -384,7 +384,7 @@ def structured_masks(model: nn.Module, groups: list[Group], cfg: "PruneConfig",
     count in every group, or (`cfg.global_ranking`) one ranking per structure over all its groups
     with scores normalized per group, keeping each group's best unit. Ties go by position.
     `amounts` ({group: fraction}) sets a group's own fraction instead (a group it leaves out
-    loses `cfg.sparsity`)."""
+    loses `cfg.sparsity`; a fraction of 1 removes every unit)."""
     _check_amount(groups, cfg.sparsity)
     weights = dict(model.named_parameters())
     scores = {g.name: _unit_scores(g, weights, norms, cfg.method) for g in groups}
@@ -406,11 +406,12 @@ def structured_masks(model: nn.Module, groups: list[Group], cfg: "PruneConfig",
     else:
         for g in groups:
             amount = (amounts or {}).get(g.name, cfg.sparsity)
-            removed[g.name] = torch.argsort(scores[g.name], stable=True)[: capped_count(amount, g.units)]
-    return _masks_removing(weights, groups, removed)
+            count = g.units if amount >= 1 else capped_count(amount, g.units)  # 1: the whole group (prune.depth)
+            removed[g.name] = torch.argsort(scores[g.name], stable=True)[:count]
+    return masks_removing(weights, groups, removed)
 
 
-def _masks_removing(weights: dict[str, torch.Tensor], groups: list[Group], removed: dict[str, torch.Tensor]) -> Masks:
+def masks_removing(weights: dict[str, torch.Tensor], groups: list[Group], removed: dict[str, torch.Tensor]) -> Masks:
     """Keep-masks over the groups' masked weights with each group's `removed` units pruned (a
     weight in two groups, as a bottleneck's conv2, gets both)."""
     masks: Masks = {}
@@ -479,7 +480,7 @@ def torch_pruning_masks(model: nn.Module, groups: list[Group], cfg: "PruneConfig
     if emptied:
         raise StarfishError(f"torch-pruning would remove all {emptied[0].units} {emptied[0].structure} of "
                             f"{emptied[0].name}; lower prune.sparsity")
-    return _masks_removing(dict(model.named_parameters()), groups,
+    return masks_removing(dict(model.named_parameters()), groups,
                            {name: torch.tensor(sorted(units), dtype=torch.long) for name, units in removed.items()})
 
 
@@ -517,7 +518,8 @@ def state_channels(model: nn.Module, dense: nn.Module, masks: Masks) -> dict[str
     """`{block: the dense channels its output keeps}` for the blocks whose output width the
     structure narrows (a CNN without residuals): the channels of the dense state to align with."""
     kept = kept_by_group(model, masks)
-    return {g.state: torch.tensor(kept[g.name]) for g in find_groups(dense) if g.state is not None and g.name in kept}
+    return {g.state: torch.tensor(kept[g.name], dtype=torch.long) for g in find_groups(dense)
+            if g.state is not None and g.name in kept}
 
 
 def dense_rows(model: nn.Module, dense: nn.Module) -> dict[str, torch.Tensor]:
@@ -530,7 +532,8 @@ def dense_rows(model: nn.Module, dense: nn.Module) -> dict[str, torch.Tensor]:
         if g.name in architecture["kept"]:
             for member in g.masked:
                 if member.axis == 0:
-                    rows[member.key] = member.index(torch.tensor(architecture["kept"][g.name]), g.units)
+                    kept = torch.tensor(architecture["kept"][g.name], dtype=torch.long)  # may be empty (depth)
+                    rows[member.key] = member.index(kept, g.units)
     return rows
 
 
@@ -565,6 +568,7 @@ def slim_(model: nn.Module, masks: Masks) -> dict[str, Any]:
     architecture = {"shapes": {key: list(value.shape) for key, value in tensors.items()},
                     "attributes": attributes, "kept": kept}
     _resize_(model, tensors, attributes)
+    _bypass_emptied_(model, kept)
     setattr(model, ARCHITECTURE_ATTR, architecture)
     return architecture
 
@@ -582,8 +586,9 @@ def slim_masks(model: nn.Module) -> Masks:
 
 def check_architecture(model: nn.Module, architecture: Any, source: str) -> dict[str, Any]:
     """Validate a checkpoint's architecture record against the dense model it will shrink, before
-    anything is allocated: known tensors, the same rank, every size in 1..the dense size, known
-    attributes with values in 1..the dense value, kept units that are increasing unit numbers."""
+    anything is allocated: known tensors, the same rank, every size in 0..the dense size, known
+    attributes with values in 0..the dense value, kept units that are increasing unit numbers (none
+    where `prune.depth` removed a block)."""
     def bad(why: str) -> StarfishError:
         return StarfishError(f"checkpoint {source}: its architecture record {why}; the file is damaged or not "
                              "written by starfish: write it again")
@@ -600,7 +605,7 @@ def check_architecture(model: nn.Module, architecture: Any, source: str) -> dict
             raise bad(f"names {key!r}, which {type(model).__name__} does not have")
         dense = state[key].shape
         if not (isinstance(shape, list) and len(shape) == len(dense)
-                and all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= d for s, d in zip(shape, dense))):
+                and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= d for s, d in zip(shape, dense))):
             raise bad(f"gives {key} the shape {shape!r}, which does not fit its dense shape {list(dense)}")
     for module, values in attributes.items():
         if module not in modules or not isinstance(values, dict):
@@ -608,13 +613,13 @@ def check_architecture(model: nn.Module, architecture: Any, source: str) -> dict
         for attr, value in values.items():
             dense_value = getattr(modules[module], attr, None)
             if attr not in ARCHITECTURE_ATTRIBUTES or not isinstance(dense_value, int) or not (
-                    isinstance(value, int) and not isinstance(value, bool) and 0 < value <= dense_value):
+                    isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= dense_value):
                 raise bad(f"sets {module}.{attr}={value!r}, which is not a unit count up to {dense_value}")
     units = {g.name: g.units for g in find_groups(model)}
     for group, values in kept.items():
-        if group not in units or not (isinstance(values, list) and values and all(
+        if group not in units or not (isinstance(values, list) and all(
                 isinstance(u, int) and not isinstance(u, bool) for u in values)
-                and values == sorted(set(values)) and 0 <= values[0] and values[-1] < units[group]):
+                and values == sorted(set(values)) and all(0 <= u < units[group] for u in values[:1] + values[-1:])):
             raise bad(f"keeps units {str(values)[:40]} of {group!r}, which are not increasing unit numbers of a "
                       "prunable group")
     return architecture
@@ -628,8 +633,31 @@ def rebuild_(model: nn.Module, architecture: dict[str, Any], source: str = "the 
     tensors = {key: torch.empty(shape, dtype=state[key].dtype, device=state[key].device)
                for key, shape in architecture["shapes"].items()}
     _resize_(model, tensors, architecture["attributes"])
+    _bypass_emptied_(model, architecture["kept"])
     setattr(model, ARCHITECTURE_ATTR, architecture)
     return model
+
+
+def _bias_only(layer: nn.Linear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return layer.bias.expand(*x.shape[:-1], layer.out_features) if layer.bias is not None else \
+        x.new_zeros(*x.shape[:-1], layer.out_features)
+
+
+def _bypass_emptied_(model: nn.Module, kept: dict[str, list[int]]) -> None:
+    """A group left with no units (a block `prune.depth` removed) adds only its output layer's
+    bias to the residual stream; its module forwards straight to that bias, so no graph holds
+    the zero-width tensors ONNX cannot reshape. Same outputs, same state-dict keys."""
+    import functools
+
+    for name, units in kept.items():
+        if units:
+            continue
+        module = model.get_submodule(name)
+        outputs = [m for m in module.modules() if isinstance(m, nn.Linear) and m.in_features == 0]
+        if len(outputs) != 1:
+            raise StarfishError(f"{name} has no units left, and starfish cannot tell which layer adds its output; "
+                                "lower prune.depth or prune.sparsity")
+        module.forward = functools.partial(_bias_only, outputs[0])
 
 
 @torch.no_grad()

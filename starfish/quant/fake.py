@@ -46,8 +46,10 @@ _ATTRIBUTE = "_starfish_fake_quant"
 
 
 def quantized_layers(model: nn.Module, mode: str) -> list[str]:
-    """The layers `mode` quantizes, by name: every Linear, and for int8-static every Conv too."""
-    return [name for name, module in model.named_modules() if isinstance(module, LAYER_TYPES[mode])]
+    """The layers `mode` quantizes, by name: every Linear, and for int8-static every Conv too; not
+    the weightless ones of a block `prune.depth` removed, which never run."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, LAYER_TYPES[mode]) and module.weight.numel()]
 
 
 def weight_scale(weight: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ a changed image changes the hash.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from starfish.datasets import ImageDataset, loader_workers
 from starfish.errors import StarfishError
-from starfish.io import atomic_write_json
+from starfish.io import atomic_write_json, loads_bounded
 from starfish.rows import RowStore, row_store
 
 MANIFEST_VERSION = 1
@@ -174,8 +173,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise StarfishError(f"calibration manifest {path} does not exist; run `starfish sample` first")
     fix = "write it again with `starfish sample`"
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        manifest = loads_bounded(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, UnsafeJSON
         raise StarfishError(f"calibration manifest {path} is not valid JSON ({exc}); {fix}") from None
     if not isinstance(manifest, dict):
         raise StarfishError(f"calibration manifest {path} holds a {type(manifest).__name__}, not a manifest; {fix}")

@@ -80,8 +80,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from starfish.steps import export_step, onnx_export_step
 
-    _print(onnx_export_step(args.checkpoint, args.out) if args.format == "onnx" else
-           export_step(args.checkpoint, args.out))
+    _print(onnx_export_step(args.checkpoint, args.out, args.force) if args.format == "onnx" else
+           export_step(args.checkpoint, args.out, args.force))
 
 
 def cmd_export_sizes(args: argparse.Namespace) -> None:
@@ -193,7 +193,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         write_with_sidecar(out, lambda path: shutil.copyfile(served["path"], path), **record)
         exported = {**served, "path": str(out)}
     else:
-        exported = export_step(work / "healed.safetensors", out)
+        exported = export_step(work / "healed.safetensors", out, force=True)  # compress rewrites its output
     _print({"export": exported, "metrics": metrics, "work": str(work)})
 
 
@@ -310,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("bitmask", "onnx"), default="bitmask",
                    help="bitmask: the compressed sparse-bitmask checkpoint; onnx: an ONNX model for onnxruntime, "
                         "checked against torch before it is kept")
+    p.add_argument("--force", action="store_true", help="write over an existing --out")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("info", help="what a checkpoint or export holds: model, format, masks or narrowed groups, "
                                     "sidecar", description="Reads the file as every step does (checked first), "

@@ -78,7 +78,10 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         PRUNERS.get(self.method)
-        check_sparsity(self.sparsity)
+        check_sparsity(self.sparsity, "units of each layer" if self.structured else "weights")
+        require(not (self.structured and self.sparsity == 0),
+                f"prune.sparsity=0 with prune.structure={self.structure} removes no units, so the slim model would "
+                "be the dense one; raise prune.sparsity, or set prune.structure=unstructured")
         parse_nm(self.nm)
         check_scope(self.scope)
         check_structure_fields(self.method, self.structure, self.scope)

@@ -11,6 +11,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import socket
 import tempfile
 import time
@@ -166,5 +167,35 @@ def write_with_sidecar(path: str | Path, write: Callable[[Path], None], **fields
     return meta
 
 
+# Bounds on JSON that may be hostile, checked before parsing: deeper nesting would exhaust the
+# parser's recursion, and a longer integer costs a quadratic conversion (Python refuses at 4,300
+# digits with a ValueError). No file starfish writes comes near either.
+MAX_JSON_DEPTH = 64
+MAX_JSON_INT_DIGITS = 30
+_JSON_STRING = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+"')  # possessive: linear, no per-character state
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+class UnsafeJSON(ValueError):
+    """JSON refused by its bounds before it was parsed."""
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_JSON_INT_DIGITS:
+        raise UnsafeJSON(f"it holds an integer of {len(digits.lstrip('-'))} digits (at most {MAX_JSON_INT_DIGITS})")
+    return int(digits)
+
+
+def loads_bounded(text: str) -> Any:
+    """`json.loads` of text from a file that may be hostile: nesting beyond MAX_JSON_DEPTH and
+    integers beyond MAX_JSON_INT_DIGITS digits raise UnsafeJSON, the depth before parsing."""
+    depth = 0
+    for bracket in _JSON_BRACKET.finditer(_JSON_STRING.sub('""', text)):
+        depth += 1 if bracket.group() in "[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise UnsafeJSON(f"it nests deeper than {MAX_JSON_DEPTH} levels")
+    return json.loads(text, parse_int=_bounded_int)
+
+
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    return loads_bounded(Path(path).read_text())

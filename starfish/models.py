@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 from starfish.errors import StarfishError
 from starfish.formats import bitmask
-from starfish.io import atomic_path
+from starfish.io import UnsafeJSON, atomic_path, loads_bounded
 
 if TYPE_CHECKING:  # the pruning package imports this module
     from starfish.pruning.masks import Masks
@@ -194,7 +194,14 @@ def _options(num_classes: int | None, kwargs: Mapping[str, Any] | None) -> dict[
     return {**(kwargs or {}), **({} if num_classes is None else {"num_classes": num_classes})}
 
 
+MAX_NAME_LENGTH = 200  # timm's longest model name is under 70 characters
+MAX_CLASSES = 1_000_000
+
+
 def _check_name(name: str) -> None:
+    if len(name) > MAX_NAME_LENGTH:
+        raise StarfishError(f"model name of {len(name):,} characters is refused (at most {MAX_NAME_LENGTH}); use a "
+                            f"timm model name or {DEMO_MODEL!r}")
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
         hint = f" (close: {', '.join(close)})" if close else ""
@@ -347,7 +354,10 @@ def _parse_metadata(header: dict[str, str], path: Path) -> dict[str, Any]:
     """The checkpoint's metadata as JSON values; files from before METADATA_KEY kept flat text keys."""
     if METADATA_KEY in header:
         try:
-            meta = json.loads(header[METADATA_KEY])
+            meta = loads_bounded(header[METADATA_KEY])
+        except UnsafeJSON as exc:
+            raise StarfishError(f"checkpoint {path}: its metadata is refused ({exc}); the file is damaged or not "
+                                "written by starfish: write it again") from None
         except json.JSONDecodeError as exc:
             raise StarfishError(f"checkpoint {path}: its metadata is not JSON ({exc}); write it again") from None
         if not isinstance(meta, dict):
@@ -357,7 +367,10 @@ def _parse_metadata(header: dict[str, str], path: Path) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     for key, text in header.items():
         try:
-            meta[key] = json.loads(text) if key != "model" else text
+            meta[key] = loads_bounded(text) if key != "model" else text
+        except UnsafeJSON as exc:
+            raise StarfishError(f"checkpoint {path}: its metadata {key!r} is refused ({exc}); the file is damaged "
+                                "or not written by starfish: write it again") from None
         except json.JSONDecodeError:
             meta[key] = text
     return meta
@@ -480,11 +493,12 @@ def model_spec(metadata: Mapping[str, Any], path: str | Path, model_name: str | 
     if not name:
         raise StarfishError(f"checkpoint {path} does not name its model; pass the model name")
     if not isinstance(name, str):
-        raise bad(f"names the model {name!r}, which is not a string")
+        raise bad(f"names the model {str(name)[:40]!r}, which is not a string")
+    _check_name(name)
     num_classes = metadata.get("num_classes")
     if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool)
-                                    or num_classes < 1):
-        raise bad(f"gives num_classes={num_classes!r}, which is not a positive integer")
+                                    or not 1 <= num_classes <= MAX_CLASSES):
+        raise bad(f"gives num_classes={repr(num_classes)[:40]}, which is not an integer in 1..{MAX_CLASSES:,}")
     kwargs = metadata.get("model_kwargs") or {}
     if not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs):
         raise bad(f"gives model_kwargs={kwargs!r}, which is not a mapping of names")

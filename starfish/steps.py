@@ -266,13 +266,27 @@ def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out
     return {"path": str(out), "sha256": meta["sha256"], **timings, "loss_curve": str(curve)}
 
 
-def export_step(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
+EXPORT_SUFFIXES = {"bitmask": ".safetensors", "onnx": ".onnx"}
+
+
+def _check_export_out(out: Path, kind: str, force: bool) -> None:
+    """An export is a file a user hands on: it has its format's extension, and an existing one
+    is kept unless `force` says to write over it."""
+    suffix = EXPORT_SUFFIXES[kind]
+    if out.suffix != suffix:
+        raise StarfishError(f"--out {out}: a {kind} export is written as {suffix}; name it {out.stem}{suffix}")
+    if out.exists() and not force:
+        raise StarfishError(f"--out {out} exists; choose another path, or pass --force to write over it")
+
+
+def export_step(checkpoint: str | Path, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Write a pruned or healed checkpoint in the compressed sparse-bitmask format
     (`starfish.formats.bitmask`); `load_checkpoint` reads it back bit-exactly. The sidecar records
     the sizes: the whole file against the same model stored dense, and the pruned weights
     against the bitmask ideal."""
     source, out = Path(checkpoint), Path(out)
     check_writable([out], [source])
+    _check_export_out(out, "bitmask", force)
     read = read_checkpoint(source)
     model_from(read, source)  # the model it names is built and its state and masks checked against it
     state, masks, metadata = read
@@ -312,7 +326,7 @@ def _onnx_source(source: Path) -> tuple[torch.nn.Module, tuple[int, ...], dict[s
     return model, input_size, tags, ratios
 
 
-def onnx_export_step(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
+def onnx_export_step(checkpoint: str | Path, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Write a checkpoint (dense, pruned, healed or slim) as ONNX (`starfish.formats.onnx`): it
     passes onnx.checker and onnxruntime matches torch within 1e-4 before it is kept. The sidecar
     records the check, and the parameters and FLOPs against the dense architecture."""
@@ -320,6 +334,7 @@ def onnx_export_step(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
 
     source, out = Path(checkpoint), Path(out)
     check_writable([out], [source])
+    _check_export_out(out, "onnx", force)
     model, input_size, tags, ratios = _onnx_source(source)
     check: dict[str, Any] = {}
     meta = write_with_sidecar(out, lambda path: check.update(export_onnx(model, path, input_size, tags)),

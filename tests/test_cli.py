@@ -135,6 +135,12 @@ BAD_INPUTS = {
     "unknown structure": (["--set", "prune.structure=rows"], "prune.structure='rows': use unstructured, or one"),
     "N:M with a structure": (["--set", "prune.method=nm", "--set", "prune.structure=heads"],
                              "prune.method='nm' prunes single weights; prune.structure='heads' takes"),
+    "no units removed": (["--set", "prune.structure=neurons+heads", "--set", "prune.sparsity=0"],
+                         "prune.sparsity=0 with prune.structure=neurons+heads removes no units"),
+    "every unit removed": (["--set", "prune.structure=heads", "--set", "prune.sparsity=1.0"],
+                           "must be in [0, 1); e.g. 0.5 removes half the units of each layer"),
+    "depth without structure": (["--set", "prune.structure=unstructured", "--set", "prune.depth=1"],
+                                "prune.depth=1 removes whole transformer blocks"),
 }
 # Bad input only the prune step can see: it needs the model.
 PRUNE_INPUTS = {

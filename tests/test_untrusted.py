@@ -83,9 +83,8 @@ EXPORT_CASES: dict[str, tuple[Edit, str]] = {
     "a weight file in pretrained_cfg_overlay": (
         lambda t, m: {**m, "model_kwargs": {"pretrained_cfg_overlay": {"file": "/etc/passwd"}}},
         "starfish passes only its input_size"),
-    "num_classes is a string": (lambda t, m: {**m, "num_classes": "10"}, "not a positive integer"),
-    # a billion classes or a 200,000 px image: the meta-device build sees the file does not hold them
-    "a billion classes": (lambda t, m: {**m, "num_classes": 10**9}, "does not match the model"),
+    "num_classes is a string": (lambda t, m: {**m, "num_classes": "10"}, "not an integer in 1.."),
+    # a 200,000 px image: the meta-device build sees the file does not hold it
     "a huge image size": (lambda t, m: {**m, "model_kwargs": {"img_size": 200_000}}, "does not match the model"),
 }
 
@@ -96,6 +95,65 @@ def test_a_damaged_export_is_one_line_before_any_allocation(case: str, files: di
     edit, expected = EXPORT_CASES[case]
     line = refused(hostile.write_case(files["export"], tmp_path / "bad.safetensors", edit), tmp_path, capsys)
     assert expected in line, line
+
+
+def _raw(source: Path, out: Path, meta: dict, **raw: str) -> Path:
+    """`source` with metadata `meta`, where each field named in `raw` holds that JSON text as is:
+    text json.dumps itself could not write (100,000 levels deep) or starfish never would."""
+    from safetensors.torch import load_file, save_file
+
+    text = hostile.json.dumps({**meta, **{key: f"@{key}@" for key in raw}})
+    for key, value in raw.items():
+        text = text.replace(f'"@{key}@"', value)
+    save_file(load_file(str(source)), str(out), metadata={"starfish": text})
+    return out
+
+
+def _meta(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return hostile.json.loads(handle.metadata()["starfish"])
+
+
+METADATA_CASES: dict[str, tuple[dict, dict, str]] = {
+    "metadata nested 100,000 deep": ({}, {"notes": "[" * 100_000 + "]" * 100_000}, "nests deeper than 64 levels"),
+    "model_kwargs nested 5,000 deep": ({}, {"model_kwargs": '{"a": ' * 5000 + "1" + "}" * 5000},
+                                       "nests deeper than 64 levels"),
+    "num_classes of 5,000 digits": ({}, {"num_classes": "9" * 5000}, "an integer of 5000 digits"),
+    "a billion classes": ({"num_classes": 10**9}, {}, "not an integer in 1..1,000,000"),
+    "a model name of 50 million characters": ({"model": "vit" * 16_666_667}, {},
+                                              "model name of 50,000,001 characters is refused"),
+}
+
+
+@pytest.mark.parametrize("case", list(METADATA_CASES))
+def test_hostile_metadata_is_refused_before_it_is_parsed_or_matched(case: str, files: dict[str, Path],
+                                                                    tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    fields, raw, expected = METADATA_CASES[case]
+    bad = _raw(files["pruned"], tmp_path / "bad.safetensors", {**_meta(files["pruned"]), **fields}, **raw)
+    assert expected in refused(bad, tmp_path, capsys)
+
+
+def test_a_slim_checkpoint_missing_a_kept_entry_is_refused(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The architecture record's kept units must account for every narrowed tensor: without one
+    group's entry, `info` and `export` would describe that group as dense."""
+    from starfish.config import PruneConfig
+    from starfish.models import save_checkpoint
+    from starfish.pruning import prune, sparsify_
+    from starfish.pruning.structured import slim_, slim_masks
+
+    model = create_model(hostile.MODEL)
+    masks = prune(model, PruneConfig("magnitude", 0.5, structure="neurons+heads")).masks
+    slim_(sparsify_(model, masks), masks)
+    source = tmp_path / "slim.safetensors"
+    save_checkpoint(source, model, hostile.MODEL, slim_masks(model))
+    meta = _meta(source)
+    del meta["architecture"]["kept"]["blocks.1.mlp"]
+    bad = _raw(source, tmp_path / "bad.safetensors", meta)
+    assert "it keeps no units of blocks.1.mlp (dense: 256)" in refused(bad, tmp_path, capsys)
 
 
 MASK_CASES: dict[str, tuple[Edit, str]] = {
@@ -124,6 +182,25 @@ def test_export_refuses_to_write_over_its_inputs_sidecar(files: dict[str, Path],
     assert main(["export", "--checkpoint", str(files["pruned"]), "--out", str(sidecar)]) == 2
     assert "would destroy that input" in capsys.readouterr().err
     assert (sidecar.read_bytes() if sidecar.exists() else None) == before
+
+
+def test_export_keeps_an_existing_file_and_names_its_format(files: dict[str, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """An export is kept unless --force says to write over it, and has its format's extension."""
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"someone's model")
+    base = ["export", "--format", "onnx", "--checkpoint", str(files["pruned"])]
+    assert main([*base, "--out", str(onnx)]) == 2
+    assert "exists; choose another path, or pass --force" in capsys.readouterr().err
+    assert onnx.read_bytes() == b"someone's model"
+    assert main([*base, "--out", str(onnx), "--force"]) == 0 and onnx.read_bytes() != b"someone's model"
+    for fmt, out, fix in [("onnx", "model.bin", "name it model.onnx"),
+                          ("bitmask", "other.onnx", "name it other.safetensors")]:
+        capsys.readouterr()
+        assert main(["export", "--format", fmt, "--checkpoint", str(files["pruned"]), "--out",
+                     str(tmp_path / out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fix in err[0] and not (tmp_path / out).exists()
 
 
 def test_the_random_dense_model_is_the_same_in_every_step() -> None:
@@ -155,3 +232,14 @@ def test_pretrained_weights_out_of_reach_fail_in_seconds(tmp_path: Path) -> None
     assert "Traceback" not in result.stderr and "arning" not in result.stderr, result.stderr
     assert "not in the local Hugging Face cache" in line and "127.0.0.1 cannot be reached" in line
     assert "weights_only" not in line and not (tmp_path / "calibration.json").exists()
+
+
+def test_bounded_json_counts_only_the_brackets_outside_strings() -> None:
+    from starfish.io import MAX_JSON_DEPTH, UnsafeJSON, loads_bounded
+
+    assert loads_bounded('{"a": "[[[\\\\\\"{{{", "b": [1, -12]}') == {"a": '[[[\\"{{{', "b": [1, -12]}
+    assert loads_bounded("[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH)
+    with pytest.raises(UnsafeJSON, match="nests deeper than 64 levels"):
+        loads_bounded("[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1))
+    with pytest.raises(UnsafeJSON, match="an integer of 31 digits"):
+        loads_bounded("[-" + "1" * 31 + "]")

@@ -36,7 +36,7 @@ def measure(model_name: str, checkpoint: Path | None, sparsity: float, work: Pat
     model = sparsify_(copy.deepcopy(dense), masks)
     pruned, out = work / "pruned.safetensors", work / "export.safetensors"
     save_checkpoint(pruned, model, model_name, masks=masks)
-    sizes = export_step(pruned, out)
+    sizes = export_step(pruned, out, force=True)
     restored, restored_masks, _ = load_checkpoint(out)
     exact = set(restored_masks) == set(masks) and all(torch.equal(restored_masks[k], masks[k]) for k in masks) \
         and all(v.contiguous().view(torch.uint8).equal(model.state_dict()[k].contiguous().view(torch.uint8))

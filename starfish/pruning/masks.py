@@ -17,9 +17,10 @@ from starfish.errors import StarfishError
 Masks = dict[str, torch.Tensor]  # {parameter name: boolean keep-mask of that parameter's shape}
 
 
-def check_sparsity(sparsity: float) -> None:
+def check_sparsity(sparsity: float, what: str = "weights") -> None:
+    """`sparsity` in [0, 1): the fraction of `what` removed (weights, or each layer's units)."""
     if not 0.0 <= sparsity < 1.0:
-        raise StarfishError(f"prune.sparsity={sparsity} must be in [0, 1); e.g. 0.5 prunes half the weights")
+        raise StarfishError(f"prune.sparsity={sparsity} must be in [0, 1); e.g. 0.5 removes half the {what}")
 
 
 def _prune_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:

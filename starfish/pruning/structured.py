@@ -371,7 +371,7 @@ def _contributions(group: Group, weights: dict[str, torch.Tensor], norms: dict[s
 
 
 def _check_amount(groups: list[Group], amount: float) -> None:
-    check_sparsity(amount)
+    check_sparsity(amount, "units of each layer")
     for group in groups:
         if round(amount * group.units) >= group.units:
             raise StarfishError(f"prune.sparsity={amount:g} would remove all {group.units} {group.structure} of "
@@ -615,13 +615,25 @@ def check_architecture(model: nn.Module, architecture: Any, source: str) -> dict
             if attr not in ARCHITECTURE_ATTRIBUTES or not isinstance(dense_value, int) or not (
                     isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= dense_value):
                 raise bad(f"sets {module}.{attr}={value!r}, which is not a unit count up to {dense_value}")
-    units = {g.name: g.units for g in find_groups(model)}
+    groups = find_groups(model)
+    units = {g.name: g.units for g in groups}
     for group, values in kept.items():
         if group not in units or not (isinstance(values, list) and all(
                 isinstance(u, int) and not isinstance(u, bool) for u in values)
                 and values == sorted(set(values)) and all(0 <= u < units[group] for u in values[:1] + values[-1:])):
             raise bad(f"keeps units {str(values)[:40]} of {group!r}, which are not increasing unit numbers of a "
                       "prunable group")
+    for g in groups:  # every narrowed size is what the group's kept units make it
+        for member in g.members:
+            if member.key not in shapes:
+                continue
+            dense_size = state[member.key].shape[member.axis]
+            want = dense_size if g.name not in kept else \
+                len(member.index(torch.tensor(kept[g.name], dtype=torch.long), g.units))
+            if shapes[member.key][member.axis] != want:
+                raise bad(f"gives {member.key} {shapes[member.key][member.axis]} along axis {member.axis}, where "
+                          + (f"the kept units of {g.name} make {want}" if g.name in kept else
+                             f"it keeps no units of {g.name} (dense: {dense_size})"))
     return architecture
 
 

@@ -19,7 +19,7 @@ from starfish.models import kwargs_problem, resolve_device
 from starfish.precision import PRECISIONS
 from starfish.presets import AUTHORS_STEPS, HEAL_PRESETS, layer_heal_fields
 from starfish.pruning.masks import check_sparsity, parse_nm
-from starfish.pruning.pruners import PRUNERS, check_scope
+from starfish.pruning.pruners import PRUNERS, READS_IMAGES, check_scope
 from starfish.pruning.structured import check_structure_fields, parse_structure
 from starfish.quant import QUANT_MODES
 
@@ -97,6 +97,12 @@ class PruneConfig:
     @property
     def structured(self) -> bool:
         return self.structure != "unstructured"
+
+    @property
+    def reads_images(self) -> bool:
+        """Whether pruning runs the model on the calibration split: the pruner's scores, or the
+        block loss that allocation and depth are chosen by."""
+        return self.method in READS_IMAGES or self.allocation == "block-loss" or self.depth > 0
 
 
 @config_section("heal")

@@ -66,7 +66,7 @@ from starfish.models import (
     state_sha256,
 )
 from starfish.precision import resolve_precision
-from starfish.pruning import READS_IMAGES, prune, sparsify_
+from starfish.pruning import prune, sparsify_
 from starfish.pruning.masks import Masks
 from starfish.pruning.structured import (
     architecture_of,
@@ -75,6 +75,7 @@ from starfish.pruning.structured import (
     kept_by_group,
     model_cost,
     parse_structure,
+    recorded_structure,
     size_ratios,
     slim_,
     slim_masks,
@@ -201,7 +202,7 @@ def prune_step(cfg: PipelineConfig, manifest: str | Path, out: str | Path) -> di
     model = dense_model(cfg)
     lineage = _lineage(cfg, state_sha256(model))
     read_manifest(manifest)  # an input of the step even when the pruner reads no images
-    images = calibration_images(cfg, manifest, model) if cfg.prune.method in READS_IMAGES else None
+    images = calibration_images(cfg, manifest, model) if cfg.prune.reads_images else None
     masks, held = prune(model, cfg.prune, images)
     sparsify_(model, masks)
     sparsity = measured_sparsity(model, list(masks))
@@ -542,10 +543,30 @@ def score_step(cfg: PipelineConfig, checkpoint: str | Path, out: str | Path | No
     metrics = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_file(checkpoint), "model": name,
                "split": cfg.evaluate.split, "images": len(targets), "top1": float((preds == targets).float().mean()),
                "sparsity": measured_sparsity(model, layers)["total"] if layers else 0.0}
+    if architecture_of(model) is not None:  # slim: the fraction of units its structure removed
+        with on_meta():  # the dense twin's unit counts, without allocating it
+            _, num_classes, kwargs = model_spec(checkpoint_metadata(checkpoint), checkpoint)
+            dense = create_model(name, num_classes=num_classes, kwargs=kwargs)
+        report = structure_report(model, dense, masks, _structure(cfg, model, dense, checkpoint))
+        metrics.update(sparsity=report["removed"], structure=report["structure"])
     if out is not None:
         atomic_write_json(out, metrics)
     log.info("%s: top-1 %.4f on %d %s images", checkpoint, metrics["top1"], metrics["images"], cfg.evaluate.split)
     return metrics
+
+
+def _structure(cfg: PipelineConfig, model: torch.nn.Module, dense: torch.nn.Module, path: str | Path) -> str:
+    """The structure to measure a model by: a slim file's own (its architecture record), else
+    `prune.structure`. A config naming another structure than the file's is refused."""
+    recorded = recorded_structure(model, dense)
+    if recorded is None:
+        return cfg.prune.structure
+    if cfg.prune.structured and set(parse_structure(cfg.prune.structure)) != set(parse_structure(recorded)):
+        raise StarfishError(f"{path} is slim with its {recorded} removed, but prune.structure="
+                            f"{cfg.prune.structure}; set prune.structure={recorded} or leave it unstructured")
+    if not cfg.prune.structured:
+        log.info("%s is slim: measuring the %s it removed (its architecture record)", path, recorded)
+    return recorded
 
 
 def evaluate_step(cfg: PipelineConfig, pruned: str | Path, healed: str | Path, out: str | Path,
@@ -575,8 +596,9 @@ def evaluate_step(cfg: PipelineConfig, pruned: str | Path, healed: str | Path, o
         test = Subset(test, range(min(cfg.evaluate.max_samples, len(test))))
     metrics = compare(dense, candidates, test, cfg.evaluate.batch_size,
                       cfg.data.num_workers, cached_dense_predictions(cfg, dense, test), cfg.evaluate.precision)
-    if cfg.prune.structured:  # the fraction of units removed, and what the model costs against dense
-        report = structure_report(healed_model, dense, masks, cfg.prune.structure)
+    structure = _structure(cfg, healed_model, dense, healed)
+    if structure != "unstructured":  # the fraction of units removed, and what the model costs against dense
+        report = structure_report(healed_model, dense, masks, structure)
         sparsity = report["removed"]
         metrics.update(size_ratios(healed_model, dense))
     else:

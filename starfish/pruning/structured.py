@@ -500,6 +500,17 @@ def architecture_of(model: nn.Module) -> dict[str, Any] | None:
     return getattr(model, ARCHITECTURE_ATTR, None)
 
 
+def recorded_structure(model: nn.Module, dense: nn.Module) -> str | None:
+    """The `prune.structure` a slim model was pruned with, read from its architecture record
+    (the kinds of the groups it narrowed); None for a model that is not slim."""
+    architecture = architecture_of(model)
+    if architecture is None:
+        return None
+    kinds = {g.name: g.structure for g in find_groups(dense)}
+    found = {kinds[name] for name in architecture["kept"] if name in kinds}
+    return "+".join(s for s in STRUCTURES if s in found) or None
+
+
 def kept_by_group(model: nn.Module, masks: Masks) -> dict[str, list[int]]:
     """`{group: kept units}` of the groups a slim model or structured masks narrowed."""
     architecture = architecture_of(model)

@@ -75,6 +75,12 @@ bench: setup
 	$(VENV)/bin/starfish bench --out results/bench_structured/vit_block_loss --structures neurons+heads \
 		--pruners contribution --sparsities 0.75 --healers recommended \
 		--set prune.structure=neurons+heads --set prune.allocation=block-loss
+	for variant in "uniform" "stages3 --stages 3" "depth1 --set prune.depth=1" "depth2 --set prune.depth=2"; do \
+		set -- $$variant; out=$$1; shift; \
+		$(VENV)/bin/starfish bench --out results/bench_structured/vit_depth/$$out --structures neurons+heads \
+			--pruners contribution --sparsities 0.75 --seeds 0 1 2 --healers recommended \
+			--set prune.structure=neurons+heads "$$@" || exit 1; \
+	done
 	@echo "heal-time ratios: run 'make bench-timing' alone on a quiet machine"
 
 # Heal time over plain fwd+bwd passes needs a quiet machine: one process, every core.

@@ -110,6 +110,8 @@ def cmd_info(args: argparse.Namespace) -> None:
             print(f"    {key} {tuple(layer['shape'])}: keeps {layer['kept']:.4f}")
     for group, narrowed in info.get("narrowed", {}).items():
         print(f"  {group}: {narrowed['kept']} of {narrowed['of']} {narrowed['structure']}")
+    for block, why in info.get("skipped", {}).items():
+        print(f"  {block}: kept whole ({why})")
     if "sidecar" in info:
         print(f"  sidecar {info['sidecar']['path']}: {'matches' if info['sidecar']['matches'] else 'DOES NOT match'} "
               "this file")

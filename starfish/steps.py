@@ -77,6 +77,7 @@ from starfish.pruning.structured import (
     parse_structure,
     recorded_structure,
     size_ratios,
+    skipped_blocks,
     slim_,
     slim_masks,
 )
@@ -209,6 +210,11 @@ def prune_step(cfg: PipelineConfig, manifest: str | Path, out: str | Path) -> di
     extra: dict[str, Any] = {"held_back": held} if held else {}
     if cfg.prune.structured:
         extra["structure"] = structure_report(model, model, masks, cfg.prune.structure)
+        skipped = extra["structure"]["skipped"]
+        if skipped:
+            log.warning("%d blocks keep all their units, so FLOPs fall by less than prune.sparsity: %s", len(skipped),
+                        "; ".join(f"{block}: {why}" for block, why in list(skipped.items())[:5])
+                        + (" ..." if len(skipped) > 5 else ""))
         if cfg.prune.slim:
             dense_cost = model_cost(model)  # the shapes are still dense's
             slim_(model, masks)
@@ -232,7 +238,7 @@ def structure_report(model: torch.nn.Module, dense: torch.nn.Module, masks: Mask
     units = sum(g.units for g in groups)
     removed = sum(g.units - len(kept.get(g.name, range(g.units))) for g in groups)
     return {"structure": structure, "removed": removed / max(units, 1), "groups": len(groups),
-            "narrowed": sum(g.name in kept for g in groups)}
+            "narrowed": sum(g.name in kept for g in groups), "skipped": skipped_blocks(dense, groups, structure)}
 
 
 def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out: str | Path) -> dict[str, Any]:
@@ -406,6 +412,9 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
         units = {g.name: (g.structure, g.units) for g in find_groups(dense)}
         info["narrowed"] = {group: {"structure": units[group][0], "kept": len(kept), "of": units[group][1]}
                             for group, kept in kept_by_group(model, masks).items()}
+        structure = recorded_structure(model, dense)
+        if structure is not None:
+            info["skipped"] = skipped_blocks(dense, find_groups(dense, parse_structure(structure)), structure)
     side = sidecar_path(path)
     if side.is_file():
         meta = read_json(side)
@@ -558,10 +567,10 @@ def score_step(cfg: PipelineConfig, checkpoint: str | Path, out: str | Path | No
 def _structure(cfg: PipelineConfig, model: torch.nn.Module, dense: torch.nn.Module, path: str | Path) -> str:
     """The structure to measure a model by: a slim file's own (its architecture record), else
     `prune.structure`. A config naming another structure than the file's is refused."""
-    recorded = recorded_structure(model, dense)
+    recorded = recorded_structure(model, dense, cfg.prune.structure)
     if recorded is None:
         return cfg.prune.structure
-    if cfg.prune.structured and set(parse_structure(cfg.prune.structure)) != set(parse_structure(recorded)):
+    if cfg.prune.structured and recorded != cfg.prune.structure:
         raise StarfishError(f"{path} is slim with its {recorded} removed, but prune.structure="
                             f"{cfg.prune.structure}; set prune.structure={recorded} or leave it unstructured")
     if not cfg.prune.structured:

@@ -117,3 +117,20 @@ def test_a_model_that_cannot_be_traced_is_one_line_and_nothing_is_written(
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("starfish: error:")]
     assert len(lines) == 1 and "cannot export starfish_test_data_dependent to ONNX" in lines[0]
     assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_a_model_whose_outputs_do_not_depend_on_its_input_is_refused_before_export(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """MLP-Mixer as timm builds it (its head initialized to zero) answers 0 to every image, so
+    onnxruntime agreeing with torch on the check batch would prove nothing: one line, nothing
+    written."""
+    from starfish.models import create_model
+
+    mixer = create_model("mixer_s16_224", num_classes=10, kwargs={"img_size": 32})
+    checkpoint = tmp_path / "mixer.safetensors"
+    save_checkpoint(checkpoint, mixer, "mixer_s16_224", metadata={"model_kwargs": {"img_size": 32}})
+    out = tmp_path / "out" / "mixer.onnx"
+    assert main(["export", "--format", "onnx", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("starfish: error:")]
+    assert len(lines) == 1 and "gives every check image the same outputs (they spread by 0.0e+00)" in lines[0]
+    assert not out.parent.exists() or not any(out.parent.iterdir())

@@ -349,3 +349,28 @@ def test_depth_beyond_the_model_or_the_target_is_refused(demo_checkpoint: Path) 
             PruneConfig("magnitude", 0.5, depth=1, **fields)
     with pytest.raises(StarfishError, match="prune.depth=1 measures each block on calibration images"):
         prune(dense, PruneConfig("magnitude", 0.5, structure="neurons+heads", depth=1))
+
+
+def test_blocks_no_group_lies_in_are_reported_in_the_sidecar_and_by_info(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """tf_efficientnetv2_b0 at 0.5 channels keeps its fused blocks (EdgeResidual) and its first
+    ConvBnAct whole, so its FLOPs fall by less than half: the structure report and `info` name
+    those blocks and why, where before nothing did."""
+    from starfish.cli import main
+    from starfish.steps import structure_report
+
+    dense = create_model("tf_efficientnetv2_b0").eval()
+    masks = prune(dense, PruneConfig("magnitude", 0.5, structure="channels")).masks
+    slim = sparsify_(copy.deepcopy(dense), masks)
+    skipped = structure_report(slim, dense, masks, "channels")["skipped"]
+    assert skipped == {"blocks.0.0": "starfish removes no channels from a ConvBnAct",
+                       **{f"blocks.{s}.{b}": "starfish removes no channels from an EdgeResidual"
+                          for s in (1, 2) for b in (0, 1)}}
+    slim_(slim, masks)
+    path = tmp_path / "slim.safetensors"
+    save_checkpoint(path, slim, "tf_efficientnetv2_b0", slim_masks(slim))
+    capsys.readouterr()
+    assert main(["info", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == skipped
+    assert main(["info", str(path)]) == 0
+    assert "blocks.1.0: kept whole (starfish removes no channels from an EdgeResidual)" in capsys.readouterr().out

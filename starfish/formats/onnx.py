@@ -27,6 +27,7 @@ from starfish.io import atomic_path
 log = logging.getLogger(__name__)
 
 TOLERANCE = 1e-4  # largest |onnxruntime - torch| logit difference an export may show
+CONSTANT_SPREAD = 1e-6  # outputs spread less than this (relative) over the check batch: a check of nothing
 INPUT, OUTPUT = "images", "logits"
 CHECK_BATCH = 4
 
@@ -91,6 +92,13 @@ def export_onnx(model: torch.nn.Module, out: str | Path, input_size: tuple[int, 
 
     model = model.float().cpu().eval()
     images = check_images(input_size) if images is None else images.float().cpu()
+    with torch.no_grad():
+        expected = model(images).numpy()
+    spread = float(np.ptp(expected, axis=0).max()) if len(expected) > 1 else 0.0
+    if not spread > CONSTANT_SPREAD * max(1.0, float(np.abs(expected).max())):
+        raise StarfishError(f"the model gives every check image the same outputs (they spread by {spread:.1e}), so "
+                            "agreeing with onnxruntime on them would prove nothing; export a trained model (timm "
+                            "initializes some heads, such as MLP-Mixer's, to zero)")
     with atomic_path(out) as tmp:
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), quiet_exporter():
@@ -111,8 +119,6 @@ def export_onnx(model: torch.nn.Module, out: str | Path, input_size: tuple[int, 
                 from None
         set_metadata(proto, metadata)
         onnx.save(proto, str(tmp))
-        with torch.no_grad():
-            expected = model(images).numpy()
         difference = float(np.abs(run_session(session(tmp), images) - expected).max())
         if not difference <= TOLERANCE:
             raise StarfishError(f"onnxruntime's logits differ from torch's by {difference:.2e} (more than "

@@ -317,6 +317,22 @@ def find_groups(model: nn.Module, structures: tuple[str, ...] = STRUCTURES) -> l
     return groups
 
 
+def skipped_blocks(model: nn.Module, groups: list[Group], structure: str) -> dict[str, str]:
+    """`{block: why}` for the model's blocks that no group lies in: they keep every unit, so
+    the model's FLOPs fall by less than the target (EfficientNetV2's fused blocks, say)."""
+    from starfish.capture import block_names
+
+    kinds = " or ".join(parse_structure(structure))
+
+    def kind(block: str) -> str:
+        name = type(model.get_submodule(block)).__name__
+        return f"{'an' if name[0] in 'AEIOU' else 'a'} {name}"
+
+    return {block: f"starfish removes no {kinds} from {kind(block)}"
+            for block in block_names(model)
+            if not any(g.name == block or g.name.startswith(block + ".") for g in groups)}
+
+
 def groups_for(model: nn.Module, structure: str) -> list[Group]:
     """`find_groups` for `prune.structure`, or an error naming the structures the model has."""
     wanted = parse_structure(structure)
@@ -500,15 +516,23 @@ def architecture_of(model: nn.Module) -> dict[str, Any] | None:
     return getattr(model, ARCHITECTURE_ATTR, None)
 
 
-def recorded_structure(model: nn.Module, dense: nn.Module) -> str | None:
-    """The `prune.structure` a slim model was pruned with, read from its architecture record
-    (the kinds of the groups it narrowed); None for a model that is not slim."""
+def recorded_structure(model: nn.Module, dense: nn.Module, prefer: str | None = None) -> str | None:
+    """The `prune.structure` a slim model was pruned with, read from its architecture record:
+    `prefer` if its groups hold every group the model narrowed, else the fewest structures whose
+    groups do (ConvNeXt's MLP is both neurons and channels). None for a model that is not slim."""
+    import itertools
+
     architecture = architecture_of(model)
     if architecture is None:
         return None
-    kinds = {g.name: g.structure for g in find_groups(dense)}
-    found = {kinds[name] for name in architecture["kept"] if name in kinds}
-    return "+".join(s for s in STRUCTURES if s in found) or None
+    narrowed = set(architecture["kept"])
+    held = {s: {g.name for g in find_groups(dense, (s,))} for s in STRUCTURES}
+    preferred = [parse_structure(prefer)] if prefer and prefer != "unstructured" else []
+    fewest = [combo for size in range(1, len(STRUCTURES) + 1) for combo in itertools.combinations(STRUCTURES, size)]
+    for i, combo in enumerate(preferred + fewest):
+        if narrowed <= set().union(*(held[s] for s in combo)):
+            return prefer if i < len(preferred) else "+".join(combo)
+    return None
 
 
 def kept_by_group(model: nn.Module, masks: Masks) -> dict[str, list[int]]:

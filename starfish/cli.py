@@ -238,7 +238,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from starfish.benchmarks.bench import BenchConfig, run_bench
 
     bench_cfg = BenchConfig(sparsities=tuple(args.sparsities), pruners=tuple(args.pruners),
-                            healers=tuple(args.healers), seeds=tuple(args.seeds),
+                            **({"healers": tuple(args.healers)} if args.healers else {}), seeds=tuple(args.seeds),
                             fractions=tuple(args.fractions) if args.fractions else None,
                             steps=tuple(args.steps) if args.steps else None,
                             eval_samples=args.eval_samples,
@@ -260,9 +260,6 @@ def cmd_scale(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from starfish.benchmarks.bench import DEFAULT_HEALERS
-    from starfish.presets import VARIANTS
-
     parser = argparse.ArgumentParser(prog="starfish", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"starfish {_version()}", help="print the version")
@@ -354,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75, 0.9, 0.95],
                    help="prune.sparsity values, e.g. --sparsities 0.5 0.75")
     p.add_argument("--pruners", nargs="+", default=["magnitude", "wanda", "nm"], help="see `starfish list`")
-    p.add_argument("--healers", nargs="+", default=list(DEFAULT_HEALERS), help=f"variants: {', '.join(VARIANTS)}")
+    p.add_argument("--healers", nargs="+", default=None,
+                   help="healers, presets and variants (`starfish list`); default: the bench's standard set "
+                        "(DEFAULT_HEALERS in starfish/benchmarks/bench.py)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="each seed: its own split and shuffle")
     p.add_argument("--fractions", type=float, nargs="+", default=None,
                    help="calibration fractions to sweep (default: calibration.fraction)")

@@ -468,3 +468,20 @@ def test_compress_goes_from_the_model_to_an_exported_file(params_path: Path, dem
     assert main(["compress", *common, "--set", "prune.structure=neurons+heads", "--out", str(wrong)]) == 2
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "is written as .onnx" in lines[0] and not wrong.parent.exists()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["prune", "--help"], ["bench", "--help"],
+                                  ["prune", "--calibration", "c.json", "--out", "p.safetensors", "--bogus"]],
+                         ids=["help", "prune help", "bench help", "argument error"])
+def test_help_and_argument_errors_import_no_torch(argv: list[str]) -> None:
+    """`starfish --help` and a mistyped argument answer before torch, timm or MLflow are imported
+    (they took 5-10 s to import here): the command line parses first and imports what a step needs."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom starfish.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "heavy = sorted(m for m in ('torch', 'timm', 'mlflow', 'onnxruntime') if m in sys.modules)\n"
+             "print('HEAVY', heavy, file=sys.stderr)")
+    run = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120)
+    assert "HEAVY []" in run.stderr, run.stderr[-500:]
+    assert ("usage: starfish" in run.stdout) if "--help" in argv else ("unrecognized arguments: --bogus" in run.stderr)

@@ -1,0 +1,52 @@
+"""Every bash block of the docs pages other than docs/pipeline.md (tests/test_docs_commands.py
+runs that one), run as written from a folder holding the shipped params.yaml at a tiny budget,
+so a command a page shows is a command that works. Only the training epochs are cut to one."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from doc_blocks import shell_blocks
+
+pytestmark = pytest.mark.slow
+PAGES = sorted(f"docs/{page.name}" for page in (Path(__file__).resolve().parents[1] / "docs").glob("*.md")
+               if page.name != "pipeline.md")
+TINY = {"heal": {"steps": 4}, "evaluate": {"max_samples": 200}}
+SUBSTITUTIONS = [(r"--epochs \d+", "--epochs 1")]  # the demo models' training, one epoch each
+
+
+def sandbox(repo_root: Path, folder: Path) -> Path:
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params["model"]["checkpoint"] = str(repo_root / params["model"]["checkpoint"])
+    for section, fields in TINY.items():
+        params.setdefault(section, {}).update(fields)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (folder / "data" / "demo").mkdir(parents=True)
+    return folder
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_command_on_the_page_runs(page: str, repo_root: Path, tmp_path: Path) -> None:
+    blocks = shell_blocks((repo_root / page).read_text())
+    if not blocks:
+        pytest.skip(f"{page} shows no commands")
+    folder = sandbox(repo_root, tmp_path)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for number, lines in enumerate(blocks):
+        commands = []
+        for line in lines:
+            for written, here in SUBSTITUTIONS:
+                line = re.sub(written, here, line)
+            commands.append(line)
+        script = "set -euo pipefail\n" + "\n".join(commands)
+        run = subprocess.run(["bash", "-c", script], cwd=folder, env=env, capture_output=True, text=True,
+                             timeout=900)
+        assert run.returncode == 0, f"{page} block {number}:\n{script}\n{run.stderr[-3000:]}"
+    written = [word for lines in blocks for line in lines for word in re.findall(r"--out (\S+)", line)]
+    assert written and all((folder / path).is_file() for path in written), written

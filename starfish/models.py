@@ -5,20 +5,16 @@ models are registered there too, so they honour the same contract (`pretrained_c
 size and normalization): a ViT (blocks `blocks.{i}`) and a MobileNetV1-style CNN built by timm's
 EfficientNet builder (blocks `blocks.{i}.{j}`, as in the STARFISH authors' MobileNetV1).
 
-A starfish checkpoint is one `.safetensors` file: the model's state under its own keys, the
-pruning masks under `masks/<parameter name>`, and the model name in the file's metadata; a
-slim (structurally pruned) model's metadata also holds its `architecture` record.
+A starfish checkpoint (`formats.checkpoint`) is built from here: the metadata it names is checked
+as a config's model section is, and the model is built on the meta device and checked against the
+file's tensors before it is allocated; a slim model is rebuilt at its recorded shapes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
-import os
-import pickle
-import re
 import socket
 import urllib.parse
 import warnings
@@ -27,16 +23,13 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import timm
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save, save_file
 from timm.models import register_model
 from timm.models.efficientnet import EfficientNet, decode_arch_def
 from timm.models.vision_transformer import VisionTransformer
 from torch.overrides import TorchFunctionMode
 
 from starfish.errors import StarfishError
-from starfish.formats import bitmask
-from starfish.io import UnsafeJSON, atomic_path, loads_bounded
+from starfish.formats.checkpoint import MASK_PREFIX, read_checkpoint, write_checkpoint
 
 if TYPE_CHECKING:  # the pruning package imports this module
     from starfish.pruning.masks import Masks
@@ -48,8 +41,6 @@ DEMO_MODEL = "starfish_vit_fmnist"
 DEMO_CHECKPOINT = _DEMO_DIR / "starfish_vit_fmnist.safetensors"
 DEMO_CNN_MODEL = "starfish_cnn_fmnist"
 DEMO_CNN_CHECKPOINT = _DEMO_DIR / "starfish_cnn_fmnist.safetensors"
-MASK_PREFIX = "masks/"
-METADATA_KEY = "starfish"
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
 
@@ -293,89 +284,6 @@ def check_buildable(name: str, options: dict[str, Any], state: dict[str, torch.T
                             "of buffers its file does not hold; the metadata is damaged or hostile")
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Masks, dict[str, str]]:
-    """Read a checkpoint: (model state, masks, metadata). Clear errors for missing or damaged files."""
-    path = Path(path)
-    if not path.is_file():
-        raise StarfishError(f"checkpoint {path} does not exist; check the path")
-    if path.suffix == ".safetensors":
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise StarfishError(f"checkpoint {path} is damaged or truncated ({exc}); write it again") from exc
-        metadata = checkpoint_metadata(path)
-    elif path.suffix in (".pth", ".pt", ".bin"):
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never repeat that
-            raise StarfishError(f"checkpoint {path} holds Python objects besides tensors, which starfish never "
-                                "unpickles; save its state dict of tensors, or .safetensors") from None
-        except Exception as exc:  # truncated zip, bad magic number
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise StarfishError(f"checkpoint {path} is damaged or truncated ({reason}); write it again") from None
-        for key in ("state_dict", "model"):
-            if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
-                loaded = loaded[key]
-        if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-            raise StarfishError(f"checkpoint {path} does not hold a state dict of tensors")
-        tensors, metadata = dict(loaded), {}
-    else:
-        raise StarfishError(f"checkpoint {path}: unsupported suffix {path.suffix!r}; use .safetensors or .pth")
-    bad = next((key for key, value in tensors.items() if value.is_floating_point()
-                and not bool(torch.isfinite(value).all())), None)
-    if bad is not None:
-        raise StarfishError(f"checkpoint {path}: {bad} holds NaN or infinite values; the file is damaged, or it "
-                            "was written from a diverged run: write it again from a good one")
-    if metadata.get("format") == bitmask.FORMAT:  # a compressed export: the bitmasks are the masks
-        state, masks = bitmask.decompress(tensors)
-        return state, masks, metadata
-    masks = {k[len(MASK_PREFIX):]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
-    state = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
-    return state, masks, metadata
-
-
-def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's metadata alone, from the `.safetensors` header without reading the tensors
-    (`{}` for a `.pth` state dict, which has none)."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        return {}
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = dict(handle.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise StarfishError(f"checkpoint {path} is damaged or truncated ({exc}); write it again") from exc
-    return _parse_metadata(header, path)
-
-
-def _parse_metadata(header: dict[str, str], path: Path) -> dict[str, Any]:
-    """The checkpoint's metadata as JSON values; files from before METADATA_KEY kept flat text keys."""
-    if METADATA_KEY in header:
-        try:
-            meta = loads_bounded(header[METADATA_KEY])
-        except UnsafeJSON as exc:
-            raise StarfishError(f"checkpoint {path}: its metadata is refused ({exc}); the file is damaged or not "
-                                "written by starfish: write it again") from None
-        except json.JSONDecodeError as exc:
-            raise StarfishError(f"checkpoint {path}: its metadata is not JSON ({exc}); write it again") from None
-        if not isinstance(meta, dict):
-            raise StarfishError(f"checkpoint {path}: its metadata is a JSON {type(meta).__name__}, not a "
-                                "mapping; write it again")
-        return meta
-    meta: dict[str, Any] = {}
-    for key, text in header.items():
-        try:
-            meta[key] = loads_bounded(text) if key != "model" else text
-        except UnsafeJSON as exc:
-            raise StarfishError(f"checkpoint {path}: its metadata {key!r} is refused ({exc}); the file is damaged "
-                                "or not written by starfish: write it again") from None
-        except json.JSONDecodeError:
-            meta[key] = text
-    return meta
-
-
 def check_state_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """`state` has exactly `model`'s keys and shapes; a mismatch names the keys and shapes that differ."""
     own = model.state_dict()
@@ -417,12 +325,6 @@ def state_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def checkpoint_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> bytes:
-    """A `.safetensors` file's bytes, the metadata as one header key of sorted JSON (see below)."""
-    return save({k: v.contiguous() for k, v in tensors.items()},
-                metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-
-
 def save_checkpoint(path: str | Path, model: torch.nn.Module, model_name: str, masks: Masks | None = None,
                     metadata: dict[str, Any] | None = None) -> None:
     """Write model state (+ masks) to one `.safetensors` file, atomically."""
@@ -440,16 +342,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, model_name: str, m
             tensors[MASK_PREFIX + name] = mask.detach().bool().contiguous().cpu()
     meta = {"model": model_name, "num_classes": getattr(model, "num_classes", None), **(metadata or {}),
             **({"architecture": architecture} if architecture is not None else {})}
-    # One header key holding sorted JSON: safetensors writes several keys in a varying order,
-    # and equal models must give equal bytes (hashes, dvc.lock).
-    with atomic_path(path) as tmp:
-        try:
-            save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
-        except SafetensorError as exc:  # an I/O failure (a full disk) as the OSError it is
-            code = re.search(r"os error (\d+)", str(exc))
-            if code is None:
-                raise
-            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
+    write_checkpoint(path, tensors, meta)
 
 
 def load_checkpoint(path: str | Path, model_name: str | None = None) -> tuple[torch.nn.Module, Masks, str]:

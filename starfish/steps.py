@@ -40,6 +40,7 @@ from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold, compare, measured_sparsity, predict
 from starfish.fingerprints import result_fields
 from starfish.formats import bitmask
+from starfish.formats.checkpoint import checkpoint_bytes, checkpoint_metadata, read_checkpoint
 from starfish.healing import heal_
 from starfish.io import (
     atomic_path,
@@ -53,14 +54,11 @@ from starfish.io import (
     write_with_sidecar,
 )
 from starfish.models import (
-    checkpoint_bytes,
-    checkpoint_metadata,
     create_model,
     load_checkpoint,
     model_from,
     model_spec,
     on_meta,
-    read_checkpoint,
     resolve_device,
     save_checkpoint,
     state_sha256,

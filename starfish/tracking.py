@@ -359,7 +359,7 @@ def _test_dataset(cfg: PipelineConfig, metrics: dict[str, Any]) -> Any:
 def version_tags(cfg: PipelineConfig, healed: str | Path) -> dict[str, str]:
     """How a version was made, as tags the registry can be searched by
     (`tags.pruner = 'wanda' and tags.structure = 'neurons+heads'`)."""
-    from starfish.models import checkpoint_metadata
+    from starfish.formats.checkpoint import checkpoint_metadata
 
     return {"pruner": cfg.prune.method, "structure": cfg.prune.structure, "sparsity": f"{cfg.prune.sparsity:g}",
             "healer": cfg.heal.method, "preset": cfg.heal.preset,

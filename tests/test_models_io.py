@@ -16,6 +16,7 @@ from torch import nn
 import starfish.io as io_module
 from starfish.config import PruneConfig
 from starfish.errors import StarfishError
+from starfish.formats.checkpoint import read_checkpoint
 from starfish.io import (
     atomic_path,
     atomic_write_bytes,
@@ -31,7 +32,6 @@ from starfish.models import (
     create_model,
     load_checkpoint,
     on_meta,
-    read_checkpoint,
     save_checkpoint,
 )
 from starfish.pruning import prune, sparsify_

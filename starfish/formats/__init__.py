@@ -1,2 +1,2 @@
-"""File formats starfish writes besides its checkpoints: the compressed sparse-bitmask export
-(`formats.bitmask`) and ONNX for serving (`formats.onnx`)."""
+"""The files starfish reads and writes: its checkpoints (`formats.checkpoint`), the compressed
+sparse-bitmask export (`formats.bitmask`) and ONNX for serving (`formats.onnx`)."""

@@ -101,7 +101,7 @@ def _checked_parts(tensors: dict[str, torch.Tensor], name: str) -> tuple[torch.T
                       f"({dims[0]}, {-(-columns // 8)})")
     if values.dim() != 1 or not values.is_floating_point():
         raise damaged(f".compressed must be 1-D floating point, not {values.dtype} of shape {tuple(values.shape)}")
-    return values, bitmask, dims  # finite values: `models.read_checkpoint` checks every tensor it reads
+    return values, bitmask, dims  # finite values: `checkpoint.read_checkpoint` checks every tensor it reads
 
 
 def pruned_bytes(tensors: dict[str, torch.Tensor]) -> tuple[int, float]:

@@ -15,10 +15,9 @@ from prefect import Task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from starfish import tracking
-from starfish.config import PipelineConfig
+from starfish.config import PipelineConfig, variant_config
 from starfish.errors import StarfishError, error_line
 from starfish.params import load_config
-from starfish.presets import variant_config
 
 log = logging.getLogger("starfish.flows")
 

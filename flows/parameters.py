@@ -14,9 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from starfish.catalog import HEALERS, PRUNERS
 from starfish.config import SECTIONS
-from starfish.healing import HEALERS
-from starfish.pruning import PRUNERS
 
 # the form's order: the usual choices first
 ORDER = ("prune", "heal", "quant", "model", "calibration", "evaluate", "gate", "data")

@@ -199,3 +199,28 @@ def resolve_manifest(path: str | Path, dataset: ImageDataset) -> list[int]:
         raise StarfishError(f"calibration data changed since {path} was written (content hash differs); "
                             "check out the matching data version or sample again")
     return indices
+
+
+class Rows:
+    """Rows `index` of `tensor`, gathered when read (`rows[i]`, `rows[a:b]`, `rows[index_tensor]`).
+
+    The training and held-out parts of a calibration split, without copying them: at 5,000
+    images of 224 px the training copy was 3 GB. Reads give exactly what indexing a copy would.
+    """
+
+    def __init__(self, tensor: torch.Tensor, index: torch.Tensor) -> None:
+        self.tensor, self.index = tensor, index
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.index.numel(), *self.tensor.shape[1:]))
+
+    def __len__(self) -> int:
+        return self.index.numel()
+
+    def __getitem__(self, key: int | slice | torch.Tensor) -> torch.Tensor:
+        return self.tensor[self.index[key]]
+
+
+# What a healer reads as its calibration images: a tensor, rows of one, or images decoded when read.
+Images = torch.Tensor | Rows | CalibrationImages

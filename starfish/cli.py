@@ -200,10 +200,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    from starfish.healing import HEALERS
+    from starfish.catalog import HEALERS, PRUNERS, QUANT_SUMMARIES, SCOPE_PRESETS
     from starfish.presets import HEAL_PRESETS, PRESET_SUMMARIES, VARIANTS
-    from starfish.pruning import PRUNERS, SCOPE_PRESETS
-    from starfish.quant.fake import MODE_SUMMARIES
 
     convs = {"dense": "convs except depthwise", "none": "no convs", "all": "every conv, depthwise too"}
     sections = {
@@ -216,7 +214,7 @@ def cmd_list(args: argparse.Namespace) -> None:
                                        for name in HEAL_PRESETS},
         "healer variants (starfish bench --healers)": {name: ", ".join(f"{k}={v}" for k, v in fields.items())
                                                        for name, fields in VARIANTS.items()},
-        "served as (quant.mode; heal.quant heals through the same)": MODE_SUMMARIES,
+        "served as (quant.mode; heal.quant heals through the same)": QUANT_SUMMARIES,
     }
     if args.json:
         _print(sections)

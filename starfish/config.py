@@ -11,17 +11,40 @@ from typing import Any, Callable, Literal, Mapping
 from pydantic import ConfigDict, Field, TypeAdapter
 from pydantic.dataclasses import dataclass
 
+from starfish.catalog import (
+    BATCHNORM_MODES,
+    HEALERS,
+    PRUNERS,
+    QUANT_MODES,
+    check_scope,
+    check_sparsity,
+    check_structure_fields,
+    parse_nm,
+    parse_structure,
+)
 from starfish.datasets import DATASET_KINDS, FASHION_MNIST_ROOT
-from starfish.errors import one_line_errors, require
-from starfish.healing import HEALERS
-from starfish.healing.batchnorm import BATCHNORM_MODES
-from starfish.models import kwargs_problem, resolve_device
-from starfish.precision import PRECISIONS
-from starfish.presets import AUTHORS_STEPS, HEAL_PRESETS, layer_heal_fields
-from starfish.pruning.masks import check_sparsity, parse_nm
-from starfish.pruning.pruners import PRUNERS, READS_IMAGES, check_scope
-from starfish.pruning.structured import check_structure_fields, parse_structure
-from starfish.quant import QUANT_MODES
+from starfish.errors import StarfishError, one_line_errors, require
+from starfish.precision import PRECISIONS, resolve_device
+from starfish.presets import AUTHORS_STEPS, BUDGET_FIELDS, HEAL_PRESETS, SHARED_FIELDS, VARIANTS, layer_heal_fields
+
+# timm arguments a config or a checkpoint may not pass: the model section has its own fields for
+# the first two, and the others make timm read files or the hub. `pretrained_cfg_overlay` may set
+# only how images are prepared (a CNN's input size, say): its other keys name weight files.
+RESERVED_KWARGS = ("pretrained", "num_classes", "checkpoint_path", "pretrained_cfg", "cache_dir")
+OVERLAY_KEYS = ("input_size", "test_input_size", "mean", "std", "crop_pct", "interpolation")
+
+
+def kwargs_problem(kwargs: Mapping[str, Any]) -> str | None:
+    """Why these timm kwargs may not be passed (None when they may)."""
+    taken = sorted(set(kwargs) & set(RESERVED_KWARGS))
+    if taken:
+        return f"sets {taken}, which starfish never passes to timm"
+    overlay = kwargs.get("pretrained_cfg_overlay", {})
+    if not isinstance(overlay, Mapping) or set(overlay) - set(OVERLAY_KEYS):
+        return (f"sets pretrained_cfg_overlay={overlay!r}: starfish passes only its {', '.join(OVERLAY_KEYS)} "
+                "to timm")
+    return None
+
 
 _LAX = ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True)  # "5" is 5, 24 is "24"
 
@@ -93,6 +116,11 @@ class PruneConfig:
                                    and not self.global_ranking and self.allocation == "uniform"),
                 f"prune.depth={self.depth} removes whole transformer blocks (their neurons and heads): set "
                 "prune.structure=neurons+heads, prune.global_ranking=false and prune.allocation=uniform")
+        require(PRUNERS.get(self.method).unit_scores is not None or (self.allocation == "uniform" and not self.depth),
+                f"prune.method={self.method} chooses its own units, so prune.allocation={self.allocation} and "
+                f"prune.depth={self.depth} cannot share them out; set prune.allocation=uniform and prune.depth=0, "
+                "or a pruner that scores units (" + ", ".join(n for n in PRUNERS.names() if PRUNERS.get(n).unit_scores)
+                + ")")
 
     @property
     def structured(self) -> bool:
@@ -102,7 +130,7 @@ class PruneConfig:
     def reads_images(self) -> bool:
         """Whether pruning runs the model on the calibration split: the pruner's scores, or the
         block loss that allocation and depth are chosen by."""
-        return self.method in READS_IMAGES or self.allocation == "block-loss" or self.depth > 0
+        return PRUNERS.get(self.method).reads_images or self.allocation == "block-loss" or self.depth > 0
 
 
 @config_section("heal")
@@ -158,6 +186,22 @@ class HealConfig:
     def total_steps(self, num_images: int) -> int:
         """Adam steps this budget takes on `num_images` training images."""
         return self.steps if self.steps is not None else self.epochs * math.ceil(num_images / self.batch_size)
+
+
+def variant_config(base: HealConfig, name: str, seed: int | None = None, steps: int | None = None) -> HealConfig:
+    """The heal config of variant `name`: its preset and fields, plus `base`'s shared budget,
+    batching and held-out slice, so every gradient healer gets the same steps. A preset that
+    sets its own budget (faithful, fast) keeps all of it, unless `steps` sets every variant's."""
+    if name not in VARIANTS:
+        raise StarfishError(f"unknown healer variant {name!r}; use one of {list(VARIANTS)}")
+    fields = dict(VARIANTS[name])
+    preset = fields.pop("preset", "default")
+    own = set(HEAL_PRESETS[preset])
+    if own & set(BUDGET_FIELDS):
+        own |= set(BUDGET_FIELDS)
+    shared = {field: getattr(base, field) for field in SHARED_FIELDS if field not in own}
+    budget = {"steps": steps, "epochs": None} if steps is not None else {}
+    return type(base).from_preset(preset, **{**shared, **fields, **budget}, seed=base.seed if seed is None else seed)
 
 
 @config_section("quant")

@@ -28,6 +28,7 @@ from timm.models.efficientnet import EfficientNet, decode_arch_def
 from timm.models.vision_transformer import VisionTransformer
 from torch.overrides import TorchFunctionMode
 
+from starfish.config import kwargs_problem
 from starfish.errors import StarfishError
 from starfish.formats.checkpoint import MASK_PREFIX, read_checkpoint, write_checkpoint
 
@@ -43,18 +44,6 @@ DEMO_CNN_MODEL = "starfish_cnn_fmnist"
 DEMO_CNN_CHECKPOINT = _DEMO_DIR / "starfish_cnn_fmnist.safetensors"
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
-
-
-def resolve_device(spec: str) -> torch.device:
-    """`auto` -> the GPU when there is one, else the CPU; `cuda` without a GPU is an error."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise StarfishError(f"model.device={spec!r} but no CUDA device is visible; use cpu or auto")
-    try:
-        return torch.device(spec)
-    except RuntimeError:
-        raise StarfishError(f"model.device={spec!r} is not a torch device; use auto, cpu or cuda") from None
 
 
 def device_of(model: torch.nn.Module) -> torch.device:
@@ -113,25 +102,6 @@ def starfish_cnn_fmnist(pretrained: bool = False, **kwargs: Any) -> EfficientNet
     model = EfficientNet(decode_arch_def(_CNN_ARCH), **options)
     model.pretrained_cfg = _fashion_mnist_cfg(DEMO_CNN_MODEL, options["in_chans"], 28, options["num_classes"])
     return model
-
-
-# timm arguments a config or a checkpoint may not pass: the model section has its own fields for
-# the first two, and the others make timm read files or the hub. `pretrained_cfg_overlay` may set
-# only how images are prepared (a CNN's input size, say): its other keys name weight files.
-RESERVED_KWARGS = ("pretrained", "num_classes", "checkpoint_path", "pretrained_cfg", "cache_dir")
-OVERLAY_KEYS = ("input_size", "test_input_size", "mean", "std", "crop_pct", "interpolation")
-
-
-def kwargs_problem(kwargs: Mapping[str, Any]) -> str | None:
-    """Why these timm kwargs may not be passed (None when they may)."""
-    taken = sorted(set(kwargs) & set(RESERVED_KWARGS))
-    if taken:
-        return f"sets {taken}, which starfish never passes to timm"
-    overlay = kwargs.get("pretrained_cfg_overlay", {})
-    if not isinstance(overlay, Mapping) or set(overlay) - set(OVERLAY_KEYS):
-        return (f"sets pretrained_cfg_overlay={overlay!r}: starfish passes only its {', '.join(OVERLAY_KEYS)} "
-                "to timm")
-    return None
 
 
 # Buffers a model builds for itself (not stored in its checkpoint, such as attention index

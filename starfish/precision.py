@@ -1,4 +1,5 @@
-"""Numerics for healing and evaluation (`heal.precision`, `evaluate.precision`).
+"""The device (`model.device`) and the numerics on it for healing and evaluation
+(`heal.precision`, `evaluate.precision`).
 
 - `fp32`: float32 matmuls and convolutions throughout (TF32 off on CUDA).
 - `tf32`: TF32 tensor-core matmuls and convolutions on CUDA; weights, activations and the
@@ -17,7 +18,21 @@ from typing import Iterator
 
 import torch
 
+from starfish.errors import StarfishError
+
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` -> the GPU when there is one, else the CPU; `cuda` without a GPU is an error."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise StarfishError(f"model.device={spec!r} but no CUDA device is visible; use cpu or auto")
+    try:
+        return torch.device(spec)
+    except RuntimeError:
+        raise StarfishError(f"model.device={spec!r} is not a torch device; use auto, cpu or cuda") from None
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

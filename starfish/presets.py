@@ -8,13 +8,9 @@ Layering: built-in defaults < the preset < the fields the user sets (in params.y
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
-from starfish.errors import StarfishError
-from starfish.healing.batchnorm import BATCHNORM_MODES
-
-if TYPE_CHECKING:
-    from starfish.config import HealConfig
+from starfish.catalog import BATCHNORM_MODES
 
 # The authors' budget: 10 epochs of 5,000 calibration images (0.4% of ImageNet) at batch 32.
 AUTHORS_STEPS = 10 * math.ceil(5000 / 32)  # 1,570 Adam steps
@@ -84,19 +80,3 @@ def layer_heal_fields(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[s
         if top.get(given) is not None and other not in top:
             merged[other] = None
     return merged
-
-
-def variant_config(base: "HealConfig", name: str, seed: int | None = None, steps: int | None = None) -> "HealConfig":
-    """The heal config of variant `name`: its preset and fields, plus `base`'s shared budget,
-    batching and held-out slice, so every gradient healer gets the same steps. A preset that
-    sets its own budget (faithful, fast) keeps all of it, unless `steps` sets every variant's."""
-    if name not in VARIANTS:
-        raise StarfishError(f"unknown healer variant {name!r}; use one of {list(VARIANTS)}")
-    fields = dict(VARIANTS[name])
-    preset = fields.pop("preset", "default")
-    own = set(HEAL_PRESETS[preset])
-    if own & set(BUDGET_FIELDS):
-        own |= set(BUDGET_FIELDS)
-    shared = {field: getattr(base, field) for field in SHARED_FIELDS if field not in own}
-    budget = {"steps": steps, "epochs": None} if steps is not None else {}
-    return type(base).from_preset(preset, **{**shared, **fields, **budget}, seed=base.seed if seed is None else seed)

@@ -1,30 +1,35 @@
-"""Implementations chosen by name (the pruners, the healers): a decorator adds one, a lookup
-finds it, and an unknown name fails with the names that would work."""
+"""Choices by name (the pruners, the healers): each entry is a spec that says what the choice can
+do and, as `module:function`, where its code lives. Looking a name up imports nothing; `load`
+imports the code on first use. An unknown name fails with the names that would work."""
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+import importlib
+from typing import Any, Generic, Iterable, Protocol, TypeVar
 
 from starfish.errors import StarfishError
 
-T = TypeVar("T")
+
+class Spec(Protocol):
+    name: str
+    summary: str
 
 
-class Registry(Generic[T]):
-    """`{name: implementation}` of one kind: `@PRUNERS.register("wanda")` adds, `PRUNERS.get("wanda")` finds."""
+S = TypeVar("S", bound=Spec)
 
-    def __init__(self, kind: str) -> None:
+
+class Registry(Generic[S]):
+    """`{name: spec}` of one kind: `PRUNERS.get("wanda")` is wanda's spec."""
+
+    def __init__(self, kind: str, specs: Iterable[S]) -> None:
         self.kind = kind
-        self._entries: dict[str, T] = {}
+        self._entries: dict[str, S] = {}
+        for spec in specs:
+            if spec.name in self._entries:
+                raise ValueError(f"{kind} {spec.name!r} is registered twice")
+            self._entries[spec.name] = spec
 
-    def register(self, name: str) -> Callable[[T], T]:
-        def decorate(entry: T) -> T:
-            self._entries[name] = entry
-            return entry
-
-        return decorate
-
-    def get(self, name: str) -> T:
+    def get(self, name: str) -> S:
         if name not in self._entries:
             raise StarfishError(f"unknown {self.kind} {name!r}; use one of {self.names()}")
         return self._entries[name]
@@ -33,6 +38,10 @@ class Registry(Generic[T]):
         return sorted(self._entries)
 
     def summary(self, name: str) -> str:
-        """The first paragraph of the entry's docstring, on one line."""
-        doc = (self.get(name).__doc__ or "").strip().split("\n\n")[0]
-        return " ".join(doc.split())
+        return self.get(name).summary
+
+
+def load(target: str) -> Any:
+    """The object a `module:attribute` target names, its module imported on first use."""
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)

@@ -59,11 +59,10 @@ from starfish.models import (
     model_from,
     model_spec,
     on_meta,
-    resolve_device,
     save_checkpoint,
     state_sha256,
 )
-from starfish.precision import resolve_precision
+from starfish.precision import resolve_device, resolve_precision
 from starfish.pruning import prune, sparsify_
 from starfish.pruning.masks import Masks
 from starfish.pruning.structured import (

@@ -14,12 +14,11 @@ import pytest
 
 from starfish.benchmarks import bench as bench_module
 from starfish.benchmarks.bench import BenchConfig, claim, heal_fingerprint_fields, run_bench
-from starfish.config import HealConfig
+from starfish.config import HealConfig, variant_config
 from starfish.errors import StarfishError
 from starfish.io import read_json
 from starfish.models import create_model
 from starfish.params import load_config
-from starfish.presets import variant_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -361,9 +361,8 @@ def test_demo_with_n_of_m_and_warm_started_starfish(params_path: Path, demo_chec
 
 
 def test_list_names_the_registered_pruners_and_healers(capsys: pytest.CaptureFixture[str]) -> None:
-    from starfish.healing import HEALERS
+    from starfish.catalog import HEALERS, PRUNERS
     from starfish.presets import HEAL_PRESETS, VARIANTS
-    from starfish.pruning import PRUNERS
 
     assert main(["list"]) == 0
     sections = {}

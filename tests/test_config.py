@@ -12,10 +12,10 @@ import yaml
 
 from flows.common import point_config
 from starfish.cli import main
-from starfish.config import HealConfig, PipelineConfig, from_dict
+from starfish.config import HealConfig, PipelineConfig, from_dict, variant_config
 from starfish.errors import StarfishError
 from starfish.params import load_config, read_yaml
-from starfish.presets import HEAL_PRESETS, variant_config
+from starfish.presets import HEAL_PRESETS
 
 
 def test_repository_params_load(shipped_params: Path) -> None:

@@ -14,11 +14,12 @@ from torch import nn
 
 from starfish.calibration import stratified_indices
 from starfish.capture import ActivationCapture, block_names, state_names
-from starfish.config import HealConfig, PruneConfig
+from starfish.catalog import HEALERS
+from starfish.config import HealConfig, PruneConfig, variant_config
 from starfish.datasets import FashionMNIST
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold
-from starfish.healing import HEALERS, baselines, heal_
+from starfish.healing import baselines, heal_
 from starfish.healing.baselines import (
     PairedInputs,
     cg_least_squares,
@@ -31,7 +32,7 @@ from starfish.healing.common import masked_training, split_calibration
 from starfish.healing.targets import available_memory, choose_mode
 from starfish.losses import cosine_loss, nmse_loss
 from starfish.models import create_model, load_checkpoint, save_checkpoint
-from starfish.presets import VARIANTS, variant_config
+from starfish.presets import VARIANTS
 from starfish.pruning import prune, sparsify_
 from starfish.pruning.masks import Masks
 from starfish.rows import FileRows, scratch_folder

@@ -2,7 +2,8 @@
 
 An edge is an import that runs: at module level or inside a function (a deferred import still
 runs, only later, so a cycle through one is still a cycle). An import under `if TYPE_CHECKING:`
-is not an edge: it never runs, it only names a type for annotations. Importing `a.b.c` runs the
+is not an edge of the running graph: it never runs, it only names a type for annotations; the
+layered graph counts it too, since a module that names another's types depends on it. Importing `a.b.c` runs the
 `__init__` of each package on the way, so `a.b` counts too, except the importer's own packages,
 which are already being imported when it runs; a name imported from one of those
 (`from a.b import f` inside `a.b.c`) is still an edge, since it needs that `__init__` to have run.
@@ -32,13 +33,14 @@ def _is_type_checking(test: ast.expr) -> bool:
         (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def imported(tree: ast.Module, module: str, is_package: bool, known: set[str]) -> set[str]:
-    """The starfish modules `module`'s code imports when it runs (see the module docstring)."""
+def imported(tree: ast.Module, module: str, is_package: bool, known: set[str], annotations: bool = False) -> set[str]:
+    """The starfish modules `module`'s code imports when it runs (see the module docstring), and
+    with `annotations` those it imports for type annotations too."""
     package = module if is_package else module.rpartition(".")[0]
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node.test):
+        if isinstance(node, ast.If) and _is_type_checking(node.test) and not annotations:
             for child in node.orelse:
                 visit(child)
             return
@@ -64,10 +66,21 @@ def imported(tree: ast.Module, module: str, is_package: bool, known: set[str]) -
     return edges
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(annotations: bool = False) -> dict[str, set[str]]:
     modules = module_names()
-    return {name: imported(ast.parse(path.read_text(), str(path)), name, path.name == "__init__.py", set(modules))
-            for name, path in modules.items()}
+    return {name: imported(ast.parse(path.read_text(), str(path)), name, path.name == "__init__.py", set(modules),
+                           annotations) for name, path in modules.items()}
+
+
+def reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph.get(todo.pop(), ()):
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
 
 
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -105,6 +118,8 @@ def test_edges_count_deferred_imports_and_package_inits_but_not_type_checking_on
                      "if TYPE_CHECKING:\n    from starfish.r import R\n"
                      "def f():\n    from starfish.q import g\n")
     assert imported(tree, "starfish.x", False, known) == {"starfish.p", "starfish.p.m", "starfish.q"}
+    assert imported(tree, "starfish.x", False, known, annotations=True) == \
+        {"starfish.p", "starfish.p.m", "starfish.q", "starfish.r"}
     assert imported(ast.parse("from . import m\nfrom .m import k\n"), "starfish.p", True, known) == {"starfish.p.m"}
     assert imported(ast.parse("from starfish.p import f\n"), "starfish.p.m", False, known) == {"starfish.p"}
 
@@ -115,6 +130,18 @@ def test_the_starfish_import_graph_has_no_cycle() -> None:
     assert "starfish.config" not in graph["starfish.healing"]  # annotations only
     cycles = find_cycles(graph)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def test_the_layers_have_no_cycle_counting_annotations_and_config_imports_no_implementation() -> None:
+    """Counting the imports made for type annotations, the graph is still acyclic: every module
+    sits on a layer and points down. `config` sits low: it checks names against the catalog and
+    imports no pruner, healer, model or quantizer, which all read it."""
+    graph = import_graph(annotations=True)
+    assert "starfish.config" in graph["starfish.healing"]
+    cycles = find_cycles(graph)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(cycle) for cycle in cycles)
+    implementations = ("starfish.pruning", "starfish.healing", "starfish.models", "starfish.quant", "starfish.formats")
+    assert not {name for name in reach(graph, "starfish.config") if name.startswith(implementations)}
 
 
 def test_the_library_never_imports_the_benchmarks() -> None:

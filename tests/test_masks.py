@@ -7,9 +7,10 @@ import timm
 import torch
 from torch import nn
 
+from starfish.catalog import PRUNERS, parse_nm
 from starfish.config import PruneConfig
 from starfish.errors import StarfishError
-from starfish.pruning import PRUNERS, default_scope, nm_pattern_for, prune, scope_weights, sparsify_
+from starfish.pruning import default_scope, nm_pattern_for, prune, scope_weights, sparsify_
 from starfish.pruning import masks as M
 
 T, F = True, False
@@ -164,12 +165,12 @@ def test_nm_pruner_requires_matching_sparsity(vit: nn.Module) -> None:
 
 
 def test_parse_nm() -> None:
-    assert M.parse_nm("2:4") == (2, 4)
-    assert M.parse_nm("1:10") == (1, 10)
+    assert parse_nm("2:4") == (2, 4)
+    assert parse_nm("1:10") == (1, 10)
     for bad, message in (("4:4", "0 < N < M"), ("3:2", "0 < N < M"), ("0:4", "0 < N < M"),
                          ("x", "not N:M"), ("2:4:8", "not N:M"), ("a:b", "not N:M")):
         with pytest.raises(StarfishError, match=message) as info:
-            M.parse_nm(bad)
+            parse_nm(bad)
         assert "prune.nm" in str(info.value)
 
 
@@ -261,7 +262,7 @@ def test_exact_sparsity_per_layer_on_the_demo_vit(vit: nn.Module, method: str, s
             assert bool((per_row == round(sparsity * weight.shape[1])).all()), name
         assert abs(int((~keep).sum()) / keep.numel() - sparsity) <= 0.5 / keep.shape[1], name
         if method == "nm":
-            n, m = M.parse_nm(nm)
+            n, m = parse_nm(nm)
             assert bool((keep.reshape(-1, m).sum(dim=1) == n).all()), name
 
 

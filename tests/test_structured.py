@@ -17,9 +17,11 @@ from starfish.errors import StarfishError
 from starfish.healing import heal_
 from starfish.models import create_model, load_checkpoint, save_checkpoint
 from starfish.pruning import prune, sparsify_
+from starfish.pruning.pruners import magnitude_scores
 from starfish.pruning.structured import (
     Member,
     architecture_of,
+    contributions,
     find_groups,
     groups_for,
     kept_by_group,
@@ -80,7 +82,7 @@ def test_magnitude_removes_the_neurons_with_the_smallest_group_norm() -> None:
     """Hand-worked: neuron i's group is fc1 row i and fc2 column i; norms sqrt(1+1), sqrt(9+9), sqrt(0.25+0.25), 2."""
     wrapper = hand_worked_mlp()
     groups = find_groups(wrapper, ("neurons",))
-    masks = structured_masks(wrapper, groups, PruneConfig(sparsity=0.5))
+    masks = structured_masks(wrapper, groups, PruneConfig(sparsity=0.5), magnitude_scores(wrapper, groups, None))
     assert masks["mlp.fc1.weight"].all(1).tolist() == [False, True, False, True]  # neurons 0 and 2 go
     assert masks["mlp.fc2.weight"].tolist() == [[False, True, False, True]]
     assert kept_by_group(wrapper, masks) == {"mlp": [1, 3]}
@@ -92,8 +94,9 @@ def test_contribution_removes_the_neurons_that_add_least_to_the_output() -> None
     (magnitude removes 0 and 2)."""
     wrapper = hand_worked_mlp()
     norms = {"mlp.fc1": torch.tensor([1.0, 1.0]), "mlp.fc2": torch.tensor([4.0, 1.0, 8.0, 1.0])}
-    masks = structured_masks(wrapper, find_groups(wrapper, ("neurons",)),
-                             PruneConfig("contribution", 0.5, structure="neurons"), norms)
+    groups = find_groups(wrapper, ("neurons",))
+    scores = {g.name: contributions(g, dict(wrapper.named_parameters()), norms) for g in groups}
+    masks = structured_masks(wrapper, groups, PruneConfig("contribution", 0.5, structure="neurons"), scores)
     assert masks["mlp.fc1.weight"].all(1).tolist() == [True, False, True, False]
     assert masks["mlp.fc2.weight"].tolist() == [[True, False, True, False]]
 
@@ -103,14 +106,13 @@ def test_a_neurons_contribution_is_the_energy_its_removal_takes_from_the_block_o
     output by exactly its score, summed over tokens. (A head's score sums its columns' energies and
     leaves out their cross terms.)"""
     from starfish.pruning.pruners import input_norms
-    from starfish.pruning.structured import _contributions
 
     torch.manual_seed(0)
     model = create_model("starfish_vit_fmnist").double().eval()
     x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
     [group] = [g for g in find_groups(model, ("neurons",)) if g.name == "blocks.1.mlp"]
     weights = dict(model.named_parameters())
-    scores = _contributions(group, weights, input_norms(model, ["blocks.1.mlp.fc2"], x))
+    scores = contributions(group, weights, input_norms(model, ["blocks.1.mlp.fc2"], x))
     fc2 = weights["blocks.1.mlp.fc2.weight"]
     outputs = []
     handle = model.blocks[1].register_forward_hook(lambda module, args, out: outputs.append(out))
@@ -267,9 +269,7 @@ def test_block_loss_allocation_spreads_the_target_over_the_blocks_unequally(
     images = torch.stack([fmnist_train[i][0] for i in stratified_indices(fmnist_train.targets, 0.004, 0)])
     cfg = PruneConfig("contribution", 0.5, structure="neurons+heads", allocation="block-loss")
     groups = pruners.groups_for(dense, cfg.structure)
-    norms = pruners.input_norms(dense, sorted({m.key.removesuffix(".weight") for g in groups for m in g.masked}),
-                                images)
-    amounts = pruners.block_loss_amounts(dense, groups, cfg, norms, images)
+    amounts = pruners.block_loss_amounts(dense, groups, cfg, pruners.contribution_scores(dense, groups, images), images)
     for structure in ("neurons", "heads"):
         members = [g for g in groups if g.structure == structure]
         assert sum(amounts[g.name] for g in members) / len(members) == pytest.approx(0.5)

@@ -35,7 +35,8 @@ import torch
 from torch.utils.data import Subset
 
 from starfish.calibration import stratified_indices
-from starfish.config import HealConfig, PipelineConfig
+from starfish.catalog import PRUNERS, parse_structure
+from starfish.config import HealConfig, PipelineConfig, variant_config
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold, measured_sparsity, predict
 from starfish.fingerprints import result_fields
@@ -44,10 +45,10 @@ from starfish.healing.batchnorm import has_batchnorm
 from starfish.io import atomic_write_bytes, atomic_write_json, canonical_json, read_json, sha256_bytes
 from starfish.models import device_of
 from starfish.plots import save_png, subplots
-from starfish.presets import VARIANTS, variant_config
+from starfish.presets import VARIANTS
 from starfish.pruning import nm_pattern_for, prune, sparsify_
 from starfish.pruning.masks import Masks
-from starfish.pruning.structured import STRUCTURED_METHODS, parse_structure, size_ratios, slim_, slim_masks
+from starfish.pruning.structured import size_ratios, slim_, slim_masks
 from starfish.steps import dataset, dense_model, structure_report
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def run_bench(cfg: PipelineConfig, bench: BenchConfig, out: str | Path) -> list[
                                                                          structures):
                 nm = nm_pattern_for(sparsity) if pruner == "nm" else cfg.prune.nm
                 structured = structure != "unstructured"
-                if structured and pruner not in STRUCTURED_METHODS:
+                if structured and not PRUNERS.get(pruner).removes_units:
                     log.info("%s prunes single weights; no %s cells", pruner, structure)
                     continue
                 slim = structured and not bench.masked

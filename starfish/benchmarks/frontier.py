@@ -32,13 +32,13 @@ from torch import nn
 
 from starfish.benchmarks.bench import claim
 from starfish.calibration import stratified_indices
+from starfish.catalog import QUANT_MODES
 from starfish.config import HealConfig, PipelineConfig, PruneConfig
 from starfish.errors import StarfishError
 from starfish.evaluate import predict
 from starfish.io import atomic_write_bytes, atomic_write_json, canonical_json, read_json, sha256_bytes
 from starfish.pruning import prune, sparsify_
 from starfish.pruning.structured import slim_, slim_masks
-from starfish.quant import QUANT_MODES
 from starfish.timing import median_ratio, repeats_for
 
 log = logging.getLogger(__name__)

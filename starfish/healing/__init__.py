@@ -1,4 +1,5 @@
-"""Healers: registered functions with one signature that heal a pruned model in place.
+"""Healers: functions with one signature, chosen by their entries in `catalog.HEALERS`, that heal a
+pruned model in place.
 
     heal_(model, dense, masks, images, cfg) -> report
 
@@ -19,13 +20,14 @@ import torch
 from torch import nn
 
 from starfish.capture import block_names
+from starfish.catalog import HEALERS
 from starfish.errors import StarfishError
-from starfish.healing import baselines, starfish  # noqa: F401  (importing them registers their healers)
-from starfish.healing.common import HEALERS, Healer
+from starfish.healing.common import Healer
 from starfish.models import device_of
 from starfish.precision import numerics
 from starfish.pruning.masks import Masks
 from starfish.quant import fake_quantized
+from starfish.registry import load
 
 if TYPE_CHECKING:
     from starfish.config import HealConfig
@@ -35,14 +37,15 @@ log = logging.getLogger(__name__)
 
 def heal_(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
           cfg: "HealConfig") -> dict[str, object]:
-    """Heal `model` with the registered healer `cfg.method`, in place, in `cfg.precision`, with
+    """Heal `model` with the healer `cfg.method`, in place, in `cfg.precision`, with
     `cfg.grad_checkpointing` and `cfg.compile`, and through the int8 scheme `cfg.quant` (its
     Linear and Conv layers fake-quantized, static ranges measured on all of `images`); returns
     its report. The weights it leaves are float: the quantize step makes the int8 model."""
     log.info("heal config: %s", json.dumps(dataclasses.asdict(cfg), separators=(",", ":")))
     with numerics(cfg.precision, device_of(model)), gradient_checkpointing(model, cfg.grad_checkpointing), \
             compiled_blocks(model, cfg.compile), fake_quantized(model, cfg.quant, images, cfg.batch_size):
-        return HEALERS.get(cfg.method)(model, dense, masks, images, cfg)
+        healer: Healer = load(HEALERS.get(cfg.method).target)
+        return healer(model, dense, masks, images, cfg)
 
 
 @contextlib.contextmanager
@@ -83,4 +86,4 @@ def gradient_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
         model.set_grad_checkpointing(False)
 
 
-__all__ = ["HEALERS", "Healer", "heal_"]
+__all__ = ["Healer", "heal_"]

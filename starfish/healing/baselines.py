@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 from torch import nn
 
+from starfish.calibration import Images
 from starfish.capture import ActivationCapture, stage_names
 from starfish.errors import StarfishError
-from starfish.healing.common import HEALERS, Images, Objective, align_, split_calibration
+from starfish.healing.common import Objective, align_, split_calibration
 from starfish.healing.targets import choose_mode
 from starfish.losses import kd_loss
 from starfish.models import device_of
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@HEALERS.register("none")
 def no_healing(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
                cfg: "HealConfig") -> dict[str, object]:
     """The pruned weights as they are: the floor every healer is measured against."""
@@ -179,7 +179,6 @@ class PairedInputs:
                 consume(x_ours.reshape(-1, x_ours.shape[-1]).double(), x_ref.reshape(-1, x_ref.shape[-1]).double())
 
 
-@HEALERS.register("bias-correction")
 @torch.no_grad()
 def bias_correction(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
                     cfg: "HealConfig") -> dict[str, object]:
@@ -331,7 +330,6 @@ def cg_least_squares(gram: torch.Tensor, cross: torch.Tensor, w_dense: torch.Ten
     return weights * mask
 
 
-@HEALERS.register("layerwise")
 @torch.no_grad()
 def layerwise(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
               cfg: "HealConfig") -> dict[str, object]:
@@ -369,7 +367,6 @@ def layerwise(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Te
     return {"relative_weight_change": errors}
 
 
-@HEALERS.register("logit-kd")
 def logit_kd(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
              cfg: "HealConfig") -> dict[str, object]:
     """Distill only the final logits (the root module's output), same budget as STARFISH."""

@@ -16,18 +16,15 @@ same in every mode.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from starfish.calibration import Images
 from starfish.models import device_of
 
-if TYPE_CHECKING:
-    from starfish.healing.common import Images
-
-BATCHNORM_MODES = ("train", "frozen", "recalibrate")  # heal.batchnorm, as the docstring above describes them
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
     """The BatchNorm layers that keep running statistics."""

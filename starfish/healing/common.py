@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 import torch
 from torch import nn
 
-from starfish.calibration import CalibrationImages
+from starfish.calibration import Images, Rows
 from starfish.capture import ActivationCapture
 from starfish.errors import StarfishError
 from starfish.healing.batchnorm import batchnorm_buffers, evaluation, recalibrate_, set_batchnorm_training_
@@ -26,7 +26,6 @@ from starfish.progress import progress
 from starfish.pruning import sparsify_
 from starfish.pruning.masks import Masks
 from starfish.quant import attached
-from starfish.registry import Registry
 
 if TYPE_CHECKING:
     from starfish.config import HealConfig
@@ -36,9 +35,6 @@ log = logging.getLogger(__name__)
 class Healer(Protocol):
     def __call__(self, model: nn.Module, dense: nn.Module, masks: Masks,
                  images: torch.Tensor, cfg: "HealConfig") -> dict[str, object]: ...
-
-
-HEALERS: Registry[Healer] = Registry("healer")  # here, not in the package's __init__: its healers import it
 
 
 def on_channels(loss: LossFn, channels: torch.Tensor) -> LossFn:
@@ -80,30 +76,6 @@ def masked_training(model: nn.Module, masks: Masks) -> Iterator[list[nn.Paramete
         for name, p in params.items():
             p.requires_grad_(flags[name])
         sparsify_(model, masks)
-
-
-class Rows:
-    """Rows `index` of `tensor`, gathered when read (`rows[i]`, `rows[a:b]`, `rows[index_tensor]`).
-
-    The training and held-out parts of a calibration split, without copying them: at 5,000
-    images of 224 px the training copy was 3 GB. Reads give exactly what indexing a copy would.
-    """
-
-    def __init__(self, tensor: torch.Tensor, index: torch.Tensor) -> None:
-        self.tensor, self.index = tensor, index
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.index.numel(), *self.tensor.shape[1:]))
-
-    def __len__(self) -> int:
-        return self.index.numel()
-
-    def __getitem__(self, key: int | slice | torch.Tensor) -> torch.Tensor:
-        return self.tensor[self.index[key]]
-
-
-Images = torch.Tensor | Rows | CalibrationImages
 
 
 def split_calibration(images: Images, holdout: float) -> tuple[Images, Images | None]:

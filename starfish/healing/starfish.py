@@ -26,7 +26,7 @@ from torch import nn
 
 from starfish.capture import state_names
 from starfish.healing.baselines import layerwise, non_linear_layers
-from starfish.healing.common import HEALERS, Objective, align_, on_channels, snapshot, split_calibration
+from starfish.healing.common import Objective, align_, on_channels, snapshot, split_calibration
 from starfish.losses import STATE_LOSSES, kd_loss
 from starfish.pruning.masks import Masks
 from starfish.pruning.structured import state_channels
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@HEALERS.register("starfish")
 def starfish(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
              cfg: "HealConfig") -> dict[str, object]:
     """STARFISH: Adam on the kept weights so the block outputs (internal states) align with the

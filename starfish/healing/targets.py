@@ -22,18 +22,16 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
 
+from starfish.calibration import Images
 from starfish.capture import ActivationCapture
 from starfish.models import device_of
 from starfish.progress import progress
 from starfish.rows import RowStore, current_scratch_folder, row_store
-
-if TYPE_CHECKING:
-    from starfish.healing.common import Images
 
 log = logging.getLogger(__name__)
 

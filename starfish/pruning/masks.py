@@ -12,15 +12,10 @@ from __future__ import annotations
 
 import torch
 
+from starfish.catalog import check_sparsity
 from starfish.errors import StarfishError
 
 Masks = dict[str, torch.Tensor]  # {parameter name: boolean keep-mask of that parameter's shape}
-
-
-def check_sparsity(sparsity: float, what: str = "weights") -> None:
-    """`sparsity` in [0, 1): the fraction of `what` removed (weights, or each layer's units)."""
-    if not 0.0 <= sparsity < 1.0:
-        raise StarfishError(f"prune.sparsity={sparsity} must be in [0, 1); e.g. 0.5 removes half the {what}")
 
 
 def _prune_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -72,17 +67,6 @@ def row_mask(scores: torch.Tensor, sparsity: float, shape: torch.Size) -> torch.
     check_sparsity(sparsity)
     rows = scores.reshape(shape[0], -1)
     return _prune_lowest(rows, capped_count(sparsity, rows.shape[1])).reshape(shape)
-
-
-def parse_nm(pattern: str) -> tuple[int, int]:
-    """'2:4' -> (2, 4): keep N of every M consecutive inputs."""
-    try:
-        n, m = (int(part) for part in pattern.split(":"))
-    except ValueError:
-        raise StarfishError(f"prune.nm={pattern!r} is not N:M (e.g. 2:4)") from None
-    if not 0 < n < m:
-        raise StarfishError(f"prune.nm={pattern!r} needs 0 < N < M (keep N of every M weights), e.g. 2:4")
-    return n, m
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

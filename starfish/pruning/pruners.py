@@ -1,10 +1,12 @@
-"""Registered pruners: functions with one signature that turn a model's scope into keep-masks.
+"""The pruners' code, dispatched by their entries in `catalog.PRUNERS`. Single weights:
 
     pruner(model, weights, images, cfg) -> masks
 
 `weights` are the scope's `{parameter name: weight}` (`scope_weights`), `images` the calibration
 images (None for pruners that read none), `cfg` a `PruneConfig` (`method`, `sparsity`, `nm`,
-`global_ranking`). A pruner never changes the model; `sparsify_` applies the masks.
+`global_ranking`). Whole units: a scorer, `(model, groups, images) -> {group: scores}`, whose
+lowest units the shared ranking removes, or a chooser that picks them itself. A pruner never
+changes the model; `sparsify_` applies the masks.
 
 Scope is chosen by a `(module name, module) -> bool` predicate; the default keeps to the Linear
 layers inside the blocks (attn.qkv, attn.proj, mlp.fc1, mlp.fc2) and the convolutions inside
@@ -15,24 +17,19 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from typing import TYPE_CHECKING, Callable, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 from torch import nn
 
 from starfish.capture import ActivationCapture, stage_names
+from starfish.catalog import PRUNERS, SCOPE_PRESETS, PrunerSpec, check_scope, is_scope_pattern, parse_nm
 from starfish.errors import StarfishError
 from starfish.losses import cosine_loss  # the loss STARFISH heals with: each block's sensitivity
 from starfish.pruning import masks as M
 from starfish.pruning.masks import Masks
-from starfish.pruning.structured import (
-    groups_for,
-    masks_removing,
-    structured_masks,
-    torch_pruning_masks,
-    whole_units_only,
-)
-from starfish.registry import Registry
+from starfish.pruning.structured import Group, contributions, groups_for, masks_removing, structured_masks, unit_scores
+from starfish.registry import load
 
 if TYPE_CHECKING:
     from starfish.config import PruneConfig
@@ -64,35 +61,6 @@ def linear_role(name: str) -> str | None:
 
 def _is_depthwise(module: nn.Conv2d) -> bool:
     return module.groups == module.in_channels and module.in_channels > 1
-
-
-# `prune.scope` presets, the authors' names: which Linear roles and which convolutions each takes.
-# Every preset stays inside the model's stages (never the stem, patch embedding or head).
-SCOPE_PRESETS: dict[str, tuple[frozenset[str], str]] = {
-    "default": (frozenset({"qkv", "qk", "v", "out", "mlp"}), "dense"),
-    "qkv": (frozenset({"qkv", "qk", "v"}), "none"),
-    "qkv_out": (frozenset({"qkv", "qk", "v", "out"}), "none"),
-    "qkv_out_mlp": (frozenset({"qkv", "qk", "v", "out", "mlp"}), "none"),
-    "mlp": (frozenset({"mlp"}), "none"),
-    "qk": (frozenset({"qk"}), "none"),
-    "qk_mlp": (frozenset({"qk", "mlp"}), "none"),
-    "conv_only": (frozenset(), "dense"),
-    "fc_only": (frozenset({"qkv", "qk", "v", "out", "mlp", "other"}), "none"),
-    "conv_fc": (frozenset({"qkv", "qk", "v", "out", "mlp", "other"}), "dense"),
-    "conv_dw": (frozenset(), "all"),
-    "all": (frozenset({"qkv", "qk", "v", "out", "mlp", "other"}), "all"),
-}
-
-
-def is_scope_pattern(scope: str) -> bool:
-    """A module-name pattern list (names have dots; globs have * ? or [), not a preset name."""
-    return any(char in scope for char in ".*?[")
-
-
-def check_scope(scope: str) -> None:
-    if scope not in SCOPE_PRESETS and not is_scope_pattern(scope):
-        raise StarfishError(f"prune.scope={scope!r} is neither a preset ({', '.join(SCOPE_PRESETS)}) nor a list of "
-                            "module-name patterns (comma-separated, with dots or wildcards, e.g. blocks.*.mlp.fc1)")
 
 
 def resolve_scope(model: nn.Module, scope: str = "default") -> ScopePredicate:
@@ -169,16 +137,6 @@ def sparsify_(model: nn.Module, masks: Masks) -> nn.Module:
     return model
 
 
-class Pruner(Protocol):
-    def __call__(self, model: nn.Module, weights: dict[str, nn.Parameter], images: torch.Tensor | None,
-                 cfg: "PruneConfig") -> Masks: ...
-
-
-PRUNERS: Registry[Pruner] = Registry("pruner")
-READS_IMAGES = ("wanda", "contribution", "torch-pruning")  # the pruners that run the model on the calibration split
-
-
-@PRUNERS.register("magnitude")
 def magnitude(model: nn.Module, weights: dict[str, nn.Parameter], images: torch.Tensor | None,
               cfg: "PruneConfig") -> Masks:
     """Smallest |w| first, per layer (every layer at exactly `sparsity`) or globally over the scope."""
@@ -220,15 +178,12 @@ def input_norms(model: nn.Module, layer_names: list[str], images: torch.Tensor,
     return {name: accumulator.norms(name) for name in layer_names}
 
 
-@PRUNERS.register("wanda")
 def wanda(model: nn.Module, weights: dict[str, nn.Parameter], images: torch.Tensor | None,
           cfg: "PruneConfig") -> Masks:
     """Wanda: |W| * ||x|| ranked within each output row, norms from the calibration images.
 
     For a conv weight (out, in, kh, kw) each input channel's norm covers its kh*kw columns.
     """
-    if images is None:
-        raise StarfishError("wanda needs calibration images; pass a calibration manifest")
     layers = [name.removesuffix(".weight") for name in weights]
     norms = input_norms(model, layers, images)
     modules = dict(model.named_modules())
@@ -249,29 +204,19 @@ def _column_norms(module: nn.Module, weight: torch.Tensor, norms: torch.Tensor) 
     return columns[0] if groups == 1 else columns.repeat_interleave(weight.shape[0] // groups, dim=0)
 
 
-@PRUNERS.register("torch-pruning")
-def torch_pruning(model: nn.Module, weights: dict[str, nn.Parameter], images: torch.Tensor | None,
-                  cfg: "PruneConfig") -> Masks:
-    """Torch-Pruning's structured pruner (`structured.torch_pruning_masks`): with prune.structure only."""
-    raise whole_units_only("torch-pruning")
-
-
-@PRUNERS.register("contribution")
-def contribution(model: nn.Module, weights: dict[str, nn.Parameter], images: torch.Tensor | None,
-                 cfg: "PruneConfig") -> Masks:
-    """Whole units by what each adds to its block's output on the calibration images
-    (`structured._contributions`): with prune.structure only."""
-    raise whole_units_only("contribution")
-
-
-@PRUNERS.register("nm")
 def n_of_m(model: nn.Module, weights: dict[str, nn.Parameter], images: torch.Tensor | None,
            cfg: "PruneConfig") -> Masks:
     """Semi-structured N:M by magnitude; `sparsity` must equal 1 - N/M."""
-    n, m = M.parse_nm(cfg.nm)
+    n, m = parse_nm(cfg.nm)
     if abs(cfg.sparsity - (1 - n / m)) > 1e-9:
         raise StarfishError(f"prune.nm={cfg.nm} gives sparsity {1 - n / m:g}, not prune.sparsity={cfg.sparsity:g}; "
                             f"set prune.sparsity={1 - n / m:g} or pick another N:M")
+    if is_scope_pattern(cfg.scope):  # a layer the user named must be taken; under a preset it stays dense
+        untiled = [f"{name} ({weight.shape[1]} inputs)" for name, weight in weights.items() if weight.shape[1] % m]
+        if untiled:
+            raise StarfishError(f"prune.nm={cfg.nm} cannot take {untiled[0]}{' and more' if len(untiled) > 1 else ''} "
+                                f"named by prune.scope: its input channels do not tile by {m}; leave it out of the "
+                                "scope")
     tiled = {name: weight for name, weight in weights.items() if weight.shape[1] % m == 0}
     if not tiled:
         raise StarfishError(f"prune.nm={cfg.nm}: no layer of the pruning scope has a multiple of {m} input "
@@ -297,23 +242,16 @@ class Pruned(NamedTuple):
 
 def prune(model: nn.Module, cfg: "PruneConfig", images: torch.Tensor | None = None,
           predicate: ScopePredicate | None = None) -> Pruned:
-    """Masks for `model`'s scope (`predicate`, else `cfg.scope`) from the registered pruner
-    `cfg.method` (the model is not changed), and the layers held back from `cfg.sparsity`. A
-    layer that an explicit scope names and N:M cannot take is an error; under a preset it stays
-    dense, named in the log."""
+    """Masks for `model`'s scope (`predicate`, else `cfg.scope`) from the pruner `cfg.method`
+    (the model is not changed), and the layers held back from `cfg.sparsity`."""
+    spec = PRUNERS.get(cfg.method)
+    if spec.reads_images and images is None:
+        raise StarfishError(f"{cfg.method} needs calibration images; pass a calibration manifest")
     if cfg.structured:
-        return Pruned(_structured(model, cfg, images), {})
-    pruner = PRUNERS.get(cfg.method)
+        return Pruned(_structured(model, spec, cfg, images), {})
     weights = scope_weights(model, predicate or resolve_scope(model, cfg.scope))
-    if cfg.method == "nm" and predicate is None and is_scope_pattern(cfg.scope):
-        m = M.parse_nm(cfg.nm)[1]
-        untiled = [f"{name} ({weight.shape[1]} inputs)" for name, weight in weights.items() if weight.shape[1] % m]
-        if untiled:
-            raise StarfishError(f"prune.nm={cfg.nm} cannot take {untiled[0]}{' and more' if len(untiled) > 1 else ''} "
-                                f"named by prune.scope: its input channels do not tile by {m}; leave it out of the "
-                                "scope")
-    masks = pruner(model, weights, images, cfg)
-    held = _held_back(weights, masks, cfg)
+    masks = load(spec.weights)(model, weights, images, cfg)
+    held = _held_back(weights, masks, cfg, spec)
     if held:
         log.warning("%d layers are held back from prune.sparsity=%g: %s", len(held), cfg.sparsity,
                     "; ".join(f"{name}: {why}" for name, why in list(held.items())[:5])
@@ -322,31 +260,51 @@ def prune(model: nn.Module, cfg: "PruneConfig", images: torch.Tensor | None = No
     return Pruned(masks, held)
 
 
-def _structured(model: nn.Module, cfg: "PruneConfig", images: torch.Tensor | None) -> Masks:
-    """Masks removing whole units (`prune.structure`), scored by group magnitude, by wanda (every
-    masked weight's columns scaled by its input's norm on the calibration images), by each unit's
-    contribution to the output of the layer that reads it, or chosen by Torch-Pruning."""
+def _structured(model: nn.Module, spec: PrunerSpec, cfg: "PruneConfig", images: torch.Tensor | None) -> Masks:
+    """Masks removing whole units (`prune.structure`): the pruner's scores ranked, in each group
+    or shared out by block loss or depth, or the units its chooser picks."""
     groups = groups_for(model, cfg.structure)
-    norms = None
-    if cfg.method in ("wanda", "contribution"):
-        if images is None:
-            raise StarfishError(f"{cfg.method} needs calibration images; pass a calibration manifest")
-        layers = sorted({member.key.removesuffix(".weight") for g in groups for member in g.masked})
-        norms = input_norms(model, layers, images)
-    if cfg.method == "torch-pruning":
-        if images is None:
-            raise StarfishError("torch-pruning traces the model on calibration images; pass a calibration manifest")
-        masks = torch_pruning_masks(model, groups, cfg, images)
-    elif cfg.allocation == "block-loss" or cfg.depth:
-        if images is None:
-            what = "prune.allocation=block-loss" if cfg.allocation == "block-loss" else f"prune.depth={cfg.depth}"
-            raise StarfishError(f"{what} measures each block on calibration images; pass a calibration manifest")
-        allocate = block_loss_amounts if cfg.allocation == "block-loss" else depth_amounts
-        masks = structured_masks(model, groups, cfg, norms, allocate(model, groups, cfg, norms, images))
+    if spec.unit_chooser is not None:
+        masks = load(spec.unit_chooser)(model, groups, cfg, images)
     else:
-        masks = structured_masks(model, groups, cfg, norms)
+        scores = load(spec.unit_scores)(model, groups, images)
+        amounts = None
+        if cfg.allocation == "block-loss" or cfg.depth:
+            if images is None:
+                what = "prune.allocation=block-loss" if cfg.allocation == "block-loss" else f"prune.depth={cfg.depth}"
+                raise StarfishError(f"{what} measures each block on calibration images; pass a calibration manifest")
+            allocate = block_loss_amounts if cfg.allocation == "block-loss" else depth_amounts
+            amounts = allocate(model, groups, cfg, scores, images)
+        masks = structured_masks(model, groups, cfg, scores, amounts)
     log.info("%s removed %g of the %s of %d groups", cfg.method, cfg.sparsity, cfg.structure, len(groups))
     return masks
+
+
+def magnitude_scores(model: nn.Module, groups: list[Group], images: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Each unit's L2 norm over all its masked weights."""
+    weights = dict(model.named_parameters())
+    return {g.name: unit_scores(g, weights, None) for g in groups}
+
+
+def wanda_scores(model: nn.Module, groups: list[Group], images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Wanda's |W| * ||x|| summed over each unit's masked weights, every column scaled by its
+    input's norm on the calibration images."""
+    weights = dict(model.named_parameters())
+    norms = _group_input_norms(model, groups, images)
+    return {g.name: unit_scores(g, weights, norms) for g in groups}
+
+
+def contribution_scores(model: nn.Module, groups: list[Group], images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What each unit adds to the output of the layer that reads it, on the calibration images
+    (`structured.contributions`)."""
+    weights = dict(model.named_parameters())
+    norms = _group_input_norms(model, groups, images)
+    return {g.name: contributions(g, weights, norms) for g in groups}
+
+
+def _group_input_norms(model: nn.Module, groups: list[Group], images: torch.Tensor) -> dict[str, torch.Tensor]:
+    return input_norms(model, sorted({member.key.removesuffix(".weight") for g in groups for member in g.masked}),
+                       images)
 
 
 SENSITIVITY_IMAGES = 64  # calibration images each block's sensitivity is measured on
@@ -382,7 +340,7 @@ class _BlockLoss:
         return max(float(sum(cosine_loss(found[b], self.dense[b]) for b in self.blocks)) / len(self.blocks), 1e-12)
 
 
-def block_loss_amounts(model: nn.Module, groups: list, cfg: "PruneConfig", norms: dict[str, torch.Tensor] | None,
+def block_loss_amounts(model: nn.Module, groups: list, cfg: "PruneConfig", scores: dict[str, torch.Tensor],
                        images: torch.Tensor) -> dict[str, float]:
     """Per-group fractions to remove, from STARFISH's own loss: each block's groups are pruned
     alone at `cfg.sparsity` (by the same scores), and the block loss (`_BlockLoss`) is that
@@ -391,7 +349,7 @@ def block_loss_amounts(model: nn.Module, groups: list, cfg: "PruneConfig", norms
     (water-filling)."""
     loss = _BlockLoss(model, groups, images)
     owner = loss.owner
-    sensitivity = {block: loss.of(structured_masks(model, [g for g in groups if owner[g.name] == block], cfg, norms))
+    sensitivity = {block: loss.of(structured_masks(model, [g for g in groups if owner[g.name] == block], cfg, scores))
                    for block in loss.owned()}
     amounts: dict[str, float] = {}
     for structure in {g.structure for g in groups}:
@@ -414,7 +372,7 @@ def block_loss_amounts(model: nn.Module, groups: list, cfg: "PruneConfig", norms
     return amounts
 
 
-def depth_amounts(model: nn.Module, groups: list, cfg: "PruneConfig", norms: dict[str, torch.Tensor] | None,
+def depth_amounts(model: nn.Module, groups: list, cfg: "PruneConfig", scores: dict[str, torch.Tensor],
                   images: torch.Tensor) -> dict[str, float]:
     """Per-group fractions that remove `cfg.depth` whole blocks (every unit of their groups, so
     each leaves its residual path and biases) and take the rest of each structure's
@@ -472,20 +430,21 @@ def _largest_remainder(total: int, sizes: dict[str, int]) -> dict[str, int]:
     return counts
 
 
-def _held_back(weights: dict[str, torch.Tensor], masks: Masks, cfg: "PruneConfig") -> dict[str, str]:
+def _held_back(weights: dict[str, torch.Tensor], masks: Masks, cfg: "PruneConfig", spec: PrunerSpec
+               ) -> dict[str, str]:
     """`{layer: why}` for the layers pruned less than asked: left dense by N:M, or keeping one
-    weight per row (wanda) or per layer (magnitude) that the target would have removed."""
+    weight per row or per layer (the pruner's `floor`) that the target would have removed."""
     held = {}
-    method, sparsity = cfg.method, cfg.sparsity
+    floor, sparsity = spec.floor, cfg.sparsity
     for name, weight in weights.items():
         if name not in masks:
-            held[name] = f"left dense: its {weight.shape[1]} input channels do not tile by {M.parse_nm(cfg.nm)[1]}"
-        elif method == "wanda" and M.capped_count(sparsity, weight[0].numel()) < round(sparsity * weight[0].numel()):
+            held[name] = f"left dense: its {weight.shape[1]} input channels do not tile by {parse_nm(cfg.nm)[1]}"
+        elif floor == "row" and M.capped_count(sparsity, weight[0].numel()) < round(sparsity * weight[0].numel()):
             held[name] = "keeps one weight per row"
-        elif method == "magnitude" and not cfg.global_ranking and \
+        elif floor == "layer" and not cfg.global_ranking and \
                 M.capped_count(sparsity, weight.numel()) < round(sparsity * weight.numel()):
             held[name] = "keeps one weight in the layer"
-    if method == "magnitude" and cfg.global_ranking:
+    if floor == "layer" and cfg.global_ranking:
         kept = {name: weights[name].detach().abs()[masks[name]] for name in masks}
         for name, values in kept.items():
             others = [v.min() for other, v in kept.items() if other != name and v.numel()]

@@ -31,15 +31,13 @@ from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.swin_transformer import WindowAttention
 from torch import nn
 
+from starfish.catalog import STRUCTURES, check_sparsity, parse_structure
 from starfish.errors import StarfishError
-from starfish.pruning.masks import Masks, capped_count, check_sparsity
+from starfish.pruning.masks import Masks, capped_count
 
 if TYPE_CHECKING:
     from starfish.config import PruneConfig
 
-STRUCTURES = ("neurons", "heads", "channels")
-STRUCTURED_METHODS = ("magnitude", "wanda", "contribution", "torch-pruning")  # the prune.method values that score units
-UNIT_METHODS = ("contribution", "torch-pruning")  # those that score whole units only
 ARCHITECTURE_ATTRIBUTES = ("num_heads", "attn_dim")  # module attributes a slim checkpoint may set
 ARCHITECTURE_ATTR = "starfish_architecture"  # where a slim model keeps its record (`architecture_of`)
 
@@ -268,38 +266,6 @@ def _name_of(module: nn.Module, modules: dict[str, nn.Module]) -> str:
     return next(key for key, value in modules.items() if value is module)
 
 
-def parse_structure(structure: str) -> tuple[str, ...]:
-    """`prune.structure`: `unstructured`, or structures joined by `+` (e.g. `neurons+heads`)."""
-    if structure == "unstructured":
-        return ()
-    parts = tuple(part.strip() for part in structure.split("+"))
-    unknown = [part for part in parts if part not in STRUCTURES]
-    if unknown or len(set(parts)) != len(parts):
-        raise StarfishError(f"prune.structure={structure!r}: use unstructured, or one or more of {list(STRUCTURES)} "
-                            "joined by + (e.g. neurons+heads)")
-    return parts
-
-
-def whole_units_only(method: str) -> StarfishError:
-    """The refusal of a method that scores whole units (`UNIT_METHODS`) without `prune.structure`."""
-    return StarfishError(f"prune.method={method} removes whole units: set prune.structure (e.g. neurons+heads)")
-
-
-def check_structure_fields(method: str, structure: str, scope: str) -> None:
-    """`prune.structure` with the method and scope beside it: units are scored by a structured
-    method, contribution and torch-pruning score nothing else, and structure prunes every unit of
-    its kind."""
-    parse_structure(structure)
-    if structure != "unstructured" and method not in STRUCTURED_METHODS:
-        raise StarfishError(f"prune.method={method!r} prunes single weights; prune.structure={structure!r} "
-                            f"takes {', '.join(STRUCTURED_METHODS[:-1])} or {STRUCTURED_METHODS[-1]}")
-    if structure == "unstructured" and method in UNIT_METHODS:
-        raise whole_units_only(method)
-    if structure != "unstructured" and scope != "default":
-        raise StarfishError(f"prune.scope={scope!r} chooses layers for unstructured pruning; prune.structure="
-                            f"{structure!r} prunes every unit of its kind: leave prune.scope at default")
-
-
 def find_groups(model: nn.Module, structures: tuple[str, ...] = STRUCTURES) -> list[Group]:
     """Every group of the named structures in `model`, in forward order. ConvNeXt's MLP (its
     only inner channels) counts as both neurons and channels."""
@@ -345,14 +311,10 @@ def groups_for(model: nn.Module, structure: str) -> list[Group]:
     return groups
 
 
-def _unit_scores(group: Group, weights: dict[str, torch.Tensor], norms: dict[str, torch.Tensor] | None,
-                 method: str = "magnitude") -> torch.Tensor:
-    """One importance per unit over all its masked weights: the group's L2 norm (magnitude), or
-    wanda's sum of |W| * ||x|| with each weight column scaled by its input's norm; or (contribution)
-    what the unit adds to the output of the layer that reads it, ||W[:, unit]||^2 * ||x_unit||^2
-    over the calibration images, the part of the block's output it takes away (cross terms left out)."""
-    if method == "contribution":
-        return _contributions(group, weights, norms)
+def unit_scores(group: Group, weights: dict[str, torch.Tensor], norms: dict[str, torch.Tensor] | None
+                ) -> torch.Tensor:
+    """One importance per unit over all its masked weights: the group's L2 norm (no `norms`), or
+    wanda's sum of |W| * ||x|| with each weight column scaled by its input's norm."""
     score = torch.zeros(group.units)
     for member in group.masked:
         w = weights[member.key].detach().float().cpu()
@@ -372,9 +334,10 @@ def _unit_scores(group: Group, weights: dict[str, torch.Tensor], norms: dict[str
     return score.sqrt() if norms is None else score
 
 
-def _contributions(group: Group, weights: dict[str, torch.Tensor], norms: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per unit, the energy it adds to the output of the layers that read it (the group's input
-    columns: fc2's, proj's, a conv chain's last conv's), on the calibration images."""
+def contributions(group: Group, weights: dict[str, torch.Tensor], norms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per unit, what it adds to the output of the layers that read it (the group's input columns:
+    fc2's, proj's, a conv chain's last conv's), ||W[:, unit]||^2 * ||x_unit||^2 over the
+    calibration images: the part of the block's output it takes away (cross terms left out)."""
     score = torch.zeros(group.units)
     for member in group.masked:
         if member.axis != 1:
@@ -394,16 +357,15 @@ def _check_amount(groups: list[Group], amount: float) -> None:
                                 f"{group.name}; lower it (at most {(group.units - 1) / group.units:g} here)")
 
 
-def structured_masks(model: nn.Module, groups: list[Group], cfg: "PruneConfig",
-                     norms: dict[str, torch.Tensor] | None = None, amounts: dict[str, float] | None = None) -> Masks:
-    """Keep-masks removing `cfg.sparsity` of each group's units, lowest scores first: the same
+def structured_masks(model: nn.Module, groups: list[Group], cfg: "PruneConfig", scores: dict[str, torch.Tensor],
+                     amounts: dict[str, float] | None = None) -> Masks:
+    """Keep-masks removing `cfg.sparsity` of each group's units, lowest `scores` first: the same
     count in every group, or (`cfg.global_ranking`) one ranking per structure over all its groups
     with scores normalized per group, keeping each group's best unit. Ties go by position.
     `amounts` ({group: fraction}) sets a group's own fraction instead (a group it leaves out
     loses `cfg.sparsity`; a fraction of 1 removes every unit)."""
     _check_amount(groups, cfg.sparsity)
     weights = dict(model.named_parameters())
-    scores = {g.name: _unit_scores(g, weights, norms, cfg.method) for g in groups}
     removed: dict[str, torch.Tensor] = {}
     if cfg.global_ranking:
         for structure in {g.structure for g in groups}:

@@ -13,7 +13,6 @@ The scheme (measured in docs/frontier.md):
 """
 
 from starfish.quant.fake import (
-    QUANT_MODES,
     FakeQuant,
     activation_qparams,
     attached,
@@ -22,5 +21,5 @@ from starfish.quant.fake import (
     quantized_layers,
 )
 
-__all__ = ["QUANT_MODES", "FakeQuant", "activation_qparams", "attached", "fake_quantized", "fake_weight",
+__all__ = ["FakeQuant", "activation_qparams", "attached", "fake_quantized", "fake_weight",
            "quantized_layers"]

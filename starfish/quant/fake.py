@@ -25,16 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from starfish.catalog import QUANT_MODES
 from starfish.errors import StarfishError
 
 log = logging.getLogger(__name__)
 
-QUANT_MODES = ("none", "int8-dynamic", "int8-static")
-MODE_SUMMARIES = {  # one line each, for `starfish list`
-    "none": "float ONNX in onnxruntime",
-    "int8-dynamic": "onnxruntime int8: Linear layers, int8 weights per channel, each call's own input range",
-    "int8-static": "onnxruntime int8 (QDQ): Linear and Conv layers, input ranges from the calibration split",
-}
 WEIGHT_QMIN, WEIGHT_QMAX = -127, 127  # int8, symmetric: onnxruntime's symmetric int8 range
 INPUT_QMIN, INPUT_QMAX = 0, 255  # uint8, asymmetric
 # What each mode quantizes: the layers exported as MatMul (or Gemm) and Conv with a constant

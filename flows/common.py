@@ -15,7 +15,7 @@ from prefect import Task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from starfish import tracking
-from starfish.config import PipelineConfig, variant_config
+from starfish.config import PipelineConfig, recipe_config
 from starfish.errors import StarfishError, error_line
 from starfish.params import load_config
 
@@ -46,11 +46,11 @@ class StepStates:
 def point_config(base: PipelineConfig, sparsity: float | None = None, healer: str | None = None,
                  pruner: str | None = None, structure: str | None = None) -> PipelineConfig:
     """One grid point's config: `base` with its pruner, structure and sparsity, and the heal config
-    of the healer variant `healer` with `base`'s step budget (faithful keeps its own). The same in
+    of the heal recipe `healer` with `base`'s step budget (faithful keeps its own). The same in
     a sweep's threads and in a compress run a sweep started on a worker."""
     prune = {key: value for key, value in (("method", pruner), ("sparsity", sparsity), ("structure", structure))
              if value is not None}
-    heal = asdict(variant_config(base.heal, healer)) if healer is not None else {}
+    heal = asdict(recipe_config(base.heal, healer)) if healer is not None else {}
     return base.replace(**({"prune": prune} if prune else {}), **({"heal": heal} if heal else {}))
 
 

@@ -47,7 +47,7 @@ def compress(params: str | None = "params.yaml", overrides: list[str] | None = N
     """Compress one model and register it as `challenger`; with `promote`, then run the gate.
     One MLflow run spans it, from its start: each step's state is tagged as the step ends, the
     evaluation logged before the gate decides, and a failure ends the run FAILED with its line.
-    `healer` names a sweep's healer variant, which replaces the heal section (keeping its budget).
+    `healer` names a sweep's heal recipe, which replaces the heal section (keeping its budget).
     `settings` sets config fields by type (the form Prefect's UI shows), applied before `overrides`."""
     overrides = [*as_overrides(settings), *(overrides or [])]
     cfg = point_config(load_config(params, overrides), healer=healer)

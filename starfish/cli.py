@@ -17,7 +17,7 @@ from starfish.errors import StarfishError, error_line
 
 log = logging.getLogger("starfish")
 DEFAULT_PARAMS = "params.yaml"
-NAMES_EPILOG = "`starfish list` names the pruners, scopes, healers, heal presets and bench variants."
+NAMES_EPILOG = "`starfish list` names the pruners, scopes, healers, heal presets and recipes."
 
 
 def _config(args: argparse.Namespace):
@@ -201,7 +201,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 def cmd_list(args: argparse.Namespace) -> None:
     from starfish.catalog import HEALERS, PRUNERS, QUANT_SUMMARIES, SCOPE_PRESETS
-    from starfish.presets import HEAL_PRESETS, PRESET_SUMMARIES, VARIANTS
+    from starfish.recipes import PRESETS, RECIPES
 
     convs = {"dense": "convs except depthwise", "none": "no convs", "all": "every conv, depthwise too"}
     sections = {
@@ -210,10 +210,10 @@ def cmd_list(args: argparse.Namespace) -> None:
             name: f"Linear layers by role: {', '.join(sorted(roles)) or 'none'}; {convs[conv]}"
             for name, (roles, conv) in SCOPE_PRESETS.items()},
         "healers (heal.method)": {name: HEALERS.summary(name) for name in HEALERS.names()},
-        "heal presets (heal.preset)": {name: f"{PRESET_SUMMARIES[name]} (sets {HEAL_PRESETS[name] or 'nothing'})"
-                                       for name in HEAL_PRESETS},
-        "healer variants (starfish bench --healers)": {name: ", ".join(f"{k}={v}" for k, v in fields.items())
-                                                       for name, fields in VARIANTS.items()},
+        "heal presets (heal.preset; starfish bench --healers)": {name: RECIPES.get(name).describe()
+                                                                 for name in PRESETS},
+        "heal recipes over a preset (starfish bench --healers)": {
+            name: RECIPES.get(name).describe() for name in RECIPES.names() if name not in PRESETS},
         "served as (quant.mode; heal.quant heals through the same)": QUANT_SUMMARIES,
     }
     if args.json:
@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prune.sparsity values, e.g. --sparsities 0.5 0.75")
     p.add_argument("--pruners", nargs="+", default=["magnitude", "wanda", "nm"], help="see `starfish list`")
     p.add_argument("--healers", nargs="+", default=None,
-                   help="healers, presets and variants (`starfish list`); default: the bench's standard set "
+                   help="heal recipes (`starfish list`); default: the bench's standard set "
                         "(DEFAULT_HEALERS in starfish/benchmarks/bench.py)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="each seed: its own split and shuffle")
     p.add_argument("--fractions", type=float, nargs="+", default=None,
@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="each seed: its own split and shuffle")
     p.add_argument("--no-speed", action="store_true", help="the recovery grid only")
     p.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N test images only")
-    p = sub.add_parser("list", help="the pruners, healers, prune scopes, heal presets and bench healer variants, "
+    p = sub.add_parser("list", help="the pruners, healers, prune scopes, heal presets and recipes, "
                        "each with what it does", description="names that prune, heal and bench accept, e.g. "
                                                               "starfish list --json | jq '.\"healers (heal.method)\"'")
     p.add_argument("--json", action="store_true", help="print {section: {name: description}} as JSON")

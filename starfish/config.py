@@ -23,9 +23,17 @@ from starfish.catalog import (
     parse_structure,
 )
 from starfish.datasets import DATASET_KINDS, FASHION_MNIST_ROOT
-from starfish.errors import StarfishError, one_line_errors, require
+from starfish.errors import one_line_errors, require
 from starfish.precision import PRECISIONS, resolve_device
-from starfish.presets import AUTHORS_STEPS, BUDGET_FIELDS, HEAL_PRESETS, SHARED_FIELDS, VARIANTS, layer_heal_fields
+from starfish.recipes import (
+    AUTHORS_STEPS,
+    BUDGET_FIELDS,
+    PRESETS,
+    RECIPES,
+    SHARED_FIELDS,
+    layer_heal_fields,
+    preset_fields,
+)
 
 # timm arguments a config or a checkpoint may not pass: the model section has its own fields for
 # the first two, and the others make timm read files or the hub. `pretrained_cfg_overlay` may set
@@ -140,7 +148,7 @@ class HealConfig:
     `steps` and `epochs` are alternatives (neither: the authors' 1,570 steps). `keep=last` keeps
     the final state unless the slice says it is worse than the start; `holdout=0` trains on all."""
 
-    preset: Literal[tuple(HEAL_PRESETS)] = "default"  # starfish/presets.py
+    preset: Literal[PRESETS] = "default"  # starfish/recipes.py
     method: str = "starfish"
     steps: int | None = Field(None, ge=1, description="total Adam steps, cosine schedule over them")
     epochs: int | None = Field(None, ge=1)
@@ -180,23 +188,21 @@ class HealConfig:
     @classmethod
     def from_preset(cls, preset: str = "default", **fields: Any) -> "HealConfig":
         """The preset's fields, then `fields` on top: `HealConfig.from_preset("faithful", seed=1)`."""
-        require(preset in HEAL_PRESETS, f"heal.preset={preset!r}: use one of {list(HEAL_PRESETS)}")
-        return cls(**{**layer_heal_fields(HEAL_PRESETS[preset], fields), "preset": preset})
+        require(preset in PRESETS, f"heal.preset={preset!r}: use one of {list(PRESETS)}")
+        return cls(**{**layer_heal_fields(preset_fields(preset), fields), "preset": preset})
 
     def total_steps(self, num_images: int) -> int:
         """Adam steps this budget takes on `num_images` training images."""
         return self.steps if self.steps is not None else self.epochs * math.ceil(num_images / self.batch_size)
 
 
-def variant_config(base: HealConfig, name: str, seed: int | None = None, steps: int | None = None) -> HealConfig:
-    """The heal config of variant `name`: its preset and fields, plus `base`'s shared budget,
+def recipe_config(base: HealConfig, name: str, seed: int | None = None, steps: int | None = None) -> HealConfig:
+    """The heal config of recipe `name`: its preset and fields, plus `base`'s shared budget,
     batching and held-out slice, so every gradient healer gets the same steps. A preset that
-    sets its own budget (faithful, fast) keeps all of it, unless `steps` sets every variant's."""
-    if name not in VARIANTS:
-        raise StarfishError(f"unknown healer variant {name!r}; use one of {list(VARIANTS)}")
-    fields = dict(VARIANTS[name])
-    preset = fields.pop("preset", "default")
-    own = set(HEAL_PRESETS[preset])
+    sets its own budget (faithful, fast) keeps all of it, unless `steps` sets every recipe's."""
+    recipe = RECIPES.get(name)
+    preset, fields = (name, {}) if recipe.is_preset else (recipe.base, dict(recipe.fields))
+    own = set(preset_fields(preset))
     if own & set(BUDGET_FIELDS):
         own |= set(BUDGET_FIELDS)
     shared = {field: getattr(base, field) for field in SHARED_FIELDS if field not in own}

@@ -13,7 +13,7 @@ import yaml
 
 from starfish.config import SECTIONS, HealConfig, PipelineConfig, from_dict
 from starfish.errors import StarfishError, require
-from starfish.presets import HEAL_PRESETS, layer_heal_fields
+from starfish.recipes import layer_heal_fields, preset_fields
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def log_heal_layers(heal: HealConfig, explicit: Mapping[str, Any]) -> None:
     """One line: the preset, the fields it set, and the fields set on top of it (`explicit`, the
     heal section as the user wrote it), naming each preset field they replaced. Said out loud
     (INFO) only when one was replaced; every heal logs its effective config anyway."""
-    own = HEAL_PRESETS[heal.preset]
+    own = preset_fields(heal.preset)
     given = {key: value for key, value in explicit.items() if key != "preset"}
     replaced = [f"{key} (preset: {own[key]!r})" for key in given if key in own and own[key] != getattr(heal, key)]
     log.log(logging.INFO if replaced else logging.DEBUG, "heal preset %r sets %s; set on top: %s%s", heal.preset,

@@ -14,7 +14,7 @@ import pytest
 
 from starfish.benchmarks import bench as bench_module
 from starfish.benchmarks.bench import BenchConfig, claim, heal_fingerprint_fields, run_bench
-from starfish.config import HealConfig, variant_config
+from starfish.config import HealConfig, recipe_config
 from starfish.errors import StarfishError
 from starfish.io import read_json
 from starfish.models import create_model
@@ -110,15 +110,15 @@ def test_seeds_and_calibration_sizes(params_path: Path, demo_checkpoint: Path, t
 def test_variants_share_the_budget_except_faithful_and_fast() -> None:
     base = HealConfig(steps=300, holdout=0.2, batch_size=16)
     for name in ("logit-kd", "starfish", "recommended"):
-        cfg = variant_config(base, name, seed=2)
+        cfg = recipe_config(base, name, seed=2)
         assert (cfg.steps, cfg.epochs, cfg.holdout, cfg.batch_size, cfg.seed) == (300, None, 0.2, 16, 2), name
-    faithful = variant_config(base, "faithful", seed=2)
+    faithful = recipe_config(base, "faithful", seed=2)
     assert (faithful.steps, faithful.epochs, faithful.holdout, faithful.batch_size) == (None, 10, 0.0, 16)
-    assert variant_config(base, "starfish-holdout0", seed=0).holdout == 0.0
-    fast = variant_config(base, "fast", seed=2)
+    assert recipe_config(base, "starfish-holdout0", seed=0).holdout == 0.0
+    fast = recipe_config(base, "fast", seed=2)
     assert (fast.steps, fast.holdout, fast.batch_size, fast.lr) == (400, 0.2, 16, 2e-3)
-    with pytest.raises(StarfishError, match="unknown healer variant 'quick'"):
-        variant_config(base, "quick")
+    with pytest.raises(StarfishError, match="unknown heal recipe 'quick'"):
+        recipe_config(base, "quick")
 
 
 def test_a_budget_grid_gives_every_healer_each_budget_and_a_steps_column(
@@ -155,7 +155,7 @@ def test_a_cell_claimed_by_a_live_process_is_left_to_it(tmp_path: Path) -> None:
 
 
 def test_bench_rejects_unknown_healer_variants() -> None:
-    with pytest.raises(StarfishError, match=r"unknown healer variant\(s\) \['bogus'\]"):
+    with pytest.raises(StarfishError, match=r"unknown heal recipe\(s\) \['bogus'\]"):
         BenchConfig(healers=("none", "bogus"))
 
 

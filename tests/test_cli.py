@@ -362,7 +362,7 @@ def test_demo_with_n_of_m_and_warm_started_starfish(params_path: Path, demo_chec
 
 def test_list_names_the_registered_pruners_and_healers(capsys: pytest.CaptureFixture[str]) -> None:
     from starfish.catalog import HEALERS, PRUNERS
-    from starfish.presets import HEAL_PRESETS, VARIANTS
+    from starfish.recipes import PRESETS, RECIPES
 
     assert main(["list"]) == 0
     sections = {}
@@ -371,7 +371,8 @@ def test_list_names_the_registered_pruners_and_healers(capsys: pytest.CaptureFix
         sections[title.split(" (")[0]] = [name.split()[0] for name in names]
     assert sections["pruners"] == ["contribution", "magnitude", "nm", "torch-pruning", "wanda"] == PRUNERS.names()
     assert sections["healers"] == ["bias-correction", "layerwise", "logit-kd", "none", "starfish"] == HEALERS.names()
-    assert sections["heal presets"] == list(HEAL_PRESETS) and sections["healer variants"] == list(VARIANTS)
+    assert sections["heal presets"] == list(PRESETS) == ["default", "faithful", "recommended", "fast"]
+    assert sorted(sections["heal presets"] + sections["heal recipes over a preset"]) == RECIPES.names()
     assert "qkv_out_mlp" in sections["prune scopes"]
     assert main(["list", "--json"]) == 0
     described = json.loads(capsys.readouterr().out)

@@ -12,10 +12,10 @@ import yaml
 
 from flows.common import point_config
 from starfish.cli import main
-from starfish.config import HealConfig, PipelineConfig, from_dict, variant_config
+from starfish.config import HealConfig, PipelineConfig, from_dict, recipe_config
 from starfish.errors import StarfishError
 from starfish.params import load_config, read_yaml
-from starfish.presets import HEAL_PRESETS
+from starfish.recipes import PRESETS, preset_fields
 
 
 def test_repository_params_load(shipped_params: Path) -> None:
@@ -30,10 +30,10 @@ def test_repository_params_load(shipped_params: Path) -> None:
     assert load_config(None).heal == HealConfig()  # the embedded defaults, without a file
     # the shipped file names the preset and the scheme alone, so a preset chosen later is never overridden
     assert list(yaml.safe_load(shipped_params.read_text())["heal"]) == ["preset", "quant"]
-    assert not set(HEAL_PRESETS["recommended"]) & {"quant"}
+    assert not set(preset_fields("recommended")) & {"quant"}
 
 
-@pytest.mark.parametrize("preset", list(HEAL_PRESETS))
+@pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_from_the_repository_root_is_what_runs(
         preset: str, repo_root: Path, params_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -65,9 +65,9 @@ def test_a_field_set_beside_a_preset_wins_and_the_log_says_what_it_replaced(
 
 def test_sweep_variants_keep_their_presets_own_budget() -> None:
     base = load_config(None, ["heal.steps=300"]).heal
-    assert variant_config(base, "fast").steps == HEAL_PRESETS["fast"]["steps"]
-    assert variant_config(base, "recommended").steps == 300
-    assert variant_config(base, "fast", steps=100) == HealConfig.from_preset("fast", steps=100)
+    assert recipe_config(base, "fast").steps == preset_fields("fast")["steps"]
+    assert recipe_config(base, "recommended").steps == 300
+    assert recipe_config(base, "fast", steps=100) == HealConfig.from_preset("fast", steps=100)
 
 
 def test_yaml_is_read_as_yaml_1_2_as_dvc_writes_it(tmp_path: Path) -> None:

@@ -15,9 +15,9 @@ from starfish.config import HealConfig, PruneConfig
 from starfish.errors import StarfishError
 from starfish.healing import heal_
 from starfish.models import load_checkpoint, save_checkpoint
-from starfish.presets import HEAL_PRESETS
 from starfish.pruning import prune, sparsify_
 from starfish.pruning.structured import find_groups, slim_, slim_masks
+from starfish.recipes import PRESETS
 from starfish.steps import export_step, onnx_export_step
 
 pytestmark = pytest.mark.slow
@@ -90,7 +90,7 @@ def test_the_family_prunes_heals_exports_and_reads_back(family: str, tmp_path: P
     # Every heal preset and healer, at two steps, on the magnitude-pruned model.
     model, masks = pruned["magnitude/unstructured"]
     heals = {f"preset {p}": HealConfig.from_preset(p, steps=2, epochs=None, batch_size=4, holdout=0.25,
-                                                   holdout_every=1) for p in HEAL_PRESETS}
+                                                   holdout_every=1) for p in PRESETS}
     heals |= {f"healer {h}": HealConfig(method=h, steps=2, batch_size=4, holdout=0.25, holdout_every=1)
               for h in HEALERS}
     for label, cfg in heals.items():
@@ -101,7 +101,7 @@ def test_the_family_prunes_heals_exports_and_reads_back(family: str, tmp_path: P
             assert torch.isfinite(outputs(healed, x)).all()
             assert all(not (healed.get_parameter(k).detach()[~m]).any() for k, m in masks.items())
         results[label] = outcome(run)
-    assert all(results[f"preset {p}"] == "ok" for p in HEAL_PRESETS), results
+    assert all(results[f"preset {p}"] == "ok" for p in PRESETS), results
 
     # The export, read back bit for bit.
     checkpoint = tmp_path / "pruned.safetensors"

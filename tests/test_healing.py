@@ -15,7 +15,7 @@ from torch import nn
 from starfish.calibration import stratified_indices
 from starfish.capture import ActivationCapture, block_names, state_names
 from starfish.catalog import HEALERS
-from starfish.config import HealConfig, PruneConfig, variant_config
+from starfish.config import HealConfig, PruneConfig, recipe_config
 from starfish.datasets import FashionMNIST
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold
@@ -32,15 +32,15 @@ from starfish.healing.common import masked_training, split_calibration
 from starfish.healing.targets import available_memory, choose_mode
 from starfish.losses import cosine_loss, nmse_loss
 from starfish.models import create_model, load_checkpoint, save_checkpoint
-from starfish.presets import VARIANTS
 from starfish.pruning import prune, sparsify_
 from starfish.pruning.masks import Masks
+from starfish.recipes import RECIPES
 from starfish.rows import FileRows, scratch_folder
 
 
 def variant(name: str, **fields: object) -> HealConfig:
     """A bench variant (every registered healer, and STARFISH's presets) with test-sized settings."""
-    return variant_config(HealConfig(**fields), name, seed=0)
+    return recipe_config(HealConfig(**fields), name, seed=0)
 
 
 def pruned_pair(sparsity: float = 0.5, seed: int = 0) -> tuple[nn.Module, nn.Module, Masks]:
@@ -66,17 +66,17 @@ def clone_masks(masks: Masks) -> Masks:
 
 
 def test_every_registered_healer_is_covered() -> None:
-    assert {variant(name).method for name in VARIANTS} == set(HEALERS.names())
+    assert {variant(name).method for name in RECIPES.names()} == set(HEALERS.names())
 
 
-@pytest.mark.parametrize("healer", list(VARIANTS))
+@pytest.mark.parametrize("healer", RECIPES.names())
 def test_healers_keep_masks_and_remove_hooks(healer: str) -> None:
     dense, model, masks = pruned_pair()
     before_masks = clone_masks(masks)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
     # six steps for every variant, also those whose preset sets a budget of its own (fast's 400)
-    cfg = variant_config(HealConfig(batch_size=8, holdout_every=3), healer, seed=0, steps=6)
+    cfg = recipe_config(HealConfig(batch_size=8, holdout_every=3), healer, seed=0, steps=6)
     report = heal_(model, dense, masks, random_images(), cfg)
     assert isinstance(report, dict)
     check_masks_hold(model, masks)

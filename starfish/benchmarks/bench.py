@@ -3,7 +3,7 @@
 For each pruner, sparsity, calibration fraction and seed the split and the masks are computed
 once, and every healer starts from the same pruned weights and the same calibration images.
 Every gradient healer gets the same budget in Adam steps (`heal.steps`); only the `faithful`
-variant keeps the authors' epoch count, which is the point of showing it. A seed picks both the
+recipe keeps the authors' epoch count, which is the point of showing it. A seed picks both the
 calibration split and the healing shuffle.
 
 Each finished cell is saved at once as its own JSON file under `cells/`, so an interrupted run
@@ -36,7 +36,7 @@ from torch.utils.data import Subset
 
 from starfish.calibration import stratified_indices
 from starfish.catalog import PRUNERS, parse_structure
-from starfish.config import HealConfig, PipelineConfig, variant_config
+from starfish.config import HealConfig, PipelineConfig, recipe_config
 from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold, measured_sparsity, predict
 from starfish.fingerprints import result_fields
@@ -45,10 +45,10 @@ from starfish.healing.batchnorm import has_batchnorm
 from starfish.io import atomic_write_bytes, atomic_write_json, canonical_json, read_json, sha256_bytes
 from starfish.models import device_of
 from starfish.plots import save_png, subplots
-from starfish.presets import VARIANTS
 from starfish.pruning import nm_pattern_for, prune, sparsify_
 from starfish.pruning.masks import Masks
 from starfish.pruning.structured import size_ratios, slim_, slim_masks
+from starfish.recipes import RECIPES
 from starfish.steps import dataset, dense_model, structure_report
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,9 @@ class BenchConfig:
     stages: int = 1  # prune -> heal in this many equal steps of sparsity, the step budget split among them
 
     def __post_init__(self) -> None:
-        unknown = [h for h in self.healers if h not in VARIANTS]
+        unknown = [h for h in self.healers if h not in RECIPES.names()]
         if unknown:
-            raise StarfishError(f"bench: unknown healer variant(s) {unknown}; use any of {list(VARIANTS)}")
+            raise StarfishError(f"bench: unknown heal recipe(s) {unknown}; use any of {RECIPES.names()}")
         if not (self.sparsities and self.pruners and self.healers and self.seeds):
             raise StarfishError("bench: --sparsities, --pruners, --healers and --seeds each need a value")
         if self.steps is not None and (not self.steps or min(self.steps) < 1):
@@ -171,7 +171,7 @@ def run_bench(cfg: PipelineConfig, bench: BenchConfig, out: str | Path) -> list[
                 slim = structured and not bench.masked
                 keys = {h: cell_key(pruner, sparsity, fraction, seed, h, budget, structure, bench.masked, bench.stages)
                         for h in bench.healers}
-                configs = {h: variant_config(cfg.heal, h, seed=seed, steps=budget) for h in bench.healers}
+                configs = {h: recipe_config(cfg.heal, h, seed=seed, steps=budget) for h in bench.healers}
                 fingerprints = {h: sha256_bytes(canonical_json({**context,
                                                                 "heal": heal_fingerprint_fields(configs[h], dense),
                                                                 "nm": nm, "calibration_images": len(indices),

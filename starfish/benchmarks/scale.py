@@ -374,8 +374,8 @@ def _solve(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
     from starfish.healing import heal_
     from starfish.healing.baselines import cg_least_squares, masked_least_squares
     from starfish.models import DEMO_CHECKPOINT, DEMO_MODEL, create_model
-    from starfish.presets import AUTHORS_STEPS
     from starfish.pruning import prune, sparsify_
+    from starfish.recipes import AUTHORS_STEPS
 
     rows, width = SOLVE_SHAPE
     gram, w_dense, keep = _random_layer(rows, width)

@@ -63,20 +63,15 @@ from starfish.models import (
     state_sha256,
 )
 from starfish.precision import resolve_device, resolve_precision
-from starfish.pruning import prune, sparsify_
+from starfish.pruning import prune, remove_units_, sparsify_
 from starfish.pruning.masks import Masks
 from starfish.pruning.structured import (
+    StructurePlan,
     architecture_of,
-    cost_ratios,
     find_groups,
     kept_by_group,
-    model_cost,
-    parse_structure,
     recorded_structure,
     size_ratios,
-    skipped_blocks,
-    slim_,
-    slim_masks,
 )
 from starfish.rows import scratch_folder
 
@@ -201,22 +196,15 @@ def prune_step(cfg: PipelineConfig, manifest: str | Path, out: str | Path) -> di
     lineage = _lineage(cfg, state_sha256(model))
     read_manifest(manifest)  # an input of the step even when the pruner reads no images
     images = calibration_images(cfg, manifest, model) if cfg.prune.reads_images else None
-    masks, held = prune(model, cfg.prune, images)
-    sparsify_(model, masks)
-    sparsity = measured_sparsity(model, list(masks))
+    masks, held, plan = prune(model, cfg.prune, images)
+    sparsity = measured_sparsity(sparsify_(model, masks), list(masks))  # before slimming leaves nothing zero
     extra: dict[str, Any] = {"held_back": held} if held else {}
-    if cfg.prune.structured:
-        extra["structure"] = structure_report(model, model, masks, cfg.prune.structure)
-        skipped = extra["structure"]["skipped"]
-        if skipped:
-            log.warning("%d blocks keep all their units, so FLOPs fall by less than prune.sparsity: %s", len(skipped),
-                        "; ".join(f"{block}: {why}" for block, why in list(skipped.items())[:5])
-                        + (" ..." if len(skipped) > 5 else ""))
-        if cfg.prune.slim:
-            dense_cost = model_cost(model)  # the shapes are still dense's
-            slim_(model, masks)
-            masks = slim_masks(model)  # all True: the slim model has nothing left to keep at zero
-            extra["structure"].update(cost_ratios(model_cost(model), dense_cost))
+    if plan is not None:
+        if plan.skipped:
+            log.warning("%d blocks keep all their units, so FLOPs fall by less than prune.sparsity: %s",
+                        len(plan.skipped), "; ".join(f"{block}: {why}" for block, why in list(plan.skipped.items())[:5])
+                        + (" ..." if len(plan.skipped) > 5 else ""))
+        masks, extra["structure"] = remove_units_(model, masks, plan, cfg.prune.slim)
     inputs = {"dense_sha256": _checkpoint_sha(cfg), "manifest_sha256": sha256_file(manifest)}
     meta = write_with_sidecar(out, lambda path: save_checkpoint(path, model, cfg.model.name, masks=masks,
                                                                          metadata=lineage),
@@ -228,14 +216,10 @@ def prune_step(cfg: PipelineConfig, manifest: str | Path, out: str | Path) -> di
 
 
 def structure_report(model: torch.nn.Module, dense: torch.nn.Module, masks: Masks, structure: str) -> dict[str, Any]:
-    """What structured pruning removed from `dense`: the structure, the fraction of units removed
-    over all its groups (measured from `model`'s masks or slim record), and the groups narrowed."""
-    groups = find_groups(dense, parse_structure(structure))
-    kept = kept_by_group(model, masks)
-    units = sum(g.units for g in groups)
-    removed = sum(g.units - len(kept.get(g.name, range(g.units))) for g in groups)
-    return {"structure": structure, "removed": removed / max(units, 1), "groups": len(groups),
-            "narrowed": sum(g.name in kept for g in groups), "skipped": skipped_blocks(dense, groups, structure)}
+    """What structured pruning removed from `dense`, measured from `model`'s masks or slim record
+    (`StructurePlan.report`)."""
+    plan = StructurePlan.find(dense, structure)
+    return plan.report(kept_by_group(model, masks, plan.groups))
 
 
 def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out: str | Path) -> dict[str, Any]:
@@ -411,7 +395,7 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
                             for group, kept in kept_by_group(model, masks).items()}
         structure = recorded_structure(model, dense)
         if structure is not None:
-            info["skipped"] = skipped_blocks(dense, find_groups(dense, parse_structure(structure)), structure)
+            info["skipped"] = StructurePlan.find(dense, structure).skipped
     side = sidecar_path(path)
     if side.is_file():
         meta = read_json(side)

@@ -32,7 +32,7 @@ def test_per_row_rounding_never_empties_a_row_or_a_layer(caplog: pytest.LogCaptu
     torch.manual_seed(0)
     model = timm.create_model("efficientnet_b0", num_classes=10).eval()
     with caplog.at_level(logging.WARNING, logger="starfish.pruning.pruners"):
-        masks, held = prune(model, PruneConfig("wanda", 0.9), images(64, 2))
+        masks, held, _ = prune(model, PruneConfig("wanda", 0.9), images(64, 2))
     expand = masks["blocks.1.0.se.conv_expand.weight"]
     assert expand.shape == (96, 4, 1, 1) and expand.reshape(96, -1).sum(1).tolist() == [1] * 96
     assert all(mask.reshape(mask.shape[0], -1).any(1).all() for mask in masks.values())

@@ -20,6 +20,7 @@ from starfish.pruning import prune, sparsify_
 from starfish.pruning.pruners import magnitude_scores
 from starfish.pruning.structured import (
     Member,
+    StructurePlan,
     architecture_of,
     contributions,
     find_groups,
@@ -268,7 +269,7 @@ def test_block_loss_allocation_spreads_the_target_over_the_blocks_unequally(
     dense = create_model("starfish_vit_fmnist", checkpoint=demo_checkpoint).eval()
     images = torch.stack([fmnist_train[i][0] for i in stratified_indices(fmnist_train.targets, 0.004, 0)])
     cfg = PruneConfig("contribution", 0.5, structure="neurons+heads", allocation="block-loss")
-    groups = pruners.groups_for(dense, cfg.structure)
+    groups = list(StructurePlan.find(dense, cfg.structure).groups)
     amounts = pruners.block_loss_amounts(dense, groups, cfg, pruners.contribution_scores(dense, groups, images), images)
     for structure in ("neurons", "heads"):
         members = [g for g in groups if g.structure == structure]
@@ -357,20 +358,20 @@ def test_blocks_no_group_lies_in_are_reported_in_the_sidecar_and_by_info(tmp_pat
     ConvBnAct whole, so its FLOPs fall by less than half: the structure report and `info` name
     those blocks and why, where before nothing did."""
     from starfish.cli import main
-    from starfish.steps import structure_report
+    from starfish.pruning import remove_units_
 
     dense = create_model("tf_efficientnetv2_b0").eval()
-    masks = prune(dense, PruneConfig("magnitude", 0.5, structure="channels")).masks
-    slim = sparsify_(copy.deepcopy(dense), masks)
-    skipped = structure_report(slim, dense, masks, "channels")["skipped"]
-    assert skipped == {"blocks.0.0": "starfish removes no channels from a ConvBnAct",
-                       **{f"blocks.{s}.{b}": "starfish removes no channels from an EdgeResidual"
-                          for s in (1, 2) for b in (0, 1)}}
-    slim_(slim, masks)
+    masks, _, plan = prune(dense, PruneConfig("magnitude", 0.5, structure="channels"))
+    slim = copy.deepcopy(dense)
+    slim_masks_, report = remove_units_(slim, masks, plan)
+    assert report["skipped"] == plan.skipped == {
+        "blocks.0.0": "starfish removes no channels from a ConvBnAct",
+        **{f"blocks.{s}.{b}": "starfish removes no channels from an EdgeResidual" for s in (1, 2) for b in (0, 1)}}
+    assert 0.5 < report["flops_ratio"] < 0.8 and slim_masks_.keys() == slim_masks(slim).keys()
     path = tmp_path / "slim.safetensors"
     save_checkpoint(path, slim, "tf_efficientnetv2_b0", slim_masks(slim))
     capsys.readouterr()
     assert main(["info", str(path), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["skipped"] == skipped
+    assert json.loads(capsys.readouterr().out)["skipped"] == plan.skipped
     assert main(["info", str(path)]) == 0
     assert "blocks.1.0: kept whole (starfish removes no channels from an EdgeResidual)" in capsys.readouterr().out

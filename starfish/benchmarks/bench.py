@@ -45,11 +45,11 @@ from starfish.healing.batchnorm import has_batchnorm
 from starfish.io import atomic_write_bytes, atomic_write_json, canonical_json, read_json, sha256_bytes
 from starfish.models import device_of
 from starfish.plots import save_png, subplots
-from starfish.pruning import nm_pattern_for, prune, sparsify_
+from starfish.pruning import nm_pattern_for, prune, remove_units_, sparsify_
 from starfish.pruning.masks import Masks
-from starfish.pruning.structured import size_ratios, slim_, slim_masks
+from starfish.pruning.structured import StructurePlan
 from starfish.recipes import RECIPES
-from starfish.steps import dataset, dense_model, structure_report
+from starfish.steps import dataset, dense_model
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +186,8 @@ def run_bench(cfg: PipelineConfig, bench: BenchConfig, out: str | Path) -> list[
                     continue
                 try:
                     # the params' other prune settings (scope, global ranking) hold, as the fingerprint says
-                    masks = prune(dense, replace(cfg.prune, method=pruner, sparsity=sparsity, nm=nm,
-                                                 structure=structure), images).masks
+                    masks, _, plan = prune(dense, replace(cfg.prune, method=pruner, sparsity=sparsity, nm=nm,
+                                                          structure=structure), images)
                 except StarfishError as exc:
                     if pruner != "nm":
                         raise
@@ -200,7 +200,7 @@ def run_bench(cfg: PipelineConfig, bench: BenchConfig, out: str | Path) -> list[
                             continue
                         stage_cfg = replace(cfg.prune, method=pruner, sparsity=sparsity, nm=nm, structure=structure)
                         row = measure_cell(dense, masks, images, test, targets, dense_preds, configs[healer],
-                                           cfg.evaluate.batch_size, structure if structured else None, slim,
+                                           cfg.evaluate.batch_size, plan, slim,
                                            stages=(stage_cfg, bench.stages) if bench.stages > 1 else None)
                         row.update(pruner=pruner if pruner != "nm" else f"nm ({nm})", sparsity=sparsity,
                                    structure=structure,
@@ -254,26 +254,23 @@ def staged_prune_heal_(model: torch.nn.Module, dense: torch.nn.Module, prune_cfg
     return masks, report
 
 
-def _slimmed(model: torch.nn.Module, dense: torch.nn.Module, masks: Masks, structure: str | None,
-             slim: bool) -> tuple[dict[str, Any], Masks]:
+def _slimmed(model: torch.nn.Module, masks: Masks, plan: StructurePlan | None, slim: bool
+             ) -> tuple[dict[str, Any], Masks]:
     """What a structured cell removed (the fraction of units, whether slim, the cost ratios), the
     model slimmed in place when `slim`: (those fields, the masks the model has now)."""
-    if structure is None:
+    if plan is None:
         return {}, masks
-    fields: dict[str, Any] = {"removed": structure_report(model, dense, masks, structure)["removed"], "slim": slim}
-    if slim:
-        slim_(model, masks)
-        masks = slim_masks(model)
-    fields.update(size_ratios(model, dense))
-    return fields, masks
+    masks, report = remove_units_(model, masks, plan, slim)
+    return {"removed": report["removed"], "slim": slim, "params_ratio": report["params_ratio"],
+            "flops_ratio": report["flops_ratio"]}, masks
 
 
 def measure_cell(dense: torch.nn.Module, masks: Masks, images: torch.Tensor, test: Any,
                  targets: torch.Tensor, dense_preds: torch.Tensor, heal_cfg: HealConfig,
-                 eval_batch_size: int, structure: str | None = None, slim: bool = False,
+                 eval_batch_size: int, plan: StructurePlan | None = None, slim: bool = False,
                  stages: tuple[Any, int] | None = None) -> dict[str, Any]:
     """Heal one copy of the pruned model and evaluate it: one bench row (without its grid keys).
-    Structured masks (`structure`) heal as the slim model when `slim`, else masked. With
+    Structured masks (from `plan`) heal as the slim model when `slim`, else masked. With
     `stages` (the prune config and a count), the copy is pruned and healed in that many steps
     (`staged_prune_heal_`) instead of from `masks` at once, then slimmed for evaluation."""
     if stages is not None:
@@ -282,10 +279,10 @@ def measure_cell(dense: torch.nn.Module, masks: Masks, images: torch.Tensor, tes
         masks, report = staged_prune_heal_(model, dense, *stages, images, heal_cfg)
         seconds = time.perf_counter() - start
         check_masks_hold(model, masks)
-        fields, masks = _slimmed(model, dense, masks, structure, slim)
+        fields, masks = _slimmed(model, masks, plan, slim)
         return _evaluated(model, masks, report, seconds, 0.0, test, targets, dense_preds, eval_batch_size, fields)
     model = sparsify_(copy.deepcopy(dense), masks)
-    fields, masks = _slimmed(model, dense, masks, structure, slim)
+    fields, masks = _slimmed(model, masks, plan, slim)
     # The reference is timed right before each heal, so both see the same machine load; a short
     # heal (a test's) gets as many passes as its steps, not the full PLAIN_TIMED_STEPS.
     timed = min(PLAIN_TIMED_STEPS, heal_cfg.total_steps(len(images))) if heal_cfg.method != "none" else 0

@@ -37,8 +37,7 @@ from starfish.config import HealConfig, PipelineConfig, PruneConfig
 from starfish.errors import StarfishError
 from starfish.evaluate import predict
 from starfish.io import atomic_write_bytes, atomic_write_json, canonical_json, read_json, sha256_bytes
-from starfish.pruning import prune, sparsify_
-from starfish.pruning.structured import slim_, slim_masks
+from starfish.pruning import prune, remove_units_
 from starfish.timing import median_ratio, repeats_for
 
 log = logging.getLogger(__name__)
@@ -143,10 +142,8 @@ def _prunable(dense: nn.Module, structure: str, removed: float, images: torch.Te
     if removed == 0:
         masks = prune(dense, PruneConfig("magnitude", 0.0)).masks
         return model, masks
-    masks = prune(dense, PruneConfig("contribution", removed, structure=structure), images).masks
-    sparsify_(model, masks)
-    slim_(model, masks)
-    return model, slim_masks(model)
+    masks, _, plan = prune(dense, PruneConfig("contribution", removed, structure=structure), images)
+    return model, remove_units_(model, masks, plan)[0]
 
 
 def measure_recovery(cfg: PipelineConfig, family: str, removed: float, seed: int, recipe: str, heal_quant: str,
@@ -188,15 +185,15 @@ def measure_speed(name: str, structure: str, removed: float, mode: str, input_si
     onnxruntime, alternating, at each batch: one row per batch."""
     from starfish.formats.onnx import run_session, session
     from starfish.models import create_model
-    from starfish.pruning.structured import size_ratios
 
     torch.manual_seed(0)
     dense = create_model(name).eval()
     model = copy.deepcopy(dense)
+    ratios = {"params_ratio": 1.0, "flops_ratio": 1.0}
     if removed:
-        masks = prune(dense, PruneConfig("magnitude", removed, structure=structure)).masks
-        slim_(sparsify_(model, masks), masks)
-    ratios = size_ratios(model, dense, input_size)
+        masks, _, plan = prune(dense, PruneConfig("magnitude", removed, structure=structure))
+        report = remove_units_(model, masks, plan, image_size=input_size)[1]
+        ratios = {key: report[key] for key in ratios}
     images = torch.randn(32, *input_size, generator=torch.Generator().manual_seed(1))
     path = _served(model, folder, input_size, mode, images, checked=False)
     dense_session, served_session = session(dense_path, THREADS), session(path, THREADS)

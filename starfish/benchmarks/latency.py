@@ -150,8 +150,8 @@ def structured_rows(models: tuple = STRUCTURED_MODELS, amounts: tuple[float, ...
     from starfish.config import PruneConfig
     from starfish.formats.onnx import export_onnx, run_session, session
     from starfish.models import create_model
-    from starfish.pruning import prune, sparsify_
-    from starfish.pruning.structured import size_ratios, slim_
+    from starfish.pruning import prune, remove_units_, sparsify_
+    from starfish.pruning.structured import size_ratios
 
     torch.set_num_threads(threads)
     rows: list[dict[str, Any]] = []
@@ -164,11 +164,13 @@ def structured_rows(models: tuple = STRUCTURED_MODELS, amounts: tuple[float, ...
             for amount in _amounts(structure, amounts):
                 method = "nm" if structure == "2:4" else "magnitude"
                 cfg = PruneConfig(method, amount, structure="unstructured" if structure in UNSTRUCTURED else structure)
-                masks = prune(dense, cfg).masks
+                masks, _, plan = prune(dense, cfg)
                 slim = sparsify_(copy.deepcopy(dense), masks)
-                if structure not in UNSTRUCTURED:
-                    slim_(slim, masks)
-                ratios = size_ratios(slim, dense, size)
+                if plan is None:  # single weights: the shapes and FLOPs stay dense's
+                    ratios = size_ratios(slim, dense, size)
+                else:
+                    report = remove_units_(slim, masks, plan, image_size=size)[1]
+                    ratios = {key: report[key] for key in ("params_ratio", "flops_ratio")}
                 export_onnx(slim, Path(tmp) / "slim.onnx", size, {"model": name})
                 slim_session = session(Path(tmp) / "slim.onnx", threads)
                 for batch in batches:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -28,7 +28,19 @@ from starfish.errors import StarfishError
 from starfish.losses import cosine_loss  # the loss STARFISH heals with: each block's sensitivity
 from starfish.pruning import masks as M
 from starfish.pruning.masks import Masks
-from starfish.pruning.structured import Group, contributions, groups_for, masks_removing, structured_masks, unit_scores
+from starfish.pruning.structured import (
+    Group,
+    StructurePlan,
+    contributions,
+    cost_ratios,
+    kept_by_group,
+    masks_removing,
+    model_cost,
+    slim_,
+    slim_masks,
+    structured_masks,
+    unit_scores,
+)
 from starfish.registry import load
 
 if TYPE_CHECKING:
@@ -234,10 +246,12 @@ def nm_pattern_for(sparsity: float) -> str:
 
 
 class Pruned(NamedTuple):
-    """A pruner's masks, and the layers it held back from the target: `{layer: why}`."""
+    """A pruner's masks, the layers it held back from the target (`{layer: why}`), and for whole
+    units the plan they were chosen from."""
 
     masks: Masks
     held_back: dict[str, str]
+    plan: StructurePlan | None = None
 
 
 def prune(model: nn.Module, cfg: "PruneConfig", images: torch.Tensor | None = None,
@@ -248,7 +262,8 @@ def prune(model: nn.Module, cfg: "PruneConfig", images: torch.Tensor | None = No
     if spec.reads_images and images is None:
         raise StarfishError(f"{cfg.method} needs calibration images; pass a calibration manifest")
     if cfg.structured:
-        return Pruned(_structured(model, spec, cfg, images), {})
+        plan = StructurePlan.find(model, cfg.structure)
+        return Pruned(_structured(model, spec, cfg, images, plan), {}, plan)
     weights = scope_weights(model, predicate or resolve_scope(model, cfg.scope))
     masks = load(spec.weights)(model, weights, images, cfg)
     held = _held_back(weights, masks, cfg, spec)
@@ -260,10 +275,11 @@ def prune(model: nn.Module, cfg: "PruneConfig", images: torch.Tensor | None = No
     return Pruned(masks, held)
 
 
-def _structured(model: nn.Module, spec: PrunerSpec, cfg: "PruneConfig", images: torch.Tensor | None) -> Masks:
-    """Masks removing whole units (`prune.structure`): the pruner's scores ranked, in each group
+def _structured(model: nn.Module, spec: PrunerSpec, cfg: "PruneConfig", images: torch.Tensor | None,
+                plan: StructurePlan) -> Masks:
+    """Masks removing whole units of the plan's groups: the pruner's scores ranked, in each group
     or shared out by block loss or depth, or the units its chooser picks."""
-    groups = groups_for(model, cfg.structure)
+    groups = list(plan.groups)
     if spec.unit_chooser is not None:
         masks = load(spec.unit_chooser)(model, groups, cfg, images)
     else:
@@ -278,6 +294,22 @@ def _structured(model: nn.Module, spec: PrunerSpec, cfg: "PruneConfig", images: 
         masks = structured_masks(model, groups, cfg, scores, amounts)
     log.info("%s removed %g of the %s of %d groups", cfg.method, cfg.sparsity, cfg.structure, len(groups))
     return masks
+
+
+def remove_units_(model: nn.Module, masks: Masks, plan: StructurePlan, slim: bool = True,
+                  image_size: tuple[int, ...] | None = None) -> tuple[Masks, dict[str, Any]]:
+    """Zero the pruned units of `model` and, when `slim`, cut them out, in place: the masks the
+    model has now (all True over a slim model's narrowed weights), and what went (the plan's
+    report, with the parameters and FLOPs against the dense shapes on one image of `image_size`).
+    The pipeline's prune step and the benchmarks all take this one path."""
+    sparsify_(model, masks)
+    report = plan.report(kept_by_group(model, masks, plan.groups))
+    dense_cost = model_cost(model, image_size)
+    if slim:
+        slim_(model, masks, plan.groups)
+        masks = slim_masks(model)
+    report.update(cost_ratios(model_cost(model, image_size), dense_cost))
+    return masks, report
 
 
 def magnitude_scores(model: nn.Module, groups: list[Group], images: torch.Tensor | None) -> dict[str, torch.Tensor]:

@@ -7,9 +7,10 @@ its units and where. Removing unit `u` of a group removes, in every member tenso
 head_dim rows). Weights that make a unit (rows) or read it (input columns) are *masked*; the
 rest (biases, norms, a Swin head's relative-position bias) are only *sliced* by `slim_`.
 
-Lifecycle: `find_groups(model, structure)` -> `structured_masks(...)` (keep-masks over the
-masked weights, True = kept, the same format as unstructured masks, so the healers and the
-checks take them unchanged) -> `slim_(model, masks)` (smaller modules; returns the
+Lifecycle: `StructurePlan.find(model, structure)` (the groups, found once) ->
+`structured_masks(...)` (keep-masks over the masked weights, True = kept, the same format as
+unstructured masks, so the healers and the checks take them unchanged) -> `slim_(model, masks,
+plan.groups)` (smaller modules; returns the
 `architecture` record a checkpoint stores) -> `rebuild_(model, architecture)` (the same
 smaller modules on a freshly built dense model, from that record alone).
 
@@ -299,6 +300,31 @@ def skipped_blocks(model: nn.Module, groups: list[Group], structure: str) -> dic
             if not any(g.name == block or g.name.startswith(block + ".") for g in groups)}
 
 
+@dataclass(frozen=True)
+class StructurePlan:
+    """What `structure` can remove from a model, found once (`StructurePlan.find`): its groups,
+    and the blocks no group lies in, with why. The pruner scores these groups, slimming cuts them
+    and the report counts their units; nothing looks for them again."""
+
+    structure: str
+    groups: tuple[Group, ...]
+    skipped: dict[str, str]
+
+    @classmethod
+    def find(cls, model: nn.Module, structure: str) -> "StructurePlan":
+        groups = groups_for(model, structure)
+        return cls(structure, tuple(groups), skipped_blocks(model, groups, structure))
+
+    def report(self, kept: dict[str, list[int]]) -> dict[str, Any]:
+        """What was removed, from `{group: kept units}` of the narrowed groups (`kept_by_group`):
+        the fraction of all the plan's units, the groups and how many were narrowed, the blocks
+        skipped."""
+        units = sum(g.units for g in self.groups)
+        removed = sum(g.units - len(kept.get(g.name, range(g.units))) for g in self.groups)
+        return {"structure": self.structure, "removed": removed / max(units, 1), "groups": len(self.groups),
+                "narrowed": sum(g.name in kept for g in self.groups), "skipped": self.skipped}
+
+
 def groups_for(model: nn.Module, structure: str) -> list[Group]:
     """`find_groups` for `prune.structure`, or an error naming the structures the model has."""
     wanted = parse_structure(structure)
@@ -497,13 +523,14 @@ def recorded_structure(model: nn.Module, dense: nn.Module, prefer: str | None = 
     return None
 
 
-def kept_by_group(model: nn.Module, masks: Masks) -> dict[str, list[int]]:
-    """`{group: kept units}` of the groups a slim model or structured masks narrowed."""
+def kept_by_group(model: nn.Module, masks: Masks, groups: tuple[Group, ...] | None = None) -> dict[str, list[int]]:
+    """`{group: kept units}` of the groups a slim model or structured masks narrowed (among
+    `groups`, default all the model's)."""
     architecture = architecture_of(model)
     if architecture is not None:
         return architecture["kept"]
     kept = {}
-    for g in find_groups(model):
+    for g in find_groups(model) if groups is None else groups:
         if all(m.key in masks for m in g.masked):
             units = kept_units(g, masks)
             if len(units) < g.units:
@@ -534,18 +561,18 @@ def dense_rows(model: nn.Module, dense: nn.Module) -> dict[str, torch.Tensor]:
     return rows
 
 
-def slim_(model: nn.Module, masks: Masks) -> dict[str, Any]:
-    """Turn structured masks into smaller modules, in place; returns the `architecture` record
-    (`rebuild_` builds the same modules from it): the new shape of every tensor it changed, the
-    module attributes that count units, and each narrowed group's kept units (which dense rows
-    and channels the slim ones are)."""
+def slim_(model: nn.Module, masks: Masks, groups: tuple[Group, ...] | None = None) -> dict[str, Any]:
+    """Turn structured masks into smaller modules, in place, cutting `groups` (default: every
+    group the masks narrow); returns the `architecture` record (`rebuild_` builds the same
+    modules from it): the new shape of every tensor it changed, the module attributes that count
+    units, and each narrowed group's kept units (which dense rows and channels the slim ones are)."""
     if architecture_of(model) is not None:
         raise StarfishError("the model is slim already; slim the masked model once")
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     index: dict[str, list[tuple[int, torch.Tensor]]] = {}
     attributes: dict[str, dict[str, int]] = {}
     kept: dict[str, list[int]] = {}
-    for g in find_groups(model):
+    for g in find_groups(model) if groups is None else groups:
         if not all(m.key in masks for m in g.masked):
             continue
         keep = kept_units(g, masks)

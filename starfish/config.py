@@ -99,7 +99,7 @@ class PruneConfig:
     global_ranking: bool = False
     scope: str = Field("default", description="a preset (pruning/pruners.py SCOPE_PRESETS) or module-name patterns")
     structure: str = Field("unstructured", description="unstructured, or units: neurons, heads, channels, joined "
-                           "by + (pruning/structured.py); sparsity is then the fraction of each layer's units removed")
+                           "by + (pruning/groups.py); sparsity is then the fraction of each layer's units removed")
     slim: bool = Field(True, description="structured: write the smaller model (false: dense shapes, units masked)")
     allocation: Literal["uniform", "block-loss"] = Field(
         "uniform", description="structured: the same fraction in every layer, or more from the blocks whose removal "

@@ -31,8 +31,9 @@ from torch.overrides import TorchFunctionMode
 from starfish.config import kwargs_problem
 from starfish.errors import StarfishError
 from starfish.formats.checkpoint import MASK_PREFIX, read_checkpoint, write_checkpoint
+from starfish.pruning.slim import architecture_of, rebuild_, slim_masks
 
-if TYPE_CHECKING:  # the pruning package imports this module
+if TYPE_CHECKING:
     from starfish.pruning.masks import Masks
 
 log = logging.getLogger(__name__)
@@ -234,8 +235,6 @@ def check_buildable(name: str, options: dict[str, Any], state: dict[str, torch.T
     """Build the model on the meta device (no memory) and check that `state` fits it exactly,
     before the real model is allocated: a checkpoint's metadata (num_classes, img_size, an
     architecture record) is untrusted, and only tensors the file really holds may size the model."""
-    from starfish.pruning.structured import rebuild_  # the pruning package imports this module
-
     try:
         with on_meta():
             probe = _timm_model(name, options)
@@ -298,8 +297,6 @@ def state_sha256(model: torch.nn.Module) -> str:
 def save_checkpoint(path: str | Path, model: torch.nn.Module, model_name: str, masks: Masks | None = None,
                     metadata: dict[str, Any] | None = None) -> None:
     """Write model state (+ masks) to one `.safetensors` file, atomically."""
-    from starfish.pruning.structured import architecture_of  # the pruning package imports this module
-
     tensors, seen = {}, set()
     for key, value in model.state_dict().items():  # a tensor shared by several keys (CoaT) is stored once per key
         value = value.detach().contiguous().cpu()
@@ -327,8 +324,6 @@ def model_from(read: tuple[dict[str, torch.Tensor], Masks, dict[str, Any]], path
                model_name: str | None = None) -> tuple[torch.nn.Module, Masks, str]:
     """`load_checkpoint` of what `read_checkpoint(path)` returned, for a caller that also needs
     the file's own tensors or metadata: the file is read once."""
-    from starfish.pruning.structured import rebuild_, slim_masks  # the pruning package imports this module
-
     state, masks, metadata = read
     name, num_classes, kwargs = model_spec(metadata, path, model_name)
     _check_name(name)

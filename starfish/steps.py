@@ -64,15 +64,9 @@ from starfish.models import (
 )
 from starfish.precision import resolve_device, resolve_precision
 from starfish.pruning import prune, remove_units_, sparsify_
+from starfish.pruning.groups import StructurePlan, find_groups
 from starfish.pruning.masks import Masks
-from starfish.pruning.structured import (
-    StructurePlan,
-    architecture_of,
-    find_groups,
-    kept_by_group,
-    recorded_structure,
-    size_ratios,
-)
+from starfish.pruning.slim import architecture_of, kept_by_group, recorded_structure, size_ratios
 from starfish.rows import scratch_folder
 
 log = logging.getLogger(__name__)

@@ -402,7 +402,7 @@ def test_info_names_the_model_masks_structure_and_sidecar(step_files: dict[str, 
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     from starfish.config import PruneConfig
     from starfish.pruning import prune, sparsify_
-    from starfish.pruning.structured import slim_, slim_masks
+    from starfish.pruning.slim import slim_, slim_masks
 
     assert main(["info", "--json", str(step_files["pruned"])]) == 0
     info = json.loads(capsys.readouterr().out)

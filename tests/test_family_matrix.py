@@ -16,7 +16,8 @@ from starfish.errors import StarfishError
 from starfish.healing import heal_
 from starfish.models import load_checkpoint, save_checkpoint
 from starfish.pruning import prune, sparsify_
-from starfish.pruning.structured import find_groups, slim_, slim_masks
+from starfish.pruning.groups import find_groups
+from starfish.pruning.slim import slim_, slim_masks
 from starfish.recipes import PRESETS
 from starfish.steps import export_step, onnx_export_step
 

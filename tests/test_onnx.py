@@ -24,7 +24,7 @@ from starfish.formats.onnx import read_metadata, run_session, session
 from starfish.io import read_json, sha256_file, sidecar_path
 from starfish.models import create_model, load_checkpoint, save_checkpoint
 from starfish.pruning import prune, sparsify_
-from starfish.pruning.structured import slim_, slim_masks
+from starfish.pruning.slim import slim_, slim_masks
 
 FAMILIES = [
     ("starfish_vit_fmnist", {}, "neurons+heads", (1, 28, 28)),

@@ -18,7 +18,7 @@ from flows.promote import promote
 from starfish.io import read_json
 from starfish.models import load_checkpoint
 from starfish.params import load_config
-from starfish.pruning.structured import architecture_of
+from starfish.pruning.slim import architecture_of
 
 pytestmark = pytest.mark.slow
 

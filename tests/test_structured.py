@@ -17,21 +17,10 @@ from starfish.errors import StarfishError
 from starfish.healing import heal_
 from starfish.models import create_model, load_checkpoint, save_checkpoint
 from starfish.pruning import prune, sparsify_
+from starfish.pruning.groups import Member, StructurePlan, find_groups, groups_for
 from starfish.pruning.pruners import magnitude_scores
-from starfish.pruning.structured import (
-    Member,
-    StructurePlan,
-    architecture_of,
-    contributions,
-    find_groups,
-    groups_for,
-    kept_by_group,
-    rebuild_,
-    size_ratios,
-    slim_,
-    slim_masks,
-    structured_masks,
-)
+from starfish.pruning.slim import architecture_of, kept_by_group, rebuild_, size_ratios, slim_, slim_masks
+from starfish.pruning.structured import contributions, structured_masks
 
 # (timm name, kwargs that keep it small, structure, input size): every family structured pruning covers.
 FAMILIES = [
@@ -220,7 +209,7 @@ def test_healing_the_slim_model_matches_healing_the_masked_model(preset: str, de
 def test_the_demo_cnn_aligns_the_kept_channels_of_narrowed_block_outputs() -> None:
     """The demo CNN has no residuals: its channels group narrows block outputs, so the heal compares
     only the dense channels a block keeps (and a masked block is cut to the same channels)."""
-    from starfish.pruning.structured import state_channels
+    from starfish.pruning.slim import state_channels
 
     torch.manual_seed(0)
     dense = create_model("starfish_cnn_fmnist")

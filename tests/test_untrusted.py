@@ -143,7 +143,7 @@ def test_a_slim_checkpoint_missing_a_kept_entry_is_refused(tmp_path: Path,
     from starfish.config import PruneConfig
     from starfish.models import save_checkpoint
     from starfish.pruning import prune, sparsify_
-    from starfish.pruning.structured import slim_, slim_masks
+    from starfish.pruning.slim import slim_, slim_masks
 
     model = create_model(hostile.MODEL)
     masks = prune(model, PruneConfig("magnitude", 0.5, structure="neurons+heads")).masks

@@ -46,8 +46,8 @@ from starfish.io import atomic_write_bytes, atomic_write_json, canonical_json, r
 from starfish.models import device_of
 from starfish.plots import save_png, subplots
 from starfish.pruning import nm_pattern_for, prune, remove_units_, sparsify_
+from starfish.pruning.groups import StructurePlan
 from starfish.pruning.masks import Masks
-from starfish.pruning.structured import StructurePlan
 from starfish.recipes import RECIPES
 from starfish.steps import dataset, dense_model
 

@@ -151,7 +151,7 @@ def structured_rows(models: tuple = STRUCTURED_MODELS, amounts: tuple[float, ...
     from starfish.formats.onnx import export_onnx, run_session, session
     from starfish.models import create_model
     from starfish.pruning import prune, remove_units_, sparsify_
-    from starfish.pruning.structured import size_ratios
+    from starfish.pruning.slim import size_ratios
 
     torch.set_num_threads(threads)
     rows: list[dict[str, Any]] = []

@@ -32,7 +32,7 @@ from starfish.models import device_of
 from starfish.progress import progress
 from starfish.pruning import sparsify_
 from starfish.pruning.masks import Masks
-from starfish.pruning.structured import dense_rows
+from starfish.pruning.slim import dense_rows
 from starfish.rows import RowStore, current_scratch_folder, row_store
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ from starfish.healing.baselines import layerwise, non_linear_layers
 from starfish.healing.common import Objective, align_, on_channels, snapshot, split_calibration
 from starfish.losses import STATE_LOSSES, kd_loss
 from starfish.pruning.masks import Masks
-from starfish.pruning.structured import state_channels
+from starfish.pruning.slim import state_channels
 
 if TYPE_CHECKING:
     from starfish.config import HealConfig

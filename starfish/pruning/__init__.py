@@ -1,4 +1,6 @@
-"""Pruning: pure mask functions (`masks`) and the registered pruners that apply them (`pruners`)."""
+"""Pruning: pure mask functions (`masks`), the pruners (`pruners`, dispatched by `catalog.PRUNERS`),
+and for whole units the groups a structure can remove (`groups`), the masks that remove them
+(`structured`) and the smaller model they leave (`slim`)."""
 
 from starfish.pruning.pruners import (
     Pruned,

@@ -27,20 +27,10 @@ from starfish.catalog import PRUNERS, SCOPE_PRESETS, PrunerSpec, check_scope, is
 from starfish.errors import StarfishError
 from starfish.losses import cosine_loss  # the loss STARFISH heals with: each block's sensitivity
 from starfish.pruning import masks as M
+from starfish.pruning.groups import Group, StructurePlan
 from starfish.pruning.masks import Masks
-from starfish.pruning.structured import (
-    Group,
-    StructurePlan,
-    contributions,
-    cost_ratios,
-    kept_by_group,
-    masks_removing,
-    model_cost,
-    slim_,
-    slim_masks,
-    structured_masks,
-    unit_scores,
-)
+from starfish.pruning.slim import cost_ratios, kept_by_group, model_cost, slim_, slim_masks
+from starfish.pruning.structured import contributions, masks_removing, structured_masks, unit_scores
 from starfish.registry import load
 
 if TYPE_CHECKING:

@@ -1,6 +1,7 @@
 """Every bash block of the docs pages other than docs/pipeline.md (tests/test_docs_commands.py
 runs that one), run as written from a folder holding the shipped params.yaml at a tiny budget,
-so a command a page shows is a command that works. Only the training epochs are cut to one."""
+so a command a page shows is a command that works. Only the demo models' training is cut: one
+epoch over a slice of the real Fashion-MNIST (the first 2,000 training and 500 test images)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,24 @@ from pathlib import Path
 import pytest
 import yaml
 from doc_blocks import shell_blocks
+from test_datasets import idx_bytes
+
+from starfish.datasets import FASHION_MNIST_ROOT, _read_idx
 
 pytestmark = pytest.mark.slow
 PAGES = sorted(f"docs/{page.name}" for page in (Path(__file__).resolve().parents[1] / "docs").glob("*.md")
                if page.name != "pipeline.md")
 TINY = {"heal": {"steps": 4}, "evaluate": {"max_samples": 200}}
-SUBSTITUTIONS = [(r"--epochs \d+", "--epochs 1")]  # the demo models' training, one epoch each
+SLICE = {"train": 2000, "t10k": 500}
+SUBSTITUTIONS = [(r"--epochs \d+", "--epochs 1"), (r"^starfish train ", "starfish train --data-root fmnist-slice ")]
+
+
+def fashion_mnist_slice(folder: Path) -> None:
+    """The first images of each split of the installed Fashion-MNIST, as IDX files."""
+    folder.mkdir()
+    for split, count in SLICE.items():
+        for stem in (f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"):
+            (folder / stem).write_bytes(idx_bytes(_read_idx(Path(FASHION_MNIST_ROOT) / f"{stem}.gz")[:count]))
 
 
 def sandbox(repo_root: Path, folder: Path) -> Path:
@@ -28,6 +41,7 @@ def sandbox(repo_root: Path, folder: Path) -> Path:
         params.setdefault(section, {}).update(fields)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (folder / "data" / "demo").mkdir(parents=True)
+    fashion_mnist_slice(folder / "fmnist-slice")
     return folder
 
 

@@ -29,7 +29,7 @@ from flows.common import (
 from flows.parameters import Settings, as_overrides
 from flows.promote import promote as promote_flow
 from flows.session import flow_session
-from starfish import tracking
+from starfish import gate, tracking
 from starfish.params import load_config
 from tasks import evaluate, heal, prune, quantize, register, sample_calibration
 from tasks.pipeline import flow_start
@@ -62,7 +62,7 @@ def compress(params: str | None = "params.yaml", overrides: list[str] | None = N
         healed = run(heal, config, pruned, split, workdir)
         served = run(quantize, config, healed, split, workdir)
         evaluation = run(evaluate, config, pruned, healed, served, workdir)
-        tracking.note_on_run(uri, run_id, metrics={key: evaluation[key] for key in tracking.METRICS})
+        tracking.note_on_run(uri, run_id, metrics={key: evaluation[key] for key in gate.METRICS})
         registered = run(register, config, split, pruned, healed, served, evaluation, name, uri, workdir,
                          mlflow_run_id=run_id)
         tracking.note_on_run(uri, run_id, {tracking.VERSION_TAG: f"{name}/{registered['version']}"})
@@ -72,7 +72,7 @@ def compress(params: str | None = "params.yaml", overrides: list[str] | None = N
                "evaluate": evaluation}
     rows = [{"step": step, "state": state, "output": outputs[step]["path"] if step in outputs else registered["run_id"],
              "sha256": outputs[step]["sha256"][:12] if step in outputs else ""} for step, state in run.states.items()]
-    metrics = [{key: evaluation[key] for key in tracking.METRICS}]
+    metrics = [{key: evaluation[key] for key in gate.METRICS}]
     champion = f", champion: {'yes' if decision['promoted'] else 'no'}" if decision else ""
     publish("compress", rows, "\n".join([
         f"# compress: {cfg.model.name}, {cfg.prune.method} {cfg.prune.sparsity:g}, {cfg.heal.method}, served "

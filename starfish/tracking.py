@@ -12,11 +12,9 @@ and the AWS variables set for the server) sends the artifacts to S3 through boto
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
 import hashlib
-import html
 import logging
 import os
 import socket
@@ -36,9 +34,10 @@ import torch
 
 from starfish.config import GateConfig, PipelineConfig
 from starfish.errors import StarfishError
-from starfish.io import atomic_write_bytes, process_alive, read_json, sidecar_path
-from starfish.plots import save_png, subplots
+from starfish.gate import METRICS, REGISTER_KEY_TAG, SERVED_METRICS, check_registrable, promotion_failures
+from starfish.io import process_alive, read_json
 from starfish.pruning.masks import Masks
+from starfish.report import model_card, write_report
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +46,11 @@ DEFAULT_TRACKING_URI = SQLITE + "mlflow.db"
 EXPERIMENT = "starfish"
 CHALLENGER = "challenger"
 CHAMPION = "champion"
-REGISTER_KEY_TAG = "starfish.register_key"  # on the run and its version: one registration per key
 SPLIT_HASH_TAG = "starfish.calibration_split_hash"  # on the run: the calibration split it was healed on
 ERROR_TAG = "starfish.error"  # on a flow's run: the line its failure printed
 STEP_TAG = "starfish.step."  # + a step's name, on a flow's run: its final state (Completed, Cached, ...)
 VERSION_TAG = "starfish.version"  # on a flow's run: the version it registered or reused (name/version)
 MODEL_ARTIFACT = "model"
-METRICS = ("dense_top1", "pruned_top1", "healed_top1", "recovery", "sparsity", "sparsity_drift")
-SERVED_METRICS = ("served_top1", "served_recovery", "served_agreement")  # the served file, in onnxruntime
 _PACKAGES = ("torch", "timm", "safetensors", "numpy", "onnxruntime")
 LOCK_SUFFIX = ".lock"  # the registry lock of model M is the registered model M.lock (`registry_lock`)
 LOCK_TIMEOUT_S = 900.0
@@ -123,25 +119,6 @@ def registered_model_name(cfg: PipelineConfig) -> str:
     return "starfish-" + cfg.model.name.replace("_", "-")
 
 
-def gate_failures(metrics: dict[str, Any], gate: GateConfig) -> list[str]:
-    """Why a model may not be registered at all (empty when it may)."""
-    failures = []
-    drift = metrics.get("sparsity_drift")
-    if drift is None or drift > gate.max_sparsity_drift:
-        failures.append(f"sparsity drift {drift} exceeds gate.max_sparsity_drift={gate.max_sparsity_drift}")
-    for key in METRICS:
-        if not isinstance(metrics.get(key), (int, float)):
-            failures.append(f"evaluation has no numeric {key!r}")
-    return failures
-
-
-def check_registrable(metrics: dict[str, Any], gate: GateConfig) -> None:
-    """Raise if a model failed a check: such a model is never registered."""
-    failures = gate_failures(metrics, gate)
-    if failures:
-        raise StarfishError("not registering this model: " + "; ".join(failures))
-
-
 def git_commit(cwd: str | Path = ".") -> tuple[str, bool] | None:
     """(HEAD's sha, whether tracked files differ from it); None outside a git checkout."""
     try:
@@ -152,74 +129,6 @@ def git_commit(cwd: str | Path = ".") -> tuple[str, bool] | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return sha, bool(dirty)
-
-
-def write_report(out_dir: str | Path, cfg: PipelineConfig, metrics: dict[str, Any], calibration: dict[str, Any],
-                 healed: dict[str, Any], curve: list[dict[str, Any]]) -> tuple[Path, Path]:
-    """Write `report.md` and `loss.png` (calibration and held-out loss per step) into `out_dir`;
-    `healed` is the heal step's result (checkpoint path, wall time), `curve` its loss curve."""
-    out_dir = Path(out_dir)
-    heal_report = read_json(sidecar_path(healed["path"])).get("report", {})
-    figure, axis = subplots(figsize=(5.5, 3.4))
-    steps = [p["step"] for p in curve]
-    axis.plot(steps, [p["calibration_loss"] for p in curve], marker=".", label="calibration (training batches)")
-    if any(p["holdout_loss"] is not None for p in curve):
-        axis.plot(steps, [p["holdout_loss"] for p in curve], marker=".", linestyle="--", label="held-out slice")
-    if isinstance(heal_report.get("selected_step"), int):
-        axis.axvline(heal_report["selected_step"], color="grey", linewidth=0.8, label="kept state")
-    axis.set(xlabel="Adam step", ylabel="alignment loss", title=f"{cfg.heal.method} ({cfg.heal.preset}) healing loss")
-    axis.set_yscale("log")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    plot = save_png(figure, out_dir / "loss.png", dpi=100)
-    title = (f"{cfg.model.name}: {cfg.prune.method} {cfg.prune.sparsity:g}"
-             + (f" {cfg.prune.structure}" if cfg.prune.structured else "") + f" + {cfg.heal.method}"
-             + (f" + {cfg.quant.mode}" if cfg.quant.mode != "none" else ""))
-    rows = [(key, f"{metrics[key]:.4f}") for key in (*METRICS, *SERVED_METRICS, "flops_ratio", "params_ratio")
-            if key in metrics]
-    if "quant" in metrics:
-        rows.append(("served as", f"ONNX in onnxruntime, {metrics['quant']}"))
-    split = (f"Calibration split: {calibration['num_samples']} images, content hash `{calibration['split_hash']}`, "
-             f"DVC md5 `{calibration['md5']}`.")
-    selection = _selection_line(heal_report) + f" It took {healed['heal_seconds']:.1f} s."
-    png = base64.b64encode(plot.read_bytes()).decode()
-    # the plot embedded, so the report shows it wherever it is opened; MLflow's artifact viewer
-    # shows images in HTML only (its markdown view drops data: links), hence report.html beside it
-    markdown = [f"# {title}", "", "| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "",
-                split, "", selection, "", f"![healing loss](data:image/png;base64,{png})", ""]
-    report = out_dir / "report.md"
-    atomic_write_bytes(report, "\n".join(markdown).encode())
-    cells = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
-    paragraphs = "".join(f"<p>{html.escape(text).replace('`', '')}</p>" for text in (split, selection))
-    atomic_write_bytes(out_dir / "report.html", (
-        f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        "<body style='font-family:sans-serif;max-width:46em'>"
-        f"<h1>{html.escape(title)}</h1><table border='1' cellpadding='4' style='border-collapse:collapse'>"
-        f"<tr><th>metric</th><th>value</th></tr>{cells}</table>{paragraphs}"
-        f"<img alt='healing loss' src='data:image/png;base64,{png}'></body>\n").encode())
-    return report, plot
-
-
-def model_card(report: str | Path) -> str:
-    """The report as text for MLflow descriptions (run, version): without its embedded plot, which
-    is larger than a description may be, and pointing at the plot's artifact instead."""
-    text = "\n".join(line for line in Path(report).read_text().splitlines()
-                     if not line.startswith("![healing loss](data:"))
-    return text.rstrip() + ("\n\nThe healing loss plot: artifacts `report/loss.png`, and in `report/report.html`, "
-                            "which MLflow's artifact viewer shows with its plot.\n")
-
-
-def _selection_line(report: dict[str, Any]) -> str:
-    """What the held-out slice decided, in words."""
-    if "selected_step" not in report:
-        return f"Healing ran {report.get('steps', '?')} steps on every calibration image; the last state is kept."
-    if report.get("kept_pruned"):
-        return (f"**No healed state beat the pruned model on the {report['holdout_images']} held-out images: "
-                "the registered weights are the pruned ones.**")
-    return (f"Healing ran {report['steps']} steps on {report['train_images']} images; the state kept is step "
-            f"{report['selected_step']}, best of the checks on {report['holdout_images']} held-out images "
-            f"(loss {report['holdout_loss']:.4f}).")
 
 
 def _pip_requirements() -> list[str]:
@@ -603,27 +512,13 @@ def promote(model_name: str, gate: GateConfig, uri: str, version: str | None = N
             champion = client.get_model_version_by_alias(model_name, CHAMPION)
         except MlflowException:
             champion = None
-        champion_recovery = client.get_run(champion.run_id).data.metrics.get("recovery") if champion else None
-        reasons = gate_failures(metrics, gate)
+        rival = None
+        if champion is not None and champion.version != candidate.version:
+            rival = (str(champion.version), client.get_run(champion.run_id).data.metrics.get("recovery"))
+        reasons = promotion_failures(metrics, candidate.tags or {}, gate, rival)
         if candidate_run.info.status != "FINISHED":
             reasons.append(f"its run {candidate.run_id} is {candidate_run.info.status}, not FINISHED")
-        if (candidate.tags or {}).get(REGISTER_KEY_TAG) is None:
-            reasons.append(f"it carries no {REGISTER_KEY_TAG} tag: it was not registered by a complete compress run")
         recovery = metrics.get("recovery", float("-inf"))
-        if recovery < gate.min_recovery:
-            reasons.append(f"recovery {recovery:.4f} < gate.min_recovery {gate.min_recovery}")
-        if champion is not None and champion.version != candidate.version and recovery < champion_recovery:
-            reasons.append(f"recovery {recovery:.4f} < champion v{champion.version}'s {champion_recovery:.4f}")
-        if gate.max_flops_ratio is not None:
-            flops = metrics.get("flops_ratio")
-            if flops is None or flops > gate.max_flops_ratio:
-                reasons.append(f"forward FLOPs {'unknown' if flops is None else f'{flops:.4f}'} of dense > "
-                               f"gate.max_flops_ratio {gate.max_flops_ratio}")
-        if gate.max_size_ratio is not None:
-            ratio = (candidate.tags or {}).get("size_ratio")
-            if ratio is None or float(ratio) > gate.max_size_ratio:
-                reasons.append(f"size on disk {'unknown' if ratio is None else f'{float(ratio):.4f}'} of dense > "
-                               f"gate.max_size_ratio {gate.max_size_ratio}")
         promoted = not reasons
         if promoted:
             client.set_registered_model_alias(model_name, CHAMPION, candidate.version)

@@ -22,7 +22,7 @@ from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
-from starfish import steps, tracking
+from starfish import gate, steps, tracking
 from starfish.config import PipelineConfig, from_dict
 from starfish.errors import StarfishError
 from starfish.fingerprints import result_fields
@@ -153,7 +153,7 @@ def register(config: dict[str, Any], calibration: Ref, pruned: Ref, healed: Ref,
     for ref in (calibration, pruned, healed, served, evaluation):
         _checked(ref)
     cfg = from_dict(config)
-    tracking.check_registrable(evaluation, cfg.gate)  # before loading and exporting a model that stays out
+    gate.check_registrable(evaluation, cfg.gate)  # before loading and exporting a model that stays out
     with steps.registration_inputs(cfg, calibration["path"], healed, served) as recorded:
         return tracking.log_compress_run(cfg, calibration=calibration, healed=healed, evaluation=evaluation,
                                          model_name=model_name, uri=tracking_uri, report_dir=out,

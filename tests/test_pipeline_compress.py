@@ -27,7 +27,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from servers import served_predictions
 
 from flows.compress import compress
-from starfish import steps, tracking
+from starfish import gate, steps, tracking
 from starfish.config import GateConfig, HealConfig
 from starfish.errors import StarfishError
 from starfish.io import read_json, sha256_file, sidecar_path
@@ -113,7 +113,7 @@ def test_compress_logs_and_registers_everything(first_run: tuple[FlowRun, int], 
     effective = asdict(HealConfig.from_preset("default", steps=8))
     assert read_json(sidecar_path(run.result["healed"]["path"]))["config"]["heal"] == effective
     assert {key: logged.data.params[f"heal.{key}"] for key in effective} == {k: str(v) for k, v in effective.items()}
-    for key in tracking.METRICS:
+    for key in gate.METRICS:
         assert logged.data.metrics[key] == pytest.approx(evaluation[key])
     assert logged.data.metrics["heal_seconds"] == pytest.approx(run.result["healed"]["heal_seconds"])
     assert logged.data.metrics["heal_seconds"] > 0
@@ -359,7 +359,7 @@ def test_the_gate_refuses_a_version_whose_run_did_not_finish(tmp_path: Path) -> 
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     with mlflow.start_run(experiment_id=client.create_experiment("gate")) as run:
-        mlflow.log_metrics({key: 1.0 for key in tracking.METRICS} | {"sparsity_drift": 0.0})
+        mlflow.log_metrics({key: 1.0 for key in gate.METRICS} | {"sparsity_drift": 0.0})
     client.set_terminated(run.info.run_id, "FAILED")
     client.create_registered_model("orphan")
     client.create_model_version("orphan", source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)

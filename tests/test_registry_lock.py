@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from starfish import tracking
+from starfish import gate, tracking
 from starfish.config import GateConfig
 from starfish.errors import StarfishError
 
@@ -33,7 +33,7 @@ def make_store(folder: Path) -> str:
     client.create_registered_model(MODEL)
     for version, recovery in RECOVERIES.items():
         run = client.create_run(experiment, tags={tracking.REGISTER_KEY_TAG: f"key-{version}"})
-        for key in tracking.METRICS:
+        for key in gate.METRICS:
             client.log_metric(run.info.run_id, key, recovery if key == "recovery" else 0.0)
         client.set_terminated(run.info.run_id)
         made = client.create_model_version(MODEL, f"runs:/{run.info.run_id}/model", run.info.run_id,

@@ -25,7 +25,6 @@ import json
 import logging
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from starfish.benchmarks.memory import MemorySampler, TreeMemorySampler, status_kb
 from starfish.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -61,100 +61,6 @@ def make_tree(root: Path, classes: int = TREE["classes"], train: int = TREE["tra
                 image = Image.fromarray(small).resize((pixels, pixels), Image.BILINEAR)
                 image.save(folder / f"{split}_{c:03d}_{i:04d}.JPEG", quality=90)
     (root / "COMPLETE").write_text(json.dumps(TREE))
-
-
-class _PeakSampler:
-    """Calls `sample()` every `interval` seconds in a thread while the block runs, and once at its end."""
-
-    interval = 0.05
-
-    def __init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def sample(self) -> None:
-        raise NotImplementedError
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            time.sleep(self.interval)
-
-    def __enter__(self) -> "_PeakSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-
-
-class MemorySampler(_PeakSampler):
-    """Peak anonymous memory (RssAnon) of this process, sampled every 50 ms."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.peak = 0
-
-    def sample(self) -> None:
-        self.peak = max(self.peak, _status_kb("RssAnon"))
-
-
-def _status_kb(field: str, pid: int | str = "self") -> int:
-    return _proc_kb(f"/proc/{pid}/status", field)
-
-
-def _pss_kb(pid: int) -> int:
-    return _proc_kb(f"/proc/{pid}/smaps_rollup", "Pss")
-
-
-def _proc_kb(path: str, field: str) -> int:
-    """The kB value of `field` in a /proc file, or 0 once the process has ended."""
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _descendants(root: int) -> list[int]:
-    """`root` and every process below it."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, queue = [], [root]
-    while queue:
-        pid = queue.pop()
-        found.append(pid)
-        queue.extend(children.get(pid, []))
-    return found
-
-
-class TreeMemorySampler(_PeakSampler):
-    """Peak memory of process `root` and its descendants, every 100 ms: the largest single
-    process's resident memory (VmRSS), and the tree's proportional set size (Pss: pages that
-    forked loader workers share with their parent are counted once, not once per process)."""
-
-    interval = 0.1
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.root: int | None = None
-        self.peak_single = self.peak_total = 0
-
-    def sample(self) -> None:
-        if self.root is not None:
-            tree = _descendants(self.root)
-            self.peak_single = max([self.peak_single] + [_status_kb("VmRSS", pid) for pid in tree])
-            self.peak_total = max(self.peak_total, sum(_pss_kb(pid) for pid in tree))
 
 
 @dataclass(frozen=True)
@@ -202,7 +108,7 @@ def measure(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
         counts = STAGES[cell.stage](cell, tree, work)
     seconds = time.perf_counter() - started
     row = {"stage": cell.stage, "size": cell.size, "mode": cell.mode, "workers": cell.workers,
-           "seconds": round(seconds, 2), "peak_rss_mb": round(_status_kb("VmHWM") / 1024),
+           "seconds": round(seconds, 2), "peak_rss_mb": round(status_kb("VmHWM") / 1024),
            "peak_anon_mb": round(memory.peak / 1024), **counts}
     if "images" in counts:
         row["images_per_s"] = round(counts["images"] / counts.get("timed_seconds", seconds), 1)
@@ -379,7 +285,7 @@ def _solve(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
 
     rows, width = SOLVE_SHAPE
     gram, w_dense, keep = _random_layer(rows, width)
-    before = _status_kb("RssAnon")
+    before = status_kb("RssAnon")
     start = time.perf_counter()
     with MemorySampler() as memory:
         exact = masked_least_squares(gram, gram, w_dense, keep, damp=0.01)

@@ -99,6 +99,18 @@ def cmd_info(args: argparse.Namespace) -> None:
     if args.json:
         _print(info)
         return
+    if info["format"] == "onnx":
+        print(f"{info['path']}: {info['model']} (ONNX, {info['quant']}), {info['parameters']:,} parameters, "
+              f"{info['bytes']:,} bytes")
+        print(f"  sha256 {info['sha256']}")
+        print(f"  input {info['input']}, output {info['output']} (None: any size), opset {info['opset']}, "
+              f"{info['nodes']} nodes: " + ", ".join(f"{op} {n}" for op, n in list(info["operators"].items())[:8]))
+        for key, value in info["metadata"].items():
+            print(f"  starfish.{key} = {value[:120]}")
+        if "sidecar" in info:
+            print(f"  sidecar {info['sidecar']['path']}: "
+                  f"{'matches' if info['sidecar']['matches'] else 'DOES NOT match'} this file")
+        return
     kind = "slim" if info["slim"] else info["format"]
     print(f"{info['path']}: {info['model']} ({kind}), {info['parameters']:,} parameters, {info['bytes']:,} bytes")
     print(f"  sha256 {info['sha256']}")
@@ -118,18 +130,36 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    """`mlflow models serve` of a registered model in this environment: its server finds uvicorn
-    beside this interpreter whether or not the environment is activated."""
+    """`mlflow models serve` of a registered model in this environment, once a preflight in a child
+    process loaded it as the server will and answered its input example within --preflight-timeout
+    seconds: a model that cannot serve is one line and exit 2 here, not a server that dies or
+    answers every request with an error. The server finds uvicorn beside this interpreter whether
+    or not the environment is activated."""
     import os
+    import subprocess
 
-    from starfish.serving import MAX_BATCH_ENV
+    from starfish.serving import DEADLINE_ENV, MAX_BATCH_ENV
     from starfish.tracking import tracking_uri
 
     if args.max_batch < 1:
         raise StarfishError(f"--max-batch={args.max_batch} must be >= 1")
+    if not args.deadline > 0 or not args.preflight_timeout > 0:
+        raise StarfishError(f"--deadline={args.deadline} and --preflight-timeout={args.preflight_timeout} must be "
+                            "seconds above 0")
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, MAX_BATCH_ENV: str(args.max_batch), "MLFLOW_TRACKING_URI": tracking_uri(args.tracking_uri),
+    env = {**os.environ, MAX_BATCH_ENV: str(args.max_batch), DEADLINE_ENV: str(args.deadline),
+           "MLFLOW_TRACKING_URI": tracking_uri(args.tracking_uri),
            "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+    try:
+        check = subprocess.run([sys.executable, "-m", "starfish.serving", "--preflight", args.model_uri], env=env,
+                               capture_output=True, text=True, timeout=args.preflight_timeout)
+    except subprocess.TimeoutExpired:
+        raise StarfishError(f"{args.model_uri} did not load and answer its input example within "
+                            f"{args.preflight_timeout:g} s; not serving it (raise --preflight-timeout for a model "
+                            "that loads slowly)") from None
+    if check.returncode != 0:
+        reason = (check.stderr.strip().splitlines() or [f"exit {check.returncode}"])[-1]
+        raise StarfishError(f"{args.model_uri} cannot be served: {reason}")
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", args.model_uri, "--env-manager", "local",
                "-h", args.host, "-p", str(args.port)]
     sys.stdout.flush()
@@ -322,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=5001, help="port to listen on (default: 5001)")
     p.add_argument("--max-batch", type=int, default=256, help="most images one request may send (more: HTTP 400)")
+    p.add_argument("--deadline", type=float, default=30.0, help="seconds of inference per request; an ONNX model's "
+                   "run is stopped there (HTTP 504) (default: 30)")
+    p.add_argument("--preflight-timeout", type=float, default=120.0, help="seconds the model may take to load and "
+                   "answer its input example before the server starts (default: 120)")
     p.add_argument("--tracking-uri", default=None, help="the registry to read the model from (default: "
                                                         "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.set_defaults(fn=cmd_serve)

@@ -2,69 +2,170 @@
 
 `tracking.register` logs this file as the model's code (MLflow's models-from-code, so nothing
 is pickled) with one artifact: the compressed checkpoint (`starfish export`) of a masked model,
-or the ONNX export (`starfish export --format onnx`) of a slim one. Loading it
-(`mlflow.pyfunc.load_model("models:/<name>@champion")`, or `mlflow models serve`) rebuilds the
-model from that checkpoint, or opens an onnxruntime session on the ONNX file; `predict` takes a
-float32 batch of images (N, C, H, W), already normalized as the calibration images are, and
-returns the logits (N, classes). A request of more than `STARFISH_SERVE_MAX_BATCH` images (256
-by default), or with NaN or infinite pixels, is refused with HTTP 400 before any compute: a
-served model's memory and time per request stay bounded, and its answers stay valid JSON.
+or the ONNX file (`starfish quantize`, `starfish export --format onnx`) of a slim or int8 one.
+Loading it (`mlflow.pyfunc.load_model("models:/<name>@champion")`, or `mlflow models serve`)
+rebuilds the model from that checkpoint, or opens the ONNX file through `formats.onnx.check_onnx`'s
+bounds; `predict` takes a float32 batch of images (N, C, H, W), already normalized as the
+calibration images are, and returns the logits (N, classes).
+
+Every answer is valid JSON with one line of reason when it is not the logits:
+- the client's fault, HTTP 400 before any compute: not (N, C, H, W), more than
+  `STARFISH_SERVE_MAX_BATCH` images (256 by default), images of another size than the model
+  takes, NaN or infinite pixels;
+- the model's fault, HTTP 500 without a stack trace: the model failed on the request, or gave
+  NaN or infinite logits (never served as a 200);
+- past `STARFISH_SERVE_DEADLINE_S` seconds (30 by default) of inference, HTTP 504: an ONNX
+  model's run is stopped there (onnxruntime's `RunOptions.terminate`), so the core is free for
+  the next request. A checkpoint served in torch has no such stop.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from typing import Any
 
 import mlflow
 import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 CHECKPOINT = "checkpoint"
 ONNX = "onnx"
 MAX_BATCH_ENV = "STARFISH_SERVE_MAX_BATCH"
 DEFAULT_MAX_BATCH = 256
+DEADLINE_ENV = "STARFISH_SERVE_DEADLINE_S"
+DEFAULT_DEADLINE_S = 30.0
 
 
-def checked_images(model_input: Any, max_batch: int) -> np.ndarray:
+class Refusal(MlflowException):
+    """An MlflowException whose message stays the one line it was raised with. MLflow's scoring
+    server rewrites the message of any MlflowException from `predict` to begin with the whole
+    request ("Failed to predict data '<every pixel>' ..."), many lines long; the answer's body
+    should be the reason alone."""
+
+    @property
+    def message(self) -> str:
+        return self._line
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_line"):  # the first assignment, MlflowException's own; the server's is dropped
+            self._line = value
+
+    @classmethod
+    def client(cls, line: str) -> "Refusal":
+        """HTTP 400: the request's fault."""
+        return cls(line, error_code=INVALID_PARAMETER_VALUE)
+
+
+def checked_images(model_input: Any, max_batch: int, size: tuple[int | None, ...] | None = None) -> np.ndarray:
     """The request as float32 images, or MLflow's invalid-parameter error (HTTP 400) naming the problem."""
-    from mlflow.exceptions import MlflowException
-
-    images = np.asarray(model_input, dtype=np.float32)
+    try:
+        images = np.asarray(model_input, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise Refusal.client(f"the request is not an array of numbers ({exc}); send a batch of images "
+                             "(N, C, H, W)") from None
     if images.ndim != 4:
-        raise MlflowException.invalid_parameter_value(f"expected a batch of images (N, C, H, W), got shape "
-                                                      f"{images.shape}")
+        raise Refusal.client(f"expected a batch of images (N, C, H, W), got shape {images.shape}")
     if images.shape[0] > max_batch:
-        raise MlflowException.invalid_parameter_value(f"{images.shape[0]} images in one request; send at most "
-                                                      f"{max_batch} (the server's {MAX_BATCH_ENV})")
+        raise Refusal.client(f"{images.shape[0]} images in one request; send at most "
+                             f"{max_batch} (the server's {MAX_BATCH_ENV})")
+    if size is not None and any(want is not None and got != want for got, want in zip(images.shape[1:], size)):
+        raise Refusal.client(f"images of {list(images.shape[1:])}, but the model takes {list(size)} (C, H, W)")
     if not np.isfinite(images).all():
-        raise MlflowException.invalid_parameter_value("the images hold NaN or infinite values; send finite pixels")
+        raise Refusal.client("the images hold NaN or infinite values; send finite pixels")
     return images
+
+
+def model_fault(why: str) -> Refusal:
+    """HTTP 500 with one line and no stack trace: the served model, not the request, failed."""
+    return Refusal(f"the served model failed: {why}", error_code=INTERNAL_ERROR)
+
+
+def checked_logits(logits: np.ndarray) -> np.ndarray:
+    if not np.isfinite(logits).all():
+        raise model_fault("it gave NaN or infinite logits")
+    return logits
 
 
 class StarfishModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         self.max_batch = int(os.environ.get(MAX_BATCH_ENV, DEFAULT_MAX_BATCH))
+        self.deadline = float(os.environ.get(DEADLINE_ENV, DEFAULT_DEADLINE_S))
         if ONNX in context.artifacts:
-            from starfish.formats.onnx import session
+            from starfish.formats.onnx import open_session
 
-            self.session, self.model = session(context.artifacts[ONNX]), None
+            self.session, self.metadata = open_session(context.artifacts[ONNX])
+            self.model = None
+            shape = self.session.get_inputs()[0].shape  # (N, C, H, W): check_onnx found one input, rank 4
+            self.size = tuple(d if isinstance(d, int) else None for d in shape[1:])
         else:
             from starfish.models import load_checkpoint
 
             self.model, _, self.name = load_checkpoint(context.artifacts[CHECKPOINT])
             self.model.eval()
+            self.size = None
 
     # np.ndarray: a hint MLflow takes without inferring a schema from it (the logged tensor
     # signature stays the schema) and without warning that hints are missing.
     def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
-        images = checked_images(model_input, self.max_batch)
+        images = checked_images(model_input, self.max_batch, self.size)
         if self.model is None:
-            from starfish.formats.onnx import run_session
+            return checked_logits(self._run_onnx(images))
+        try:
+            with torch.no_grad():
+                logits = self.model(torch.as_tensor(images)).numpy()
+        except Exception as exc:  # the model's own failure on an accepted request
+            raise model_fault(_first_line(exc)) from None
+        return checked_logits(logits)
 
-            return run_session(self.session, images)
-        with torch.no_grad():
-            return self.model(torch.as_tensor(images)).numpy()
+    def _run_onnx(self, images: np.ndarray) -> np.ndarray:
+        """One run, stopped at the deadline: onnxruntime checks `terminate` between operators."""
+        import onnxruntime as ort
+
+        from starfish.formats.onnx import INPUT, OUTPUT
+
+        options = ort.RunOptions()
+        timer = threading.Timer(self.deadline, lambda: setattr(options, "terminate", True))
+        timer.start()
+        try:
+            return self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(images)}, options)[0]
+        except Exception as exc:
+            if options.terminate:
+                raise Refusal(f"inference ran past the server's deadline of {self.deadline:g} s "
+                                      f"({DEADLINE_ENV}) and was stopped; send fewer images",
+                                      error_code=DEADLINE_EXCEEDED) from None
+            raise model_fault(_first_line(exc)) from None
+        finally:
+            timer.cancel()
 
 
-mlflow.models.set_model(StarfishModel())
+def _first_line(exc: BaseException) -> str:
+    return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:300]
+
+
+def preflight(model_uri: str) -> None:
+    """Load the model as the server will and predict its logged input example, in this process:
+    exit 0 when it answers finite logits of the right batch, else print one line and exit 2.
+    `starfish serve` runs this in a child process with a time bound before starting the server."""
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+        example = model.input_example
+        if example is None:
+            raise ValueError("the registered model has no input example to check it on")
+        logits = np.asarray(model.predict(np.asarray(example, dtype=np.float32)))
+        if logits.ndim != 2 or logits.shape[0] != len(example) or not np.isfinite(logits).all():
+            raise ValueError(f"its logits on the input example are {logits.shape}, not finite (N, classes)")
+    except Exception as exc:  # one line for the parent, whatever failed
+        message = exc.message if isinstance(exc, MlflowException) else _first_line(exc)
+        print(message.splitlines()[0] if message else type(exc).__name__, file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--preflight":
+    preflight(sys.argv[2])
+else:
+    mlflow.models.set_model(StarfishModel())

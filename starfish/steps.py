@@ -361,11 +361,27 @@ def quantize_step(cfg: PipelineConfig, healed: str | Path, manifest: str | Path,
             **check, **ratios}
 
 
+def _onnx_info(path: Path) -> dict[str, Any]:
+    """`checkpoint_info` of an ONNX file: read through the serving checks, never a session."""
+    from starfish.formats.onnx import describe_onnx
+
+    described = describe_onnx(path)
+    info = {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path), "format": "onnx",
+            "model": described["metadata"]["model"], "quant": described["metadata"].get("quant", "none"),
+            **described}
+    side = sidecar_path(path)
+    if side.is_file():
+        info["sidecar"] = {"path": str(side), "matches": read_json(side).get("sha256") == info["sha256"]}
+    return info
+
+
 def checkpoint_info(path: str | Path) -> dict[str, Any]:
     """What a checkpoint or export holds, read and checked as every step reads it: the model,
     its format, the masks per layer (kept fraction) or, for a slim model, the units each
     narrowed group kept, and whether its sidecar (if any) records this file."""
     path = Path(path)
+    if path.suffix == ".onnx":
+        return _onnx_info(path)
     read = read_checkpoint(path)
     model, masks, name = model_from(read, path)
     metadata = read[2]

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+from typing import Any, Callable
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from recipe import TEST_RECIPE
+from served_models import CLASSES, SIZE, write
 
 from starfish.datasets import FASHION_MNIST_ROOT, FashionMNIST, load_dataset
 from starfish.models import create_model
@@ -147,3 +151,27 @@ def pipeline_overrides(demo_checkpoint: Path) -> list[str]:
 def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One workdir and calibration path for the session, so equal steps are computed once."""
     return tmp_path_factory.mktemp("pipeline")
+
+
+@pytest.fixture
+def scoring_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
+    """MLflow's own scoring app around the pyfunc of a given ONNX model, through HTTP calls in
+    this process (fastapi's TestClient)."""
+    import mlflow
+    from fastapi.testclient import TestClient
+    from mlflow.models import infer_signature
+    from mlflow.pyfunc import scoring_server
+
+    import starfish.serving as serving
+
+    def make(proto: Any, deadline: float = 30.0) -> TestClient:
+        monkeypatch.setenv(serving.DEADLINE_ENV, str(deadline))
+        path = write(tmp_path / f"m{time.monotonic_ns()}.onnx", proto)
+        example = np.zeros((1, *SIZE), np.float32)
+        folder = tmp_path / f"model{time.monotonic_ns()}"
+        mlflow.pyfunc.save_model(str(folder), python_model=serving.__file__, artifacts={"onnx": str(path)},
+                                 signature=infer_signature(example, np.zeros((1, CLASSES), np.float32)),
+                                 code_paths=[str(Path(serving.__file__).parent)])
+        return TestClient(scoring_server.init(mlflow.pyfunc.load_model(str(folder))))
+
+    return make

@@ -188,7 +188,8 @@ def test_quantize_through_the_cli_writes_the_served_model_and_evaluate_reads_it(
 
     # a served file of another healed checkpoint is refused, and nothing is written
     other = tmp_path / "other.onnx"
-    export_onnx(create_model("starfish_vit_fmnist").eval(), other, (1, 28, 28), {"checkpoint_sha256": "0" * 64})
+    export_onnx(create_model("starfish_vit_fmnist").eval(), other, (1, 28, 28),
+                {"model": "starfish_vit_fmnist", "checkpoint_sha256": "0" * 64})
     capsys.readouterr()
     assert _run("evaluate", "--pruned", str(pruned), "--healed", str(healed), "--served", str(other),
                 "--out", str(tmp_path / "bad.json"), *common) == 2

@@ -24,9 +24,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import pytest
 import servers
 from mlflow import MlflowClient
+from served_models import HOSTILE, SIZE, post, small_model
 from servers import Service
 
 import tasks
@@ -35,6 +37,7 @@ from flows.session import free_port, mark_orphans_crashed, temporary_server
 from starfish import steps, tracking
 from starfish.config import GateConfig
 from starfish.errors import StarfishError
+from starfish.formats.onnx import check_onnx
 from starfish.io import SIDECAR_SUFFIX, process_alive, read_json, sha256_file
 
 pytestmark = pytest.mark.slow
@@ -49,6 +52,10 @@ REGISTER_POINTS = {"run started": "log_params", "version written": "set_model_ve
 MATRIX: dict[str, dict[str, str]] = {}
 HOW: dict[str, str] = {}
 DOC = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
+
+
+SERVING_FAULTS = ("images of another size", "NaN pixels", "NaN logits", "a run past the deadline")
+CELL_TITLES = {"hostile served file": "the file", "serving faults": "the request"}
 
 
 def record(fault: str, step: str, outcome: str) -> None:
@@ -86,7 +93,8 @@ def write_matrix_doc() -> Iterator[None]:
     """docs/reliability.md from what the module proved; only when every cell ran and passed."""
     yield
     expected = {"exception": STEPS, "SIGKILL": [*STEPS, "the next flow command"], "disk full": [*STEPS, "the CLI"],
-                "tracking server down": ["before any step"], "tracking server killed": list(REGISTER_POINTS)}
+                "tracking server down": ["before any step"], "tracking server killed": list(REGISTER_POINTS),
+                "hostile served file": [name for name, _, _ in HOSTILE], "serving faults": list(SERVING_FAULTS)}
     if any(set(MATRIX.get(fault, {})) != set(cells) for fault, cells in expected.items()):
         return
     lines = ["# Reliability: the fault matrix", "",
@@ -98,7 +106,7 @@ def write_matrix_doc() -> Iterator[None]:
              "exactly one version for its key, and gives exactly the metrics of a run that never met a fault.",
              ""]
     for fault, cells in expected.items():
-        lines += [f"## {fault}", "", HOW[fault], "", "| step | outcome |", "|---|---|"]
+        lines += [f"## {fault}", "", HOW[fault], "", f"| {CELL_TITLES.get(fault, 'step')} | outcome |", "|---|---|"]
         lines += [f"| {cell} | {MATRIX[fault][cell]} |" for cell in cells]
         lines.append("")
     DOC.write_text("\n".join(lines))
@@ -390,3 +398,49 @@ def test_the_tracking_server_killed_during_registration(point: str, reference: d
     assert len(new) == 1, new
     record("tracking server killed", point, "register failed, the server came back; the rerun removed the "
                                             "unfinished attempt and left exactly one version, same metrics")
+
+
+# --- serving --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,make,words", HOSTILE, ids=[case[0] for case in HOSTILE])
+def test_a_hostile_served_file_is_refused_in_one_line(name: str, make: Callable[[Path], Path], words: str,
+                                                      tmp_path: Path) -> None:
+    """Each damaged or hostile ONNX file of tests/test_serving_hostile.py, opened as serving opens
+    it: refused before any session, in bounded time, with one line."""
+    HOW["hostile served file"] = ("An ONNX file placed where the served model is, opened as the serving pyfunc, "
+                                  "`starfish info` and `starfish serve`'s preflight open it (`check_onnx`, before "
+                                  "any onnxruntime session; tests/test_serving_hostile.py runs all three).")
+    path = make(tmp_path)
+    start = time.monotonic()
+    with pytest.raises(StarfishError) as refused:
+        check_onnx(path)
+    line = str(refused.value)
+    assert words in line and "\n" not in line and time.monotonic() - start < 10
+    reason = line.split(": ", 1)[1].split("; ")[0]
+    record("hostile served file", name, f"refused within 10 s, one line: {reason}")
+
+
+def test_serving_faults_answer_in_valid_json_with_the_right_status(scoring_client: Callable) -> None:
+    HOW["serving faults"] = ("Requests to MLflow's scoring app around the pyfunc of a small ONNX model "
+                             "(`STARFISH_SERVE_DEADLINE_S`=0.3 for the slow one): every body is valid JSON without a "
+                             "stack trace, starfish's own refusals are one line, and the next good request is "
+                             "answered.")
+    good = np.ones((2, *SIZE)).tolist()
+    ok = scoring_client(small_model())
+    status, body = post(ok, np.ones((2, 1, 3, 3)).tolist())
+    assert status == 400 and "Traceback" not in str(body)
+    record("serving faults", "images of another size", f"HTTP {status}, from MLflow's signature check (its message "
+           "repeats the request)")
+    status, body = post(ok, np.full((2, *SIZE), np.nan).tolist())
+    assert status == 400 and body["message"] == "the images hold NaN or infinite values; send finite pixels"
+    record("serving faults", "NaN pixels", f"HTTP {status}: \"{body['message']}\"")
+    status, body = post(scoring_client(small_model(bias=np.array([np.nan, 0, 0], np.float32))), good)
+    assert status == 500 and body["message"] == "the served model failed: it gave NaN or infinite logits"
+    record("serving faults", "NaN logits", f"HTTP {status}: \"{body['message']}\"")
+    slow = scoring_client(small_model(hidden=2048, layers=200), deadline=0.3)
+    start = time.monotonic()
+    status, body = post(slow, np.ones((256, *SIZE)).tolist())
+    assert status == 504 and time.monotonic() - start < 0.3 + 2 and post(slow, np.ones((1, *SIZE)).tolist())[0] == 200
+    record("serving faults", "a run past the deadline", f"HTTP {status} within the deadline and 2 s: "
+           f"\"{body['message']}\"; the next request answered")

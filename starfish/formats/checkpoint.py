@@ -33,6 +33,8 @@ METADATA_KEY = "starfish"
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Masks, dict[str, str]]:
     """Read a checkpoint: (model state, masks, metadata). Clear errors for missing or damaged files."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise StarfishError(f"checkpoint {path} is not a regular file; point at the checkpoint file itself")
     if not path.is_file():
         raise StarfishError(f"checkpoint {path} does not exist; check the path")
     if path.suffix == ".safetensors":

@@ -1,0 +1,126 @@
+"""Damaged and hostile ONNX files, and models that fail at serving time, against every path that
+opens one: the library (`check_onnx`, a StarfishError), `starfish info` (one line, exit 2), the
+serving pyfunc's load, and `starfish serve`'s preflight. Then the HTTP answers of MLflow's own
+scoring app around the pyfunc: a client fault is a 400, a model fault (NaN logits, a failing
+graph) a 500, a run past the deadline a 504, each with one line of valid JSON and no stack trace."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import numpy as np
+import pytest
+from served_models import HOSTILE, SIZE, post, raw, small_model, write
+
+from starfish.errors import StarfishError
+from starfish.formats import onnx as formats_onnx
+from starfish.formats.onnx import check_onnx
+from starfish.serving import StarfishModel
+
+
+@pytest.mark.parametrize("name,make,words", HOSTILE, ids=[case[0] for case in HOSTILE])
+def test_every_hostile_file_is_one_line_from_the_library_info_and_the_pyfunc(
+        name: str, make: Callable[[Path], Path], words: str, tmp_path: Path) -> None:
+    path = make(tmp_path)
+    with pytest.raises(StarfishError, match=f"ONNX file {path}: .*" if name == "random bytes" else None) as raised:
+        check_onnx(path)
+    assert words in str(raised.value) and "\n" not in str(raised.value)
+    with pytest.raises(StarfishError) as loaded:
+        StarfishModel().load_context(SimpleNamespace(artifacts={"onnx": str(path)}))
+    assert str(loaded.value) == str(raised.value)
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "starfish.cli", "info", str(path)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and time.monotonic() - start < 60
+    assert run.stderr.strip().splitlines() == [f"starfish: error: {raised.value}"], run.stderr
+
+
+def test_the_node_bound_is_checked_before_a_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph of more nodes than MAX_NODES (1,000,000 Identity nodes took 36-40 s and 3.2 GB to
+    load) is refused on the count, lowered here to the small model's size."""
+    path = write(tmp_path / "m.onnx", small_model(hidden=4, layers=3))
+    check_onnx(path)
+    monkeypatch.setattr(formats_onnx, "MAX_NODES", 4)
+    with pytest.raises(StarfishError, match="has more than 4 nodes"):
+        check_onnx(path)
+
+
+def test_a_good_file_passes_and_info_shows_what_it_serves(tmp_path: Path) -> None:
+    path = write(tmp_path / "m.onnx", small_model())
+    assert check_onnx(path) == {"input_size": "[1, 2, 2]", "model": "small", "num_classes": "3"}
+    run = subprocess.run([sys.executable, "-m", "starfish.cli", "info", str(path), "--json"], capture_output=True,
+                         text=True, timeout=120, check=True)
+    info = json.loads(run.stdout)
+    assert (info["format"], info["input"], info["output"], info["quant"]) == ("onnx", [None, 1, 2, 2], [None, 3],
+                                                                              "none")
+
+
+def test_http_answers_client_faults_400_model_faults_500_never_a_stack_trace(scoring_client: Callable) -> None:
+    good = np.ones((2, *SIZE)).tolist()
+    ok = scoring_client(small_model())
+    status, body = post(ok, good)
+    assert status == 200 and np.isfinite(body["predictions"]).all()
+    for images, words in ((np.ones((2, 1, 3, 3)).tolist(), "does not match expected shape (-1, 1, 2, 2)"),
+                          (np.ones((2, 4)).tolist(), "does not match expected shape (-1, 1, 2, 2)")):
+        status, body = post(ok, images)
+        assert status == 400 and words in body["message"] and "Traceback" not in json.dumps(body), body
+    nan = scoring_client(small_model(bias=np.array([np.nan, 0, 0], np.float32)))
+    status, body = post(nan, good)
+    assert status == 500 and body["message"] == "the served model failed: it gave NaN or infinite logits", body
+    assert "stack_trace" not in body
+    assert "Traceback" not in json.dumps(body)
+
+
+def test_a_run_past_the_deadline_is_stopped_and_the_next_request_answered(scoring_client: Callable) -> None:
+    """A graph that takes seconds on a full batch answers 504 within the deadline plus a second,
+    its run stopped (no CPU spent after the answer), and the next small request is answered."""
+    slow = scoring_client(small_model(hidden=2048, layers=200), deadline=0.3)
+    start = time.monotonic()
+    status, body = post(slow, np.ones((256, *SIZE)).tolist())
+    assert status == 504 and "past the server's deadline of 0.3 s" in body["message"], body
+    assert time.monotonic() - start < 0.3 + 1.0 + 1.0  # the deadline, a second, and the JSON of 256 images
+    cpu = time.process_time()
+    time.sleep(0.5)
+    assert time.process_time() - cpu < 0.1  # the stopped run left nothing running
+    status, body = post(slow, np.ones((1, *SIZE)).tolist())
+    assert status == 200 and len(body["predictions"]) == 1
+
+
+# Registers an ONNX file as the pipeline does (`tracking.log_served_model`), in a process of its own.
+REGISTER = """import sys, numpy as np, mlflow
+from mlflow.models import infer_signature
+from starfish import tracking
+example = np.zeros((1, 1, 2, 2), np.float32)
+with mlflow.start_run():
+    tracking.log_served_model(sys.argv[1], "onnx", example, infer_signature(example, np.zeros((1, 3), np.float32)),
+                              sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("make,words", [(raw(small_model().SerializeToString()[:-40]), "is not an ONNX model"),
+                                        (lambda d: write(d / "m.onnx", small_model(
+                                            bias=np.array([np.nan, 0, 0], np.float32))),
+                                         "it gave NaN or infinite logits")],
+                         ids=["damaged file", "NaN logits"])
+def test_serve_refuses_a_registered_model_that_cannot_serve_before_starting(
+        make: Callable[[Path], Path], words: str, tmp_path: Path) -> None:
+    """A version registered the way the pipeline registers one, whose file is damaged or whose
+    model answers NaN: `starfish serve` loads it and predicts its input example in a child first,
+    and exits 2 with that one line instead of starting a server."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    subprocess.run([sys.executable, "-c", REGISTER, str(make(tmp_path)), "hostile"], cwd=tmp_path, env=env,
+                   check=True, capture_output=True, timeout=300)
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "starfish.cli", "serve", "models:/hostile/1", "--port", "1",
+                          "--preflight-timeout", "120"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 2 and time.monotonic() - start < 150
+    [line] = run.stderr.strip().splitlines()[-1:]
+    assert line.startswith("starfish: error: models:/hostile/1 cannot be served: ") and words in line, run.stderr

@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test lint bench bench-timing scale export-sizes latency frontier hostile-table clean
+.PHONY: setup demo test lint bench bench-timing scale export-sizes latency frontier serving hostile-table clean
 
 setup: $(VENV)/.installed $(FMNIST)
 
@@ -106,6 +106,10 @@ latency: setup
 # structure x int8 x heal; resumable, and a second `make frontier` shares the grid.
 frontier: setup
 	$(VENV)/bin/starfish frontier --out results/frontier
+
+# starfish serve under 4 concurrent clients on loopback, float and int8 (results/serving).
+serving: setup
+	$(VENV)/bin/starfish serve-bench --out results/serving
 
 clean:
 	rm -rf out mlruns mlartifacts mlflow.db .prefect

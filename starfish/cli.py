@@ -130,40 +130,49 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    """`mlflow models serve` of a registered model in this environment, once a preflight in a child
-    process loaded it as the server will and answered its input example within --preflight-timeout
-    seconds: a model that cannot serve is one line and exit 2 here, not a server that dies or
-    answers every request with an error. The server finds uvicorn beside this interpreter whether
-    or not the environment is activated."""
+    """MLflow's scoring app (what `mlflow models serve` runs) on a registered model, under uvicorn
+    in this environment, its error answers one line of JSON (`serving_app`), once a preflight in a
+    child process loaded it as the server will, answered its input example and matched what was
+    registered, within the preflight timeout: a model that cannot serve is one line and exit 2
+    here, not a server that dies or answers every request with an error. The bounds come from
+    params.yaml's `serve` section; the flags win."""
     import os
     import subprocess
 
-    from starfish.serving import DEADLINE_ENV, MAX_BATCH_ENV
+    from starfish.serving import DEADLINE_ENV, MAX_BATCH_ENV, MAX_REQUEST_MB_ENV
+    from starfish.serving_app import MODEL_URI_ENV
     from starfish.tracking import tracking_uri
 
-    if args.max_batch < 1:
-        raise StarfishError(f"--max-batch={args.max_batch} must be >= 1")
-    if not args.deadline > 0 or not args.preflight_timeout > 0:
-        raise StarfishError(f"--deadline={args.deadline} and --preflight-timeout={args.preflight_timeout} must be "
-                            "seconds above 0")
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, MAX_BATCH_ENV: str(args.max_batch), DEADLINE_ENV: str(args.deadline),
-           "MLFLOW_TRACKING_URI": tracking_uri(args.tracking_uri),
-           "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+    flags = {"max_batch": args.max_batch, "max_request_mb": args.max_request_mb, "deadline_s": args.deadline,
+             "preflight_timeout_s": args.preflight_timeout}
+    bounds = _config(args).replace(serve={k: v for k, v in flags.items() if v is not None}).serve
+    env = {**os.environ, MAX_BATCH_ENV: str(bounds.max_batch), DEADLINE_ENV: str(bounds.deadline_s),
+           MAX_REQUEST_MB_ENV: str(bounds.max_request_mb), "MLFLOW_TRACKING_URI": tracking_uri(args.tracking_uri),
+           MODEL_URI_ENV: args.model_uri}
     try:
         check = subprocess.run([sys.executable, "-m", "starfish.serving", "--preflight", args.model_uri], env=env,
-                               capture_output=True, text=True, timeout=args.preflight_timeout)
+                               capture_output=True, text=True, timeout=bounds.preflight_timeout_s)
     except subprocess.TimeoutExpired:
         raise StarfishError(f"{args.model_uri} did not load and answer its input example within "
-                            f"{args.preflight_timeout:g} s; not serving it (raise --preflight-timeout for a model "
-                            "that loads slowly)") from None
+                            f"{bounds.preflight_timeout_s:g} s; not serving it (raise --preflight-timeout or "
+                            "serve.preflight_timeout_s for a model that loads slowly)") from None
     if check.returncode != 0:
         reason = (check.stderr.strip().splitlines() or [f"exit {check.returncode}"])[-1]
         raise StarfishError(f"{args.model_uri} cannot be served: {reason}")
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", args.model_uri, "--env-manager", "local",
-               "-h", args.host, "-p", str(args.port)]
+    command = [sys.executable, "-m", "uvicorn", "--factory", "starfish.serving_app:app", "--host", args.host,
+               "--port", str(args.port)]
     sys.stdout.flush()
     os.execve(sys.executable, command, env)
+
+
+def cmd_serve_bench(args: argparse.Namespace) -> None:
+    from starfish.benchmarks.serving import run
+
+    for row in run(Path(args.out), args.clients, args.seconds, forms=tuple(args.forms))["rows"]:
+        good = row["classes"]["good"]
+        print(f"{row['form']}: {row['requests_per_s']} requests/s, good p50 {good['p50_ms']} ms p99 {good['p99_ms']} "
+              f"ms, {row['good_lost']} good lost, slow {row['classes']['slow']['statuses']}, RSS peak "
+              f"{row['rss_mb_peak']} MB")
 
 
 def cmd_latency(args: argparse.Namespace) -> None:
@@ -345,20 +354,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a .safetensors (or .pth) checkpoint, or a bitmask export")
     p.add_argument("--json", action="store_true", help="print the whole record as JSON")
     p.set_defaults(fn=cmd_info)
-    p = sub.add_parser("serve", help="serve a registered model over HTTP (mlflow models serve, this environment)",
-                       description="Runs `mlflow models serve --env-manager local` on the model; POST images "
-                                   "(N, C, H, W) as {\"inputs\": ...} to /invocations for logits.")
+    p = step("serve", cmd_serve, "serve a registered model over HTTP (MLflow's scoring app, this environment), "
+             "within params.yaml's serve bounds; POST images (N, C, H, W) as {\"inputs\": ...} to /invocations for "
+             "logits")
     p.add_argument("model_uri", help='e.g. "models:/starfish-starfish-vit-fmnist@champion"')
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=5001, help="port to listen on (default: 5001)")
-    p.add_argument("--max-batch", type=int, default=256, help="most images one request may send (more: HTTP 400)")
-    p.add_argument("--deadline", type=float, default=30.0, help="seconds of inference per request; an ONNX model's "
-                   "run is stopped there (HTTP 504) (default: 30)")
-    p.add_argument("--preflight-timeout", type=float, default=120.0, help="seconds the model may take to load and "
-                   "answer its input example before the server starts (default: 120)")
+    p.add_argument("--max-batch", type=int, help="most images one request may send, more: HTTP 400 "
+                   "(default: serve.max_batch)")
+    p.add_argument("--max-request-mb", type=float, help="most memory one request's ONNX run may take, estimated "
+                   "from the graph's tensors; more: HTTP 400 (default: serve.max_request_mb)")
+    p.add_argument("--deadline", type=float, help="seconds of inference per request; an ONNX model's run is "
+                   "stopped there, HTTP 504 (default: serve.deadline_s)")
+    p.add_argument("--preflight-timeout", type=float, help="seconds the model may take to load and answer its "
+                   "input example before the server starts (default: serve.preflight_timeout_s)")
     p.add_argument("--tracking-uri", default=None, help="the registry to read the model from (default: "
                                                         "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("serve-bench", help="starfish serve under concurrent load on loopback: throughput, "
+                       "latency, refusals and memory", description=("Serves the slim demo ViT in float and int8 "
+                       "and sends a mix of good, malformed, too large and deadline-hitting requests "
+                       "(starfish/benchmarks/serving.py)."))
+    p.add_argument("--out", default="results/serving", help="results folder (default: results/serving)")
+    p.add_argument("--clients", type=int, default=4, help="concurrent clients (default: 4)")
+    p.add_argument("--seconds", type=float, default=30.0, help="seconds of load per served form (default: 30)")
+    p.add_argument("--forms", nargs="+", default=["none", "int8-static"], choices=["none", "int8-static"],
+                   help="served forms: float ONNX (none) and the static int8 model")
+    p.set_defaults(fn=cmd_serve_bench)
     p = sub.add_parser("export-sizes", help="sizes of compressed exports against dense and the bitmask ideal",
                        description="Exports the demo ViT, deit_tiny and resnet18 at 50/75/90% magnitude "
                                    "sparsity and checks each round trip byte for byte.")

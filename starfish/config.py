@@ -241,6 +241,19 @@ class GateConfig:
     max_flops_ratio: float | None = Field(None, gt=0, description="forward FLOPs over dense's; empty: none")
 
 
+@config_section("serve")
+class ServeConfig:
+    """The bounds `starfish serve` puts on each request (starfish/serving.py); its flags win."""
+
+    max_batch: int = Field(256, ge=1, description="most images one request may send (more: HTTP 400)")
+    max_request_mb: float = Field(1024.0, gt=0, description="most memory one request's run may take, estimated "
+                                  "from the ONNX graph's tensors (more: HTTP 400)")
+    deadline_s: float = Field(30.0, gt=0, description="seconds of inference per request; an ONNX run is stopped "
+                              "there (HTTP 504)")
+    preflight_timeout_s: float = Field(120.0, gt=0, description="seconds the model may take to load and answer "
+                                       "its input example before the server starts")
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -251,6 +264,7 @@ class PipelineConfig:
     quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
     evaluate: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     gate: GateConfig = dataclasses.field(default_factory=GateConfig)
+    serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:
         require(self.heal.quant in ("none", self.quant.mode),

@@ -13,6 +13,8 @@ from starfish.errors import StarfishError
 METRICS = ("dense_top1", "pruned_top1", "healed_top1", "recovery", "sparsity", "sparsity_drift")
 SERVED_METRICS = ("served_top1", "served_recovery", "served_agreement")  # the served file, in onnxruntime
 REGISTER_KEY_TAG = "starfish.register_key"  # on the run and its version: one registration per key
+SERVED_SHA256_TAG = "sha256"  # on a version: its served file's hash, checked by `starfish serve` before serving
+MODEL_NAME_TAG = "starfish.model_name"  # on the run: the model it compressed
 
 
 def gate_failures(metrics: dict[str, Any], gate: GateConfig) -> list[str]:

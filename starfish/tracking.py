@@ -34,8 +34,16 @@ import torch
 
 from starfish.config import GateConfig, PipelineConfig
 from starfish.errors import StarfishError
-from starfish.gate import METRICS, REGISTER_KEY_TAG, SERVED_METRICS, check_registrable, promotion_failures
-from starfish.io import process_alive, read_json
+from starfish.gate import (
+    METRICS,
+    MODEL_NAME_TAG,
+    REGISTER_KEY_TAG,
+    SERVED_METRICS,
+    SERVED_SHA256_TAG,
+    check_registrable,
+    promotion_failures,
+)
+from starfish.io import process_alive, read_json, sha256_file
 from starfish.pruning.masks import Masks
 from starfish.report import model_card, write_report
 
@@ -295,7 +303,7 @@ def _source_tags(cfg: PipelineConfig, flow_run_id: str | None) -> dict[str, str]
     commit = git_commit()
     return {"mlflow.source.git.commit": commit[0] if commit else "unknown",
             "starfish.git_dirty": str(commit[1]).lower() if commit else "unknown",
-            "starfish.model_name": cfg.model.name, "prefect.flow_run_id": flow_run_id or "none"}
+            MODEL_NAME_TAG: cfg.model.name, "prefect.flow_run_id": flow_run_id or "none"}
 
 
 def _system_metrics(run_id: str, uri: str) -> Any:
@@ -366,20 +374,24 @@ def note_on_run(uri: str, run_id: str, tags: dict[str, str] | None = None,
 
 def log_served_model(path: str | Path, fmt: str, example: np.ndarray, signature: Any, model_name: str) -> Any:
     """Log the exported file (`fmt`: bitmask or onnx) behind the serving pyfunc into the active
-    run, registered as a new version of `model_name`; MLflow's ModelInfo. What `mlflow models
+    run, registered as a new version of `model_name`, tagged with the file's sha256 (which
+    `starfish serve` checks the file it loads against); MLflow's ModelInfo. What `mlflow models
     serve` and `mlflow.pyfunc.load_model` of the version then run is `starfish/serving.py`."""
     import mlflow
 
     from starfish import serving
     from starfish.serving import CHECKPOINT, ONNX
 
+    digest = sha256_file(path)
     with _LOG_LOCK:
-        return mlflow.pyfunc.log_model(
+        info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT, python_model=str(Path(serving.__file__)),
             artifacts={ONNX if fmt == "onnx" else CHECKPOINT: str(path)},
             input_example=example, signature=signature, pip_requirements=_pip_requirements(),
             code_paths=[str(Path(serving.__file__).parent)],  # starfish itself travels with the model
             registered_model_name=model_name)
+    mlflow.MlflowClient().set_model_version_tag(model_name, info.registered_model_version, SERVED_SHA256_TAG, digest)
+    return info
 
 
 def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed: dict[str, Any],

@@ -155,14 +155,14 @@ def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def scoring_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
-    """MLflow's own scoring app around the pyfunc of a given ONNX model, through HTTP calls in
-    this process (fastapi's TestClient)."""
+    """The app `starfish serve` runs (MLflow's own scoring app, its errors one line) around the
+    pyfunc of a given ONNX model, through HTTP calls in this process (fastapi's TestClient)."""
     import mlflow
     from fastapi.testclient import TestClient
     from mlflow.models import infer_signature
-    from mlflow.pyfunc import scoring_server
 
     import starfish.serving as serving
+    from starfish import serving_app
 
     def make(proto: Any, deadline: float = 30.0) -> TestClient:
         monkeypatch.setenv(serving.DEADLINE_ENV, str(deadline))
@@ -172,6 +172,6 @@ def scoring_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[
         mlflow.pyfunc.save_model(str(folder), python_model=serving.__file__, artifacts={"onnx": str(path)},
                                  signature=infer_signature(example, np.zeros((1, CLASSES), np.float32)),
                                  code_paths=[str(Path(serving.__file__).parent)])
-        return TestClient(scoring_server.init(mlflow.pyfunc.load_model(str(folder))))
+        return TestClient(serving_app.build(mlflow.pyfunc.load_model(str(folder))))
 
     return make

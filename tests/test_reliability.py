@@ -17,6 +17,7 @@ written to docs/reliability.md when the module ends: generated, never typed.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -421,17 +422,27 @@ def test_a_hostile_served_file_is_refused_in_one_line(name: str, make: Callable[
     record("hostile served file", name, f"refused within 10 s, one line: {reason}")
 
 
-def test_serving_faults_answer_in_valid_json_with_the_right_status(scoring_client: Callable) -> None:
-    HOW["serving faults"] = ("Requests to MLflow's scoring app around the pyfunc of a small ONNX model "
-                             "(`STARFISH_SERVE_DEADLINE_S`=0.3 for the slow one): every body is valid JSON without a "
-                             "stack trace, starfish's own refusals are one line, and the next good request is "
-                             "answered.")
+def test_serving_faults_answer_in_valid_json_with_the_right_status(scoring_client: Callable,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    HOW["serving faults"] = ("Requests to the app `starfish serve` runs (MLflow's scoring app around the pyfunc of a "
+                             "small ONNX model, its error answers cut to one line; `STARFISH_SERVE_DEADLINE_S`=0.3 "
+                             "for the slow one, `STARFISH_SERVE_MAX_REQUEST_MB`=0.1 for the large one): every body is "
+                             "valid JSON of one line without a stack trace, and the next good request is answered.")
     good = np.ones((2, *SIZE)).tolist()
     ok = scoring_client(small_model())
     status, body = post(ok, np.ones((2, 1, 3, 3)).tolist())
-    assert status == 400 and "Traceback" not in str(body)
-    record("serving faults", "images of another size", f"HTTP {status}, from MLflow's signature check (its message "
-           "repeats the request)")
+    assert status == 400 and "Traceback" not in str(body) and "\n" not in body["message"]
+    record("serving faults", "images of another size", f"HTTP {status}: \"{body['message']}\"")
+    response = ok.post("/invocations", content=b'{"inputs": [[[', headers={"Content-Type": "application/json"})
+    body = json.loads(response.text)
+    assert response.status_code == 400 and "\n" not in body["message"]
+    record("serving faults", "a body that is not JSON", f"HTTP {response.status_code}: \"{body['message']}\"")
+    monkeypatch.setenv("STARFISH_SERVE_MAX_REQUEST_MB", "0.1")
+    status, body = post(scoring_client(small_model(hidden=1024, layers=2)), np.ones((9, *SIZE)).tolist())
+    monkeypatch.delenv("STARFISH_SERVE_MAX_REQUEST_MB")
+    assert status == 400 and "send at most 8" in body["message"]
+    record("serving faults", "a request over the memory bound", f"HTTP {status}, before any compute: "
+           f"\"{body['message']}\"")
     status, body = post(ok, np.full((2, *SIZE), np.nan).tolist())
     assert status == 400 and body["message"] == "the images hold NaN or infinite values; send finite pixels"
     record("serving faults", "NaN pixels", f"HTTP {status}: \"{body['message']}\"")

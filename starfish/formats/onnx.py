@@ -186,6 +186,24 @@ def _check_interface(graph: Any, metadata: dict[str, str], bad: Any) -> None:
         raise bad(f"gives {classes} logits but its metadata says num_classes={recorded['num_classes']}")
 
 
+def bytes_per_image(path: str | Path) -> int:
+    """What one image adds to a run's memory, at most: the bytes per image of every tensor whose
+    first axis is the batch, summed over the graph as onnx's shape inference sizes them. onnxruntime
+    reuses buffers, so it holds less at once; a bound on requests, not a prediction."""
+    import onnx
+    from onnx import shape_inference
+
+    graph = shape_inference.infer_shapes(_checked(path)[0], strict_mode=False).graph
+    total = 0
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        tensor = value.type.tensor_type
+        dims = tensor.shape.dim
+        if dims and not dims[0].HasField("dim_value") and all(d.HasField("dim_value") for d in dims[1:]):
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)).itemsize
+            total += int(np.prod([d.dim_value for d in dims[1:]], dtype=np.int64)) * itemsize
+    return total
+
+
 def open_session(path: str | Path, threads: int | None = None) -> tuple[Any, dict[str, str]]:
     """`check_onnx`, then the session: (session, the file's starfish metadata). A file that passes
     the checks and that onnxruntime still refuses is one StarfishError too."""

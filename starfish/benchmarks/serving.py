@@ -1,0 +1,377 @@
+"""`starfish serve-bench`: `starfish serve` under load, on loopback, as a client sees it.
+
+For each served form of the demo ViT with half its MLP neurons and heads removed (the slim model
+in float ONNX, and its static int8 model), the model is registered in a scratch MLflow store as
+the pipeline registers one, served by `starfish serve` (preflight included), and `clients`
+threads send requests for `seconds`, each drawn at random from a fixed mix:
+
+- good: 8 real Fashion-MNIST test images; the answer must equal onnxruntime's logits for the
+  same file, run here (`correct`), or the request counts as lost;
+- malformed: a body that is not JSON, images of the wrong size, NaN pixels: each must be a 400;
+- too many: one image more than the batch bound: a 400;
+- slow: the batch bound's images under a deadline set below their run time (measured here
+  first): a 504 once the run is stopped, or a 200 where the server's run beat the estimate.
+
+It records throughput, p50/p99 latency and the answers by class and HTTP status, and samples the
+server's resident memory (its process tree, VmRSS) over time; then the server's CPU use over the
+second after the load stops (it should be idle). `results/serving`: serving.json, serving.md and
+serving.png (latency by class, memory over time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import logging
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from starfish.benchmarks.memory import descendants, status_kb
+from starfish.errors import StarfishError
+from starfish.io import atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+MODEL, CHECKPOINT = "starfish_vit_fmnist", "data/demo/starfish_vit_fmnist.safetensors"
+STRUCTURE, REMOVED = "neurons+heads", 0.5
+FORMS = ("none", "int8-static")  # quant modes: the slim float model and its int8 model
+GOOD_BATCH = 8
+MAX_BATCH = 256  # the server's batch bound (its default), and the slow requests' size
+MIX = {"good": 0.8, "malformed": 0.1, "too many": 0.05, "slow": 0.05}
+LOGIT_TOLERANCE = 1e-4  # served against local onnxruntime logits of the same file
+STARTUP_S = 240.0
+
+
+def run(out: Path, clients: int = 4, seconds: float = 30.0, seed: int = 0, forms: tuple[str, ...] = FORMS,
+        data_root: str | None = None) -> dict[str, Any]:
+    """Build, register and serve each form, load it, and write `out`'s serving.json, .md and .png."""
+    from starfish.config import PipelineConfig
+
+    cfg = PipelineConfig()
+    if data_root:
+        cfg = cfg.replace(data={"root": data_root})
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        files, test_images = _served_files(cfg, folder, forms)
+        for form, path in files.items():
+            rows.append(_load_one(folder, form, path, test_images, clients, seconds, seed))
+    summary = {"model": MODEL, "structure": STRUCTURE, "removed": REMOVED, "clients": clients, "seconds": seconds,
+               "seed": seed, "mix": MIX, "good_batch": GOOD_BATCH, "max_batch": MAX_BATCH, "cores": os.cpu_count(),
+               "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "serving.json", summary)
+    atomic_write_bytes(out / "serving.md", markdown(summary).encode())
+    plot(summary, out / "serving.png")
+    return summary
+
+
+def _served_files(cfg: Any, folder: Path, forms: tuple[str, ...]) -> tuple[dict[str, Path], np.ndarray]:
+    """The slim demo ViT written as each served form, and 512 test images to send."""
+    from starfish.benchmarks.frontier import _prunable
+    from starfish.formats.onnx import export_onnx
+    from starfish.models import create_model
+    from starfish.quant.ort import write_int8
+    from starfish.steps import dataset
+
+    dense = create_model(MODEL, checkpoint=CHECKPOINT).eval()
+    family = cfg.replace(model={"name": MODEL, "checkpoint": CHECKPOINT})
+    train, test = dataset(family, "train", dense), dataset(family, "test", dense)
+    calibration = torch.stack([train[i][0] for i in range(0, 60000, 250)])  # 240 images, 0.4% of the split
+    model, _ = _prunable(dense, STRUCTURE, REMOVED, calibration)
+    input_size = tuple(calibration.shape[1:])
+    metadata = {"model": MODEL, "input_size": list(input_size), "num_classes": 10}
+    files = {}
+    for form in forms:
+        files[form] = folder / f"{form}.onnx"
+        if form == "none":
+            export_onnx(model.eval(), files[form], input_size, metadata, calibration[:32])
+        else:
+            write_int8(model.eval(), files[form], input_size, metadata, form, calibration)
+    images = torch.stack([test[i][0] for i in range(512)]).numpy().astype(np.float32)
+    return files, images
+
+
+def _register(folder: Path, path: Path, form: str, example: np.ndarray) -> tuple[str, str]:
+    """`path` registered in a scratch sqlite store as the pipeline registers a served file: (the
+    store's URI, the version's URI)."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from starfish.formats.onnx import run_session, session
+    from starfish.gate import MODEL_NAME_TAG
+    from starfish.tracking import log_served_model
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    name = f"serve-bench-{form}"
+    with mlflow.start_run():
+        mlflow.set_tag(MODEL_NAME_TAG, MODEL)
+        logits = run_session(session(path), example)
+        log_served_model(path, "onnx", example, infer_signature(example, logits), name)
+    return uri, f"models:/{name}/1"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _server(uri: str, model_uri: str, deadline: float, log_path: Path) -> Iterator[tuple[int, int]]:
+    """`starfish serve` as a user runs it, until /ping answers: (its port, its pid)."""
+    port = _free_port()
+    command = [sys.executable, "-m", "starfish.cli", "serve", model_uri, "--port", str(port), "--tracking-uri", uri,
+               "--max-batch", str(MAX_BATCH), "--deadline", f"{deadline:.4f}"]
+    with open(log_path, "w") as server_log:
+        server = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        start = time.monotonic()
+        while time.monotonic() - start < STARTUP_S:
+            if server.poll() is not None:
+                raise StarfishError(f"starfish serve {model_uri} exited ({server.returncode}): "
+                                    f"{log_path.read_text().strip().splitlines()[-1:]}")
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                connection.request("GET", "/ping")
+                if connection.getresponse().status == 200:
+                    break
+            time.sleep(0.5)
+        else:
+            raise StarfishError(f"starfish serve {model_uri} did not answer /ping within {STARTUP_S:g} s")
+        yield port, server.pid
+    finally:
+        for pid in reversed(descendants(server.pid)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 15)
+        server.wait(timeout=30)
+
+
+def _deadline(path: Path, images: np.ndarray) -> tuple[float, float, float]:
+    """A deadline below a slow request's run and far above a good one's: (deadline, the median
+    seconds of a good request's run, of a slow one's), timed here in onnxruntime."""
+    from starfish.formats.onnx import run_session, session
+
+    sess = session(path)
+    slow = np.concatenate([images] * (MAX_BATCH // len(images) + 1))[:MAX_BATCH]
+
+    def median_time(batch: np.ndarray) -> float:
+        run_session(sess, batch)
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            run_session(sess, batch)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    good_s, slow_s = median_time(images[:GOOD_BATCH]), median_time(slow)
+    return slow_s / 2, good_s, slow_s
+
+
+def _bodies(images: np.ndarray, reference: np.ndarray) -> dict[str, list[tuple[bytes, np.ndarray | None]]]:
+    """Every request body of each class, encoded once: (body, the logits a good one must get)."""
+    def body(batch: Any) -> bytes:
+        return json.dumps({"inputs": batch.tolist() if hasattr(batch, "tolist") else batch}).encode()
+
+    good = [(body(images[i:i + GOOD_BATCH]), reference[i:i + GOOD_BATCH])
+            for i in range(0, len(images) - GOOD_BATCH + 1, GOOD_BATCH)]
+    wrong_size = np.ones((2, images.shape[1], images.shape[2] + 1, images.shape[3]), np.float32)
+    nan = images[:2].copy()
+    nan[0, 0, 0, 0] = np.nan
+    many = np.concatenate([images] * (MAX_BATCH // len(images) + 2))
+    return {"good": good,
+            "malformed": [(b'{"inputs": [[[', None), (body(wrong_size), None),
+                          (json.dumps({"inputs": nan.tolist()}, allow_nan=True).encode(), None)],
+            "too many": [(body(many[:MAX_BATCH + 1]), None)],
+            "slow": [(body(many[:MAX_BATCH]), None)]}
+
+
+def _load_one(folder: Path, form: str, path: Path, images: np.ndarray, clients: int, seconds: float,
+              seed: int) -> dict[str, Any]:
+    from starfish.formats.onnx import run_session, session
+
+    deadline, good_s, slow_s = _deadline(path, images)
+    reference = run_session(session(path), images)
+    bodies = _bodies(images, reference)
+    (folder / form).mkdir()
+    uri, model_uri = _register(folder / form, path, form, images[:1])
+    log.info("%s: good request %.1f ms, slow %.0f ms in onnxruntime here; deadline %.0f ms", form, good_s * 1e3,
+             slow_s * 1e3, deadline * 1e3)
+    records: list[tuple[str, int, float, bool | None]] = []
+    memory: list[tuple[float, float]] = []
+    lock = threading.Lock()
+    with _server(uri, model_uri, deadline, folder / f"{form}-server.log") as (port, pid):
+        baseline = _tree_mb(pid)
+        stop = time.monotonic() + seconds
+        start = time.monotonic()
+
+        def client(index: int) -> None:
+            draw = random.Random(seed * 1000 + index)
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=deadline + 60)
+            while time.monotonic() < stop:
+                kind = draw.choices(list(MIX), weights=list(MIX.values()))[0]
+                body, want = draw.choice(bodies[kind])
+                sent = time.monotonic()
+                try:
+                    connection.request("POST", "/invocations", body, {"Content-Type": "application/json"})
+                    response = connection.getresponse()
+                    status, answer = response.status, response.read()
+                except (OSError, http.client.HTTPException):
+                    status, answer = 0, b""
+                    connection.close()
+                    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=deadline + 60)
+                took = time.monotonic() - sent
+                correct = None
+                if kind == "good":
+                    correct = status == 200 and _matches(answer, want)
+                elif status not in (0, 200):
+                    correct = _one_line_json(answer)
+                with lock:
+                    records.append((kind, status, took, correct))
+
+        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+        for thread in threads:
+            thread.start()
+        while any(thread.is_alive() for thread in threads):
+            memory.append((round(time.monotonic() - start, 2), round(_tree_mb(pid), 1)))
+            time.sleep(0.5)
+        elapsed = time.monotonic() - start
+        cpu_before = _tree_cpu_s(pid)
+        time.sleep(1.0)
+        idle_cpu = _tree_cpu_s(pid) - cpu_before
+    return _summarize(form, records, memory, elapsed, baseline, idle_cpu, deadline, good_s, slow_s)
+
+
+def _matches(answer: bytes, want: np.ndarray) -> bool:
+    try:
+        got = np.asarray(json.loads(answer)["predictions"], dtype=np.float32)
+    except (ValueError, KeyError, TypeError):
+        return False
+    return got.shape == want.shape and bool(np.abs(got - want).max() <= LOGIT_TOLERANCE)
+
+
+def _one_line_json(answer: bytes) -> bool:
+    """A refusal's body: valid JSON whose message is one line with no stack trace."""
+    try:
+        message = json.loads(answer).get("message", "")
+    except (ValueError, AttributeError):
+        return False
+    return bool(message) and "\n" not in message and "Traceback" not in message
+
+
+def _tree_mb(pid: int) -> float:
+    return sum(status_kb("VmRSS", p) for p in descendants(pid)) / 1024
+
+
+def _tree_cpu_s(pid: int) -> float:
+    """User and system CPU seconds of the process tree so far (its live processes)."""
+    ticks = 0
+    for p in descendants(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _summarize(form: str, records: list[tuple[str, int, float, bool | None]], memory: list[tuple[float, float]],
+               elapsed: float, baseline: float, idle_cpu: float, deadline: float, good_s: float,
+               slow_s: float) -> dict[str, Any]:
+    classes = {}
+    for kind in MIX:
+        mine = [r for r in records if r[0] == kind]
+        times = sorted(r[2] for r in mine)
+        statuses: dict[str, int] = {}
+        for r in mine:
+            statuses[str(r[1])] = statuses.get(str(r[1]), 0) + 1
+        classes[kind] = {"requests": len(mine), "statuses": statuses,
+                         "p50_ms": round(_percentile(times, 50) * 1e3, 1) if times else None,
+                         "p99_ms": round(_percentile(times, 99) * 1e3, 1) if times else None,
+                         "as_expected": sum(1 for r in mine if r[3])}
+    good = classes["good"]
+    return {"form": form, "seconds": round(elapsed, 1), "requests": len(records),
+            "requests_per_s": round(len(records) / elapsed, 1),
+            "good_images_per_s": round(good["as_expected"] * GOOD_BATCH / elapsed, 1),
+            "good_lost": good["requests"] - good["as_expected"],
+            "refusals_not_one_line": sum(1 for r in records if r[0] != "good" and r[1] not in (0, 200) and not r[3]),
+            "connection_errors": sum(1 for r in records if r[1] == 0),
+            "deadline_ms": round(deadline * 1e3, 1), "good_run_ms": round(good_s * 1e3, 2),
+            "slow_run_ms": round(slow_s * 1e3, 1), "rss_mb_idle": round(baseline, 1),
+            "rss_mb_peak": max((m for _, m in memory), default=baseline),
+            "cpu_s_in_the_second_after": round(idle_cpu, 3), "classes": classes, "memory": memory}
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lines = [f"# `starfish serve` under load ({summary['model']}, {summary['removed']:.0%} {summary['structure']} "
+             "removed)", "",
+             f"{summary['clients']} concurrent clients on loopback for {summary['seconds']:g} s per form, on "
+             f"{summary['cores']} cores, each request drawn from the mix {summary['mix']}: good = "
+             f"{summary['good_batch']} real test images, answered with onnxruntime's logits of the same file; "
+             f"malformed (not JSON, wrong size, NaN pixels) and too many (batch bound {summary['max_batch']} + 1) "
+             "must be a 400 with one line; slow = the batch bound's images under a deadline of half their run time "
+             "here, stopped with a 504. Regenerate: `make serving`.", "",
+             "| served form | requests/s | good images/s | good p50 / p99 ms | good lost | slow: statuses "
+             "| malformed, too many: statuses | refusals not one JSON line | RSS idle / peak MB "
+             "| CPU s in the second after |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in summary["rows"]:
+        c = row["classes"]
+        refused = {k: v for kind in ("malformed", "too many") for k, v in c[kind]["statuses"].items()}
+        lines.append(f"| {row['form']} | {row['requests_per_s']} | {row['good_images_per_s']} | "
+                     f"{c['good']['p50_ms']} / {c['good']['p99_ms']} | {row['good_lost']} of {c['good']['requests']} "
+                     f"| {c['slow']['statuses']} | {refused} | {row['refusals_not_one_line']} | "
+                     f"{row['rss_mb_idle']} / {row['rss_mb_peak']} | {row['cpu_s_in_the_second_after']} |")
+    lines += ["", "Deadlines: " + "; ".join(f"{r['form']} {r['deadline_ms']} ms (a good request's run "
+                                            f"{r['good_run_ms']} ms, a slow one's {r['slow_run_ms']} ms)"
+                                            for r in summary["rows"]) + ".", ""]
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (latency, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    kinds = list(MIX)
+    width = 0.8 / max(len(summary["rows"]), 1)
+    for i, row in enumerate(summary["rows"]):
+        x = np.arange(len(kinds)) + i * width
+        p50 = [row["classes"][k]["p50_ms"] or 0 for k in kinds]
+        p99 = [row["classes"][k]["p99_ms"] or 0 for k in kinds]
+        latency.bar(x, p99, width, alpha=0.35, label=f"{row['form']} p99")
+        latency.bar(x, p50, width, label=f"{row['form']} p50")
+        memory.plot([t for t, _ in row["memory"]], [m for _, m in row["memory"]], label=row["form"])
+    latency.set_xticks(np.arange(len(kinds)) + width * (len(summary["rows"]) - 1) / 2, kinds)
+    latency.set_ylabel("latency (ms)")
+    latency.set_yscale("log")
+    latency.legend(fontsize=8)
+    latency.set_title(f"{summary['clients']} clients, by request class")
+    memory.set_xlabel("seconds under load")
+    memory.set_ylabel("server RSS (MB, process tree)")
+    memory.legend(fontsize=8)
+    memory.set_title("server memory over time")
+    figure.tight_layout()
+    with tempfile.NamedTemporaryFile(suffix=".png", dir=path.parent, delete=False) as tmp:
+        figure.savefig(tmp.name, dpi=110)
+    plt.close(figure)
+    os.replace(tmp.name, path)

@@ -44,15 +44,14 @@ class PrunerSpec:
 
 @dataclasses.dataclass(frozen=True)
 class HealerSpec:
-    """A healer, `(model, dense, masks, images, cfg) -> report` (`healing.Healer`): `trains` when
-    it takes the heal's optimizer steps (heal.steps or heal.epochs, heal.lr), `solves` when it
-    solves least squares (heal.damp, heal.solver). None reads labels: they heal on unlabeled images."""
+    """A healer, `(model, dense, masks, images, **parts) -> report` (`healing.Healer`), and the
+    parts of the heal section it `reads` (config.Training, Alignment, LeastSquares), which
+    `healing.heal_` passes it by name. None reads labels: they heal on unlabeled images."""
 
     name: str
     summary: str
     target: str
-    trains: bool = False
-    solves: bool = False
+    reads: tuple[str, ...] = ()
 
 
 _PRUNERS = "starfish.pruning.pruners"
@@ -76,14 +75,14 @@ HEALERS: Registry[HealerSpec] = Registry("healer", [
     HealerSpec("none", "the pruned weights as they are: the floor every healer is measured against",
                f"{_HEALING}.baselines:no_healing"),
     HealerSpec("bias-correction", "b <- b_dense + W_dense E[x_dense] - W_pruned E[x_pruned], layer by layer",
-               f"{_HEALING}.baselines:bias_correction"),
+               f"{_HEALING}.baselines:bias_correction", reads=("least_squares",)),
     HealerSpec("layerwise", "sequential per-layer least-squares reconstruction of the kept weights",
-               f"{_HEALING}.baselines:layerwise", solves=True),
+               f"{_HEALING}.baselines:layerwise", reads=("least_squares",)),
     HealerSpec("logit-kd", "distill only the final logits (the root module's output), same budget as STARFISH",
-               f"{_HEALING}.baselines:logit_kd", trains=True),
+               f"{_HEALING}.baselines:logit_kd", reads=("training", "alignment")),
     HealerSpec("starfish", "STARFISH: Adam on the kept weights so the block outputs (internal states) align with the "
                "dense model's, on unlabeled calibration images; optionally warm-started and with a logit term",
-               f"{_HEALING}.starfish:starfish", trains=True, solves=True),
+               f"{_HEALING}.starfish:starfish", reads=("training", "alignment", "least_squares")),
 ])
 
 STRUCTURES = ("neurons", "heads", "channels")

@@ -141,6 +141,57 @@ class PruneConfig:
         return PRUNERS.get(self.method).reads_images or self.allocation == "block-loss" or self.depth > 0
 
 
+# The parts of the heal section each healer reads (catalog.HealerSpec.reads): views over its
+# fields, so a healer's signature says what it depends on and a test can build one part alone.
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """A gradient heal's schedule: Adam over a step budget, the held-out slice that picks the
+    state kept, BatchNorm, and where the dense states it aligns to live (healing/targets.py)."""
+
+    steps: int | None
+    epochs: int | None
+    batch_size: int
+    lr: float
+    lr_min: float
+    seed: int
+    holdout: float
+    holdout_every: int
+    keep: str
+    batchnorm: str
+    cache: str
+    cache_dtype: str
+
+    def total_steps(self, num_images: int) -> int:
+        """Adam steps this budget takes on `num_images` training images."""
+        return self.steps if self.steps is not None else self.epochs * math.ceil(num_images / self.batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Alignment:
+    """What STARFISH aligns and how: the dense states, their loss, the logit term, the warm start."""
+
+    states: str
+    loss: str
+    logit_weight: float
+    temperature: float
+    warm_start: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LeastSquares:
+    """A layer-by-layer re-fit: its solver and damping, and how the layers' inputs are fed."""
+
+    solver: str
+    damp: float
+    solve_memory_mb: int
+    batch_size: int
+    cache: str
+
+
+def _part(cls: type, values: Any) -> Any:
+    return cls(**{field.name: getattr(values, field.name) for field in dataclasses.fields(cls)})
+
+
 @config_section("heal")
 class HealConfig:
     """Defaults: the authors' STARFISH recipe (block-output alignment, Adam at 6e-4, cosine to 1e-6,
@@ -193,7 +244,19 @@ class HealConfig:
 
     def total_steps(self, num_images: int) -> int:
         """Adam steps this budget takes on `num_images` training images."""
-        return self.steps if self.steps is not None else self.epochs * math.ceil(num_images / self.batch_size)
+        return self.training.total_steps(num_images)
+
+    @property
+    def training(self) -> Training:
+        return _part(Training, self)
+
+    @property
+    def alignment(self) -> Alignment:
+        return _part(Alignment, self)
+
+    @property
+    def least_squares(self) -> LeastSquares:
+        return _part(LeastSquares, self)
 
 
 def recipe_config(base: HealConfig, name: str, seed: int | None = None, steps: int | None = None) -> HealConfig:

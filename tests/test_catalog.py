@@ -3,13 +3,14 @@ the entries state, and a lookup imports no implementation."""
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 
 import pytest
 
 from starfish.catalog import HEALERS, PRUNERS
-from starfish.config import PruneConfig
+from starfish.config import Alignment, HealConfig, LeastSquares, PruneConfig, Training
 from starfish.errors import StarfishError
 from starfish.registry import load
 
@@ -29,6 +30,18 @@ def test_every_healer_entry_loads_the_code_it_names(name: str) -> None:
     spec = HEALERS.get(name)
     healer = load(spec.target)
     assert callable(healer) and healer.__module__ == spec.target.split(":")[0] and spec.summary
+
+
+@pytest.mark.parametrize("name", HEALERS.names())
+def test_every_healer_takes_exactly_the_parts_of_the_heal_section_its_entry_reads(name: str) -> None:
+    """heal_ passes a healer the parts its entry names, by name, and nothing else: a healer that
+    read another field would need it in its signature, where this test sees it."""
+    spec = HEALERS.get(name)
+    parameters = list(inspect.signature(load(spec.target)).parameters)
+    assert parameters[:4] == ["model", "dense", "masks", "images"] and tuple(parameters[4:]) == spec.reads
+    parts = {"training": Training, "alignment": Alignment, "least_squares": LeastSquares}
+    for part in spec.reads:
+        assert isinstance(getattr(HealConfig(method=name), part), parts[part])
 
 
 def test_config_checks_the_contracts_the_entries_state() -> None:

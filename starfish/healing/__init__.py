@@ -5,7 +5,9 @@ pruned model in place.
 
 `model` is the pruned model (changed in place), `dense` the original, `masks` the keep-masks
 of the pruned weights (True = kept), `images` the unlabeled calibration images, `cfg` a
-`HealConfig`. Every healer keeps each pruned weight exactly zero.
+`HealConfig`. `heal_` reads the fields that set how any heal runs (precision, checkpointing,
+compile, the int8 scheme) and hands the healer only the parts of `cfg` its entry reads
+(config.Training, Alignment, LeastSquares). Every healer keeps each pruned weight exactly zero.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ def heal_(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor
     log.info("heal config: %s", json.dumps(dataclasses.asdict(cfg), separators=(",", ":")))
     with numerics(cfg.precision, device_of(model)), gradient_checkpointing(model, cfg.grad_checkpointing), \
             compiled_blocks(model, cfg.compile), fake_quantized(model, cfg.quant, images, cfg.batch_size):
-        healer: Healer = load(HEALERS.get(cfg.method).target)
-        return healer(model, dense, masks, images, cfg)
+        spec = HEALERS.get(cfg.method)
+        healer: Healer = load(spec.target)
+        return healer(model, dense, masks, images, **{part: getattr(cfg, part) for part in spec.reads})
 
 
 @contextlib.contextmanager

@@ -36,13 +36,12 @@ from starfish.pruning.slim import dense_rows
 from starfish.rows import RowStore, current_scratch_folder, row_store
 
 if TYPE_CHECKING:
-    from starfish.config import HealConfig
+    from starfish.config import Alignment, LeastSquares, Training
 
 log = logging.getLogger(__name__)
 
 
-def no_healing(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
-               cfg: "HealConfig") -> dict[str, object]:
+def no_healing(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor) -> dict[str, object]:
     """The pruned weights as they are: the floor every healer is measured against."""
     return {}
 
@@ -181,15 +180,15 @@ class PairedInputs:
 
 @torch.no_grad()
 def bias_correction(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
-                    cfg: "HealConfig") -> dict[str, object]:
+                    least_squares: "LeastSquares") -> dict[str, object]:
     """b <- b_dense + W_dense E[x_dense] - W_pruned E[x_pruned], layer by layer."""
     dense_params = dict(dense.named_parameters())
     corrected = 0
     model.eval(), dense.eval()
     layers = _linear_layers(model, masks, "bias-correction")
     rows = dense_rows(model, dense)  # a slim model's layers are some of the dense rows
-    inputs = PairedInputs(model, dense, [name.removesuffix(".weight") for name in layers], images, cfg.batch_size,
-                          cfg.cache)
+    inputs = PairedInputs(model, dense, [name.removesuffix(".weight") for name in layers], images,
+                          least_squares.batch_size, least_squares.cache)
     for name, layer in progress(layers.items(), desc="bias-correction"):
         if layer.bias is None:
             log.warning("%s has no bias; bias-correction skips it", name)
@@ -332,7 +331,7 @@ def cg_least_squares(gram: torch.Tensor, cross: torch.Tensor, w_dense: torch.Ten
 
 @torch.no_grad()
 def layerwise(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
-              cfg: "HealConfig") -> dict[str, object]:
+              least_squares: "LeastSquares") -> dict[str, object]:
     """Sequential per-layer least-squares reconstruction of the kept weights."""
     dense_params = dict(dense.named_parameters())
     model.eval(), dense.eval()
@@ -340,8 +339,8 @@ def layerwise(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Te
     layers = {name: layer for name, layer in _linear_layers(model, masks, "layerwise").items()
               if layer.weight.numel()}  # a removed block's layers have no weights left to solve for
     rows = dense_rows(model, dense)  # a slim model's layers are some of the dense rows
-    inputs = PairedInputs(model, dense, [name.removesuffix(".weight") for name in layers], images, cfg.batch_size,
-                          cfg.cache)
+    inputs = PairedInputs(model, dense, [name.removesuffix(".weight") for name in layers], images,
+                          least_squares.batch_size, least_squares.cache)
     for name, layer in progress(layers.items(), desc="layerwise"):
         d, d_dense = layer.in_features, dense_params[name].shape[1]
         zeros = torch.zeros(d, d, dtype=torch.float64, device=device_of(model))
@@ -355,11 +354,11 @@ def layerwise(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Te
         w_dense = dense_params[name].double()
         if name in rows:
             w_dense = w_dense.index_select(0, rows[name].to(w_dense.device))
-        if cfg.solver == "exact":
-            solved = masked_least_squares(stats["gram"], stats["cross"], w_dense, masks[name], cfg.damp,
-                                          cfg.solve_memory_mb)
+        if least_squares.solver == "exact":
+            solved = masked_least_squares(stats["gram"], stats["cross"], w_dense, masks[name], least_squares.damp,
+                                          least_squares.solve_memory_mb)
         else:
-            solved = cg_least_squares(stats["gram"], stats["cross"], w_dense, masks[name], cfg.damp)
+            solved = cg_least_squares(stats["gram"], stats["cross"], w_dense, masks[name], least_squares.damp)
         before = layer.weight.double()
         layer.weight.copy_(solved.to(layer.weight.dtype))
         errors[name] = float(torch.linalg.norm(solved - before) / torch.linalg.norm(before).clamp_min(1e-300))
@@ -367,8 +366,9 @@ def layerwise(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Te
     return {"relative_weight_change": errors}
 
 
-def logit_kd(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
-             cfg: "HealConfig") -> dict[str, object]:
+def logit_kd(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor, training: "Training",
+             alignment: "Alignment") -> dict[str, object]:
     """Distill only the final logits (the root module's output), same budget as STARFISH."""
-    train, holdout = split_calibration(images, cfg.holdout)
-    return align_(model, dense, masks, train, holdout, Objective({"": (kd_loss(cfg.temperature), 1.0)}), cfg)
+    train, holdout = split_calibration(images, training.holdout)
+    return align_(model, dense, masks, train, holdout, Objective({"": (kd_loss(alignment.temperature), 1.0)}),
+                  training)

@@ -1,4 +1,4 @@
-"""Shared healing machinery: the healer registry, mask enforcement, alignment losses, and the alignment loop.
+"""Shared healing machinery: the healer signature, mask enforcement, alignment losses, and the alignment loop.
 
 The loop is the same for STARFISH (targets: the dense model's block outputs) and logit
 distillation (target: the dense model's logits); only the captured modules and the loss differ.
@@ -28,13 +28,16 @@ from starfish.pruning.masks import Masks
 from starfish.quant import attached
 
 if TYPE_CHECKING:
-    from starfish.config import HealConfig
+    from starfish.config import Training
 
 log = logging.getLogger(__name__)
 
 class Healer(Protocol):
+    """A healer takes the parts of the heal section its catalog entry reads, by name
+    (`training`, `alignment`, `least_squares`: config.Training, Alignment, LeastSquares)."""
+
     def __call__(self, model: nn.Module, dense: nn.Module, masks: Masks,
-                 images: torch.Tensor, cfg: "HealConfig") -> dict[str, object]: ...
+                 images: torch.Tensor, **parts: object) -> dict[str, object]: ...
 
 
 def on_channels(loss: LossFn, channels: torch.Tensor) -> LossFn:
@@ -158,7 +161,7 @@ def _recalibrate(model: nn.Module, masks: Masks, images: Images, held_out_loss: 
 
 
 def align_(model: nn.Module, dense: nn.Module, masks: Masks, images: Images, holdout: Images | None,
-           objective: Objective, cfg: "HealConfig", fallback: dict[str, torch.Tensor] | None = None
+           objective: Objective, cfg: "Training", fallback: dict[str, torch.Tensor] | None = None
            ) -> dict[str, object]:
     """Train the masked weights so the captured outputs match the dense model's, in place.
 
@@ -179,7 +182,7 @@ def align_(model: nn.Module, dense: nn.Module, masks: Masks, images: Images, hol
 
 
 def _align(model: nn.Module, masks: Masks, images: Images, holdout: Images | None, objective: Objective,
-           cfg: "HealConfig", fallback: dict[str, torch.Tensor] | None, targets: DenseTargets,
+           cfg: "Training", fallback: dict[str, torch.Tensor] | None, targets: DenseTargets,
            held_targets: DenseTargets | None) -> dict[str, object]:
     names = objective.names
     device = device_of(model)

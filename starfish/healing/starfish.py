@@ -9,7 +9,7 @@ pruning narrowed (a CNN without residuals) is compared on the channels it keeps.
 is counted in Adam steps (`heal.steps`, the authors' 1,570 by default), so a smaller split
 gets the same optimization.
 
-Options (HealConfig): `loss` (cosine | nmse), `states` (blocks | stages | last | module names),
+Options (config.Alignment): `loss` (cosine | nmse), `states` (blocks | stages | last | module names),
 `logit_weight` (add logit distillation to the block alignment), `warm_start=layerwise`
 (least-squares reconstruction of the Linear layers first), `holdout` and `keep` (a held-out
 slice that picks the state returned).
@@ -32,21 +32,21 @@ from starfish.pruning.masks import Masks
 from starfish.pruning.slim import state_channels
 
 if TYPE_CHECKING:
-    from starfish.config import HealConfig
+    from starfish.config import Alignment, LeastSquares, Training
 
 log = logging.getLogger(__name__)
 
 
-def starfish(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
-             cfg: "HealConfig") -> dict[str, object]:
+def starfish(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor, training: "Training",
+             alignment: "Alignment", least_squares: "LeastSquares") -> dict[str, object]:
     """STARFISH: Adam on the kept weights so the block outputs (internal states) align with the
     dense model's, on unlabeled calibration images; optionally warm-started and with a logit term.
 
     The rest of this module's docstring has the details."""
     report: dict[str, object] = {}
-    train, holdout = split_calibration(images, cfg.holdout)
-    pruned = snapshot(model, masks) if cfg.warm_start != "none" else None
-    if cfg.warm_start == "layerwise":
+    train, holdout = split_calibration(images, training.holdout)
+    pruned = snapshot(model, masks) if alignment.warm_start != "none" else None
+    if alignment.warm_start == "layerwise":
         convs = non_linear_layers(model, masks)
         if convs:  # the least-squares re-fit is written for Linear layers
             log.warning("the layerwise warm start re-fits Linear layers only; %s and %d more start from the "
@@ -54,14 +54,15 @@ def starfish(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Ten
             report["warm_start"] = "skipped: the scope has non-Linear layers"
         else:
             start = time.perf_counter()
-            layerwise(model, dense, masks, train, cfg)
+            layerwise(model, dense, masks, train, least_squares)
             report.update(warm_start="layerwise", warm_start_seconds=time.perf_counter() - start)
-            log.info("layerwise warm start (%s solver) in %.1fs", cfg.solver, report["warm_start_seconds"])
-    names = state_names(model, cfg.states)
+            log.info("layerwise warm start (%s solver) in %.1fs", least_squares.solver, report["warm_start_seconds"])
+    names = state_names(model, alignment.states)
     narrowed = state_channels(model, dense, masks)
-    terms = {name: (on_channels(STATE_LOSSES[cfg.loss], narrowed[name]) if name in narrowed else STATE_LOSSES[cfg.loss],
-                    1.0 / len(names)) for name in names}
-    terms[""] = (kd_loss(cfg.temperature), cfg.logit_weight)  # "" is the model itself: its logits
-    report.update(align_(model, dense, masks, train, holdout, Objective(terms), cfg, fallback=pruned))
+    loss = STATE_LOSSES[alignment.loss]
+    terms = {name: (on_channels(loss, narrowed[name]) if name in narrowed else loss, 1.0 / len(names))
+             for name in names}
+    terms[""] = (kd_loss(alignment.temperature), alignment.logit_weight)  # "" is the model itself: its logits
+    report.update(align_(model, dense, masks, train, holdout, Objective(terms), training, fallback=pruned))
     report["states"] = names
     return report

@@ -151,19 +151,23 @@ def _pip_requirements() -> list[str]:
 
 
 def _use_experiment(uri: str) -> str:
-    """Make EXPERIMENT the active one (its id is returned); an embedded sqlite store keeps its
-    artifacts beside its database."""
+    """EXPERIMENT's id, created if needed; an embedded sqlite store keeps its artifacts beside its
+    database. Runs are made in it by id: `mlflow.set_experiment` would export MLFLOW_EXPERIMENT_ID
+    to every process this one starts, and a child on another store then fails to start a run
+    ("No Experiment with id=1 exists")."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
         location = (Path(uri[len(SQLITE):]).parent / "mlartifacts").as_uri() if uri.startswith(SQLITE) else None
         try:
-            mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+            return mlflow.create_experiment(EXPERIMENT, artifact_location=location)
         except MlflowException as exc:  # two flows starting at once: the other one created it first
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-    return mlflow.set_experiment(EXPERIMENT).experiment_id
+        experiment = mlflow.MlflowClient().get_experiment_by_name(EXPERIMENT)
+    return experiment.experiment_id
 
 
 @contextlib.contextmanager

@@ -69,6 +69,8 @@ def test_a_flow_whose_experiment_another_flow_created_meanwhile_uses_it(
     runs = [client.get_run(run_id) for run_id in (first, second)]
     assert runs[0].info.experiment_id == runs[1].info.experiment_id
     assert [run.info.status for run in runs] == ["FINISHED", "FINISHED"]
+    # runs are made in the experiment by id: nothing for a child process on another store to inherit
+    assert "MLFLOW_EXPERIMENT_ID" not in os.environ
 
 
 def test_of_two_promotions_at_once_the_better_one_ends_champion(tmp_path: Path) -> None:

@@ -55,7 +55,8 @@ HOW: dict[str, str] = {}
 DOC = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
 
 
-SERVING_FAULTS = ("images of another size", "NaN pixels", "NaN logits", "a run past the deadline")
+SERVING_FAULTS = ("images of another size", "a body that is not JSON", "a request over the memory bound", "NaN pixels",
+                  "NaN logits", "a run past the deadline")
 CELL_TITLES = {"hostile served file": "the file", "serving faults": "the request"}
 
 

@@ -139,16 +139,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import os
     import subprocess
 
-    from starfish.serving import DEADLINE_ENV, MAX_BATCH_ENV, MAX_REQUEST_MB_ENV
+    from starfish.serving import DEADLINE_ENV, MAX_BATCH_ENV, MAX_REQUEST_MB_ENV, THREADS_ENV
     from starfish.serving_app import MODEL_URI_ENV
     from starfish.tracking import tracking_uri
 
     flags = {"max_batch": args.max_batch, "max_request_mb": args.max_request_mb, "deadline_s": args.deadline,
-             "preflight_timeout_s": args.preflight_timeout}
+             "preflight_timeout_s": args.preflight_timeout, "threads": args.threads}
     bounds = _config(args).replace(serve={k: v for k, v in flags.items() if v is not None}).serve
     env = {**os.environ, MAX_BATCH_ENV: str(bounds.max_batch), DEADLINE_ENV: str(bounds.deadline_s),
            MAX_REQUEST_MB_ENV: str(bounds.max_request_mb), "MLFLOW_TRACKING_URI": tracking_uri(args.tracking_uri),
-           MODEL_URI_ENV: args.model_uri}
+           THREADS_ENV: str(bounds.threads), MODEL_URI_ENV: args.model_uri}
     try:
         check = subprocess.run([sys.executable, "-m", "starfish.serving", "--preflight", args.model_uri], env=env,
                                capture_output=True, text=True, timeout=bounds.preflight_timeout_s)
@@ -168,11 +168,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_serve_bench(args: argparse.Namespace) -> None:
     from starfish.benchmarks.serving import run
 
-    for row in run(Path(args.out), args.clients, args.seconds, forms=tuple(args.forms))["rows"]:
+    for row in run(Path(args.out), args.clients, args.seconds, forms=tuple(args.forms),
+                   threads=tuple(args.threads))["rows"]:
         good = row["classes"]["good"]
-        print(f"{row['form']}: {row['requests_per_s']} requests/s, good p50 {good['p50_ms']} ms p99 {good['p99_ms']} "
-              f"ms, {row['good_lost']} good lost, slow {row['classes']['slow']['statuses']}, RSS peak "
-              f"{row['rss_mb_peak']} MB")
+        print(f"{row['form']}, {row['threads'] or 'default'} threads: {row['requests_per_s']} requests/s, good "
+              f"p50 {good['p50_ms']} ms p99 {good['p99_ms']} ms, {row['good_lost']} good lost, slow "
+              f"{row['classes']['slow']['statuses']}, RSS peak {row['rss_mb_peak']} MB")
 
 
 def cmd_latency(args: argparse.Namespace) -> None:
@@ -368,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "stopped there, HTTP 504 (default: serve.deadline_s)")
     p.add_argument("--preflight-timeout", type=float, help="seconds the model may take to load and answer its "
                    "input example before the server starts (default: serve.preflight_timeout_s)")
+    p.add_argument("--threads", type=int, help="onnxruntime threads per run, 0: one per core (default: "
+                   "serve.threads)")
     p.add_argument("--tracking-uri", default=None, help="the registry to read the model from (default: "
                                                         "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p = sub.add_parser("serve-bench", help="starfish serve under concurrent load on loopback: throughput, "
@@ -379,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=30.0, help="seconds of load per served form (default: 30)")
     p.add_argument("--forms", nargs="+", default=["none", "int8-static"], choices=["none", "int8-static"],
                    help="served forms: float ONNX (none) and the static int8 model")
+    p.add_argument("--threads", nargs="+", type=int, default=[1, 0], help="onnxruntime threads per run to serve "
+                   "with, 0: one per core (default: 1 0)")
     p.set_defaults(fn=cmd_serve_bench)
     p = sub.add_parser("export-sizes", help="sizes of compressed exports against dense and the bitmask ideal",
                        description="Exports the demo ViT, deit_tiny and resnet18 at 50/75/90% magnitude "

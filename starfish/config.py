@@ -315,6 +315,7 @@ class ServeConfig:
                               "there (HTTP 504)")
     preflight_timeout_s: float = Field(120.0, gt=0, description="seconds the model may take to load and answer "
                                        "its input example before the server starts")
+    threads: int = Field(0, ge=0, le=1024, description="onnxruntime threads per run; 0: its default, one per core")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,6 +41,7 @@ DEADLINE_ENV = "STARFISH_SERVE_DEADLINE_S"
 DEFAULT_DEADLINE_S = 30.0
 MAX_REQUEST_MB_ENV = "STARFISH_SERVE_MAX_REQUEST_MB"
 DEFAULT_MAX_REQUEST_MB = 1024.0
+THREADS_ENV = "STARFISH_SERVE_THREADS"  # onnxruntime threads per run; 0: its default
 
 
 class Refusal(MlflowException):
@@ -111,7 +112,7 @@ class StarfishModel(mlflow.pyfunc.PythonModel):
             from starfish.formats.onnx import bytes_per_image, open_session
 
             self.path = context.artifacts[ONNX]
-            self.session, self.metadata = open_session(self.path)
+            self.session, self.metadata = open_session(self.path, int(os.environ.get(THREADS_ENV, 0)) or None)
             self.image_bytes = bytes_per_image(self.path)
             self.name = self.metadata["model"]
             self.model = None

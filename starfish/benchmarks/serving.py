@@ -2,15 +2,20 @@
 
 For each served form of the demo ViT with half its MLP neurons and heads removed (the slim model
 in float ONNX, and its static int8 model), the model is registered in a scratch MLflow store as
-the pipeline registers one, served by `starfish serve` (preflight included), and `clients`
-threads send requests for `seconds`, each drawn at random from a fixed mix:
+the pipeline registers one, served by `starfish serve` (preflight included) with onnxruntime on
+one thread per run and on its default (one per core), and `clients` threads send requests for
+`seconds` in each of two phases, each request drawn at random from the phase's mix:
 
+- load, at the shipped deadline (serve.deadline_s, 30 s): good, malformed and too many;
+- deadline, at a deadline of half a slow request's run time (measured here first): good and slow.
+
+The classes:
 - good: 8 real Fashion-MNIST test images; the answer must equal onnxruntime's logits for the
   same file, run here (`correct`), or the request counts as lost;
 - malformed: a body that is not JSON, images of the wrong size, NaN pixels: each must be a 400;
 - too many: one image more than the batch bound: a 400;
-- slow: the batch bound's images under a deadline set below their run time (measured here
-  first): a 504 once the run is stopped, or a 200 where the server's run beat the estimate.
+- slow: the batch bound's images: a 504 once the run is stopped at the deadline, or a 200 where
+  the server's run beat the estimate.
 
 It records throughput, p50/p99 latency and the answers by class and HTTP status, and samples the
 server's resident memory (its process tree, VmRSS) over time; then the server's CPU use over the
@@ -47,15 +52,18 @@ log = logging.getLogger(__name__)
 MODEL, CHECKPOINT = "starfish_vit_fmnist", "data/demo/starfish_vit_fmnist.safetensors"
 STRUCTURE, REMOVED = "neurons+heads", 0.5
 FORMS = ("none", "int8-static")  # quant modes: the slim float model and its int8 model
+THREADS = (1, 0)  # serve.threads: one per run, and onnxruntime's default (one per core)
 GOOD_BATCH = 8
 MAX_BATCH = 256  # the server's batch bound (its default), and the slow requests' size
-MIX = {"good": 0.8, "malformed": 0.1, "too many": 0.05, "slow": 0.05}
+KINDS = ("good", "malformed", "too many", "slow")
+PHASES = {"load": {"good": 0.85, "malformed": 0.1, "too many": 0.05}, "deadline": {"good": 0.8, "slow": 0.2}}
+SHIPPED_DEADLINE_S = 30.0  # serve.deadline_s's default
 LOGIT_TOLERANCE = 1e-4  # served against local onnxruntime logits of the same file
 STARTUP_S = 240.0
 
 
 def run(out: Path, clients: int = 4, seconds: float = 30.0, seed: int = 0, forms: tuple[str, ...] = FORMS,
-        data_root: str | None = None) -> dict[str, Any]:
+        threads: tuple[int, ...] = THREADS, data_root: str | None = None) -> dict[str, Any]:
     """Build, register and serve each form, load it, and write `out`'s serving.json, .md and .png."""
     from starfish.config import PipelineConfig
 
@@ -67,10 +75,12 @@ def run(out: Path, clients: int = 4, seconds: float = 30.0, seed: int = 0, forms
         folder = Path(scratch)
         files, test_images = _served_files(cfg, folder, forms)
         for form, path in files.items():
-            rows.append(_load_one(folder, form, path, test_images, clients, seconds, seed))
+            for count in threads:
+                for phase in PHASES:
+                    rows.append(_load_one(folder, form, path, test_images, clients, seconds, seed, count, phase))
     summary = {"model": MODEL, "structure": STRUCTURE, "removed": REMOVED, "clients": clients, "seconds": seconds,
-               "seed": seed, "mix": MIX, "good_batch": GOOD_BATCH, "max_batch": MAX_BATCH, "cores": os.cpu_count(),
-               "rows": rows}
+               "seed": seed, "phases": PHASES, "good_batch": GOOD_BATCH, "max_batch": MAX_BATCH,
+               "cores": os.cpu_count(), "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "serving.json", summary)
     atomic_write_bytes(out / "serving.md", markdown(summary).encode())
@@ -133,11 +143,11 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _server(uri: str, model_uri: str, deadline: float, log_path: Path) -> Iterator[tuple[int, int]]:
+def _server(uri: str, model_uri: str, deadline: float, threads: int, log_path: Path) -> Iterator[tuple[int, int]]:
     """`starfish serve` as a user runs it, until /ping answers: (its port, its pid)."""
     port = _free_port()
     command = [sys.executable, "-m", "starfish.cli", "serve", model_uri, "--port", str(port), "--tracking-uri", uri,
-               "--max-batch", str(MAX_BATCH), "--deadline", f"{deadline:.4f}"]
+               "--max-batch", str(MAX_BATCH), "--deadline", f"{deadline:.4f}", "--threads", str(threads)]
     with open(log_path, "w") as server_log:
         server = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -162,12 +172,12 @@ def _server(uri: str, model_uri: str, deadline: float, log_path: Path) -> Iterat
         server.wait(timeout=30)
 
 
-def _deadline(path: Path, images: np.ndarray) -> tuple[float, float, float]:
+def _deadline(path: Path, images: np.ndarray, threads: int) -> tuple[float, float, float]:
     """A deadline below a slow request's run and far above a good one's: (deadline, the median
     seconds of a good request's run, of a slow one's), timed here in onnxruntime."""
     from starfish.formats.onnx import run_session, session
 
-    sess = session(path)
+    sess = session(path, threads or None)
     slow = np.concatenate([images] * (MAX_BATCH // len(images) + 1))[:MAX_BATCH]
 
     def median_time(batch: np.ndarray) -> float:
@@ -202,20 +212,23 @@ def _bodies(images: np.ndarray, reference: np.ndarray) -> dict[str, list[tuple[b
 
 
 def _load_one(folder: Path, form: str, path: Path, images: np.ndarray, clients: int, seconds: float,
-              seed: int) -> dict[str, Any]:
+              seed: int, threads: int, phase: str) -> dict[str, Any]:
     from starfish.formats.onnx import run_session, session
 
-    deadline, good_s, slow_s = _deadline(path, images)
+    tight, good_s, slow_s = _deadline(path, images, threads)
+    deadline = tight if phase == "deadline" else SHIPPED_DEADLINE_S
+    mix = PHASES[phase]
     reference = run_session(session(path), images)
     bodies = _bodies(images, reference)
-    (folder / form).mkdir()
-    uri, model_uri = _register(folder / form, path, form, images[:1])
-    log.info("%s: good request %.1f ms, slow %.0f ms in onnxruntime here; deadline %.0f ms", form, good_s * 1e3,
-             slow_s * 1e3, deadline * 1e3)
+    store = folder / f"{form}-{threads}-{phase}"
+    store.mkdir()
+    uri, model_uri = _register(store, path, form, images[:1])
+    log.info("%s, %s threads, %s phase: good request %.1f ms, slow %.0f ms in onnxruntime here; deadline %.0f ms",
+             form, threads or "default", phase, good_s * 1e3, slow_s * 1e3, deadline * 1e3)
     records: list[tuple[str, int, float, bool | None]] = []
     memory: list[tuple[float, float]] = []
     lock = threading.Lock()
-    with _server(uri, model_uri, deadline, folder / f"{form}-server.log") as (port, pid):
+    with _server(uri, model_uri, deadline, threads, store / "server.log") as (port, pid):
         baseline = _tree_mb(pid)
         stop = time.monotonic() + seconds
         start = time.monotonic()
@@ -224,7 +237,7 @@ def _load_one(folder: Path, form: str, path: Path, images: np.ndarray, clients: 
             draw = random.Random(seed * 1000 + index)
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=deadline + 60)
             while time.monotonic() < stop:
-                kind = draw.choices(list(MIX), weights=list(MIX.values()))[0]
+                kind = draw.choices(list(mix), weights=list(mix.values()))[0]
                 body, want = draw.choice(bodies[kind])
                 sent = time.monotonic()
                 try:
@@ -244,17 +257,18 @@ def _load_one(folder: Path, form: str, path: Path, images: np.ndarray, clients: 
                 with lock:
                     records.append((kind, status, took, correct))
 
-        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-        for thread in threads:
+        workers = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+        for thread in workers:
             thread.start()
-        while any(thread.is_alive() for thread in threads):
+        while any(thread.is_alive() for thread in workers):
             memory.append((round(time.monotonic() - start, 2), round(_tree_mb(pid), 1)))
             time.sleep(0.5)
         elapsed = time.monotonic() - start
         cpu_before = _tree_cpu_s(pid)
         time.sleep(1.0)
         idle_cpu = _tree_cpu_s(pid) - cpu_before
-    return _summarize(form, records, memory, elapsed, baseline, idle_cpu, deadline, good_s, slow_s)
+    summary = _summarize(form, records, memory, elapsed, baseline, idle_cpu, deadline, good_s, slow_s)
+    return {"threads": threads, "phase": phase, **summary}
 
 
 def _matches(answer: bytes, want: np.ndarray) -> bool:
@@ -292,7 +306,7 @@ def _summarize(form: str, records: list[tuple[str, int, float, bool | None]], me
                elapsed: float, baseline: float, idle_cpu: float, deadline: float, good_s: float,
                slow_s: float) -> dict[str, Any]:
     classes = {}
-    for kind in MIX:
+    for kind in KINDS:
         mine = [r for r in records if r[0] == kind]
         times = sorted(r[2] for r in mine)
         statuses: dict[str, int] = {}
@@ -322,26 +336,34 @@ def _percentile(ordered: list[float], q: float) -> float:
 def markdown(summary: dict[str, Any]) -> str:
     lines = [f"# `starfish serve` under load ({summary['model']}, {summary['removed']:.0%} {summary['structure']} "
              "removed)", "",
-             f"{summary['clients']} concurrent clients on loopback for {summary['seconds']:g} s per form, on "
-             f"{summary['cores']} cores, each request drawn from the mix {summary['mix']}: good = "
-             f"{summary['good_batch']} real test images, answered with onnxruntime's logits of the same file; "
-             f"malformed (not JSON, wrong size, NaN pixels) and too many (batch bound {summary['max_batch']} + 1) "
-             "must be a 400 with one line; slow = the batch bound's images under a deadline of half their run time "
-             "here, stopped with a 504. Regenerate: `make serving`.", "",
-             "| served form | requests/s | good images/s | good p50 / p99 ms | good lost | slow: statuses "
-             "| malformed, too many: statuses | refusals not one JSON line | RSS idle / peak MB "
-             "| CPU s in the second after |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in summary["rows"]:
-        c = row["classes"]
-        refused = {k: v for kind in ("malformed", "too many") for k, v in c[kind]["statuses"].items()}
-        lines.append(f"| {row['form']} | {row['requests_per_s']} | {row['good_images_per_s']} | "
-                     f"{c['good']['p50_ms']} / {c['good']['p99_ms']} | {row['good_lost']} of {c['good']['requests']} "
-                     f"| {c['slow']['statuses']} | {refused} | {row['refusals_not_one_line']} | "
-                     f"{row['rss_mb_idle']} / {row['rss_mb_peak']} | {row['cpu_s_in_the_second_after']} |")
-    lines += ["", "Deadlines: " + "; ".join(f"{r['form']} {r['deadline_ms']} ms (a good request's run "
-                                            f"{r['good_run_ms']} ms, a slow one's {r['slow_run_ms']} ms)"
-                                            for r in summary["rows"]) + ".", ""]
+             f"{summary['clients']} concurrent clients on loopback for {summary['seconds']:g} s per row, on "
+             f"{summary['cores']} cores, the clients beside the server; onnxruntime on 1 thread per run or on its "
+             "default (one per core). Good = "
+             f"{summary['good_batch']} real test images, answered with onnxruntime's logits of the same file (else "
+             "lost); malformed (not JSON, wrong size, NaN pixels) and too many (the batch bound "
+             f"{summary['max_batch']} + 1) must be a 400 of one JSON line; slow = the batch bound's images. "
+             "Regenerate: `make serving` (starfish/benchmarks/serving.py).", ""]
+    for phase, mix in summary["phases"].items():
+        rows = [row for row in summary["rows"] if row["phase"] == phase]
+        title = ("at the shipped deadline (30 s)" if phase == "load" else
+                 "at a deadline of half a slow request's run, measured here first")
+        lines += [f"## {phase}: {title}, mix {mix}", "",
+                  "| served form | threads | requests/s | good images/s | good p50 / p99 ms | good lost | "
+                  "good: statuses | others: statuses | refusals not one JSON line | RSS idle / peak MB "
+                  "| CPU s in the second after |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for row in rows:
+            c = row["classes"]
+            others = {kind: c[kind]["statuses"] for kind in KINDS if kind != "good" and c[kind]["requests"]}
+            lines.append(f"| {row['form']} | {row['threads'] or 'default'} | {row['requests_per_s']} | "
+                         f"{row['good_images_per_s']} | {c['good']['p50_ms']} / {c['good']['p99_ms']} | "
+                         f"{row['good_lost']} of {c['good']['requests']} | {c['good']['statuses']} | {others} | "
+                         f"{row['refusals_not_one_line']} | {row['rss_mb_idle']} / {row['rss_mb_peak']} | "
+                         f"{row['cpu_s_in_the_second_after']} |")
+        lines.append("")
+        if phase == "deadline":
+            deadlines = [f"{r['form']}, {r['threads'] or 'default'} threads: {r['deadline_ms']} ms (a good "
+                         f"request's run {r['good_run_ms']} ms, a slow one's {r['slow_run_ms']} ms)" for r in rows]
+            lines += ["Deadlines: " + "; ".join(deadlines) + ".", ""]
     return "\n".join(lines)
 
 
@@ -351,26 +373,27 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (latency, memory) = plt.subplots(1, 2, figsize=(11, 4))
-    kinds = list(MIX)
+    figure, (latency, memory) = plt.subplots(1, 2, figsize=(14, 5.5))
+    kinds = list(KINDS)
     width = 0.8 / max(len(summary["rows"]), 1)
     for i, row in enumerate(summary["rows"]):
         x = np.arange(len(kinds)) + i * width
-        p50 = [row["classes"][k]["p50_ms"] or 0 for k in kinds]
-        p99 = [row["classes"][k]["p99_ms"] or 0 for k in kinds]
-        latency.bar(x, p99, width, alpha=0.35, label=f"{row['form']} p99")
-        latency.bar(x, p50, width, label=f"{row['form']} p50")
-        memory.plot([t for t, _ in row["memory"]], [m for _, m in row["memory"]], label=row["form"])
+        p50 = [row["classes"][k]["p50_ms"] or np.nan for k in kinds]
+        p99 = [row["classes"][k]["p99_ms"] or np.nan for k in kinds]
+        label = f"{row['form']}, {row['threads'] or 'default'} thr., {row['phase']}"
+        latency.bar(x, p99, width, label=label)
+        latency.scatter(x, p50, marker="_", color="black", s=60, zorder=3)
+        memory.plot([t for t, _ in row["memory"]], [m for _, m in row["memory"]], label=label)
     latency.set_xticks(np.arange(len(kinds)) + width * (len(summary["rows"]) - 1) / 2, kinds)
-    latency.set_ylabel("latency (ms)")
+    latency.set_ylabel("latency (ms): bar p99, black tick p50")
     latency.set_yscale("log")
-    latency.legend(fontsize=8)
     latency.set_title(f"{summary['clients']} clients, by request class")
     memory.set_xlabel("seconds under load")
     memory.set_ylabel("server RSS (MB, process tree)")
-    memory.legend(fontsize=8)
     memory.set_title("server memory over time")
-    figure.tight_layout()
+    handles, labels = latency.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=4, fontsize=7)
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
     with tempfile.NamedTemporaryFile(suffix=".png", dir=path.parent, delete=False) as tmp:
         figure.savefig(tmp.name, dpi=110)
     plt.close(figure)

@@ -80,7 +80,7 @@ def checked_images(model_input: Any, max_batch: int, size: tuple[int | None, ...
                              f"{max_batch} (the server's {MAX_BATCH_ENV})")
     if image_bytes and images.shape[0] * image_bytes > max_request_mb * 2**20:
         fits = max(int(max_request_mb * 2**20 // image_bytes), 1)
-        raise Refusal.client(f"{images.shape[0]} images would take up to {images.shape[0] * image_bytes / 2**20:.0f} "
+        raise Refusal.client(f"{images.shape[0]} images would take up to {images.shape[0] * image_bytes / 2**20:.3g} "
                              f"MB in the model's run, over the server's {max_request_mb:g} MB "
                              f"({MAX_REQUEST_MB_ENV}); send at most {fits}")
     if size is not None and any(want is not None and got != want for got, want in zip(images.shape[1:], size)):

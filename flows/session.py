@@ -38,7 +38,7 @@ from prefect.settings import (
 from prefect.states import Crashed
 
 from starfish.errors import StarfishError
-from starfish.io import process_alive
+from starfish.io import free_port, process_alive
 
 log = logging.getLogger("starfish.flows")
 PROCESS_TAG = "process:"
@@ -78,13 +78,6 @@ def _die_with_parent(parent: int) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the parent died before the request was in place
         os._exit(1)
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextmanager

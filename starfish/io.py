@@ -88,6 +88,13 @@ def process_alive(pid: int) -> bool:
         return True
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _remove_dead_writers_temps(target: Path) -> None:
     """Delete temp files of `target` whose writer, on this host, died mid-write (SIGKILL, OOM)."""
     prefix = f".{target.name}.{socket.gethostname()}-"

@@ -150,7 +150,7 @@ def _pip_requirements() -> list[str]:
     return pins
 
 
-def _use_experiment(uri: str) -> str:
+def use_experiment(uri: str) -> str:
     """EXPERIMENT's id, created if needed; an embedded sqlite store keeps its artifacts beside its
     database. Runs are made in it by id: `mlflow.set_experiment` would export MLFLOW_EXPERIMENT_ID
     to every process this one starts, and a child on another store then fails to start a run
@@ -339,7 +339,7 @@ def flow_run(cfg: PipelineConfig, uri: str, flow_run_id: str | None = None,
 
     mlflow.set_tracking_uri(uri)
     client = client_for(uri)
-    run_id = _create_run(client, _use_experiment(uri), cfg, started_at, tags=_source_tags(cfg, flow_run_id))
+    run_id = _create_run(client, use_experiment(uri), cfg, started_at, tags=_source_tags(cfg, flow_run_id))
     client.log_batch(run_id, params=[Param(key, str(value)) for key, value in _config_params(cfg).items()])
     log.info("MLflow run %s opened for this flow run", run_id)
     monitor = _system_metrics(run_id, uri)
@@ -430,7 +430,7 @@ def log_compress_run(cfg: PipelineConfig, *, calibration: dict[str, Any], healed
     mlflow.set_tracking_uri(uri)
     client = client_for(uri)
     with registry_lock(client, model_name):  # the check for an earlier attempt, then the registration
-        experiment_id = _use_experiment(uri)
+        experiment_id = use_experiment(uri)
         earlier = _earlier_attempt(client, experiment_id, model_name, register_key, run_id)
         if earlier is not None:
             client.set_registered_model_alias(model_name, CHALLENGER, earlier.version)

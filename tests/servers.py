@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import boto3
 import httpx
 
-from flows.session import free_port
+from starfish.io import free_port
 
 # moto accepts any keys; these keep boto3 from looking for real ones
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

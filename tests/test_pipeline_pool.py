@@ -27,8 +27,8 @@ from mlflow import MlflowClient
 from recipe import recipe_overrides
 from servers import AWS, copy_checkout, mlflow_server, s3_keys, s3_server
 
-from flows.session import free_port
 from starfish import tracking
+from starfish.io import free_port
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

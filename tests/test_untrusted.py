@@ -218,7 +218,7 @@ def test_pretrained_weights_out_of_reach_fail_in_seconds(tmp_path: Path) -> None
     import sys
     import time
 
-    from flows.session import free_port
+    from starfish.io import free_port
 
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
     start = time.monotonic()

@@ -45,7 +45,7 @@ import torch
 
 from starfish.benchmarks.memory import descendants, status_kb
 from starfish.errors import StarfishError
-from starfish.io import atomic_write_bytes, atomic_write_json
+from starfish.io import atomic_write_bytes, atomic_write_json, free_port
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +70,23 @@ def run(out: Path, clients: int = 4, seconds: float = 30.0, seed: int = 0, forms
     cfg = PipelineConfig()
     if data_root:
         cfg = cfg.replace(data={"root": data_root})
+    from starfish.formats.onnx import run_session, session
+
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         files, test_images = _served_files(cfg, folder, forms)
         for form, path in files.items():
+            reference = run_session(session(path), test_images)
+            bodies = _bodies(test_images, reference)
+            store = folder / form
+            store.mkdir()
+            uri, model_uri = _register(store, path, form, test_images[:1], reference[:1])
             for count in threads:
+                timing = _deadline(path, test_images, count)
                 for phase in PHASES:
-                    rows.append(_load_one(folder, form, path, test_images, clients, seconds, seed, count, phase))
+                    rows.append(_load_one(store, form, uri, model_uri, bodies, timing, clients, seconds, seed, count,
+                                          phase))
     summary = {"model": MODEL, "structure": STRUCTURE, "removed": REMOVED, "clients": clients, "seconds": seconds,
                "seed": seed, "phases": PHASES, "good_batch": GOOD_BATCH, "max_batch": MAX_BATCH,
                "cores": os.cpu_count(), "rows": rows}
@@ -114,38 +123,28 @@ def _served_files(cfg: Any, folder: Path, forms: tuple[str, ...]) -> tuple[dict[
     return files, images
 
 
-def _register(folder: Path, path: Path, form: str, example: np.ndarray) -> tuple[str, str]:
-    """`path` registered in a scratch sqlite store as the pipeline registers a served file: (the
-    store's URI, the version's URI)."""
+def _register(folder: Path, path: Path, form: str, example: np.ndarray, logits: np.ndarray) -> tuple[str, str]:
+    """`path` registered in a scratch sqlite store in `folder` (its artifacts beside it) as the
+    pipeline registers a served file: (the store's URI, the version's URI)."""
     import mlflow
     from mlflow.models import infer_signature
 
-    from starfish.formats.onnx import run_session, session
     from starfish.gate import MODEL_NAME_TAG
-    from starfish.tracking import log_served_model
+    from starfish.tracking import log_served_model, use_experiment
 
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     name = f"serve-bench-{form}"
-    with mlflow.start_run():
+    with mlflow.start_run(experiment_id=use_experiment(uri)):
         mlflow.set_tag(MODEL_NAME_TAG, MODEL)
-        logits = run_session(session(path), example)
         log_served_model(path, "onnx", example, infer_signature(example, logits), name)
     return uri, f"models:/{name}/1"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager
 def _server(uri: str, model_uri: str, deadline: float, threads: int, log_path: Path) -> Iterator[tuple[int, int]]:
     """`starfish serve` as a user runs it, until /ping answers: (its port, its pid)."""
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "starfish.cli", "serve", model_uri, "--port", str(port), "--tracking-uri", uri,
                "--max-batch", str(MAX_BATCH), "--deadline", f"{deadline:.4f}", "--threads", str(threads)]
     with open(log_path, "w") as server_log:
@@ -211,24 +210,19 @@ def _bodies(images: np.ndarray, reference: np.ndarray) -> dict[str, list[tuple[b
             "slow": [(body(many[:MAX_BATCH]), None)]}
 
 
-def _load_one(folder: Path, form: str, path: Path, images: np.ndarray, clients: int, seconds: float,
-              seed: int, threads: int, phase: str) -> dict[str, Any]:
-    from starfish.formats.onnx import run_session, session
-
-    tight, good_s, slow_s = _deadline(path, images, threads)
+def _load_one(store: Path, form: str, uri: str, model_uri: str, bodies: dict[str, Any],
+              timing: tuple[float, float, float], clients: int, seconds: float, seed: int, threads: int,
+              phase: str) -> dict[str, Any]:
+    """One row: `model_uri` served with `threads` under the phase's deadline and mix of `bodies`."""
+    tight, good_s, slow_s = timing
     deadline = tight if phase == "deadline" else SHIPPED_DEADLINE_S
     mix = PHASES[phase]
-    reference = run_session(session(path), images)
-    bodies = _bodies(images, reference)
-    store = folder / f"{form}-{threads}-{phase}"
-    store.mkdir()
-    uri, model_uri = _register(store, path, form, images[:1])
     log.info("%s, %s threads, %s phase: good request %.1f ms, slow %.0f ms in onnxruntime here; deadline %.0f ms",
              form, threads or "default", phase, good_s * 1e3, slow_s * 1e3, deadline * 1e3)
     records: list[tuple[str, int, float, bool | None]] = []
     memory: list[tuple[float, float]] = []
     lock = threading.Lock()
-    with _server(uri, model_uri, deadline, threads, store / "server.log") as (port, pid):
+    with _server(uri, model_uri, deadline, threads, store / f"server-{threads}-{phase}.log") as (port, pid):
         baseline = _tree_mb(pid)
         stop = time.monotonic() + seconds
         start = time.monotonic()

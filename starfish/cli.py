@@ -129,6 +129,19 @@ def cmd_info(args: argparse.Namespace) -> None:
               "this file")
 
 
+# `starfish serve`'s flags, each over a field of params.yaml's serve section: (field, flag, type, help).
+SERVE_FLAGS = (
+    ("max_batch", "--max-batch", int, "most images one request may send, more: HTTP 400"),
+    ("max_request_mb", "--max-request-mb", float, "most memory one request's ONNX run may take, estimated from the "
+     "graph's tensors; more: HTTP 400"),
+    ("deadline_s", "--deadline", float, "seconds of inference per request; an ONNX model's run is stopped there, "
+     "HTTP 504"),
+    ("preflight_timeout_s", "--preflight-timeout", float, "seconds the model may take to load and answer its input "
+     "example before the server starts"),
+    ("threads", "--threads", int, "onnxruntime threads per run, 0: one per core"),
+)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     """MLflow's scoring app (what `mlflow models serve` runs) on a registered model, under uvicorn
     in this environment, its error answers one line of JSON (`serving_app`), once a preflight in a
@@ -143,9 +156,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from starfish.serving_app import MODEL_URI_ENV
     from starfish.tracking import tracking_uri
 
-    flags = {"max_batch": args.max_batch, "max_request_mb": args.max_request_mb, "deadline_s": args.deadline,
-             "preflight_timeout_s": args.preflight_timeout, "threads": args.threads}
-    bounds = _config(args).replace(serve={k: v for k, v in flags.items() if v is not None}).serve
+    flags = {field: getattr(args, field) for field, *_ in SERVE_FLAGS if getattr(args, field) is not None}
+    bounds = _config(args).replace(serve=flags).serve
     env = {**os.environ, MAX_BATCH_ENV: str(bounds.max_batch), DEADLINE_ENV: str(bounds.deadline_s),
            MAX_REQUEST_MB_ENV: str(bounds.max_request_mb), "MLFLOW_TRACKING_URI": tracking_uri(args.tracking_uri),
            THREADS_ENV: str(bounds.threads), MODEL_URI_ENV: args.model_uri}
@@ -361,16 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_uri", help='e.g. "models:/starfish-starfish-vit-fmnist@champion"')
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=5001, help="port to listen on (default: 5001)")
-    p.add_argument("--max-batch", type=int, help="most images one request may send, more: HTTP 400 "
-                   "(default: serve.max_batch)")
-    p.add_argument("--max-request-mb", type=float, help="most memory one request's ONNX run may take, estimated "
-                   "from the graph's tensors; more: HTTP 400 (default: serve.max_request_mb)")
-    p.add_argument("--deadline", type=float, help="seconds of inference per request; an ONNX model's run is "
-                   "stopped there, HTTP 504 (default: serve.deadline_s)")
-    p.add_argument("--preflight-timeout", type=float, help="seconds the model may take to load and answer its "
-                   "input example before the server starts (default: serve.preflight_timeout_s)")
-    p.add_argument("--threads", type=int, help="onnxruntime threads per run, 0: one per core (default: "
-                   "serve.threads)")
+    for field, flag, kind, text in SERVE_FLAGS:
+        p.add_argument(flag, dest=field, type=kind, help=f"{text} (default: serve.{field})")
     p.add_argument("--tracking-uri", default=None, help="the registry to read the model from (default: "
                                                         "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p = sub.add_parser("serve-bench", help="starfish serve under concurrent load on loopback: throughput, "

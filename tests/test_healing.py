@@ -21,6 +21,7 @@ from starfish.errors import StarfishError
 from starfish.evaluate import check_masks_hold
 from starfish.healing import baselines, heal_
 from starfish.healing.baselines import (
+    InputOf,
     PairedInputs,
     cg_least_squares,
     masked_least_squares,
@@ -592,6 +593,22 @@ def test_precision_auto_is_fp32_on_a_cpu_and_bf16_autocasts() -> None:
     assert HealConfig.from_preset("faithful").precision == "fp32"
     with pytest.raises(StarfishError, match="heal.precision='fp16'"):
         HealConfig(precision="fp16")
+
+
+def test_a_layers_input_comes_from_a_pass_stopped_at_the_layer() -> None:
+    """`InputOf` gives exactly the input a whole pass records, and runs nothing after the layer."""
+    dense, _, _ = pruned_pair()
+    images = random_images(4)
+    for layer in ("blocks.0.attn.qkv", "blocks.1.mlp.fc2"):
+        with ActivationCapture(dense, [layer], inputs=True) as whole:
+            dense(images)
+            expected = whole.values[layer].clone()
+        later = []
+        handle = dense.head.register_forward_hook(lambda *args: later.append(1))
+        with InputOf(dense, layer) as stopped:
+            assert torch.equal(stopped(images), expected)
+        handle.remove()
+        assert later == [] and no_hooks(dense)
 
 
 def test_layerwise_keeps_its_block_inputs_on_disk_with_the_same_result(tmp_path: Path) -> None:

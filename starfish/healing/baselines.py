@@ -89,15 +89,55 @@ def _stages_take_x_alone(model: nn.Module, stages: list[str], image: torch.Tenso
     return chained and all(after[0][0] is before[2] for before, after in zip(calls, calls[1:]))
 
 
+class _Stop(Exception):
+    """Ends a forward pass once the input `InputOf` waits for is recorded."""
+
+
+class InputOf:
+    """`InputOf(root, name)(x)`: the input of `root`'s submodule `name` when `root` runs on `x`,
+    the pass stopped where `name` is called, since nothing after it is needed.
+
+    A Linear layer whose parent reads its weight directly never runs (`ActivationCapture`): its
+    input is the parent's, recorded when the parent returns, so that pass runs to the end."""
+
+    def __init__(self, root: nn.Module, name: str) -> None:
+        self.root, self.name, self._seen = root, name, None
+        self._capture = ActivationCapture(root, [name], inputs=True)
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def _stop(self, module: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            self._seen = args[0]
+            raise _Stop
+
+    def __enter__(self) -> "InputOf":
+        self._capture.__enter__()
+        self._handle = self.root.get_submodule(self.name).register_forward_pre_hook(self._stop)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+        self._capture.__exit__(*exc)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self._seen = None
+        try:
+            self.root(x)
+        except _Stop:
+            return self._seen
+        return self._capture.values[self.name]
+
+
 class PairedInputs:
     """Feeds `consume(x_model, x_dense)`: the inputs of one layer in both models, batch by batch.
 
     Layers must be asked for in forward order. When every layer sits inside the model's stages
     (which run back to back: ViT blocks, CNN and Swin stages), the inputs of the current stage
-    are kept (both models, all calibration images) and each layer costs one pass of its own
-    stage, not of the whole model; the kept inputs move one stage on, through the stage as
-    healed so far, when a later stage is asked for. Otherwise each layer costs a forward pass
-    of both whole models. The kept inputs (float32, 2 x N x tokens x width: 6 GB for ViT-B at
+    are kept (both models, all calibration images) and each layer costs a pass of its own
+    stage, not of the whole model, stopped where the layer is called (`InputOf`); the kept
+    inputs move one stage on, through the stage as healed so far, when a later stage is asked
+    for. Otherwise each layer costs a forward pass of both whole models, stopped at the layer.
+    The kept inputs (float32, 2 x N x tokens x width: 6 GB for ViT-B at
     5,000 images) live where `cache` (`heal.cache`) says: RAM, or scratch files for `disk` and
     `recompute`, `auto` choosing as for the dense states.
     """
@@ -134,14 +174,13 @@ class PairedInputs:
         """Keep the inputs of block `target`: captured from the images, or moved on from the current block."""
         if self.position < 0:
             first = self.blocks[target]
-            with ActivationCapture(self.model, [first], inputs=True) as ours, \
-                    ActivationCapture(self.dense, [first], inputs=True) as ref:
+            with InputOf(self.model, first) as ours, InputOf(self.dense, first) as ref:
                 for start, batch in zip(range(0, len(self.images), self.batch_size), self._batches(self.images)):
-                    self.model(batch), self.dense(batch)
+                    x_model, x_dense = ours(batch), ref(batch)
                     if start == 0:
-                        self.x_model, self.x_dense = self._store(ours.values[first]), self._store(ref.values[first])
-                    self.x_model.write(start, ours.values[first].cpu())
-                    self.x_dense.write(start, ref.values[first].cpu())
+                        self.x_model, self.x_dense = self._store(x_model), self._store(x_dense)
+                    self.x_model.write(start, x_model.cpu())
+                    self.x_dense.write(start, x_dense.cpu())
             self.position = target
         while self.position < target:
             name = self.blocks[self.position]
@@ -161,6 +200,8 @@ class PairedInputs:
         return outputs
 
     def feed(self, layer: str, consume: Consume) -> None:
+        """`consume(x_model, x_dense)` for each batch: `layer`'s inputs, flattened to rows. Each
+        pass stops where the layer is called (`InputOf`), so a layer early in its block is cheap."""
         if self.blockwise:
             self._run_to(self.blocks.index(self.block_of[layer]))
             name = self.blocks[self.position]
@@ -170,12 +211,10 @@ class PairedInputs:
         else:
             model, dense, inner = self.model, self.dense, layer
             pairs = ((x, x) for x in self._batches(self.images))
-        with ActivationCapture(model, [inner], inputs=True) as ours, \
-                ActivationCapture(dense, [inner], inputs=True) as ref:
+        with InputOf(model, inner) as ours, InputOf(dense, inner) as ref:
             for x, x_dense in pairs:
-                model(x), dense(x_dense)
-                x_ours, x_ref = ours.values[inner], ref.values[inner]
-                consume(x_ours.reshape(-1, x_ours.shape[-1]).double(), x_ref.reshape(-1, x_ref.shape[-1]).double())
+                x_ours, x_ref = ours(x), ref(x_dense)
+                consume(x_ours.reshape(-1, x_ours.shape[-1]), x_ref.reshape(-1, x_ref.shape[-1]))
 
 
 @torch.no_grad()
@@ -196,8 +235,8 @@ def bias_correction(model: nn.Module, dense: nn.Module, masks: Masks, images: to
         sums = {"model": 0.0, "dense": 0.0, "count": 0}
 
         def consume(x_model: torch.Tensor, x_dense: torch.Tensor) -> None:
-            sums["model"] = sums["model"] + x_model.sum(0)
-            sums["dense"] = sums["dense"] + x_dense.sum(0)
+            sums["model"] = sums["model"] + x_model.double().sum(0)
+            sums["dense"] = sums["dense"] + x_dense.double().sum(0)
             sums["count"] += x_model.shape[0]
 
         layer_name = name.removesuffix(".weight")
@@ -347,6 +386,7 @@ def layerwise(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Te
         stats = {"gram": zeros, "cross": torch.zeros(d, d_dense, dtype=torch.float64, device=zeros.device)}
 
         def consume(x_model: torch.Tensor, x_dense: torch.Tensor) -> None:
+            x_model, x_dense = x_model.double(), x_dense.double()
             stats["gram"] += x_model.T @ x_model
             stats["cross"] += x_model.T @ x_dense
 

@@ -184,6 +184,8 @@ class LeastSquares:
     solver: str
     damp: float
     solve_memory_mb: int
+    solve_dtype: str
+    statistics_images: int | None
     batch_size: int
     cache: str
 
@@ -219,6 +221,10 @@ class HealConfig:
     damp: float = Field(0.01, ge=0)
     solver: Literal["exact", "cg"] = "exact"  # least squares: one system per output row, or one Hessian per layer
     solve_memory_mb: int = Field(1024, ge=1, description="layerwise: memory for the batched per-row solves")
+    # float32: statistics and solves in float32, a solve redone in float64 where its residual says so
+    solve_dtype: Literal["float32", "float64"] = "float32"
+    statistics_images: int | None = Field(None, ge=1, description="layerwise: at most this many calibration "
+                                          "images (evenly spaced) feed the least-squares statistics; empty: all")
     precision: Literal[PRECISIONS] = "auto"
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, same result
     compile: bool = False  # torch.compile each block's forward: faster steps on a GPU after a compile

@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 # How a step runs, not what it computes: left out of the fingerprints and cache keys of results,
-# so setting one (or adding one to the config) never invalidates a result.
-EXECUTION_FIELDS = {"data": {"num_workers"}, "heal": {"cache", "solve_memory_mb", "grad_checkpointing", "compile"}}
+# so setting one (or adding one to the config) never invalidates a result. `solve_dtype` is one:
+# a float32 solve is redone in float64 unless its residual is within the bound both meet.
+EXECUTION_FIELDS = {"data": {"num_workers"},
+                    "heal": {"cache", "solve_memory_mb", "solve_dtype", "grad_checkpointing", "compile"}}
 # Values that reproduce what results were before their field existed: left out too, so older
 # fingerprints stay valid. An empty `model.kwargs` is the model as it was; BatchNorm was frozen and
 # the least-squares solve exact before `heal.batchnorm` and `heal.solver`; `precision` `fp32`,
@@ -17,7 +19,8 @@ NEUTRAL_VALUES = {("model", "kwargs"): ({},), ("heal", "precision"): ("auto", "f
                   ("heal", "batchnorm"): ("frozen",), ("heal", "solver"): ("exact",),
                   ("evaluate", "precision"): ("auto", "fp32"), ("evaluate", "split"): ("test",),
                   ("prune", "scope"): ("default",), ("heal", "quant"): ("none",),
-                  ("prune", "allocation"): ("uniform",), ("prune", "depth"): (0,)}
+                  ("prune", "allocation"): ("uniform",), ("prune", "depth"): (0,),
+                  ("heal", "statistics_images"): (None,)}
 
 
 def result_fields(section: str, values: Mapping[str, Any]) -> dict[str, Any]:

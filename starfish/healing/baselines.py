@@ -17,12 +17,13 @@ from paired forward passes of the dense and the partially healed model.
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import nn
 
-from starfish.calibration import Images
+from starfish.calibration import Images, Rows
 from starfish.capture import ActivationCapture, stage_names
 from starfish.errors import StarfishError
 from starfish.healing.common import Objective, align_, split_calibration
@@ -334,7 +335,7 @@ def sparsegpt_least_squares(gram: torch.Tensor, cross: torch.Tensor, w_dense: to
 
 
 def cg_least_squares(gram: torch.Tensor, cross: torch.Tensor, w_dense: torch.Tensor, keep: torch.Tensor,
-                     damp: float, tol: float = 1e-6, max_iterations: int = 1000) -> torch.Tensor:
+                     damp: float, tol: float | None = None, max_iterations: int = 1000) -> torch.Tensor:
     """`masked_least_squares`'s solution at the cost of matrix products with one Hessian per layer.
 
     SparseGPT's pass (`sparsegpt_least_squares`) is a start, not the optimum: it never moves a
@@ -342,9 +343,11 @@ def cg_least_squares(gram: torch.Tensor, cross: torch.Tensor, w_dense: torch.Ten
     re-fit alone recovers 0.54 of dense accuracy, the exact one 0.73). From there, Jacobi-
     preconditioned conjugate gradients on every row at once, each iteration one
     (rows x d) @ (d x d) product, until the residual is `tol` of the right-hand side (both
-    Frobenius norms) or `max_iterations`; the damping bounds the systems' condition number.
+    Frobenius norms; by default 1e-6 in float64, 1e-5 in float32, near what its rounding
+    allows) or `max_iterations`; the damping bounds the systems' condition number.
     Pruned entries stay exactly zero.
     """
+    tol = (1e-6 if gram.dtype == torch.float64 else 1e-5) if tol is None else tol
     hessian = damped_hessian(gram, damp, keep)
     mask = keep.to(gram.device, gram.dtype)
     rhs = (w_dense @ cross.T) * mask  # row r: (C w_dense[r]) on the kept entries
@@ -368,42 +371,117 @@ def cg_least_squares(gram: torch.Tensor, cross: torch.Tensor, w_dense: torch.Ten
     return weights * mask
 
 
+FLOAT32_RESIDUAL = 1e-4  # the largest relative residual a float32 solve may leave; above it, float64
+# the largest condition number of a damped Hessian solved in float32: its unit roundoff times it is
+# 1e-2, the worst relative error in the weights that rounding can cause before the fallback
+FLOAT32_CONDITION = 1e-2 / torch.finfo(torch.float32).eps
+
+
+def condition_estimate(gram: torch.Tensor, damp: float, keep: torch.Tensor, iterations: int = 50) -> float:
+    """(largest eigenvalue of G, by power iteration, + lambda) / lambda: the condition number of
+    G + lambda I, which bounds every row's masked system's (G is positive semi-definite)."""
+    lam = float(damping(gram.double(), damp, keep))
+    vector = torch.ones(gram.shape[0], 1, dtype=torch.float64, device=gram.device)
+    gram, top = gram.double(), 0.0
+    for _ in range(iterations):
+        vector = gram @ vector
+        top = float(torch.linalg.norm(vector))
+        if top == 0:
+            break
+        vector /= top
+    return math.inf if lam <= 0 else (top + lam) / lam
+
+
+def relative_residual(weights: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, w_dense: torch.Tensor,
+                      keep: torch.Tensor, damp: float) -> float:
+    """How far `weights` are from solving every row's masked system, in float64:
+    ||(W H - C w_dense) on the kept entries|| / ||C w_dense on them|| (Frobenius), H = G + lambda I."""
+    gram, mask = gram.double(), keep.to(gram.device, torch.float64)
+    rhs = (w_dense.double() @ cross.double().T) * mask
+    residual = rhs - (weights.double() @ damped_hessian(gram, damp, keep)) * mask
+    return float(torch.linalg.norm(residual) / torch.linalg.norm(rhs).clamp_min(1e-300))
+
+
+class _Unsuited(Exception):
+    """A float32 solve that need not be tried."""
+
+
+def solve_layer(gram: torch.Tensor, cross: torch.Tensor, w_dense: torch.Tensor, keep: torch.Tensor,
+                least_squares: "LeastSquares", name: str = "") -> tuple[torch.Tensor, str]:
+    """A layer's masked least squares with `least_squares.solver`, in the statistics' dtype:
+    (the weights, the dtype that gave them). Float32 is not tried where the damped Hessian's
+    condition number (`condition_estimate`) is over `FLOAT32_CONDITION`, and a float32 solve whose
+    factorization fails or whose residual (`relative_residual`) is over `FLOAT32_RESIDUAL` is done
+    again: both in float64, and logged."""
+
+    def solve(g: torch.Tensor, c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if least_squares.solver == "exact":
+            return masked_least_squares(g, c, w, keep, least_squares.damp, least_squares.solve_memory_mb)
+        return cg_least_squares(g, c, w, keep, least_squares.damp)
+
+    if gram.dtype == torch.float32:
+        condition = condition_estimate(gram, least_squares.damp, keep)
+        try:
+            if condition > FLOAT32_CONDITION:
+                raise _Unsuited(f"the damped Hessian's condition number is about {condition:.1e} "
+                                f"(over {FLOAT32_CONDITION:.1e})")
+            solved = solve(gram, cross, w_dense.float())
+            residual = relative_residual(solved, gram, cross, w_dense, keep, least_squares.damp)
+            if residual <= FLOAT32_RESIDUAL:  # False for NaN too
+                return solved, "float32"
+            why = f"its relative residual is {residual:.1e} (over {FLOAT32_RESIDUAL:g})"
+        except _Unsuited as exc:
+            why = str(exc)
+        except torch.linalg.LinAlgError as exc:
+            why = f"its factorization failed ({str(exc).splitlines()[0]})"
+        log.warning("layerwise %s: the float32 solve is not accurate enough, %s: solved again in float64", name, why)
+    return solve(gram.double(), cross.double(), w_dense.double()), "float64"
+
+
+def statistics_subset(images: "Images", count: int | None) -> "Images":
+    """At most `count` of `images`, evenly spaced (all of them when `count` is None or not smaller)."""
+    if count is None or count >= len(images):
+        return images
+    return Rows(images, torch.linspace(0, len(images) - 1, count).round().long())
+
+
 @torch.no_grad()
 def layerwise(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor,
               least_squares: "LeastSquares") -> dict[str, object]:
-    """Sequential per-layer least-squares reconstruction of the kept weights."""
+    """Sequential per-layer least-squares reconstruction of the kept weights, from statistics
+    gathered in `least_squares.solve_dtype` on at most `statistics_images` images."""
     dense_params = dict(dense.named_parameters())
     model.eval(), dense.eval()
-    errors = {}
+    errors, float64_layers = {}, []
     layers = {name: layer for name, layer in _linear_layers(model, masks, "layerwise").items()
               if layer.weight.numel()}  # a removed block's layers have no weights left to solve for
     rows = dense_rows(model, dense)  # a slim model's layers are some of the dense rows
+    dtype = getattr(torch, least_squares.solve_dtype)
+    images = statistics_subset(images, least_squares.statistics_images)
     inputs = PairedInputs(model, dense, [name.removesuffix(".weight") for name in layers], images,
                           least_squares.batch_size, least_squares.cache)
     for name, layer in progress(layers.items(), desc="layerwise"):
         d, d_dense = layer.in_features, dense_params[name].shape[1]
-        zeros = torch.zeros(d, d, dtype=torch.float64, device=device_of(model))
-        stats = {"gram": zeros, "cross": torch.zeros(d, d_dense, dtype=torch.float64, device=zeros.device)}
+        zeros = torch.zeros(d, d, dtype=dtype, device=device_of(model))
+        stats = {"gram": zeros, "cross": torch.zeros(d, d_dense, dtype=dtype, device=zeros.device)}
 
         def consume(x_model: torch.Tensor, x_dense: torch.Tensor) -> None:
-            x_model, x_dense = x_model.double(), x_dense.double()
+            x_model, x_dense = x_model.to(dtype), x_dense.to(dtype)
             stats["gram"] += x_model.T @ x_model
             stats["cross"] += x_model.T @ x_dense
 
         inputs.feed(name.removesuffix(".weight"), consume)
-        w_dense = dense_params[name].double()
+        w_dense = dense_params[name].to(dtype)
         if name in rows:
             w_dense = w_dense.index_select(0, rows[name].to(w_dense.device))
-        if least_squares.solver == "exact":
-            solved = masked_least_squares(stats["gram"], stats["cross"], w_dense, masks[name], least_squares.damp,
-                                          least_squares.solve_memory_mb)
-        else:
-            solved = cg_least_squares(stats["gram"], stats["cross"], w_dense, masks[name], least_squares.damp)
+        solved, solved_in = solve_layer(stats["gram"], stats["cross"], w_dense, masks[name], least_squares, name)
+        if solved_in != least_squares.solve_dtype:
+            float64_layers.append(name)
         before = layer.weight.double()
         layer.weight.copy_(solved.to(layer.weight.dtype))
-        errors[name] = float(torch.linalg.norm(solved - before) / torch.linalg.norm(before).clamp_min(1e-300))
+        errors[name] = float(torch.linalg.norm(solved.double() - before) / torch.linalg.norm(before).clamp_min(1e-300))
     sparsify_(model, masks)
-    return {"relative_weight_change": errors}
+    return {"relative_weight_change": errors, "statistics_images": len(images), "float64_fallbacks": float64_layers}
 
 
 def logit_kd(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Tensor, training: "Training",

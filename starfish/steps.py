@@ -234,8 +234,11 @@ def heal_step(cfg: PipelineConfig, pruned: str | Path, manifest: str | Path, out
         seconds = time.perf_counter() - start
     check_masks_hold(model, masks)
     inputs = {"pruned_sha256": sha256_file(pruned), "manifest_sha256": sha256_file(manifest)}
+    # times change from run to run, so they stay out of the sidecar (whose bytes a rerun reproduces)
     timings = {"heal_seconds": seconds, **({"warm_start_seconds": report.pop("warm_start_seconds")}
-                                           if "warm_start_seconds" in report else {})}
+                                           if "warm_start_seconds" in report else {}),
+               **{f"{part}_seconds": value for part, value in report.pop("seconds", {}).items()}}
+    report.pop("step_seconds", None)
     curve, curve_text = curve_path(out), curve_csv(report.pop("curve", [])).encode()
     atomic_write_bytes(curve, curve_text)  # a side output, first: the sidecar records its hash
     meta = write_with_sidecar(out, lambda path: save_checkpoint(path, model, name, masks=masks,

@@ -58,7 +58,8 @@ def random_images(n: int = 16, shape: tuple[int, ...] = (1, 28, 28), seed: int =
 
 def no_hooks(model: nn.Module) -> bool:
     modules_clean = all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-    params_clean = all(not getattr(p, "_backward_hooks", None) for p in model.parameters())
+    params_clean = all(not getattr(p, "_backward_hooks", None) and not getattr(p, "_post_accumulate_grad_hooks", None)
+                       for p in model.parameters())
     return modules_clean and params_clean
 
 
@@ -192,6 +193,19 @@ def test_cosine_loss_is_per_sample_for_4d_states() -> None:
     assert cosine_loss(student, teacher).item() == pytest.approx(1 - 3 / math.sqrt(10), rel=1e-6)
     two = torch.stack([student[0], -student[0]])
     assert cosine_loss(two, torch.stack([student[0], student[0]])).item() == pytest.approx(1.0)
+
+
+def test_cosine_loss_gives_torchs_cosine_similarity_and_its_gradient() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(4, 5, 6), (3, 2, 4, 4)]:
+        student = torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=True)
+        teacher = torch.randn(*shape, generator=generator, dtype=torch.float64)
+        rows = (lambda x: x.reshape(-1, x.shape[-1])) if len(shape) == 3 else (lambda x: x.reshape(x.shape[0], -1))
+        expected = (1 - torch.nn.functional.cosine_similarity(rows(student), rows(teacher), dim=-1)).mean()
+        value = cosine_loss(student, teacher)
+        assert float(value) == pytest.approx(float(expected), abs=1e-12)
+        (grad,), (expected_grad,) = torch.autograd.grad(value, student), torch.autograd.grad(expected, student)
+        assert torch.allclose(grad, expected_grad, atol=1e-12)
 
 
 def test_nmse_loss_per_token_and_per_sample() -> None:
@@ -579,6 +593,24 @@ def test_heal_config_rejects_bad_fields() -> None:
         HealConfig(loss="l1")
     with pytest.raises(StarfishError, match="heal.warm_start='kd'"):
         HealConfig(warm_start="kd")
+
+
+def test_pruned_weights_are_exactly_zero_at_every_pass_of_a_heal() -> None:
+    """Masked gradients keep Adam's moments at zero for pruned weights, so no step moves them:
+    the weights are never re-masked during the heal, and every forward pass sees exact zeros."""
+    dense, model, masks = pruned_pair(0.75)
+    modules = dict(model.named_modules())
+    seen = []
+
+    def check(module: nn.Module, args: tuple) -> None:
+        for name, mask in masks.items():
+            weight = modules[name.removesuffix(".weight")].weight
+            seen.append(bool((weight[~mask] == 0).all()) and not bool(torch.signbit(weight[~mask]).any()))
+
+    handle = model.register_forward_pre_hook(check)
+    heal_(model, dense, masks, random_images(24), HealConfig(steps=20, batch_size=8, lr=1e-2, holdout_every=5))
+    handle.remove()
+    assert len(seen) > 20 * len(masks) and all(seen)
 
 
 def heal_with_cache(mode: str, folder: Path) -> tuple[nn.Module, dict[str, object]]:

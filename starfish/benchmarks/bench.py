@@ -10,9 +10,11 @@ Each finished cell is saved at once as its own JSON file under `cells/`, so an i
 resumes where it stopped, and several `starfish bench` processes on the same folder share the
 grid (a cell is claimed with an exclusive lock file). Reported per cell: top-1, recovery
 (top-1 / dense top-1), agreement with the dense predictions, measured sparsity, heal seconds
-and, for gradient healers, heal seconds over the time of as many plain forward+backward passes
-as the heal took steps (200 of them timed on the same model right before the heal, then
-scaled; time it with one process on a quiet machine). Once the grid is complete: bench.json,
+and, for gradient healers, heal seconds over the time of as many plain training steps of the
+same weights as the heal took (`plain_step_seconds`: 200 of them timed on the same model, half
+right before the heal and half right after, then scaled; time it with one process on a quiet
+machine), with the heal's own parts (caching, warm start, held-out checks, steps) apart.
+Once the grid is complete: bench.json,
 bench.csv, bench.md and plots.
 """
 
@@ -54,7 +56,7 @@ from starfish.steps import dataset, dense_model
 log = logging.getLogger(__name__)
 
 DEFAULT_HEALERS = ("none", "bias-correction", "layerwise", "logit-kd", "faithful", "starfish", "recommended")
-PLAIN_TIMED_STEPS = 200  # plain fwd+bwd passes timed per cell (at most), scaled to the heal's steps
+PLAIN_TIMED_STEPS = 200  # plain training steps timed per cell (at most), scaled to the heal's steps
 
 
 @dataclass(frozen=True)
@@ -84,16 +86,27 @@ class BenchConfig:
             raise StarfishError(f"bench: --stages {self.stages}: give 1 (prune once) or more")
 
 
-def plain_step_seconds(model: torch.nn.Module, images: torch.Tensor, batch_size: int, steps: int) -> float:
-    """Wall time of `steps` plain forward+backward passes (sum of logits) over calibration batches."""
+def plain_step_seconds(model: torch.nn.Module, masks: Masks, images: torch.Tensor, batch_size: int,
+                       steps: int, chunk: int = 50) -> list[tuple[int, float]]:
+    """Wall time of `steps` plain training steps of the weights a heal trains (those in `masks`):
+    forward, backward of the sum of the logits, Adam; no targets, no states, no held-out checks.
+    As (steps, seconds) per run of `chunk` steps, as the heal's `step_seconds` are timed."""
     model = copy.deepcopy(model).eval()
+    params = dict(model.named_parameters())
+    for name, param in params.items():
+        param.requires_grad_(name in masks)
+    optimizer = torch.optim.Adam([params[name] for name in masks], lr=1e-6, foreach=True)
     batches = [images[i : i + batch_size].to(device_of(model)) for i in range(0, images.shape[0], batch_size)]
     model(batches[0]).sum().backward()  # warm-up, untimed
-    start = time.perf_counter()
-    for step in range(steps):
-        model.zero_grad(set_to_none=True)
-        model(batches[step % len(batches)]).sum().backward()
-    return time.perf_counter() - start
+    timed = []
+    for first in range(0, steps, chunk):
+        start = time.perf_counter()
+        for step in range(first, min(first + chunk, steps)):
+            optimizer.zero_grad(set_to_none=True)
+            model(batches[step % len(batches)]).sum().backward()
+            optimizer.step()
+        timed.append((min(first + chunk, steps) - first, time.perf_counter() - start))
+    return timed
 
 
 @contextlib.contextmanager
@@ -283,13 +296,19 @@ def measure_cell(dense: torch.nn.Module, masks: Masks, images: torch.Tensor, tes
         return _evaluated(model, masks, report, seconds, 0.0, test, targets, dense_preds, eval_batch_size, fields)
     model = sparsify_(copy.deepcopy(dense), masks)
     fields, masks = _slimmed(model, masks, plan, slim)
-    # The reference is timed right before each heal, so both see the same machine load; a short
-    # heal (a test's) gets as many passes as its steps, not the full PLAIN_TIMED_STEPS.
+    # The reference is timed in two halves, right before and right after each heal, so both see
+    # the machine's load around it; a short heal (a test's) gets as many steps as it takes.
     timed = min(PLAIN_TIMED_STEPS, heal_cfg.total_steps(len(images))) if heal_cfg.method != "none" else 0
-    per_step = plain_step_seconds(model, images, heal_cfg.batch_size, timed) / timed if timed else 0.0
+    halves = (timed // 2, timed - timed // 2)
+    plain = plain_step_seconds(model, masks, images, heal_cfg.batch_size, halves[0]) if halves[0] else []
+    reference = copy.deepcopy(model) if timed else None
     start = time.perf_counter()
     report = heal_(model, dense, masks, images, heal_cfg)
     seconds = time.perf_counter() - start
+    if timed:
+        plain += plain_step_seconds(reference, masks, images, heal_cfg.batch_size, halves[1])
+    report["plain_chunk_seconds"] = [part / count for count, part in plain]
+    per_step = sum(part for _, part in plain) / timed if timed else 0.0
     check_masks_hold(model, masks)
     return _evaluated(model, masks, report, seconds, per_step, test, targets, dense_preds, eval_batch_size, fields)
 
@@ -300,6 +319,7 @@ def _evaluated(model: torch.nn.Module, masks: Masks, report: dict[str, Any], sec
     """The bench row of a healed model: its top-1, agreement, sparsity and times."""
     preds, _ = predict(model, test, eval_batch_size, desc="evaluate")
     plain = per_step * report.get("steps", 0)  # gradient healers only: the others take no steps
+    parts = {"warm_start": report.get("warm_start_seconds", 0.0), **report.get("seconds", {})}
     return {
         "top1": float((preds == targets).float().mean()),
         "agreement": float((preds == dense_preds).float().mean()),
@@ -307,8 +327,14 @@ def _evaluated(model: torch.nn.Module, masks: Masks, report: dict[str, Any], sec
         "steps": report.get("steps", 0),
         "heal_seconds": seconds,
         "plain_step_seconds": per_step,
-        "plain_fwd_bwd_seconds": plain,
+        "plain_train_seconds": plain,  # plain training steps (`plain_step_seconds`); older cells: fwd+bwd
         "heal_over_plain": seconds / plain if plain else 0.0,
+        "steps_over_plain": parts.get("steps", 0.0) / plain if plain else 0.0,
+        # per-step medians over runs of 50 steps: a burst of load on the machine moves neither
+        "median_step_over_plain": (statistics.median(report["step_seconds"])
+                                   / statistics.median(report["plain_chunk_seconds"])
+                                   if report.get("step_seconds") and report.get("plain_chunk_seconds") else 0.0),
+        "heal_part_seconds": parts,
         "warm_start_seconds": report.get("warm_start_seconds", 0.0),
         "selected_step": report.get("selected_step"),
         "kept_pruned": report.get("kept_pruned"),
@@ -318,8 +344,9 @@ def _evaluated(model: torch.nn.Module, masks: Masks, report: dict[str, Any], sec
 
 
 CSV_FIELDS = ("pruner", "structure", "sparsity", "fraction", "calibration_images", "seed", "healer", "steps", "top1",
-              "recovery", "agreement", "measured_sparsity", "heal_seconds", "plain_fwd_bwd_seconds", "heal_over_plain",
-              "selected_step", "kept_pruned")
+              "recovery", "agreement", "measured_sparsity", "heal_seconds", "plain_train_seconds", "heal_over_plain",
+              "steps_over_plain", "median_step_over_plain", "plain_fwd_bwd_seconds", "selected_step",
+              "kept_pruned")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -380,19 +407,31 @@ def markdown_table(summary: dict[str, Any]) -> str:
         lines.append(f"| {pruner} | {sparsity:g} | " + (f"{fraction:g} | " if several_fractions else "")
                      + (f"{steps} | " if by_steps else "") + " | ".join(show(h) for h in healers) + " |")
     timed = [r for r in rows if r["healer"] != "none"]
-    lines += ["", "Heal time, and heal time over as many plain forward+backward passes as the heal takes steps "
-              "(timed on the same model just before):", "",
-              "| healer | steps | mean heal s | max heal s | median heal / plain | max heal / plain |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "Heal time over the time of as many plain steps as the heal takes: `training` steps "
+              "(forward, backward and Adam on the weights the heal trains, timed half just before the heal "
+              "and half just after), or, in cells measured before those, `fwd+bwd` passes (every weight, no "
+              "Adam, timed just before). `heal` is the whole heal (caching, warm start, held-out checks); "
+              "`steps` its training steps alone; `step` one step, as the median over runs of 50 steps of "
+              "each (a burst of load on the machine moves it less):", "",
+              "| healer | plain | steps | mean heal s | max heal s | median heal / plain | max heal / plain "
+              "| median steps / plain | median step / plain step |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for h in healers:
-        cells = [r for r in timed if r["healer"] == h]
-        if cells:
+        for reference in ("training", "fwd+bwd"):
+            cells = [r for r in timed if r["healer"] == h
+                     and ("plain_train_seconds" in r) == (reference == "training")]
+            if not cells:
+                continue
             ratios = sorted(r["heal_over_plain"] for r in cells)
             steps = sorted({r["steps"] for r in cells})
-            lines.append(f"| {h} | {'/'.join(map(str, steps))} | "
+            alone = sorted(r["steps_over_plain"] for r in cells if r.get("steps_over_plain"))
+            step = sorted(r["median_step_over_plain"] for r in cells if r.get("median_step_over_plain"))
+            lines.append(f"| {h} | {reference} | {'/'.join(map(str, steps))} | "
                          f"{statistics.fmean(r['heal_seconds'] for r in cells):.1f}"
                          f" | {max(r['heal_seconds'] for r in cells):.1f} | "
-                         + (f"{statistics.median(ratios):.2f} | {ratios[-1]:.2f} |" if ratios[-1] else "- | - |"))
+                         + (f"{statistics.median(ratios):.2f} | {ratios[-1]:.2f} |" if ratios[-1] else "- | - |")
+                         + (f" {statistics.median(alone):.2f} |" if alone else " - |")
+                         + (f" {statistics.median(step):.2f} |" if step else " - |"))
     kept = [r for r in rows if r.get("kept_pruned")]
     lines += ["", f"Cells where no healed state beat the pruned model on the held-out slice (pruned weights "
               f"returned): {len(kept)}" + (": " + ", ".join(f"{r['pruner']} {r['sparsity']:g} {r['healer']} seed "

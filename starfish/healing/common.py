@@ -53,13 +53,22 @@ def on_channels(loss: LossFn, channels: torch.Tensor) -> LossFn:
     return narrowed
 
 
+def _zero_pruned(keep: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    def hook(param: torch.Tensor) -> None:
+        param.grad.mul_(keep)
+
+    return hook
+
+
 @contextlib.contextmanager
 def masked_training(model: nn.Module, masks: Masks) -> Iterator[list[nn.Parameter]]:
     """Train only the masked weights, with pruned entries pinned at zero.
 
-    Inside the block, only the parameters named in `masks` require grad; each has a gradient
-    hook that multiplies by its mask. On exit the hooks are removed, the original
-    `requires_grad` flags restored, and the masks re-applied (so zeros are exact).
+    Inside the block, only the parameters named in `masks` require grad; each whose mask prunes
+    anything has its accumulated gradient multiplied by its mask, in place. Adam without weight
+    decay then never moves a pruned weight off zero (its moments stay zero), so the weights need
+    no re-masking per step (a slim model's all-kept masks cost nothing at all). On exit the hooks
+    are removed, the original `requires_grad` flags restored, and the masks re-applied.
     """
     params = dict(model.named_parameters())
     flags = {name: p.requires_grad for name, p in params.items()}
@@ -69,8 +78,9 @@ def masked_training(model: nn.Module, masks: Masks) -> Iterator[list[nn.Paramete
             p.requires_grad_(name in masks)
         trainable = []
         for name, mask in masks.items():
-            keep = mask.to(params[name].device, params[name].dtype)
-            handles.append(params[name].register_hook(lambda grad, keep=keep: grad * keep))
+            if not bool(mask.all()):
+                handles.append(params[name].register_post_accumulate_grad_hook(
+                    _zero_pruned(mask.to(params[name].device, params[name].dtype))))
             trainable.append(params[name])
         yield trainable
     finally:
@@ -176,9 +186,13 @@ def align_(model: nn.Module, dense: nn.Module, masks: Masks, images: Images, hol
     each check. Returns the curve of calibration and held-out losses and what was kept.
     """
     names = objective.names
+    start = time.perf_counter()
     with dense_targets(dense, names, [images, holdout], cfg.batch_size, getattr(torch, cfg.cache_dtype),
                        cfg.cache) as (targets, held_targets):
-        return _align(model, masks, images, holdout, objective, cfg, fallback, targets, held_targets)
+        cache_seconds = time.perf_counter() - start
+        report = _align(model, masks, images, holdout, objective, cfg, fallback, targets, held_targets)
+    report["seconds"] = {"cache": cache_seconds, **report["seconds"]}
+    return report
 
 
 def _align(model: nn.Module, masks: Masks, images: Images, holdout: Images | None, objective: Objective,
@@ -196,13 +210,17 @@ def _align(model: nn.Module, masks: Masks, images: Images, holdout: Images | Non
     set_batchnorm_training_(model.eval(), cfg.batchnorm == "train")
     quantizer = attached(model)  # healing through the quantizer: its static ranges follow the weights
     start = time.perf_counter()
+    seconds = {"holdout": 0.0, "steps": 0.0}  # the held-out checks, and the steps without them
     with masked_training(model, masks) as trainable, ActivationCapture(model, names) as capture:
 
         def held_out_loss() -> float | None:
             if holdout is None:
                 return None
+            begin = time.perf_counter()
             with evaluation(model):
-                return _mean_loss(model, capture, objective, holdout, held_targets, cfg.batch_size)
+                loss = _mean_loss(model, capture, objective, holdout, held_targets, cfg.batch_size)
+            seconds["holdout"] += time.perf_counter() - begin
+            return loss
 
         def keep_if_best(held: float | None, label: int | str) -> None:
             if held is not None and held < best["loss"]:
@@ -225,6 +243,8 @@ def _align(model: nn.Module, masks: Masks, images: Images, holdout: Images | Non
         optimizer = torch.optim.Adam(trainable, lr=cfg.lr, foreach=True)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=cfg.lr_min)
         bar = progress(range(total_steps), desc="heal")
+        loop_start, held_before_loop = time.perf_counter(), seconds["holdout"]
+        chunk_start, chunk_step, chunks = loop_start, 0, []  # seconds per step between held-out checks
         for step in bar:
             if step % steps_per_epoch == 0:
                 order = torch.randperm(images.shape[0], generator=generator)
@@ -237,11 +257,11 @@ def _align(model: nn.Module, masks: Masks, images: Images, holdout: Images | Non
                 curve.append({"step": 0, "calibration_loss": loss.item(), "holdout_loss": start_held})
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            sparsify_(model, masks)
+            optimizer.step()  # pruned weights stay zero: their gradients are (`masked_training`)
             scheduler.step()
             losses.append(loss.item())
             if (step + 1) % cfg.holdout_every == 0 or step + 1 == total_steps:
+                chunks.append((time.perf_counter() - chunk_start) / (step + 1 - chunk_step))
                 follow_weights()
                 recent = losses[-((step % cfg.holdout_every) + 1):]
                 held = held_out_loss()
@@ -249,6 +269,8 @@ def _align(model: nn.Module, masks: Masks, images: Images, holdout: Images | Non
                 if cfg.keep == "best" or step + 1 == total_steps:
                     keep_if_best(held, step + 1)
                 bar.set_postfix(loss=f"{curve[-1]['calibration_loss']:.4f}", refresh=False)
+                chunk_start, chunk_step = time.perf_counter(), step + 1
+        seconds["steps"] = time.perf_counter() - loop_start - (seconds["holdout"] - held_before_loop)
         if best["state"] is not None:
             restore_(model, best["state"])
         model.eval()
@@ -256,7 +278,8 @@ def _align(model: nn.Module, masks: Masks, images: Images, holdout: Images | Non
             recalibrated = _recalibrate(model, masks, images, held_out_loss, cfg.batch_size)
     report: dict[str, object] = {"steps": total_steps, "train_images": images.shape[0],
                                  "holdout_images": 0 if holdout is None else holdout.shape[0],
-                                 "final_loss": curve[-1]["calibration_loss"], "curve": curve}
+                                 "final_loss": curve[-1]["calibration_loss"], "curve": curve, "seconds": seconds,
+                                 "step_seconds": chunks}
     if recalibrated is not None:
         report["batchnorm_recalibrated"] = recalibrated
     if holdout is not None:

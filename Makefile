@@ -83,10 +83,13 @@ bench: setup
 	done
 	@echo "heal-time ratios: run 'make bench-timing' alone on a quiet machine"
 
-# Heal time over plain fwd+bwd passes needs a quiet machine: one process, every core.
+# Heal time over plain training steps needs a quiet machine: one process, every core. The second
+# grid times the cells of results/bench_structured/vit that the structured ratios are read from.
 bench-timing: setup
-	$(VENV)/bin/starfish bench --out results/timing --pruners magnitude --sparsities 0.9 \
+	$(VENV)/bin/starfish bench --out results/timing --pruners magnitude --sparsities 0.9 --structures unstructured \
 		--healers logit-kd starfish recommended fast
+	$(VENV)/bin/starfish bench --out results/timing/structured --structures neurons+heads \
+		--pruners magnitude contribution --sparsities 0.25 0.5 0.75 --healers starfish recommended
 
 # Time and memory of each stage on a DeiT and a generated ImageNet-layout JPEG tree (resumable).
 scale: setup

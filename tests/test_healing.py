@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -30,7 +31,7 @@ from starfish.healing.baselines import (
 )
 from starfish.healing.batchnorm import batchnorm_buffers
 from starfish.healing.common import masked_training, split_calibration
-from starfish.healing.targets import available_memory, choose_mode
+from starfish.healing.targets import ModeCosts, available_memory, choose_mode
 from starfish.losses import cosine_loss, nmse_loss
 from starfish.models import create_model, load_checkpoint, save_checkpoint
 from starfish.pruning import prune, sparsify_
@@ -639,6 +640,42 @@ def test_auto_cache_picks_memory_when_the_states_fit_and_recompute_when_nothing_
     if ram // 2 < disk * 0.8:  # a size too big for RAM that the disk holds
         assert choose_mode("auto", int(min(ram, disk * 0.8)), tmp_path) == "disk"
     assert choose_mode("disk", 1, tmp_path) == "disk"
+
+
+def test_auto_cache_picks_the_lowest_total_of_the_modes_that_fit(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Memory against recompute is images against images read (steps x batch + checks); with the
+    states too big for RAM, disk against recompute goes by the measured write and read rates."""
+    caplog.set_level(logging.INFO)
+    costs = ModeCosts(dense_seconds_per_image=0.01, state_bytes_per_image=10**6, write_seconds_per_byte=1e-9,
+                      read_seconds_per_byte=1e-9)
+    totals = costs.totals(images=5000, steps=400, batch_size=32, checked_images=0)
+    assert totals == pytest.approx({"memory": 50.0, "disk": 50.0 + 5.0 + 12.8, "recompute": 128.0})
+    few_steps = costs.totals(images=5000, steps=100, batch_size=32, checked_images=0)
+    assert few_steps["recompute"] == pytest.approx(32.0) and few_steps["recompute"] < few_steps["memory"]
+
+    def measured(disk_in_running: bool) -> dict[str, float]:
+        return costs.totals(5000, 400, 32, 0) if disk_in_running else totals
+
+    assert choose_mode("auto", 1, tmp_path, measured) == "memory"
+    assert choose_mode("auto", 1, tmp_path, lambda _: few_steps) == "recompute"
+    assert "estimated seconds memory 50, disk 67.8, recompute 128: memory" in caplog.text
+    ram, disk = available_memory(), shutil.disk_usage(tmp_path).free
+    if ram // 2 < disk * 0.8:  # too big for RAM, held by the disk: disk (67.8 s) beats recompute (128 s)
+        assert choose_mode("auto", int(min(ram, disk * 0.8)), tmp_path, measured) == "disk"
+
+
+def test_a_short_heal_on_many_images_recomputes_its_states_under_auto(caplog: pytest.LogCaptureFixture) -> None:
+    """Two steps of 8 images on 40 read fewer images (16, plus the held-out checks' 4 x 4) than
+    caching all 40 runs: `auto` recomputes, with the same result as `memory` up to float noise."""
+    caplog.set_level(logging.INFO)
+    dense, model, masks = pruned_pair(0.75)
+    cached = copy.deepcopy(model)
+    heal_(model, dense, masks, random_images(40), HealConfig(steps=2, batch_size=8, holdout_every=2))
+    assert caplog.text.rstrip().count(": recompute") == 1
+    heal_(cached, dense, masks, random_images(40), HealConfig(steps=2, batch_size=8, holdout_every=2, cache="memory"))
+    for name, value in model.state_dict().items():
+        assert torch.allclose(value, cached.state_dict()[name], atol=1e-5), name
 
 
 def test_heal_config_rejects_an_unknown_cache_mode() -> None:

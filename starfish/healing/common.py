@@ -186,9 +186,11 @@ def align_(model: nn.Module, dense: nn.Module, masks: Masks, images: Images, hol
     each check. Returns the curve of calibration and held-out losses and what was kept.
     """
     names = objective.names
+    steps = cfg.total_steps(images.shape[0])
+    checks = 0 if holdout is None else (steps // cfg.holdout_every + 3) * holdout.shape[0]  # start, end, pruned
     start = time.perf_counter()
     with dense_targets(dense, names, [images, holdout], cfg.batch_size, getattr(torch, cfg.cache_dtype),
-                       cfg.cache) as (targets, held_targets):
+                       cfg.cache, steps, checks) as (targets, held_targets):
         cache_seconds = time.perf_counter() - start
         report = _align(model, masks, images, holdout, objective, cfg, fallback, targets, held_targets)
     report["seconds"] = {"cache": cache_seconds, **report["seconds"]}

@@ -59,3 +59,29 @@ def test_the_solve_cell_bounds_memory_and_matches_one_big_solve(monkeypatch: pyt
     assert set(row["vit_b_layer_cg_seconds"]) == {"48x16", "16x64"} and row["vit_b_heal_step_seconds"] > 0
     assert row["rows"] == 16 and row["solve_seconds"] >= 0 and row["extra_memory_mb"] >= 0
     assert row["demo_max_abs_difference"] < 1e-5
+
+
+@pytest.mark.parametrize("mode", scale.CACHE_MODES)
+def test_the_cache_cell_times_caching_steps_and_checks_apart(mode: str, tiny_tree: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scale, "CACHE_STEPS", 2)
+    monkeypatch.setattr(scale, "CACHE_EVERY", 1)
+    row = scale.measure(scale.Cell("cache", 6, mode), tiny_tree / "tree", tiny_tree / "work")
+    assert row["images"] == 6 and row["holdout_images"] == 1 and row["state_bytes_per_image"] == 12 * 197 * 192 * 2
+    assert row["step_seconds"] > 0 and row["check_seconds"] > 0 and row["dense_seconds_per_image"] > 0
+    assert (row["cache_seconds"] > 0) == (mode != "recompute") or row["cache_seconds"] < row["step_seconds"]
+    assert (row["read_seconds_per_byte"] > 0) == (mode == "disk")
+    assert scale.measured_totals(row, 400) > scale.measured_totals(row, 100)
+
+
+def test_the_warm_start_cell_times_each_part_and_the_estimate_adds_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scale, "SIZING_MODEL", "deit_tiny_patch16_224")
+    monkeypatch.setattr(scale, "VIT_B_LAYERS", ((48, 16), (16, 64)))
+    row = scale.measure(scale.Cell("warmstart"), Path("unused"), Path("unused"))
+    stopped = row["stopped_seconds"]
+    assert set(stopped) == set(scale.VIT_B_LAYER_NAMES) and stopped["attn.qkv"] < stopped["mlp.fc2"]
+    assert {solve["dtype"] for solve in row["solves"].values()} == {"float32"}
+    small, large = scale.warm_start_estimate(row, 512, 400), scale.warm_start_estimate(row, 4500, 400)
+    assert large["statistics"] == pytest.approx(small["statistics"] * 4500 / 512)
+    assert 0 < small["share"] < large["share"]
+    assert scale.warm_start_lines(row)[0] == "## The warm start at ViT-B width"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import subprocess
 import sys
 import time
@@ -78,7 +79,8 @@ class Cell:
 def cells() -> list[Cell]:
     return ([Cell("sample", n) for n in SIZES] + [Cell("heal", n, mode) for n in SIZES for mode in CACHE_MODES]
             + [Cell("evaluate", workers=w) for w in (0, 2)] + [Cell("dvc", DVC_FILES)]
-            + [Cell("flow", FLOW_SIZE, "disk"), Cell("sizing"), Cell("solve")])
+            + [Cell("flow", FLOW_SIZE, "disk"), Cell("sizing"), Cell("solve")]
+            + [Cell("cache", FLOW_SIZE, mode) for mode in CACHE_MODES] + [Cell("warmstart")])
 
 
 def _config(tree: Path, **sections: dict[str, Any]) -> Any:
@@ -151,6 +153,65 @@ def _heal(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
     return {"images": len(images), "load_seconds": round(load_seconds, 2), "heal_seconds": round(heal_seconds, 2),
             "steps": report["steps"], "timed_seconds": heal_seconds,
             "estimate_mb": round(per_image * len(images) / 2**20)}
+
+
+CACHE_STEPS, CACHE_EVERY = 20, 10  # steps timed per cache mode, and held-out checks every 10 of them
+BUDGETS = (400, 1570)  # the fast preset's steps and the authors'
+HOLDOUT_EVERY = 50  # heal.holdout_every's default: the checks a heal of a budget makes
+
+
+def _cache(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
+    """One `heal.cache` mode's costs apart, at 5,000 images: the one-off caching pass, one step,
+    one held-out check, and the unit costs `auto` estimates with (a dense forward per image, a
+    scratch file's write and read rates), in the same process."""
+    from starfish.capture import state_names
+    from starfish.config import PruneConfig
+    from starfish.healing import heal_
+    from starfish.healing.targets import dense_seconds_per_image, disk_seconds_per_byte, state_bytes_per_image
+    from starfish.pruning import prune, sparsify_
+    from starfish.rows import scratch_folder
+    from starfish.steps import calibration_images, dense_model, sample
+
+    cfg = _config(tree, calibration={"fraction": _fraction(cell.size)},
+                  heal={"steps": CACHE_STEPS, "cache": cell.mode, "holdout_every": CACHE_EVERY})
+    manifest = work / f"split_{cell.size}.json"
+    if not manifest.is_file():
+        sample(cfg, manifest)
+    dense = dense_model(cfg)
+    with scratch_folder(work):
+        images = calibration_images(cfg, manifest, dense)
+        masks = prune(dense, PruneConfig("magnitude", 0.5)).masks
+        model = sparsify_(dense_copy(dense), masks)
+        report = heal_(model, dense, masks, images, cfg.heal)
+        forward = statistics.median(dense_seconds_per_image(dense, images, cfg.heal.batch_size) for _ in range(3))
+        write, read = disk_seconds_per_byte(work) if cell.mode == "disk" else (0.0, 0.0)
+    parts = report["seconds"]
+    checks = CACHE_STEPS // CACHE_EVERY + 1  # the start's, then one every CACHE_EVERY steps
+    return {"images": len(images), "train_images": report["train_images"],
+            "holdout_images": report["holdout_images"], "batch_size": cfg.heal.batch_size,
+            "cache_seconds": round(parts["cache"], 3), "step_seconds": parts["steps"] / CACHE_STEPS,
+            "check_seconds": parts["holdout"] / checks, "timed_seconds": parts["cache"] + parts["steps"],
+            "dense_seconds_per_image": forward, "write_seconds_per_byte": write, "read_seconds_per_byte": read,
+            "state_bytes_per_image": state_bytes_per_image(dense, state_names(dense, cfg.heal.states), images[:1],
+                                                           getattr(torch, cfg.heal.cache_dtype))}
+
+
+def measured_totals(row: dict[str, Any], steps: int) -> float:
+    """A cache cell's whole heal at `steps`, from its measured parts: caching, the steps, and a
+    held-out check at the start and every `HOLDOUT_EVERY` steps."""
+    return row["cache_seconds"] + steps * row["step_seconds"] + (steps // HOLDOUT_EVERY + 1) * row["check_seconds"]
+
+
+def modelled_totals(rows: dict[str, dict[str, Any]], steps: int) -> dict[str, float]:
+    """`auto`'s estimate (`ModeCosts`) for the same heal, from the unit costs the cells measured:
+    the dense forward per image of the `memory` cell, the scratch rates of the `disk` one."""
+    from starfish.healing.targets import ModeCosts
+
+    memory, disk = rows["memory"], rows["disk"]
+    costs = ModeCosts(memory["dense_seconds_per_image"], memory["state_bytes_per_image"],
+                      disk["write_seconds_per_byte"], disk["read_seconds_per_byte"])
+    checked = (steps // HOLDOUT_EVERY + 1) * memory["holdout_images"]
+    return costs.totals(memory["images"], steps, memory["batch_size"], checked)
 
 
 def dense_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -329,6 +390,80 @@ def _solve(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
 
 
 SIZING_MODEL = "deit_base_patch16_224"
+VIT_B_LAYER_NAMES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+STAT_BATCH = 32
+
+
+def _timed(run: Callable[[], object], repeats: int = 2) -> float:
+    run()  # warm-up, untimed
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _warmstart(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
+    """What the layerwise warm start costs at ViT-B width, part by part, in one process: on
+    DeiT-B (random weights, batch 32) the pass of one block, the pass stopped at each of its
+    layers (`InputOf`, as the statistics run), the pass up to the first block, a whole forward
+    (the caching pass, per image) and a training step (forward+backward at batch 8, x 4); and
+    the float32 `cg` solve of each layer shape, with its fallback checks."""
+    from starfish.config import HealConfig
+    from starfish.healing.baselines import InputOf, solve_layer
+    from starfish.models import create_model
+
+    model = create_model(SIZING_MODEL, num_classes=1000).eval()
+    images = torch.randn(STAT_BATCH, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with InputOf(model, "blocks.0") as first:
+            embed_seconds = _timed(lambda: first(images))
+            tokens = first(images)
+        block = model.blocks[0]
+        block_seconds = _timed(lambda: block(tokens))
+        stopped = {}
+        for name in VIT_B_LAYER_NAMES:
+            with InputOf(block, name) as layer_input:
+                stopped[name] = _timed(lambda: layer_input(tokens))
+        forward_seconds = _timed(lambda: model(images), repeats=1)
+    model.train()
+    batch = images[:HEAL_TIMED_BATCH]
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        model(batch).sum().backward()
+
+    step_seconds = _timed(step, repeats=1) * HEAL_BATCH / HEAL_TIMED_BATCH
+    least_squares = HealConfig(solver="cg").least_squares
+    solves = {}
+    for shape in VIT_B_LAYERS:
+        gram, w_dense, keep = (part.float() if part.is_floating_point() else part for part in _random_layer(*shape))
+        start = time.perf_counter()
+        _, dtype = solve_layer(gram, gram, w_dense, keep, least_squares)
+        solves["x".join(map(str, shape))] = {"seconds": round(time.perf_counter() - start, 2), "dtype": dtype}
+    return {"model": SIZING_MODEL, "batch": STAT_BATCH, "blocks": VIT_B_BLOCKS, "embed_seconds": embed_seconds,
+            "block_seconds": block_seconds, "stopped_seconds": stopped, "forward_seconds": forward_seconds,
+            "step_seconds": step_seconds, "solves": solves}
+
+
+def warm_start_estimate(warm: dict[str, Any], statistics_images: int, steps: int, images: int = 5000,
+                        holdout: float = 0.1) -> dict[str, float]:
+    """Seconds of a ViT-B warm start (statistics on `statistics_images` images + the solves) and
+    of the heal after it (`steps` steps at batch 32, caching `images` images' states, a held-out
+    check every `HOLDOUT_EVERY` steps), from `_warmstart`'s measured times. Per block, the
+    statistics run both models to each layer and each through the block once (moving the
+    inputs on); the first block's inputs cost a pass up to it in both."""
+    per_batch = warm["blocks"] * (2 * sum(warm["stopped_seconds"].values()) + 2 * warm["block_seconds"]) \
+        + 2 * warm["embed_seconds"]
+    statistics_seconds = per_batch * statistics_images / warm["batch"]
+    solve_seconds = warm["blocks"] * sum(solve["seconds"] for solve in warm["solves"].values())
+    forward_per_image = warm["forward_seconds"] / warm["batch"]
+    held_out = round(holdout * images)
+    heal_seconds = (steps * warm["step_seconds"] + images * forward_per_image
+                    + (steps // HOLDOUT_EVERY + 3) * held_out * forward_per_image)
+    return {"statistics": statistics_seconds, "solves": solve_seconds, "heal": heal_seconds,
+            "share": (statistics_seconds + solve_seconds) / heal_seconds}
 
 
 def _sizing(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
@@ -365,7 +500,7 @@ def _sizing(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
 
 STAGES: dict[str, Callable[[Cell, Path, Path], dict[str, Any]]] = {
     "sample": _sample, "heal": _heal, "evaluate": _evaluate, "dvc": _dvc, "flow": _flow,
-    "sizing": _sizing, "solve": _solve}
+    "sizing": _sizing, "solve": _solve, "cache": _cache, "warmstart": _warmstart}
 
 
 def run(out: Path) -> list[dict[str, Any]]:
@@ -453,8 +588,6 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
     solve = by[("solve", 0, "", 0)]
     warm = sum(solve["vit_b_layer_cg_seconds"].values()) * solve["vit_b_blocks"]
     heal_seconds = solve["vit_b_heal_step_seconds"] * solve["heal_steps"]
-    per_block = 2 * len(VIT_B_LAYERS) + 2
-    stat_passes, heal_passes = per_block * 5000, 3 * solve["heal_steps"] * HEAL_BATCH + 5000
     lines += ["## layerwise at ViT-B width", "", f"The least-squares solve of a {solve['rows']} x {solve['width']} "
               f"layer (ViT-B's fc2; random inputs, half the weights kept), each `heal.solver` in this run: `exact` "
               f"(one system per output row, `heal.solve_memory_mb=1024`) {solve['solve_seconds']} s and "
@@ -467,14 +600,13 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
               + f": {warm:.0f} s for the model. DeiT-B's forward+backward at batch {HEAL_BATCH} takes "
               f"{solve['vit_b_heal_step_seconds']} s on this machine (timed at batch {HEAL_TIMED_BATCH}), so a "
               f"{solve['heal_steps']:,}-step heal about {heal_seconds / 3600:.1f} h: the solves are "
-              f"{warm / heal_seconds:.2%} of it (estimated from these measured times, not a whole run). "
-              f"Not in that figure: the passes that gather the layers' statistics, which the solver does not "
-              f"change. Each layer costs a pass of its block in both models and each block two more to move the "
-              f"inputs on, about {stat_passes:,} forward passes of the model for 5,000 images against the heal's "
-              f"{heal_passes:,} (three per image per step, plus caching the states): {stat_passes / heal_passes:.0%} "
-              "of it by that count.", "",
+              f"{warm / heal_seconds:.2%} of it (estimated from these measured times, not a whole run; these "
+              "solves are float64, as before `heal.solve_dtype`). The passes that gather the layers' statistics "
+              "are counted in the next section, with the float32 solves.", "",
               "On the demo model at 75% sparsity, `heal.solve_memory_mb=1` (1 to 16 rows per solve) against every "
               f"row of a layer at once: largest weight difference {solve['demo_max_abs_difference']:.1e}.", ""]
+    lines += warm_start_lines(by[("warmstart", 0, "", 0)])
+    lines += cache_lines({mode: by[("cache", FLOW_SIZE, mode, 0)] for mode in CACHE_MODES})
     lines += sizing_lines(by[("sizing", 0, "", 0)], serial["loader_images_per_s"])
     (out / "scale.md").write_text("\n".join(lines))
 
@@ -490,6 +622,63 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
         axis.legend(fontsize=8)
     figure.tight_layout()
     save_png(figure, out / "scale.png", dpi=100)
+
+
+def warm_start_lines(warm: dict[str, Any]) -> list[str]:
+    """The warm start at ViT-B width against the heal it warms up, from `_warmstart`'s times."""
+    block = warm["block_seconds"]
+    fast, full = warm_start_estimate(warm, 512, 400), warm_start_estimate(warm, 4500, 1570)
+    fallbacks = [shape for shape, solve in warm["solves"].items() if solve["dtype"] != "float32"]
+    return ["## The warm start at ViT-B width", "",
+            f"Measured in one process on {warm['model']} (random weights, batch {warm['batch']}): a block's pass "
+            f"{block:.2f} s; the pass stopped at each of its layers, as the statistics run it (`InputOf`): "
+            + ", ".join(f"{name} {seconds / block:.2f}" for name, seconds in warm["stopped_seconds"].items())
+            + f" of a block pass; the pass up to the first block {warm['embed_seconds']:.2f} s; a whole forward "
+            f"{warm['forward_seconds']:.1f} s; a training step {warm['step_seconds']:.1f} s (at batch "
+            f"{HEAL_TIMED_BATCH}, x {HEAL_BATCH // HEAL_TIMED_BATCH}). Per block the statistics run both models "
+            f"to each layer and through the block once: "
+            f"{2 * sum(warm['stopped_seconds'].values()) / block + 2:.1f} block passes, where a pass per layer "
+            f"and model was {2 * len(VIT_B_LAYERS) + 2}. The float32 `cg` solve per layer (outputs x inputs): "
+            + ", ".join(f"{shape} {solve['seconds']} s" for shape, solve in warm["solves"].items())
+            + (f"; redone in float64: {', '.join(fallbacks)}" if fallbacks else "; none fell back to float64")
+            + ".", "",
+            "Estimated from those times for 5,000 calibration images (a tenth held out), not a whole run:", "",
+            "| heal | statistics images | statistics s | solves s | heal after it s | warm start / heal |",
+            "|---|---|---|---|---|---|",
+            f"| `fast` (400 steps, `statistics_images=512`) | 512 | {fast['statistics']:.0f} | {fast['solves']:.0f} "
+            f"| {fast['heal']:.0f} | {fast['share']:.1%} |",
+            f"| `recommended` (1,570 steps, every training image) | 4,500 | {full['statistics']:.0f} | "
+            f"{full['solves']:.0f} | {full['heal']:.0f} | {full['share']:.1%} |", "",
+            "The heal after it: its steps, caching the dense states (a forward per image) and its held-out "
+            "checks (a forward per held-out image, every 50 steps).", ""]
+
+
+def cache_lines(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """Each `heal.cache` mode's one-off and per-step costs, totals at the real budgets, and what
+    `auto`'s estimate picks among them."""
+    memory = rows["memory"]
+    lines = ["## `heal.cache` modes by their whole cost", "",
+             f"A heal of {memory['images']:,} images ({memory['holdout_images']} held out) for {CACHE_STEPS} steps "
+             f"per mode, its parts timed apart: caching the dense states (once), a step, a held-out check. Totals "
+             f"at the real budgets from those, with a check every {HOLDOUT_EVERY} steps; `auto`'s estimate is what "
+             "it decides by (`ModeCosts`: the dense states' part only, from a timed dense forward and the scratch "
+             "file's write and read rates).", "",
+             "| cache | caching s | step s | check s | total at 400 s | total at 1,570 s | auto's estimate at 400 "
+             "| at 1,570 |", "|---|---|---|---|---|---|---|---|"]
+    estimates = {steps: modelled_totals(rows, steps) for steps in BUDGETS}
+    for mode in CACHE_MODES:
+        row = rows[mode]
+        lines.append(f"| {mode} | {row['cache_seconds']:.1f} | {row['step_seconds']:.2f} | "
+                     f"{row['check_seconds']:.2f} | "
+                     + " | ".join(f"{measured_totals(row, steps):.0f}" for steps in BUDGETS) + " | "
+                     + " | ".join(f"{estimates[steps][mode]:.0f}" for steps in BUDGETS) + " |")
+    lines.append("")
+    for steps in BUDGETS:
+        best = min(CACHE_MODES, key=lambda mode: measured_totals(rows[mode], steps))
+        picked = min(CACHE_MODES, key=lambda mode: estimates[steps][mode])
+        lines.append(f"- At {steps:,} steps the lowest measured total is `{best}`; `auto`'s estimate picks "
+                     f"`{picked}` when every mode fits.")
+    return lines + [""]
 
 
 def sizing_lines(sizing: dict[str, Any], decode_per_core: float, images: int = 5000, batch: int = 32,

@@ -6,6 +6,7 @@ import copy
 import logging
 import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ from starfish.healing.baselines import (
     sparsegpt_least_squares,
 )
 from starfish.healing.batchnorm import batchnorm_buffers
-from starfish.healing.common import masked_training, split_calibration
+from starfish.healing.common import between_chunks, masked_training, split_calibration
 from starfish.healing.targets import ModeCosts, available_memory, choose_mode
 from starfish.losses import cosine_loss, nmse_loss
 from starfish.models import create_model, load_checkpoint, save_checkpoint
@@ -612,6 +613,20 @@ def test_pruned_weights_are_exactly_zero_at_every_pass_of_a_heal() -> None:
     heal_(model, dense, masks, random_images(24), HealConfig(steps=20, batch_size=8, lr=1e-2, holdout_every=5))
     handle.remove()
     assert len(seen) > 20 * len(masks) and all(seen)
+
+
+def test_a_benchmarks_reference_runs_between_the_heals_runs_of_steps_outside_its_time() -> None:
+    dense, model, masks = pruned_pair(0.75)
+    calls = []
+
+    def reference() -> None:
+        calls.append(len(calls))
+        time.sleep(0.2)
+
+    with between_chunks(reference):
+        report = heal_(model, dense, masks, random_images(24), HealConfig(steps=9, batch_size=8, holdout_every=4))
+    assert calls == [0, 1, 2] and len(report["step_seconds"]) == 3  # after steps 4, 8 and 9
+    assert report["seconds"]["steps"] < 0.2 and max(report["step_seconds"]) < 0.2
 
 
 def heal_with_cache(mode: str, folder: Path) -> tuple[nn.Module, dict[str, object]]:

@@ -11,9 +11,9 @@ resumes where it stopped, and several `starfish bench` processes on the same fol
 grid (a cell is claimed with an exclusive lock file). Reported per cell: top-1, recovery
 (top-1 / dense top-1), agreement with the dense predictions, measured sparsity, heal seconds
 and, for gradient healers, heal seconds over the time of as many plain training steps of the
-same weights as the heal took (`plain_step_seconds`: 200 of them timed on the same model, half
-right before the heal and half right after, then scaled; time it with one process on a quiet
-machine), with the heal's own parts (caching, warm start, held-out checks, steps) apart.
+same weights as the heal took (`PlainTraining`: 10 of them timed after each run of the heal's
+steps between held-out checks, outside its time, so both meet the same load), with the heal's
+own parts (caching, warm start, held-out checks, steps) apart.
 Once the grid is complete: bench.json,
 bench.csv, bench.md and plots.
 """
@@ -44,6 +44,7 @@ from starfish.evaluate import check_masks_hold, measured_sparsity, predict
 from starfish.fingerprints import result_fields
 from starfish.healing import heal_
 from starfish.healing.batchnorm import has_batchnorm
+from starfish.healing.common import between_chunks
 from starfish.io import atomic_write_bytes, atomic_write_json, canonical_json, read_json, sha256_bytes
 from starfish.models import device_of
 from starfish.plots import save_png, subplots
@@ -56,7 +57,7 @@ from starfish.steps import dataset, dense_model
 log = logging.getLogger(__name__)
 
 DEFAULT_HEALERS = ("none", "bias-correction", "layerwise", "logit-kd", "faithful", "starfish", "recommended")
-PLAIN_TIMED_STEPS = 200  # plain training steps timed per cell (at most), scaled to the heal's steps
+PLAIN_STEPS_PER_RUN = 10  # plain training steps timed after each run of a heal's steps between checks
 
 
 @dataclass(frozen=True)
@@ -86,27 +87,31 @@ class BenchConfig:
             raise StarfishError(f"bench: --stages {self.stages}: give 1 (prune once) or more")
 
 
-def plain_step_seconds(model: torch.nn.Module, masks: Masks, images: torch.Tensor, batch_size: int,
-                       steps: int, chunk: int = 50) -> list[tuple[int, float]]:
-    """Wall time of `steps` plain training steps of the weights a heal trains (those in `masks`):
-    forward, backward of the sum of the logits, Adam; no targets, no states, no held-out checks.
-    As (steps, seconds) per run of `chunk` steps, as the heal's `step_seconds` are timed."""
-    model = copy.deepcopy(model).eval()
-    params = dict(model.named_parameters())
-    for name, param in params.items():
-        param.requires_grad_(name in masks)
-    optimizer = torch.optim.Adam([params[name] for name in masks], lr=1e-6, foreach=True)
-    batches = [images[i : i + batch_size].to(device_of(model)) for i in range(0, images.shape[0], batch_size)]
-    model(batches[0]).sum().backward()  # warm-up, untimed
-    timed = []
-    for first in range(0, steps, chunk):
+class PlainTraining:
+    """Plain training steps of the weights a heal trains (those in `masks`), on a copy of
+    `model`: forward, backward of the sum of the logits, Adam; no targets, no states, no
+    held-out checks. The reference a heal's time is measured against."""
+
+    def __init__(self, model: torch.nn.Module, masks: Masks, images: torch.Tensor, batch_size: int) -> None:
+        self.model = copy.deepcopy(model).eval()
+        params = dict(self.model.named_parameters())
+        for name, param in params.items():
+            param.requires_grad_(name in masks)
+        self.optimizer = torch.optim.Adam([params[name] for name in masks], lr=1e-6, foreach=True)
+        self.batches = [images[i : i + batch_size].to(device_of(self.model))
+                        for i in range(0, images.shape[0], batch_size)]
+        self.done = 0
+        self.model(self.batches[0]).sum().backward()  # warm-up, untimed
+
+    def seconds_per_step(self, steps: int) -> float:
+        """Wall time of the next `steps` steps, per step."""
         start = time.perf_counter()
-        for step in range(first, min(first + chunk, steps)):
-            optimizer.zero_grad(set_to_none=True)
-            model(batches[step % len(batches)]).sum().backward()
-            optimizer.step()
-        timed.append((min(first + chunk, steps) - first, time.perf_counter() - start))
-    return timed
+        for _ in range(steps):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model(self.batches[self.done % len(self.batches)]).sum().backward()
+            self.optimizer.step()
+            self.done += 1
+        return (time.perf_counter() - start) / steps
 
 
 @contextlib.contextmanager
@@ -296,19 +301,17 @@ def measure_cell(dense: torch.nn.Module, masks: Masks, images: torch.Tensor, tes
         return _evaluated(model, masks, report, seconds, 0.0, test, targets, dense_preds, eval_batch_size, fields)
     model = sparsify_(copy.deepcopy(dense), masks)
     fields, masks = _slimmed(model, masks, plan, slim)
-    # The reference is timed in two halves, right before and right after each heal, so both see
-    # the machine's load around it; a short heal (a test's) gets as many steps as it takes.
-    timed = min(PLAIN_TIMED_STEPS, heal_cfg.total_steps(len(images))) if heal_cfg.method != "none" else 0
-    halves = (timed // 2, timed - timed // 2)
-    plain = plain_step_seconds(model, masks, images, heal_cfg.batch_size, halves[0]) if halves[0] else []
-    reference = copy.deepcopy(model) if timed else None
+    # The reference is timed in runs of PLAIN_STEPS_PER_RUN steps, one after each run of the heal's
+    # steps between held-out checks and outside its time, so both meet the same load on the machine.
+    plain, runs = None, []
+    if heal_cfg.method != "none":
+        plain = PlainTraining(model, masks, images, heal_cfg.batch_size)
     start = time.perf_counter()
-    report = heal_(model, dense, masks, images, heal_cfg)
-    seconds = time.perf_counter() - start
-    if timed:
-        plain += plain_step_seconds(reference, masks, images, heal_cfg.batch_size, halves[1])
-    report["plain_chunk_seconds"] = [part / count for count, part in plain]
-    per_step = sum(part for _, part in plain) / timed if timed else 0.0
+    with between_chunks(lambda: runs.append(plain.seconds_per_step(PLAIN_STEPS_PER_RUN)) if plain else None):
+        report = heal_(model, dense, masks, images, heal_cfg)
+    seconds = time.perf_counter() - start - sum(runs) * PLAIN_STEPS_PER_RUN
+    report["plain_chunk_seconds"] = runs
+    per_step = statistics.fmean(runs) if runs else 0.0
     check_masks_hold(model, masks)
     return _evaluated(model, masks, report, seconds, per_step, test, targets, dense_preds, eval_batch_size, fields)
 
@@ -330,9 +333,9 @@ def _evaluated(model: torch.nn.Module, masks: Masks, report: dict[str, Any], sec
         "plain_train_seconds": plain,  # plain training steps (`plain_step_seconds`); older cells: fwd+bwd
         "heal_over_plain": seconds / plain if plain else 0.0,
         "steps_over_plain": parts.get("steps", 0.0) / plain if plain else 0.0,
-        # per-step medians over runs of 50 steps: a burst of load on the machine moves neither
-        "median_step_over_plain": (statistics.median(report["step_seconds"])
-                                   / statistics.median(report["plain_chunk_seconds"])
+        # a run of the heal's steps over the plain steps timed right after it, the median of those
+        "median_step_over_plain": (statistics.median(heal / plain for heal, plain in
+                                                     zip(report["step_seconds"], report["plain_chunk_seconds"]))
                                    if report.get("step_seconds") and report.get("plain_chunk_seconds") else 0.0),
         "heal_part_seconds": parts,
         "warm_start_seconds": report.get("warm_start_seconds", 0.0),
@@ -408,11 +411,11 @@ def markdown_table(summary: dict[str, Any]) -> str:
                      + (f"{steps} | " if by_steps else "") + " | ".join(show(h) for h in healers) + " |")
     timed = [r for r in rows if r["healer"] != "none"]
     lines += ["", "Heal time over the time of as many plain steps as the heal takes: `training` steps "
-              "(forward, backward and Adam on the weights the heal trains, timed half just before the heal "
-              "and half just after), or, in cells measured before those, `fwd+bwd` passes (every weight, no "
-              "Adam, timed just before). `heal` is the whole heal (caching, warm start, held-out checks); "
-              "`steps` its training steps alone; `step` one step, as the median over runs of 50 steps of "
-              "each (a burst of load on the machine moves it less):", "",
+              "(forward, backward and Adam on the weights the heal trains; 10 timed after each run of the "
+              "heal's steps between held-out checks, outside its time), or, in cells measured before those, "
+              "`fwd+bwd` passes (every weight, no Adam, timed just before). `heal` is the whole heal "
+              "(caching, warm start, held-out checks); `steps` its training steps alone; `step` a run of "
+              "its steps over the plain steps right after it, the median over the runs:", "",
               "| healer | plain | steps | mean heal s | max heal s | median heal / plain | max heal / plain "
               "| median steps / plain | median step / plain step |",
               "|---|---|---|---|---|---|---|---|---|"]

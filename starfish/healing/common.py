@@ -7,6 +7,7 @@ distillation (target: the dense model's logits); only the captured modules and t
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 import time
@@ -31,6 +32,21 @@ if TYPE_CHECKING:
     from starfish.config import Training
 
 log = logging.getLogger(__name__)
+
+_BETWEEN_CHUNKS: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "starfish_between_chunks", default=None)
+
+
+@contextlib.contextmanager
+def between_chunks(callback: Callable[[], None]) -> Iterator[None]:
+    """Call `callback` after each run of steps between held-out checks of the heals inside the
+    block, outside their timing: a benchmark's reference steps, interleaved with a heal's so
+    that both meet the same load on the machine."""
+    token = _BETWEEN_CHUNKS.set(callback)
+    try:
+        yield
+    finally:
+        _BETWEEN_CHUNKS.reset(token)
 
 class Healer(Protocol):
     """A healer takes the parts of the heal section its catalog entry reads, by name
@@ -245,8 +261,9 @@ def _align(model: nn.Module, masks: Masks, images: Images, holdout: Images | Non
         optimizer = torch.optim.Adam(trainable, lr=cfg.lr, foreach=True)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=cfg.lr_min)
         bar = progress(range(total_steps), desc="heal")
-        loop_start, held_before_loop = time.perf_counter(), seconds["holdout"]
+        loop_start, held_before_loop, outside = time.perf_counter(), seconds["holdout"], 0.0
         chunk_start, chunk_step, chunks = loop_start, 0, []  # seconds per step between held-out checks
+        between = _BETWEEN_CHUNKS.get()
         for step in bar:
             if step % steps_per_epoch == 0:
                 order = torch.randperm(images.shape[0], generator=generator)
@@ -264,6 +281,10 @@ def _align(model: nn.Module, masks: Masks, images: Images, holdout: Images | Non
             losses.append(loss.item())
             if (step + 1) % cfg.holdout_every == 0 or step + 1 == total_steps:
                 chunks.append((time.perf_counter() - chunk_start) / (step + 1 - chunk_step))
+                if between is not None:
+                    begin = time.perf_counter()
+                    between()
+                    outside += time.perf_counter() - begin
                 follow_weights()
                 recent = losses[-((step % cfg.holdout_every) + 1):]
                 held = held_out_loss()
@@ -272,7 +293,7 @@ def _align(model: nn.Module, masks: Masks, images: Images, holdout: Images | Non
                     keep_if_best(held, step + 1)
                 bar.set_postfix(loss=f"{curve[-1]['calibration_loss']:.4f}", refresh=False)
                 chunk_start, chunk_step = time.perf_counter(), step + 1
-        seconds["steps"] = time.perf_counter() - loop_start - (seconds["holdout"] - held_before_loop)
+        seconds["steps"] = time.perf_counter() - loop_start - (seconds["holdout"] - held_before_loop) - outside
         if best["state"] is not None:
             restore_(model, best["state"])
         model.eval()

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from starfish.benchmarks import scale
+from starfish.io import read_json
 
 
 @pytest.fixture
@@ -72,6 +73,17 @@ def test_the_cache_cell_times_caching_steps_and_checks_apart(mode: str, tiny_tre
     assert (row["cache_seconds"] > 0) == (mode != "recompute") or row["cache_seconds"] < row["step_seconds"]
     assert (row["read_seconds_per_byte"] > 0) == (mode == "disk")
     assert scale.measured_totals(row, 400) > scale.measured_totals(row, 100)
+
+
+def test_auto_picks_the_cache_mode_the_committed_measurements_say_is_cheapest() -> None:
+    """On results/scale's cache cells (one run, 5,000 images), `auto`'s cost model ranks the
+    modes as their measured totals do, at the fast preset's 400 steps and the authors' 1,570."""
+    rows = {row["mode"]: row for row in read_json(Path("results/scale/scale.json"))["rows"] if row["stage"] == "cache"}
+    assert set(rows) == set(scale.CACHE_MODES)
+    for steps in scale.BUDGETS:
+        modelled = scale.modelled_totals(rows, steps)
+        measured = {mode: scale.measured_totals(rows[mode], steps) for mode in scale.CACHE_MODES}
+        assert min(modelled, key=modelled.get) == min(measured, key=measured.get), steps
 
 
 def test_the_warm_start_cell_times_each_part_and_the_estimate_adds_them(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -623,6 +623,20 @@ def write_outputs(out: Path, rows: list[dict[str, Any]]) -> None:
     figure.tight_layout()
     save_png(figure, out / "scale.png", dpi=100)
 
+    figure, axis = subplots(1, 1, figsize=(5.5, 3.6))
+    budgets = list(range(0, BUDGETS[-1] + 1, 10))
+    for mode in CACHE_MODES:
+        row = by[("cache", FLOW_SIZE, mode, 0)]
+        axis.plot(budgets, [measured_totals(row, steps) / 60 for steps in budgets], label=mode)
+    for steps in BUDGETS:
+        axis.axvline(steps, color="grey", linewidth=0.8, linestyle=":")
+    axis.set(xlabel="heal steps", ylabel="heal minutes (from measured parts)",
+             title=f"heal.cache modes at {FLOW_SIZE:,} images")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    save_png(figure, out / "cache_modes.png", dpi=100)
+
 
 def warm_start_lines(warm: dict[str, Any]) -> list[str]:
     """The warm start at ViT-B width against the heal it warms up, from `_warmstart`'s times."""
@@ -632,7 +646,7 @@ def warm_start_lines(warm: dict[str, Any]) -> list[str]:
     return ["## The warm start at ViT-B width", "",
             f"Measured in one process on {warm['model']} (random weights, batch {warm['batch']}): a block's pass "
             f"{block:.2f} s; the pass stopped at each of its layers, as the statistics run it (`InputOf`): "
-            + ", ".join(f"{name} {seconds / block:.2f}" for name, seconds in warm["stopped_seconds"].items())
+            + ", ".join(f"{name} {warm['stopped_seconds'][name] / block:.2f}" for name in VIT_B_LAYER_NAMES)
             + f" of a block pass; the pass up to the first block {warm['embed_seconds']:.2f} s; a whole forward "
             f"{warm['forward_seconds']:.1f} s; a training step {warm['step_seconds']:.1f} s (at batch "
             f"{HEAL_TIMED_BATCH}, x {HEAL_BATCH // HEAL_TIMED_BATCH}). Per block the statistics run both models "
@@ -662,7 +676,7 @@ def cache_lines(rows: dict[str, dict[str, Any]]) -> list[str]:
              f"per mode, its parts timed apart: caching the dense states (once), a step, a held-out check. Totals "
              f"at the real budgets from those, with a check every {HOLDOUT_EVERY} steps; `auto`'s estimate is what "
              "it decides by (`ModeCosts`: the dense states' part only, from a timed dense forward and the scratch "
-             "file's write and read rates).", "",
+             "file's write and read rates). `cache_modes.png` draws the totals against the budget.", "",
              "| cache | caching s | step s | check s | total at 400 s | total at 1,570 s | auto's estimate at 400 "
              "| at 1,570 |", "|---|---|---|---|---|---|---|---|"]
     estimates = {steps: modelled_totals(rows, steps) for steps in BUDGETS}

@@ -48,6 +48,7 @@ def between_chunks(callback: Callable[[], None]) -> Iterator[None]:
     finally:
         _BETWEEN_CHUNKS.reset(token)
 
+
 class Healer(Protocol):
     """A healer takes the parts of the heal section its catalog entry reads, by name
     (`training`, `alignment`, `least_squares`: config.Training, Alignment, LeastSquares)."""

@@ -41,9 +41,10 @@ STEP_SECTIONS = {
     "evaluate": ("data", "model", "prune", "evaluate"),
     "register": ALL_SECTIONS,
 }
-# Facts about how a step ran, not what it made: left out of the keys of the steps after it, so a
-# rebuilt output with the same bytes lets them stay cached.
-RUN_FACTS = ("heal_seconds",)
+# Facts about how a step ran, not what it made (its timings: `heal_seconds`, `warm_start_seconds`,
+# `cache_seconds`, ...): left out of the keys of the steps after it, so a rebuilt output with the
+# same bytes lets them stay cached.
+RUN_FACT_SUFFIX = "_seconds"
 # Parameters that say where a step's record goes, not what it computes: left out of its key.
 UNKEYED = ("config", "mlflow_run_id")
 
@@ -54,7 +55,8 @@ def step_key(step: str, params: Mapping[str, Any]) -> str:
     sections = STEP_SECTIONS[step]
     checkpoint = config["model"]["checkpoint"]
     dense = sha256_file(checkpoint) if "model" in sections and checkpoint and Path(checkpoint).is_file() else None
-    inputs = {name: {k: v for k, v in value.items() if k not in RUN_FACTS} if isinstance(value, dict) else value
+    inputs = {name: {k: v for k, v in value.items() if not k.endswith(RUN_FACT_SUFFIX)} if isinstance(value, dict)
+              else value
               for name, value in params.items() if name not in UNKEYED}
     payload = {"step": step, "config": {name: result_fields(name, config[name]) for name in sections},
                "dense_sha256": dense,

@@ -623,10 +623,14 @@ def test_a_benchmarks_reference_runs_between_the_heals_runs_of_steps_outside_its
         calls.append(len(calls))
         time.sleep(0.2)
 
+    start = time.perf_counter()
     with between_chunks(reference):
         report = heal_(model, dense, masks, random_images(24), HealConfig(steps=9, batch_size=8, holdout_every=4))
+    whole = time.perf_counter() - start
     assert calls == [0, 1, 2] and len(report["step_seconds"]) == 3  # after steps 4, 8 and 9
-    assert report["seconds"]["steps"] < 0.2 and max(report["step_seconds"]) < 0.2
+    # the three 0.2 s calls are in the heal's wall time but in neither its steps nor its runs of them
+    assert report["seconds"]["steps"] <= whole - 0.6
+    assert sum(seconds * steps for seconds, steps in zip(report["step_seconds"], (4, 4, 1))) <= whole - 0.6
 
 
 def heal_with_cache(mode: str, folder: Path) -> tuple[nn.Module, dict[str, object]]:

@@ -21,6 +21,7 @@ Cells are saved as they finish, so a stopped run resumes; `scale.md`, `scale.jso
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
@@ -29,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -124,17 +125,19 @@ def _sample(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
     return {"images": info["num_samples"]}
 
 
-def _heal(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
+@contextlib.contextmanager
+def _pruned_heal_inputs(cell: Cell, tree: Path, work: Path, heal: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """What a heal cell heals, inside the scratch folder its `disk` files go to: the config (with
+    `heal`), the dense model, the cell's calibration images (and the seconds loading them took),
+    the masks of magnitude 50% and the pruned copy; and the dense states' bytes per image."""
     from starfish.capture import state_names
     from starfish.config import PruneConfig
-    from starfish.healing import heal_
     from starfish.healing.targets import state_bytes_per_image
     from starfish.pruning import prune, sparsify_
     from starfish.rows import scratch_folder
     from starfish.steps import calibration_images, dense_model, sample
 
-    cfg = _config(tree, calibration={"fraction": _fraction(cell.size)},
-                  heal={"steps": HEAL_STEPS, "cache": cell.mode, "holdout_every": HEAL_STEPS})
+    cfg = _config(tree, calibration={"fraction": _fraction(cell.size)}, heal=heal)
     manifest = work / f"split_{cell.size}.json"
     if not manifest.is_file():
         sample(cfg, manifest)
@@ -144,15 +147,24 @@ def _heal(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
         images = calibration_images(cfg, manifest, dense)
         load_seconds = time.perf_counter() - start
         masks = prune(dense, PruneConfig("magnitude", 0.5)).masks
-        model = sparsify_(dense_copy(dense), masks)
+        per_image = state_bytes_per_image(dense, state_names(dense, cfg.heal.states), images[:1],
+                                          getattr(torch, cfg.heal.cache_dtype))
+        yield {"cfg": cfg, "dense": dense, "images": images, "load_seconds": load_seconds, "masks": masks,
+               "model": sparsify_(dense_copy(dense), masks), "state_bytes_per_image": per_image}
+
+
+def _heal(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
+    from starfish.healing import heal_
+
+    with _pruned_heal_inputs(cell, tree, work, {"steps": HEAL_STEPS, "cache": cell.mode,
+                                                "holdout_every": HEAL_STEPS}) as run:
         start = time.perf_counter()
-        report = heal_(model, dense, masks, images, cfg.heal)
+        report = heal_(run["model"], run["dense"], run["masks"], run["images"], run["cfg"].heal)
         heal_seconds = time.perf_counter() - start
-    per_image = state_bytes_per_image(dense, state_names(dense, cfg.heal.states), images[:1],
-                                      getattr(torch, cfg.heal.cache_dtype))
-    return {"images": len(images), "load_seconds": round(load_seconds, 2), "heal_seconds": round(heal_seconds, 2),
+    images = len(run["images"])
+    return {"images": images, "load_seconds": round(run["load_seconds"], 2), "heal_seconds": round(heal_seconds, 2),
             "steps": report["steps"], "timed_seconds": heal_seconds,
-            "estimate_mb": round(per_image * len(images) / 2**20)}
+            "estimate_mb": round(run["state_bytes_per_image"] * images / 2**20)}
 
 
 CACHE_STEPS, CACHE_EVERY = 20, 10  # steps timed per cache mode, and held-out checks every 10 of them
@@ -164,25 +176,13 @@ def _cache(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
     """One `heal.cache` mode's costs apart, at 5,000 images: the one-off caching pass, one step,
     one held-out check, and the unit costs `auto` estimates with (a dense forward per image, a
     scratch file's write and read rates), in the same process."""
-    from starfish.capture import state_names
-    from starfish.config import PruneConfig
     from starfish.healing import heal_
-    from starfish.healing.targets import dense_seconds_per_image, disk_seconds_per_byte, state_bytes_per_image
-    from starfish.pruning import prune, sparsify_
-    from starfish.rows import scratch_folder
-    from starfish.steps import calibration_images, dense_model, sample
+    from starfish.healing.targets import dense_seconds_per_image, disk_seconds_per_byte
 
-    cfg = _config(tree, calibration={"fraction": _fraction(cell.size)},
-                  heal={"steps": CACHE_STEPS, "cache": cell.mode, "holdout_every": CACHE_EVERY})
-    manifest = work / f"split_{cell.size}.json"
-    if not manifest.is_file():
-        sample(cfg, manifest)
-    dense = dense_model(cfg)
-    with scratch_folder(work):
-        images = calibration_images(cfg, manifest, dense)
-        masks = prune(dense, PruneConfig("magnitude", 0.5)).masks
-        model = sparsify_(dense_copy(dense), masks)
-        report = heal_(model, dense, masks, images, cfg.heal)
+    with _pruned_heal_inputs(cell, tree, work, {"steps": CACHE_STEPS, "cache": cell.mode,
+                                                "holdout_every": CACHE_EVERY}) as run:
+        cfg, dense, images = run["cfg"], run["dense"], run["images"]
+        report = heal_(run["model"], dense, run["masks"], images, cfg.heal)
         forward = statistics.median(dense_seconds_per_image(dense, images, cfg.heal.batch_size) for _ in range(3))
         write, read = disk_seconds_per_byte(work) if cell.mode == "disk" else (0.0, 0.0)
     parts = report["seconds"]
@@ -192,8 +192,7 @@ def _cache(cell: Cell, tree: Path, work: Path) -> dict[str, Any]:
             "cache_seconds": round(parts["cache"], 3), "step_seconds": parts["steps"] / CACHE_STEPS,
             "check_seconds": parts["holdout"] / checks, "timed_seconds": parts["cache"] + parts["steps"],
             "dense_seconds_per_image": forward, "write_seconds_per_byte": write, "read_seconds_per_byte": read,
-            "state_bytes_per_image": state_bytes_per_image(dense, state_names(dense, cfg.heal.states), images[:1],
-                                                           getattr(torch, cfg.heal.cache_dtype))}
+            "state_bytes_per_image": run["state_bytes_per_image"]}
 
 
 def measured_totals(row: dict[str, Any], steps: int) -> float:

@@ -210,6 +210,28 @@ def test_cosine_loss_gives_torchs_cosine_similarity_and_its_gradient() -> None:
         assert torch.allclose(grad, expected_grad, atol=1e-12)
 
 
+def test_cosine_loss_written_out_gradient_holds_at_a_zero_row_and_across_dtypes() -> None:
+    generator = torch.Generator().manual_seed(1)
+    teacher = torch.randn(2, 3, 5, generator=generator, dtype=torch.float64)
+    student = torch.randn(2, 3, 5, generator=generator, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: cosine_loss(x, teacher), (student.clone().requires_grad_(),))
+    student[0, 1] = 0.0  # a dead token: below the floor, where autograd's own graph of the formula still answers
+    student.requires_grad_()
+    rows = student.reshape(-1, 5), teacher.reshape(-1, 5)
+    by_autograd = (1 - torch.linalg.vecdot(*rows) / (torch.linalg.vector_norm(rows[0], dim=-1)
+                                                     * torch.linalg.vector_norm(rows[1], dim=-1)).clamp_min(1e-8)).mean()
+    value = cosine_loss(student, teacher)
+    assert float(value) == pytest.approx(float(by_autograd), abs=1e-12)
+    (grad,), (expected,) = torch.autograd.grad(value, student), torch.autograd.grad(by_autograd, student)
+    assert torch.isfinite(grad).all() and torch.allclose(grad, expected, rtol=1e-12, atol=0)
+    # bfloat16 states against float32 targets: computed in float32, the gradient in the states' dtype
+    low = student.detach().to(torch.bfloat16).requires_grad_()
+    value = cosine_loss(low, teacher.float())
+    value.backward()
+    assert value.dtype == torch.float32 and low.grad.dtype == torch.bfloat16
+    assert float(value) == pytest.approx(float(cosine_loss(low.detach().double(), teacher)), abs=1e-6)
+
+
 def test_nmse_loss_per_token_and_per_sample() -> None:
     student = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     teacher = torch.tensor([[[2.0, 0.0], [0.0, 1.0]]])

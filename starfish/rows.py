@@ -67,6 +67,9 @@ class MemoryRows:
         return self.shape[0]
 
     def __getitem__(self, key: Key) -> torch.Tensor:
+        if isinstance(key, torch.Tensor) and key.dtype == torch.long and key.ndim == 1 and \
+                (key.numel() == 0 or int(key.min()) >= 0):
+            return self.tensor.index_select(0, key)  # a heal step's batch: a third of advanced indexing's time
         return self.tensor[key]
 
     def write(self, start: int, values: torch.Tensor) -> None:

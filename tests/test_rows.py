@@ -26,12 +26,13 @@ def test_file_rows_read_what_a_tensor_gives_for_every_kind_of_index(tmp_path: Pa
         rows.write(20, values[20:])
     shuffled = torch.randperm(50)
     keys = [7, -1, slice(3, 9), slice(None), slice(40, None, 3), shuffled, torch.tensor([4, 5, 6, 2, 3]),
-            [0, 49], torch.tensor([], dtype=torch.long)]
+            [0, 49], torch.tensor([], dtype=torch.long), torch.tensor([-1, 3, -50])]
     for key in keys:
         assert torch.equal(stored[key], values[key]) and torch.equal(held[key], values[key]), key
     assert len(stored) == 50 and stored.shape == values.shape
-    with pytest.raises(IndexError):
-        stored[torch.tensor([50])]
+    for rows in (stored, held):
+        with pytest.raises(IndexError):
+            rows[torch.tensor([50])]
     with pytest.raises(IndexError):
         stored.write(45, values[:10])
     assert list(tmp_path.iterdir()) == []  # never a named file: unlinked as it is made

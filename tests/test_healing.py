@@ -218,8 +218,8 @@ def test_cosine_loss_written_out_gradient_holds_at_a_zero_row_and_across_dtypes(
     student[0, 1] = 0.0  # a dead token: below the floor, where autograd's own graph of the formula still answers
     student.requires_grad_()
     rows = student.reshape(-1, 5), teacher.reshape(-1, 5)
-    by_autograd = (1 - torch.linalg.vecdot(*rows) / (torch.linalg.vector_norm(rows[0], dim=-1)
-                                                     * torch.linalg.vector_norm(rows[1], dim=-1)).clamp_min(1e-8)).mean()
+    norms = torch.linalg.vector_norm(rows[0], dim=-1) * torch.linalg.vector_norm(rows[1], dim=-1)
+    by_autograd = (1 - torch.linalg.vecdot(*rows) / norms.clamp_min(1e-8)).mean()
     value = cosine_loss(student, teacher)
     assert float(value) == pytest.approx(float(by_autograd), abs=1e-12)
     (grad,), (expected,) = torch.autograd.grad(value, student), torch.autograd.grad(by_autograd, student)

@@ -225,6 +225,28 @@ def test_the_structured_pruners_that_read_the_split_prune_from_the_command_line(
     assert read_json(sidecar_path(out))["config"]["prune"]["method"] == method
 
 
+def test_the_warm_start_and_cache_fields_reach_the_heal_from_the_command_line(
+        step_files: dict[str, Path], params_path: Path, demo_checkpoint: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """`fast` with its statistics capped and float64 solves, `heal.cache=auto` on a 4-step heal:
+    the sidecar reports the images the statistics used and no fallback, and auto recomputes
+    (4 batches and the held-out checks read fewer images than caching all 240 would)."""
+    out = tmp_path / "healed.safetensors"
+    caplog.set_level(logging.INFO, logger="starfish")
+    assert main(["heal", *base_args(params_path, demo_checkpoint), "--set", "heal.preset=fast", "--set", "heal.steps=4",
+                 "--set", "heal.statistics_images=16", "--set", "heal.solve_dtype=float64", "--set", "heal.cache=auto",
+                 "--pruned", str(step_files["pruned"]), "--calibration", str(step_files["calibration"]),
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    meta = read_json(sidecar_path(out))
+    assert meta["config"]["heal"]["statistics_images"] == 16 and meta["config"]["heal"]["solve_dtype"] == "float64"
+    assert meta["report"]["warm_start"] == "layerwise"
+    assert meta["report"]["statistics_images"] == 16 and meta["report"]["float64_fallbacks"] == []
+    estimated = [r.getMessage() for r in caplog.records  # the alignment's choice (the warm start keeps block inputs)
+                 if r.getMessage().startswith("heal.cache=auto") and "estimated seconds" in r.getMessage()]
+    assert len(estimated) == 1 and estimated[0].endswith(": recompute"), estimated
+
+
 OUT_IS_AN_INPUT = {
     "evaluate --out healed": ("evaluate", "healed"),
     "evaluate --out pruned": ("evaluate", "pruned"),

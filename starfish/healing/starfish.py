@@ -54,8 +54,9 @@ def starfish(model: nn.Module, dense: nn.Module, masks: Masks, images: torch.Ten
             report["warm_start"] = "skipped: the scope has non-Linear layers"
         else:
             start = time.perf_counter()
-            layerwise(model, dense, masks, train, least_squares)
-            report.update(warm_start="layerwise", warm_start_seconds=time.perf_counter() - start)
+            fit = layerwise(model, dense, masks, train, least_squares)
+            report.update(warm_start="layerwise", warm_start_seconds=time.perf_counter() - start,
+                          statistics_images=fit["statistics_images"], float64_fallbacks=fit["float64_fallbacks"])
             log.info("layerwise warm start (%s solver) in %.1fs", least_squares.solver, report["warm_start_seconds"])
     names = state_names(model, alignment.states)
     narrowed = state_channels(model, dense, masks)

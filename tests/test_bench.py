@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
 import struct
@@ -11,11 +12,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from starfish.benchmarks import bench as bench_module
 from starfish.benchmarks.bench import BenchConfig, claim, heal_fingerprint_fields, run_bench
 from starfish.config import HealConfig, recipe_config
 from starfish.errors import StarfishError
+from starfish.healing import heal_
 from starfish.io import read_json
 from starfish.models import create_model
 from starfish.params import load_config
@@ -219,3 +222,22 @@ def test_staged_pruning_removes_more_at_each_stage_and_keeps_the_step_budget(
         assert all(bool((later[k] <= earlier[k]).all()) for k in later)  # a removed unit stays removed
     assert all(torch.equal(masks[k], seen[-1][0][k]) for k in masks)
     assert all(bool((dict(model.named_parameters())[k][~m] == 0).all()) for k, m in masks.items())
+
+
+def test_the_plain_reference_reads_the_batches_sizes_the_heal_trains_on() -> None:
+    """The reference a heal's time is divided by: as many images a step as the heal's own steps
+    (the split less its held-out slice, the last batch of a pass smaller), not the whole split."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    dense = copy.deepcopy(model)
+    masks = {"1.weight": torch.rand(3, 12) > 0.5}
+    images = torch.randn(240, 3, 2, 2)
+    heal = HealConfig(method="logit-kd", steps=7, batch_size=32, holdout=0.1, holdout_every=7)
+    trained: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _, args: trained.append(len(args[0])) if torch.is_grad_enabled()
+                                           else None)
+    heal_(model, dense, masks, images, heal)
+    hook.remove()
+    plain = bench_module.PlainTraining(model, masks, images, heal)
+    assert trained == [32] * 6 + [24]  # one pass over the 216 training images
+    assert [len(batch) for batch in plain.batches] == trained

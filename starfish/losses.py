@@ -17,11 +17,14 @@ def _groups(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]) if x.ndim == 3 else x.reshape(x.shape[0], -1)
 
 
+_FLOOR = 1e-8  # on |s| |t|, as F.cosine_similarity's eps: a zero state row gives cos 0, not a division by zero
+
+
 class _CosineDistance(torch.autograd.Function):
     """Mean over rows of 1 - s.t / max(|s| |t|, 1e-8), `t` a constant, with its gradient written
     out: (t - cos |t|/|s| s) / (|s| |t|) per row, t / 1e-8 where the floor holds. Autograd's graph
-    of the same expression passes over the states about twice as often, which is most of what a
-    heal step costs over a plain one on a small model."""
+    of the same expression passes over the states about twice as often; the loss is the largest
+    part of what a heal step costs over a plain one on a small model."""
 
     @staticmethod
     def forward(ctx: Any, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -40,15 +43,13 @@ class _CosineDistance(torch.autograd.Function):
         return (t * (scale * inv).unsqueeze(-1)).addcmul_(s, (scale * cos * along_s).unsqueeze(-1), value=-1), None
 
 
-_FLOOR = 1e-8  # on |s| |t|, as F.cosine_similarity's eps: a zero state row gives cos 0, not a division by zero
-
-
 def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean of 1 - cos(student, teacher): over the hidden dim per token, or per flattened sample.
 
     The teacher is a constant (no gradient reaches it). The same values and gradients as
-    F.cosine_similarity up to rounding, at a third of its passes (`_CosineDistance`), in the wider
-    of the two dtypes (bfloat16 states against float32 targets: float32)."""
+    F.cosine_similarity up to rounding, in about half the passes of autograd's graph of the same
+    formula (`_CosineDistance`), in the wider of the two dtypes (bfloat16 states against float32
+    targets: float32)."""
     dtype = torch.promote_types(student.dtype, teacher.dtype)
     return _CosineDistance.apply(_groups(student).to(dtype), _groups(teacher).detach().to(dtype))
 
